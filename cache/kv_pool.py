@@ -1,0 +1,49 @@
+"""The KV tensor pool: preallocated key and value blocks for every layer.
+
+Legend: L layers, N blocks, S = N * block_size slots, Hkv kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVPool:
+    """Key/value storage for ``num_blocks`` blocks of ``block_size`` tokens, all layers."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be > 0")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        slots = num_blocks * block_size
+        # [L, 2, S, Hkv, D]: one allocation, so the budget is exact and views are free
+        self._data = torch.zeros(
+            num_layers, 2, slots, num_kv_heads, head_dim, dtype=dtype, device=device
+        )
+
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return num_layers * 2 * block_size * num_kv_heads * head_dim * itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self._data.numel() * self._data.element_size()
+
+    def key(self, layer: int) -> torch.Tensor:  # [S, Hkv, D]
+        return self._data[layer, 0]
+
+    def value(self, layer: int) -> torch.Tensor:  # [S, Hkv, D]
+        return self._data[layer, 1]

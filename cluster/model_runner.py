@@ -1,0 +1,47 @@
+"""The "run the model" part of an engine step: ids and block tables in, next-token logits out.
+
+Legend: B sequences in the step, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cache.kv_pool import KVPool
+from experts.attention import AttentionBatch, SequenceChunk
+from experts.model import MoEModel
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """One sequence's work in a step: ``token_ids`` are new, ``num_cached`` keys are cached."""
+
+    token_ids: Sequence[int]
+    block_table: Sequence[int]
+    num_cached: int
+    start_position: int
+
+
+class ModelRunner:
+    """Owns the model and its KV pool; turns a step's inputs into tensors and runs them."""
+
+    def __init__(self, model: MoEModel, pool: KVPool) -> None:
+        self.model = model
+        self.pool = pool
+
+    @torch.inference_mode()
+    def run(self, inputs: Sequence[StepInput]) -> torch.Tensor:  # [B, V] fp32
+        """Forward every sequence's new tokens; logits of each sequence's last token."""
+        chunks = [
+            SequenceChunk(i.block_table, i.num_cached, len(i.token_ids), i.start_position)
+            for i in inputs
+        ]
+        batch = AttentionBatch.build(chunks, self.pool.block_size, self.model.device)
+        ids = torch.tensor(
+            [t for i in inputs for t in i.token_ids], dtype=torch.long, device=self.model.device
+        )
+        hidden = self.model.forward(ids, batch, self.pool)  # [T, H]
+        return self.model.logits(hidden[batch.last_index])  # [B, V]
