@@ -1,9 +1,10 @@
-"""Block bookkeeping for the paged KV cache: ids and reference counts, no tensors.
+"""Block ids and reference counts for the paged KV cache; no tensors.
 
 A block is ``block_size`` token slots in the KV pool. Sequences hold blocks
 through their block tables; a block shared by several sequences (a common
-prefix) carries one reference per holder and returns to the free list when
-the last one lets go.
+prefix) carries one reference per holder. When the last holder lets go the
+owner decides: ``release`` it to the free list, or keep it as a cached
+prefix block until it is evicted (see ``cache.block_manager``).
 """
 
 from __future__ import annotations
@@ -29,10 +30,6 @@ class BlockAllocator:
     def num_free(self) -> int:
         return len(self._free)
 
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
-
     def can_allocate(self, count: int) -> bool:
         return count <= len(self._free)
 
@@ -44,20 +41,29 @@ class BlockAllocator:
             self._refs[block] = 1
         return blocks
 
-    def incref(self, block: int) -> None:
-        assert self._refs[block] > 0, f"block {block} is free; cannot share it"
-        self._refs[block] += 1
-
     def refcount(self, block: int) -> int:
         return self._refs[block]
 
+    def incref(self, block: int) -> None:
+        """Add a holder; a block at zero references may be revived (a cached prefix block)."""
+        self._refs[block] += 1
+
+    def decref(self, block: int) -> int:
+        """Drop a holder; returns the references left."""
+        assert self._refs[block] > 0, f"block {block} freed twice"
+        self._refs[block] -= 1
+        return self._refs[block]
+
+    def release(self, block: int) -> None:
+        """Return an unreferenced block to the free list."""
+        assert self._refs[block] == 0, f"block {block} still has {self._refs[block]} holders"
+        self._free.append(block)
+
     def free(self, blocks: list[int]) -> None:
-        """Drop one reference to each block; blocks nobody holds go back to the free list."""
+        """Drop one reference to each block, releasing those nobody holds."""
         for block in blocks:
-            assert self._refs[block] > 0, f"block {block} freed twice"
-            self._refs[block] -= 1
-            if self._refs[block] == 0:
-                self._free.append(block)
+            if self.decref(block) == 0:
+                self.release(block)
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
