@@ -21,12 +21,21 @@ class RotaryEmbedding:
 
     def __init__(self, head_dim: int, theta: float, max_positions: int, device: torch.device):
         exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
-        inv_freq = 1.0 / (theta**exponent)  # [D/2]
+        self._inv_freq = 1.0 / (theta**exponent)  # [D/2]
+        self._device = device
+        self.max_positions = 0
+        self.cos = self.sin = torch.empty(0)
+        self.ensure(max_positions)
+
+    def ensure(self, max_positions: int) -> None:
+        """Grow the tables to cover ``max_positions`` (windowed sequences can run past them)."""
+        if max_positions <= self.max_positions:
+            return
         positions = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)  # [P, D/2]
+        freqs = torch.outer(positions, self._inv_freq)  # [P, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
-        self.cos = emb.cos().to(device)
-        self.sin = emb.sin().to(device)
+        self.cos = emb.cos().to(self._device)
+        self.sin = emb.sin().to(self._device)
         self.max_positions = max_positions
 
     def apply(

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import torch
-import transformers
 
 from cache.kv_pool import KVPool
 from cluster.generator import generate
@@ -18,6 +17,7 @@ from experts.model import MoEModel
 from experts.sampling import SamplingParams
 from experts.weights import expert_tensor_names, load_backbone
 from tests.checkpoints import FAMILIES, build_family_checkpoint
+from tests.reference import reference_greedy, reference_model
 
 BLOCK = 16
 PROMPT_LENS = (37, 5, 20, 16)  # longer than a block, shorter, ragged, exactly one block
@@ -34,20 +34,8 @@ def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENS]
 
 
-def _reference(path: Path) -> Any:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None  # else generate() merges eos back in
-    return model
-
-
 def _reference_greedy(path: Path, prompt: list[int], new: int) -> list[int]:
-    config = transformers.GenerationConfig(
-        max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0
-    )
-    with torch.inference_mode():
-        out = _reference(path).generate(torch.tensor([prompt]), generation_config=config)
-    assert out.shape[1] == len(prompt) + new, "the reference stopped early"
-    return out[0, len(prompt) :].tolist()
+    return reference_greedy(reference_model(path), prompt, new)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -66,7 +54,7 @@ def test_prefill_logits_match_transformers(family: str, checkpoints: dict[str, P
     ids = torch.tensor([t for p in prompts for t in p])
     with torch.inference_mode():
         ours = model.logits(model.forward(ids, batch, pool))
-        ref = _reference(checkpoints[family])
+        ref = reference_model(checkpoints[family])
         offset = 0
         for p in prompts:
             expected = ref(torch.tensor([p])).logits[0]

@@ -1,0 +1,284 @@
+"""The engine each model-tier replica runs: continuous batching over a paged, prefix-reusing cache.
+
+A step is three parts: the scheduler picks sequences and token counts, the
+model runner computes them in one forward pass, and post-processing samples,
+streams, registers full blocks for reuse, applies KV policies and retires
+finished requests. The engine is synchronous and single-threaded; the async
+API (``cluster.async_engine``) drives it from a background thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+
+from cache.block_manager import BlockManager
+from cache.kv_policy import KVPolicy
+from cache.kv_pool import KVPool
+from cache.prefix_hash import hash_block
+from cluster.model_runner import ModelRunner, StepInput
+from cluster.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from cluster.sequence import Sequence as Seq
+from experts.model import MoEModel
+from experts.sampling import SamplingParams, sample_batch
+from experts.tokenizer import IncrementalDetokenizer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """KV memory and batching limits of one engine."""
+
+    block_size: int = 16
+    num_blocks: int | None = None  # None: as many as kv_cache_bytes holds
+    kv_cache_bytes: int = 256 * 2**20
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.block_size <= 1024:
+            raise ValueError(f"block_size={self.block_size} must be in [1, 1024]")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError(f"num_blocks={self.num_blocks} must be > 0")
+        if self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes} must be > 0")
+
+    def resolve_num_blocks(self, model: MoEModel) -> int:
+        if self.num_blocks is not None:
+            return self.num_blocks
+        spec = model.spec
+        per_block = KVPool.bytes_per_block(
+            spec.num_layers, self.block_size, spec.num_kv_heads, spec.head_dim, model.dtype
+        )
+        blocks = self.kv_cache_bytes // per_block
+        if blocks <= 0:
+            raise ValueError(
+                f"kv_cache_bytes={self.kv_cache_bytes} holds no block of {per_block} bytes"
+            )
+        return int(blocks)
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_ids: Sequence[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    kv_policy: KVPolicy = field(default_factory=KVPolicy)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one request, with the request's usage so far."""
+
+    request_id: str
+    token_id: int
+    index: int  # position among the generated tokens
+    logprob: float
+    text: str  # detokenised delta ("" without a tokenizer)
+    finish_reason: str | None  # "stop" | "length" on the last token
+    num_prompt_tokens: int
+    num_cached_prompt_tokens: int
+    num_truncated_tokens: int  # tokens evicted by a window policy
+    arrival_time: float
+    time: float
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: MoEModel,
+        config: EngineConfig | None = None,
+        tokenizer: Tokenizer | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        self.clock = clock
+        spec = model.spec
+        num_blocks = self.config.resolve_num_blocks(model)
+        self.pool = KVPool(
+            spec.num_layers,
+            num_blocks,
+            self.config.block_size,
+            spec.num_kv_heads,
+            spec.head_dim,
+            model.dtype,
+            model.device,
+        )
+        self.blocks = BlockManager(
+            num_blocks, self.config.block_size, self.config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens),
+            self.blocks,
+            clock,
+        )
+        self.runner = ModelRunner(model, self.pool)
+        self._seqs: dict[str, Seq] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self.num_steps = 0
+        self.num_prompt_tokens_computed = 0
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request; bad input raises ``ValueError`` saying what is wrong."""
+        if request.request_id in self._seqs:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self._validate(request)
+        seq = Seq(
+            request.request_id,
+            list(request.prompt_ids),
+            request.params,
+            request.kv_policy,
+            self.clock(),
+        )
+        self.scheduler.add(seq)
+        self._seqs[seq.request_id] = seq
+        if self.tokenizer is not None:
+            self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request at any point and free its blocks; False if it is not here."""
+        seq = self.scheduler.abort(request_id)
+        self._forget(request_id)
+        return seq is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._seqs)
+
+    def step(self) -> list[TokenEvent]:
+        """Schedule, run the model, post-process. Returns the tokens generated this step."""
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        logits = self.runner.run([self._step_input(c) for c in plan.chunks])  # [B, V]
+        self.num_steps += 1
+        return self._postprocess(plan.chunks, logits)
+
+    def _step_input(self, chunk: ScheduledChunk) -> StepInput:
+        seq = chunk.seq
+        start = seq.num_computed
+        ids = seq.all_ids[start : start + chunk.num_tokens]
+        return StepInput(ids, seq.block_table, seq.num_keys, start)
+
+    def _postprocess(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[TokenEvent]:
+        rows, samplers = [], []
+        for row, chunk in enumerate(chunks):
+            seq = chunk.seq
+            prompt_left = max(0, len(seq.prompt_ids) - seq.num_computed)
+            self.num_prompt_tokens_computed += min(chunk.num_tokens, prompt_left)
+            seq.num_computed += chunk.num_tokens
+            self._register_full_blocks(seq)
+            if seq.num_computed == seq.num_tokens:  # caught up: its logits give a new token
+                rows.append(row)
+                samplers.append(seq.sampler)
+        events: list[TokenEvent] = []
+        if rows:
+            tokens, logprobs = sample_batch(logits[rows], samplers)
+            now = self.clock()
+            for row, token, logprob in zip(rows, tokens, logprobs, strict=True):
+                events.append(self._emit(chunks[row].seq, token, logprob, now))
+        for chunk in chunks:
+            if not chunk.seq.is_finished:
+                self._apply_kv_policy(chunk.seq)
+        return events
+
+    def _emit(self, seq: Seq, token: int, logprob: float, now: float) -> TokenEvent:
+        seq.output_ids.append(token)
+        seq.logprobs.append(logprob)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        reason = finish_reason(self.model.spec.eos_token_ids, seq.params, seq.output_ids)
+        detok = self._detok.get(seq.request_id)
+        text = detok.push(token) if detok is not None else ""
+        event = TokenEvent(
+            request_id=seq.request_id,
+            token_id=token,
+            index=len(seq.output_ids) - 1,
+            logprob=logprob,
+            text=text,
+            finish_reason=reason,
+            num_prompt_tokens=len(seq.prompt_ids),
+            num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+            num_truncated_tokens=seq.num_dropped,
+            arrival_time=seq.arrival_time,
+            time=now,
+        )
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._forget(seq.request_id)
+        return event
+
+    def _register_full_blocks(self, seq: Seq) -> None:
+        """Name newly completed full blocks by prefix hash (never after a window eviction)."""
+        if seq.num_dropped or not self.blocks.enable_prefix_caching:
+            return
+        size = self.config.block_size
+        ids = seq.all_ids
+        for j in range(len(seq.block_hashes), seq.num_computed // size):
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            block_hash = hash_block(parent, ids[j * size : (j + 1) * size])
+            self.blocks.register(seq.block_table[j], block_hash)
+            seq.block_hashes.append(block_hash)
+
+    def _apply_kv_policy(self, seq: Seq) -> None:
+        size = self.config.block_size
+        drop = seq.kv_policy.blocks_to_evict(seq.logical_blocks, seq.num_keys, size)
+        if not drop:
+            return
+        self.blocks.free([seq.block_table[i] for i in drop])
+        keep = [i for i in range(len(seq.block_table)) if i not in set(drop)]
+        seq.block_table = [seq.block_table[i] for i in keep]
+        seq.logical_blocks = [seq.logical_blocks[i] for i in keep]
+        seq.num_dropped += len(drop) * size
+
+    def _forget(self, request_id: str) -> None:
+        self._seqs.pop(request_id, None)
+        self._detok.pop(request_id, None)
+
+    def _validate(self, request: EngineRequest) -> None:
+        spec = self.model.spec
+        prompt, params, policy = request.prompt_ids, request.params, request.kv_policy
+        if not prompt:
+            raise ValueError("prompt is empty: give at least one token")
+        bad = [t for t in prompt if not 0 <= t < spec.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {spec.vocab_size})"
+            )
+        if policy.is_window:
+            least = policy.min_window(self.config.block_size)
+            if policy.window < least:
+                raise ValueError(
+                    f"window={policy.window} is too small for sinks={policy.sinks} and "
+                    f"{len(policy.anchors)} anchor span(s) with block size "
+                    f"{self.config.block_size}: allowed >= {least}"
+                )
+            return
+        total = len(prompt) + params.max_tokens
+        if total > spec.max_position_embeddings:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds the model's context of {spec.max_position_embeddings} tokens; "
+                "shorten the prompt or max_tokens, or use kv_policy 'window'"
+            )
+
+
+def finish_reason(
+    eos_ids: Sequence[int], params: SamplingParams, generated: Sequence[int]
+) -> str | None:
+    """ "stop" on a stop or (unless ignored) end-of-sequence token, "length" at max_tokens."""
+    last = generated[-1]
+    if last in params.stop_token_ids or (not params.ignore_eos and last in eos_ids):
+        return "stop"
+    if len(generated) >= params.max_tokens:
+        return "length"
+    return None

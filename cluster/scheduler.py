@@ -1,0 +1,173 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Every step has a token budget. Running sequences go first, oldest first: a
+decoding sequence takes one token, a prefilling one takes the next chunk of
+its prompt that fits the budget (chunked prefill, mixed with decodes). Then
+waiting sequences are admitted in arrival order while the budget, the block
+pool and ``max_num_seqs`` allow; a newcomer first takes the cached blocks of
+its longest cached prefix and computes only the rest. When a running
+sequence needs a block and none is left, the newest running sequence is
+preempted: its blocks are freed and it is recomputed later (its prefix may
+still be cached). Ids and integers only: no tensors, no Ray.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cache.block_allocator import blocks_for
+from cache.block_manager import BlockManager
+from cluster.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs={self.max_num_seqs} must be > 0")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be > 0")
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # tokens computed this step, from seq.num_computed on
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    """Waiting and running queues over a ``BlockManager``."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        blocks: BlockManager,
+        clock: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.clock = clock
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def block_size(self) -> int:
+        return self.blocks.block_size
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence; refuse one that could never fit in the pool on its own."""
+        most_keys = seq.num_tokens + seq.params.max_tokens - len(seq.output_ids)
+        if seq.kv_policy.is_window:
+            most_keys = min(most_keys, seq.kv_policy.window + self.block_size)
+        need = blocks_for(most_keys, self.block_size)
+        if need > self.blocks.num_blocks:
+            raise ValueError(
+                f"request {seq.request_id!r} needs up to {need} KV blocks but the pool has "
+                f"{self.blocks.num_blocks}; shorten the prompt or max_tokens, use a window "
+                "kv_policy, or give the engine more KV memory"
+            )
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Remove a request wherever it is and free its blocks."""
+        for seq in list(self.waiting) + self.running:
+            if seq.request_id == request_id:
+                self.finish(seq, "abort")
+                return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.reset_computation()
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.finish_time = self.clock()
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            count = min(seq.num_uncomputed, budget)
+            assert count > 0, f"running sequence {seq.request_id} has nothing to compute"
+            need = blocks_for(seq.num_keys + count, self.block_size) - len(seq.block_table)
+            while not self.blocks.can_allocate(need) and seq in self.running:
+                out.preempted.append(self._preempt(self.running[-1]))
+            if seq not in self.running:
+                break  # it was the newest: preempted itself
+            self._grow(seq, need)
+            out.chunks.append(ScheduledChunk(seq, count))
+            budget -= count
+            index += 1
+        while self.waiting and budget > 0 and not out.preempted:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            chunk = self._admit(self.waiting[0], budget)
+            if chunk is None:
+                break  # FIFO: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            out.chunks.append(chunk)
+            budget -= chunk.num_tokens
+        return out
+
+    def _grow(self, seq: Sequence, count: int) -> None:
+        first = seq.logical_blocks[-1] + 1 if seq.logical_blocks else 0
+        seq.block_table.extend(self.blocks.allocate(count))
+        seq.logical_blocks.extend(range(first, first + count))
+
+    def _admit(self, seq: Sequence, budget: int) -> ScheduledChunk | None:
+        """Take the cached prefix, allocate blocks for the first chunk, start running."""
+        ids = seq.all_ids
+        # keep at least one token to compute: its logits give the next token
+        hits, hashes = self.blocks.match_prefix(ids, (len(ids) - 1) // self.block_size)
+        cached = len(hits) * self.block_size
+        count = min(len(ids) - cached, budget)
+        need = blocks_for(cached + count, self.block_size) - len(hits)
+        if need + self.blocks.acquire_cost(hits) > self.blocks.num_available:
+            return None
+        self.blocks.acquire(hits)
+        seq.block_table = list(hits)
+        seq.logical_blocks = list(range(len(hits)))
+        seq.block_hashes = hashes
+        seq.num_computed = cached
+        if seq.num_preemptions == 0:
+            seq.num_cached_prompt_tokens = cached
+        self._grow(seq, need)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return ScheduledChunk(seq, count)
+
+    def _preempt(self, seq: Sequence) -> Sequence:
+        """Free a running sequence's blocks and put it back at the head of the queue."""
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.reset_computation()
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        return seq

@@ -1,0 +1,77 @@
+"""One request's state inside the engine: tokens, blocks, progress and timings. No tensors."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from cache.kv_policy import KVPolicy
+from experts.sampling import Sampler, SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """A request being generated.
+
+    ``num_computed`` counts tokens whose K/V have been computed (they are
+    positions 0..num_computed-1). ``num_dropped`` of them were evicted by a
+    window policy, so the cache holds ``num_keys`` keys in ``block_table``,
+    whose entries are the logical blocks listed in ``logical_blocks``.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    kv_policy: KVPolicy
+    arrival_time: float
+    sampler: Sampler = field(init=False)
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    logical_blocks: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # registered prefix hashes, in order
+    num_computed: int = 0
+    num_dropped: int = 0
+    num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_preemptions: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.sampler = Sampler(self.params)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def num_keys(self) -> int:
+        return self.num_computed - self.num_dropped
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def reset_computation(self) -> None:
+        """Forget all computed KV (after preemption); tokens and sampler state stay."""
+        self.block_table = []
+        self.logical_blocks = []
+        self.block_hashes = []
+        self.num_computed = 0
+        self.num_dropped = 0

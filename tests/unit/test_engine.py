@@ -1,0 +1,184 @@
+"""The engine: continuous batching, prefix reuse, preemption and abort on a real model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
+from experts.model import MoEModel
+from experts.sampling import SamplingParams
+from tests.checkpoints import build_family_checkpoint
+from tests.reference import reference_greedy, reference_model
+
+LENGTHS = (5, 40, 17, 90, 33, 64, 1, 48)
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_family_checkpoint("mixtral", tmp_path_factory.mktemp("engine") / "m", seed=2)
+
+
+@pytest.fixture(scope="module")
+def model(path: Path) -> MoEModel:
+    return MoEModel.from_checkpoint(path)
+
+
+def _prompts(seed: int = 0, lengths: tuple[int, ...] = LENGTHS) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, ignore_eos=True)
+
+
+def _requests(prompts: list[list[int]], params: list[SamplingParams]) -> list[EngineRequest]:
+    pairs = zip(prompts, params, strict=True)
+    return [EngineRequest(str(i), p, s) for i, (p, s) in enumerate(pairs)]
+
+
+def _run(engine: LLMEngine, requests: list[EngineRequest]) -> dict[str, list[TokenEvent]]:
+    for request in requests:
+        engine.add_request(request)
+    events: dict[str, list[TokenEvent]] = {r.request_id: [] for r in requests}
+    while engine.has_unfinished():
+        for event in engine.step():
+            events[event.request_id].append(event)
+    assert engine.blocks.num_held == 0, "blocks leaked"
+    return events
+
+
+def _tokens(events: list[TokenEvent]) -> list[int]:
+    return [e.token_id for e in events]
+
+
+def test_batch_invariance_matches_solo_and_transformers(model: MoEModel, path: Path) -> None:
+    prompts = _prompts()
+    params = [_greedy(n) for n in (24, 8, 30, 12, 24, 3, 20, 16)]
+    # a small budget and seat count: chunked prefill mixed with decodes, queueing
+    config = EngineConfig(num_blocks=128, max_num_batched_tokens=32, max_num_seqs=5)
+    engine = LLMEngine(model, config)
+    reqs = [
+        EngineRequest(str(i), p, s) for i, (p, s) in enumerate(zip(prompts, params, strict=True))
+    ]
+    together = _run(engine, reqs)
+    ref = reference_model(path)
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        alone = _run(LLMEngine(model, EngineConfig(num_blocks=64)), [EngineRequest("x", prompt, p)])
+        assert _tokens(together[str(i)]) == _tokens(alone["x"])
+        assert _tokens(together[str(i)]) == reference_greedy(ref, prompt, p.max_tokens)
+        assert together[str(i)][-1].finish_reason == "length"
+
+
+def test_prefix_reuse_computes_only_the_suffix(model: MoEModel) -> None:
+    base = _prompts(seed=3, lengths=(150,))[0]
+    follow = [*base, 7, 8, 9, 10, 11]
+    engine = LLMEngine(model, EngineConfig(num_blocks=64, block_size=16))
+    first = _run(engine, [EngineRequest("a", base, _greedy(4))])
+    assert first["a"][0].num_cached_prompt_tokens == 0
+    assert engine.num_prompt_tokens_computed == 150
+    second = _run(engine, [EngineRequest("b", follow, _greedy(6))])
+    cached = (150 // 16) * 16  # the full blocks of the shared prefix
+    assert second["b"][0].num_cached_prompt_tokens == cached
+    assert engine.num_prompt_tokens_computed == 150 + len(follow) - cached
+    cold = LLMEngine(model, EngineConfig(num_blocks=64, enable_prefix_caching=False))
+    assert _tokens(second["b"]) == _tokens(
+        _run(cold, [EngineRequest("b", follow, _greedy(6))])["b"]
+    )
+    assert cold.num_prompt_tokens_computed == len(follow)
+
+
+def test_whole_prompt_cached_still_computes_one_token(model: MoEModel) -> None:
+    prompt = _prompts(seed=4, lengths=(64,))[0]
+    engine = LLMEngine(model, EngineConfig(num_blocks=32, block_size=16))
+    one = _run(engine, [EngineRequest("a", prompt, _greedy(5))])
+    two = _run(engine, [EngineRequest("b", prompt, _greedy(5))])
+    assert two["b"][0].num_cached_prompt_tokens == 48
+    assert _tokens(one["a"]) == _tokens(two["b"])
+
+
+def test_preemption_recomputes_with_identical_output(model: MoEModel) -> None:
+    prompts = _prompts(seed=5, lengths=(30, 31, 29, 33))
+    params = [_greedy(40)] * 4
+    solo = [
+        _tokens(
+            _run(LLMEngine(model, EngineConfig(num_blocks=16)), [EngineRequest("x", p, s)])["x"]
+        )
+        for p, s in zip(prompts, params, strict=True)
+    ]
+    # 4 sequences of up to 73 tokens need 20 blocks of 16; give them 12
+    engine = LLMEngine(model, EngineConfig(num_blocks=12, enable_prefix_caching=False))
+    events = _run(engine, _requests(prompts, params))
+    assert engine.scheduler.num_preemptions > 0
+    assert [_tokens(events[str(i)]) for i in range(4)] == solo
+
+
+def test_seeded_sampling_survives_preemption(model: MoEModel) -> None:
+    prompts = _prompts(seed=6, lengths=(30, 31, 29, 33))
+    params = [
+        SamplingParams(max_tokens=40, temperature=1.0, seed=i, ignore_eos=True) for i in range(4)
+    ]
+    roomy = _run(
+        LLMEngine(model, EngineConfig(num_blocks=64)),
+        _requests(prompts, params),
+    )
+    tight_engine = LLMEngine(model, EngineConfig(num_blocks=12))
+    tight = _run(tight_engine, _requests(prompts, params))
+    assert tight_engine.scheduler.num_preemptions > 0
+    assert {k: _tokens(v) for k, v in tight.items()} == {k: _tokens(v) for k, v in roomy.items()}
+
+
+def test_abort_waiting_and_running_frees_blocks(model: MoEModel) -> None:
+    prompts = _prompts(seed=7, lengths=(40, 40, 40))
+    engine = LLMEngine(model, EngineConfig(num_blocks=64, max_num_seqs=2))
+    for i, prompt in enumerate(prompts):
+        engine.add_request(EngineRequest(str(i), prompt, _greedy(30)))
+    seen: dict[str, int] = {}
+    for _ in range(4):
+        for event in engine.step():
+            seen[event.request_id] = seen.get(event.request_id, 0) + 1
+    assert seen.get("0", 0) > 0 and "2" not in seen  # 0 runs, 2 waits
+    assert engine.abort("0") and engine.abort("2") and not engine.abort("nope")
+    while engine.has_unfinished():
+        for event in engine.step():
+            assert event.request_id == "1"
+            seen["1"] = seen.get("1", 0) + 1
+    assert seen["1"] == 30
+    assert engine.blocks.num_held == 0
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ([], SamplingParams(), "prompt is empty"),
+        ([1, 999], SamplingParams(), "outside the vocabulary"),
+        ([5] * 500, SamplingParams(max_tokens=100), "exceeds the model's context of 512"),
+        ([5] * 200, SamplingParams(max_tokens=200), "needs up to 25 KV blocks but the pool has 8"),
+    ],
+)
+def test_bad_requests_are_refused(
+    model: MoEModel, prompt: list[int], params: SamplingParams, message: str
+) -> None:
+    engine = LLMEngine(model, EngineConfig(num_blocks=8))
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(EngineRequest("r", prompt, params))
+    assert not engine.has_unfinished()
+
+
+def test_duplicate_request_id_is_refused(model: MoEModel) -> None:
+    engine = LLMEngine(model, EngineConfig(num_blocks=8))
+    engine.add_request(EngineRequest("r", [5, 6], _greedy(2)))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request(EngineRequest("r", [5, 6], _greedy(2)))
+
+
+def test_kv_budget_sets_the_pool_size(model: MoEModel) -> None:
+    spec = model.spec
+    per_block = spec.num_layers * 2 * 16 * spec.num_kv_heads * spec.head_dim * 4
+    engine = LLMEngine(model, EngineConfig(kv_cache_bytes=per_block * 10 + 5))
+    assert engine.blocks.num_blocks == 10 and engine.pool.nbytes == per_block * 10
+    with pytest.raises(ValueError, match="holds no block"):
+        LLMEngine(model, EngineConfig(kv_cache_bytes=per_block - 1))
