@@ -6,7 +6,8 @@ pinned ``anchors`` span (e.g. the system prompt), and the most recent tokens.
 As the sequence grows, whole blocks are evicted oldest first. Kept keys keep
 the rotary positions they were computed at, and new tokens keep counting
 positions, so a windowed sequence sees exactly the attention a dense model
-would with the evicted keys masked out.
+would with the evicted keys masked out. A windowed prompt is prefilled in
+chunks of at most ``window`` tokens, evicting between chunks.
 """
 
 from __future__ import annotations

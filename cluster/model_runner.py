@@ -39,6 +39,8 @@ class ModelRunner:
             SequenceChunk(i.block_table, i.num_cached, len(i.token_ids), i.start_position)
             for i in inputs
         ]
+        # windowed sequences may run past the trained context: grow the rotary tables
+        self.model.rope.ensure(max(i.start_position + len(i.token_ids) for i in inputs))
         batch = AttentionBatch.build(chunks, self.pool.block_size, self.model.device)
         ids = torch.tensor(
             [t for i in inputs for t in i.token_ids], dtype=torch.long, device=self.model.device

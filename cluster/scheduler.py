@@ -76,8 +76,8 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; refuse one that could never fit in the pool on its own."""
         most_keys = seq.num_tokens + seq.params.max_tokens - len(seq.output_ids)
-        if seq.kv_policy.is_window:
-            most_keys = min(most_keys, seq.kv_policy.window + self.block_size)
+        if seq.kv_policy.is_window:  # kept keys (<= window) plus one chunk (<= window)
+            most_keys = min(most_keys, 2 * seq.kv_policy.window)
         need = blocks_for(most_keys, self.block_size)
         if need > self.blocks.num_blocks:
             raise ValueError(
@@ -112,7 +112,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            count = min(seq.num_uncomputed, budget)
+            count = min(seq.num_uncomputed, self._chunk_limit(seq, budget))
             assert count > 0, f"running sequence {seq.request_id} has nothing to compute"
             need = blocks_for(seq.num_keys + count, self.block_size) - len(seq.block_table)
             while not self.blocks.can_allocate(need) and seq in self.running:
@@ -128,11 +128,17 @@ class Scheduler:
                 break
             chunk = self._admit(self.waiting[0], budget)
             if chunk is None:
+                assert self.running, f"{self.waiting[0].request_id} can never be admitted"
                 break  # FIFO: nobody overtakes the head of the queue
             self.waiting.popleft()
             out.chunks.append(chunk)
             budget -= chunk.num_tokens
         return out
+
+    @staticmethod
+    def _chunk_limit(seq: Sequence, budget: int) -> int:
+        """Windowed sequences prefill at most ``window`` tokens a step, so they always fit."""
+        return min(budget, seq.kv_policy.window) if seq.kv_policy.is_window else budget
 
     def _grow(self, seq: Sequence, count: int) -> None:
         first = seq.logical_blocks[-1] + 1 if seq.logical_blocks else 0
@@ -143,9 +149,12 @@ class Scheduler:
         """Take the cached prefix, allocate blocks for the first chunk, start running."""
         ids = seq.all_ids
         # keep at least one token to compute: its logits give the next token
-        hits, hashes = self.blocks.match_prefix(ids, (len(ids) - 1) // self.block_size)
+        max_hits = (len(ids) - 1) // self.block_size
+        if seq.kv_policy.is_window:  # beyond the window its own KV would differ (evictions)
+            max_hits = min(max_hits, seq.kv_policy.window // self.block_size)
+        hits, hashes = self.blocks.match_prefix(ids, max_hits)
         cached = len(hits) * self.block_size
-        count = min(len(ids) - cached, budget)
+        count = min(len(ids) - cached, self._chunk_limit(seq, budget))
         need = blocks_for(cached + count, self.block_size) - len(hits)
         if need + self.blocks.acquire_cost(hits) > self.blocks.num_available:
             return None

@@ -1,0 +1,386 @@
+"""The ``window`` KV policy against a dense reference with the evicted keys masked out.
+
+The oracle is transformers run once over the whole sequence (prompt + generated tokens) with
+a custom 4D attention mask and the default position ids: row i may attend column j iff j was
+in the engine's cache when token i was computed, or j is i itself or an earlier token of i's
+own prefill chunk. Which keys were cached is derived here, in pure Python, from the policy's
+documented rule (sinks' and anchors' blocks are pinned; other full blocks are evicted oldest
+first after every engine step until at most ``window`` keys remain; the current block stays),
+never from the engine's state. Each row of a masked dense forward depends only on its own mask
+row and on earlier rows, so one forward pass reproduces the engine's step-by-step computation;
+the engine's greedy tokens must be the reference's argmax at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from cache.kv_policy import KVPolicy
+from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
+from experts.model import MoEModel
+from experts.sampling import SamplingParams
+from tests.checkpoints import build_family_checkpoint
+
+BLOCK = 4
+MAX_POSITIONS = 512  # the test checkpoint's max_position_embeddings
+LOGPROB_ATOL = 1e-4
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    prompt_len: int
+    max_tokens: int
+    budget: int  # EngineConfig.max_num_batched_tokens: the prefill chunk size
+    window: int
+    sinks: int
+    anchors: tuple[tuple[int, int], ...]
+    num_blocks: int = 64
+
+    def policy(self) -> KVPolicy:
+        return KVPolicy(kind="window", window=self.window, sinks=self.sinks, anchors=self.anchors)
+
+
+# The prompt fits the window and prefills in one step; decoding then runs far past the window,
+# so blocks are evicted every few steps. Sinks pin block 0, the anchor [9, 11) pins block 2.
+DECODE = Scenario("decode", 14, 48, 512, 16, 4, ((9, 11),))
+# A prompt longer than the window, prefilled in chunks of 8 with evictions between chunks: the
+# later chunks' queries must not see prompt keys evicted after the earlier chunks.
+CHUNKED = Scenario("chunked", 30, 24, 8, 20, 2, ((13, 14),))
+# Prompt + generation run past max_position_embeddings; a window keeps the cache small.
+LONG = Scenario("long", 500, 24, 64, 16, 4, ((6, 7),), num_blocks=32)
+
+
+@dataclass(frozen=True)
+class WindowTrace:
+    """What the documented rule predicts for one request."""
+
+    visible: list[list[int]]  # visible[i]: positions token i attends when it is computed
+    truncated: list[int]  # evicted tokens so far when each generated token is emitted
+    kept_blocks: list[int]  # logical blocks cached after the last eviction
+
+
+def simulate_window(
+    num_prompt: int,
+    num_new: int,
+    *,
+    block_size: int,
+    budget: int,
+    window: int,
+    sinks: int,
+    anchors: Sequence[tuple[int, int]],
+) -> WindowTrace:
+    """Replay the policy rule step by step, then one token a step.
+
+    The prompt is prefilled in chunks of ``min(budget, window)`` tokens (the documented cap
+    for windowed prompts). A ``window`` at least as long as the sequence never evicts (plain
+    causal attention).
+    """
+
+    def pinned(block: int) -> bool:
+        lo, hi = block * block_size, (block + 1) * block_size
+        return lo < sinks or any(start < hi and lo < end for start, end in anchors)
+
+    chunk = min(budget, window)
+    steps = [(s, min(s + chunk, num_prompt)) for s in range(0, num_prompt, chunk)]
+    steps += [(p, p + 1) for p in range(num_prompt, num_prompt + num_new - 1)]
+    kept: list[int] = []
+    visible: list[list[int]] = []
+    truncated: list[int] = []
+    for start, end in steps:
+        cached = [p for b in kept for p in range(b * block_size, min((b + 1) * block_size, start))]
+        visible.extend(cached + list(range(start, p + 1)) for p in range(start, end))
+        if end >= num_prompt:  # this step's last logits give a token, emitted before eviction
+            truncated.append(start - len(cached))
+            if len(truncated) == num_new:
+                break  # finished: nothing is evicted after the last step
+        kept = sorted({*kept, *range(start // block_size, (end - 1) // block_size + 1)})
+        num_keys = sum(min((b + 1) * block_size, end) - b * block_size for b in kept)
+        for block in list(kept[:-1]):
+            if num_keys <= window:
+                break
+            if not pinned(block):
+                kept.remove(block)
+                num_keys -= block_size
+    assert len(visible) == num_prompt + num_new - 1 and len(truncated) == num_new
+    return WindowTrace(visible, truncated, kept)
+
+
+def trace_for(scenario: Scenario, **overrides: Any) -> WindowTrace:
+    kwargs: dict[str, Any] = {
+        "block_size": BLOCK,
+        "budget": scenario.budget,
+        "window": scenario.window,
+        "sinks": scenario.sinks,
+        "anchors": scenario.anchors,
+        **overrides,
+    }
+    return simulate_window(scenario.prompt_len, scenario.max_tokens, **kwargs)
+
+
+def visibility_mask(visible: Sequence[Sequence[int]]) -> torch.Tensor:
+    """[1, 1, T, T] additive float mask: 0 where row i may attend column j, -inf elsewhere."""
+    size = len(visible)
+    allowed = torch.zeros(size, size, dtype=torch.bool)
+    for i, cols in enumerate(visible):
+        assert all(j <= i for j in cols), f"row {i} attends a later token"
+        allowed[i, list(cols)] = True
+    mask = torch.zeros(size, size).masked_fill(~allowed, float("-inf"))
+    return mask[None, None]
+
+
+def reference_logits(ref: Any, ids: Sequence[int], mask: torch.Tensor | None) -> torch.Tensor:
+    """[T, V] fp32 logits of transformers on ``ids`` at positions 0..T-1 under ``mask``."""
+    with torch.inference_mode():
+        out = ref(input_ids=torch.tensor([list(ids)]), attention_mask=mask)
+    return out.logits[0].float()
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    prompt: list[int]
+    events: list[TokenEvent]
+    num_held_after: int
+
+    @property
+    def tokens(self) -> list[int]:
+        return [e.token_id for e in self.events]
+
+    @property
+    def computed_ids(self) -> list[int]:
+        """Every token whose K/V the engine computed: all but the last generated one."""
+        return self.prompt + self.tokens[:-1]
+
+
+def run_engine(model: MoEModel, scenario: Scenario, seed: int = 0) -> EngineRun:
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, model.spec.vocab_size, (scenario.prompt_len,), generator=gen)
+    config = EngineConfig(
+        block_size=BLOCK,
+        num_blocks=scenario.num_blocks,
+        max_num_batched_tokens=scenario.budget,
+        enable_prefix_caching=True,
+    )
+    engine = LLMEngine(model, config)
+    params = SamplingParams(max_tokens=scenario.max_tokens, ignore_eos=True)
+    engine.add_request(EngineRequest(scenario.name, prompt.tolist(), params, scenario.policy()))
+    events: list[TokenEvent] = []
+    max_steps = scenario.prompt_len + scenario.max_tokens + 4  # a livelock fails, not hangs
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
+        events.extend(engine.step())
+    assert not engine.has_unfinished(), f"{scenario.name}: unfinished after {max_steps} steps"
+    return EngineRun(prompt.tolist(), events, engine.blocks.num_held)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_family_checkpoint("mixtral", tmp_path_factory.mktemp("window") / "m", seed=11)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint: Path) -> MoEModel:
+    return MoEModel.from_checkpoint(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def ref(checkpoint: Path) -> Any:
+    return transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, EngineRun]:
+    """Engine runs shared by several tests, made on first use."""
+    return {}
+
+
+def get_run(runs: dict[str, EngineRun], model: MoEModel, scenario: Scenario) -> EngineRun:
+    if scenario.name not in runs:
+        runs[scenario.name] = run_engine(model, scenario)
+    return runs[scenario.name]
+
+
+def chosen_logprobs(logits: torch.Tensor, run: EngineRun) -> torch.Tensor:
+    """[N] reference log-probabilities of the engine's tokens (row P-1+k predicts token k)."""
+    rows = logits[len(run.prompt) - 1 :]
+    assert rows.shape[0] == len(run.tokens)
+    return torch.log_softmax(rows, dim=-1).gather(1, torch.tensor(run.tokens)[:, None])[:, 0]
+
+
+def assert_matches_reference(ref: Any, run: EngineRun, trace: WindowTrace) -> None:
+    logits = reference_logits(ref, run.computed_ids, visibility_mask(trace.visible))
+    expected = logits[len(run.prompt) - 1 :].argmax(dim=-1).tolist()
+    for k, (got, want) in enumerate(zip(run.tokens, expected, strict=True)):
+        assert got == want, f"generated token {k}: engine {got}, dense reference {want}"
+    ours = torch.tensor([e.logprob for e in run.events])
+    torch.testing.assert_close(ours, chosen_logprobs(logits, run), atol=LOGPROB_ATOL, rtol=0)
+
+
+# --- the simulation itself: a wrong oracle would make every comparison below meaningless ---
+
+
+def test_simulation_follows_the_documented_rule() -> None:
+    trace = trace_for(DECODE)
+    prompt, new = DECODE.prompt_len, DECODE.max_tokens
+    # the prompt (14 < window) prefills in one step: every prompt token sees its whole prefix
+    for i in range(prompt):
+        assert trace.visible[i] == list(range(i + 1))
+    for i, cols in enumerate(trace.visible):
+        assert cols[-1] == i and cols == sorted(set(cols))
+        assert set(range(min(i + 1, DECODE.sinks))) <= set(cols)  # sinks are never evicted
+        if i >= 11:
+            assert {9, 10} <= set(cols)  # nor is the anchor, once computed
+        # at most `window` cached keys, plus the token itself
+        assert len(cols) <= DECODE.window + 1
+    # pinned blocks 0 and 2 survive to the end; blocks 1 and 3 were evicted
+    assert {0, 2} <= set(trace.kept_blocks) and not {1, 3} & set(trace.kept_blocks)
+    computed = prompt + new - 1
+    # the last computed token sees every computed key but the evicted ones
+    assert trace.truncated[-1] == computed - len(trace.visible[-1])
+    assert trace.truncated[-1] >= 6 * BLOCK  # several evictions happened
+    assert trace.truncated == sorted(trace.truncated) and trace.truncated[0] == 0
+    # a window at least as long as the sequence never evicts: full causal attention
+    full = trace_for(DECODE, window=10_000)
+    assert full.visible == [list(range(i + 1)) for i in range(computed)]
+    assert set(full.truncated) == {0}
+
+
+# --- the engine against the dense reference ---
+
+
+@pytest.mark.parametrize("scenario", [DECODE, CHUNKED], ids=lambda s: s.name)
+def test_window_matches_dense_reference(
+    scenario: Scenario, model: MoEModel, ref: Any, runs: dict[str, EngineRun]
+) -> None:
+    run = get_run(runs, model, scenario)
+    trace = trace_for(scenario)
+    assert len(run.events) == scenario.max_tokens
+    assert run.events[-1].finish_reason == "length"
+    assert [e.index for e in run.events] == list(range(scenario.max_tokens))
+    assert_matches_reference(ref, run, trace)
+
+
+@pytest.mark.parametrize("scenario", [DECODE, CHUNKED], ids=lambda s: s.name)
+def test_truncation_counts_and_pinned_blocks(
+    scenario: Scenario, model: MoEModel, runs: dict[str, EngineRun]
+) -> None:
+    run = get_run(runs, model, scenario)
+    trace = trace_for(scenario)
+    got = [e.num_truncated_tokens for e in run.events]
+    assert got == trace.truncated, "num_truncated_tokens per event differs from the rule"
+    assert run.events[-1].num_truncated_tokens == trace.truncated[-1] > 0
+    # what the engine evicted is exactly what the rule evicts, and that leaves the sink and
+    # anchor blocks in place: every key of theirs stays visible to the last computed token
+    pinned = set(range(scenario.sinks)).union(*(range(s, e) for s, e in scenario.anchors))
+    assert pinned <= set(trace.visible[-1])
+    assert run.num_held_after == 0, "blocks leaked after the request finished"
+
+
+def test_reference_comparison_is_sensitive(
+    model: MoEModel, ref: Any, runs: dict[str, EngineRun]
+) -> None:
+    """Negative controls: wrong kept sets must disagree with the engine's windowed output."""
+    run = get_run(runs, model, DECODE)
+    ids = run.computed_ids
+    # the 4D mask is honoured: a full causal mask gives the plain forward
+    no_eviction = trace_for(DECODE, window=10_000)
+    full = reference_logits(ref, ids, visibility_mask(no_eviction.visible))
+    torch.testing.assert_close(full, reference_logits(ref, ids, None), atol=1e-5, rtol=0)
+    ours = torch.tensor([e.logprob for e in run.events])
+    wrong = {
+        "anchor not pinned": trace_for(DECODE, anchors=()),
+        "sinks not pinned": trace_for(DECODE, sinks=0),
+        "one block fewer": trace_for(DECODE, window=DECODE.window - BLOCK),
+    }
+    diffs: dict[str, tuple[int, float]] = {}
+    for name, trace in [("no eviction", no_eviction), *wrong.items()]:
+        assert trace.visible != trace_for(DECODE).visible, name
+        logits = (
+            full
+            if trace is no_eviction
+            else reference_logits(ref, ids, visibility_mask(trace.visible))
+        )
+        argmax = logits[len(run.prompt) - 1 :].argmax(dim=-1).tolist()
+        token_diffs = sum(a != b for a, b in zip(argmax, run.tokens, strict=True))
+        logprob_diff = (ours - chosen_logprobs(logits, run)).abs().max().item()
+        diffs[name] = (token_diffs, logprob_diff)
+        assert token_diffs > 0 or logprob_diff > 100 * LOGPROB_ATOL, (
+            f"{name}: the reference cannot tell it from the engine's window "
+            f"({token_diffs} token diffs, max logprob diff {logprob_diff:.2e})"
+        )
+    # without any eviction the greedy tokens themselves change
+    assert diffs["no eviction"][0] > 0, diffs
+
+
+# --- limits ---
+
+
+def test_window_runs_past_max_position_embeddings(
+    model: MoEModel, ref: Any, runs: dict[str, EngineRun]
+) -> None:
+    assert model.spec.max_position_embeddings == MAX_POSITIONS
+    assert LONG.prompt_len + LONG.max_tokens > MAX_POSITIONS
+    # the window keeps the cache far below what the sequence would need without it
+    assert LONG.num_blocks * BLOCK < LONG.prompt_len
+    run = get_run(runs, model, LONG)
+    trace = trace_for(LONG)
+    assert len(run.events) == LONG.max_tokens
+    assert [e.num_truncated_tokens for e in run.events] == trace.truncated
+    assert run.num_held_after == 0
+    assert_matches_reference(ref, run, trace)
+
+
+def test_full_request_past_the_context_is_refused(model: MoEModel) -> None:
+    engine = LLMEngine(model, EngineConfig(block_size=BLOCK, num_blocks=256))
+    params = SamplingParams(max_tokens=LONG.max_tokens, ignore_eos=True)
+    request = EngineRequest("full", [5] * LONG.prompt_len, params, KVPolicy())
+    with pytest.raises(ValueError, match="context"):
+        engine.add_request(request)
+    assert not engine.has_unfinished() and engine.num_requests == 0
+
+
+@pytest.mark.parametrize(
+    ("window", "sinks", "anchors"),
+    [
+        (8, 4, ((9, 11),)),  # 2 pinned blocks + 2 recent blocks need 16
+        (12, 4, ((9, 11),)),
+        (12, 5, ()),  # 5 sinks span two blocks
+        (12, 0, ((3, 5),)),  # an anchor straddling a block boundary pins both
+    ],
+)
+def test_window_too_small_for_its_pins_is_refused(
+    model: MoEModel, window: int, sinks: int, anchors: tuple[tuple[int, int], ...]
+) -> None:
+    engine = LLMEngine(model, EngineConfig(block_size=BLOCK, num_blocks=64))
+    policy = KVPolicy(kind="window", window=window, sinks=sinks, anchors=anchors)
+    request = EngineRequest("small", [5] * 10, SamplingParams(max_tokens=4), policy)
+    with pytest.raises(ValueError, match=rf"window={window} is too small"):
+        engine.add_request(request)
+    assert not engine.has_unfinished() and engine.num_requests == 0
+
+
+def test_window_prompt_larger_than_the_pool_is_refused_or_served(model: MoEModel) -> None:
+    """A window request whose prefill can never fit the pool must not be accepted and starve."""
+    engine = LLMEngine(model, EngineConfig(block_size=BLOCK, num_blocks=16))  # 64 key slots
+    policy = KVPolicy(kind="window", window=16, sinks=4)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    try:
+        engine.add_request(EngineRequest("big", [5] * 100, params, policy))
+    except ValueError:
+        return  # refused up front: fine
+    events: list[TokenEvent] = []
+    for _ in range(200):
+        if not engine.has_unfinished():
+            break
+        events.extend(engine.step())
+    assert len(events) == 4, (
+        f"accepted, then produced {len(events)} of 4 tokens in 200 steps: the request starves"
+    )
