@@ -128,7 +128,7 @@ class LLMEngine:
         """Queue a request; bad input raises ``ValueError`` saying what is wrong."""
         if request.request_id in self._seqs:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        self._validate(request)
+        self.validate(request)
         seq = Seq(
             request.request_id,
             list(request.prompt_ids),
@@ -244,7 +244,8 @@ class LLMEngine:
         self._seqs.pop(request_id, None)
         self._detok.pop(request_id, None)
 
-    def _validate(self, request: EngineRequest) -> None:
+    def validate(self, request: EngineRequest) -> None:
+        """Raise ``ValueError`` saying what is wrong with a request for this engine."""
         spec = self.model.spec
         prompt, params, policy = request.prompt_ids, request.params, request.kv_policy
         if not prompt:

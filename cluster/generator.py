@@ -1,7 +1,8 @@
-"""A minimal in-process generation loop: prefill a static batch, then decode it to the end.
+"""Batch generation in-process: every prompt through one engine, concurrently.
 
-Continuous batching replaces this in the engine; this loop is the simplest
-correct use of the model runner, the block allocator and the samplers.
+Used by ``moe-cluster generate`` and the tests. The KV pool is sized so the
+whole batch fits when that is cheap, and capped by the engine's memory budget
+otherwise (the scheduler then queues and preempts).
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from cache.block_allocator import BlockAllocator, blocks_for
-from cache.kv_pool import KVPool
-from cluster.model_runner import ModelRunner, StepInput
+from cache.block_allocator import blocks_for
+from cache.kv_policy import KVPolicy
+from cluster.engine import EngineConfig, EngineRequest, LLMEngine
 from experts.model import MoEModel
-from experts.sampling import Sampler, SamplingParams, sample_batch
+from experts.sampling import SamplingParams
 
 
 @dataclass
@@ -21,25 +22,10 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)  # generated ids only
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length"
+    num_cached_prompt_tokens: int = 0
 
 
 TokenCallback = Callable[[int, int], None]  # (request index, token id)
-
-
-def validate_prompt(model: MoEModel, prompt: Sequence[int], params: SamplingParams) -> None:
-    """Raise ``ValueError`` saying what is wrong with a prompt for this model."""
-    spec = model.spec
-    if not prompt:
-        raise ValueError("prompt is empty: give at least one token")
-    bad = [t for t in prompt if not 0 <= t < spec.vocab_size]
-    if bad:
-        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {spec.vocab_size})")
-    total = len(prompt) + params.max_tokens
-    if total > spec.max_position_embeddings:
-        raise ValueError(
-            f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-            f"the model's context of {spec.max_position_embeddings} tokens"
-        )
 
 
 def generate(
@@ -48,61 +34,39 @@ def generate(
     params: Sequence[SamplingParams],
     block_size: int = 16,
     on_token: TokenCallback | None = None,
+    kv_policies: Sequence[KVPolicy] | None = None,
 ) -> list[GenerationResult]:
-    """Generate for every prompt together; each gets exactly the tokens it would get alone."""
+    """Generate for every prompt together; each gets exactly the tokens it would get alone.
+
+    Bad input raises ``ValueError`` before anything runs.
+    """
     assert len(prompts) == len(params), f"{len(prompts)} prompts vs {len(params)} params"
-    for prompt, p in zip(prompts, params, strict=True):
-        validate_prompt(model, prompt, p)
-    spec = model.spec
+    policies = list(kv_policies) if kv_policies is not None else [KVPolicy()] * len(prompts)
     need = [
         blocks_for(len(pr) + p.max_tokens, block_size)
         for pr, p in zip(prompts, params, strict=True)
     ]
-    allocator = BlockAllocator(sum(need))
-    tables = [allocator.allocate(n) for n in need]
-    pool = KVPool(
-        spec.num_layers,
-        sum(need),
-        block_size,
-        spec.num_kv_heads,
-        spec.head_dim,
-        model.dtype,
-        model.device,
-    )
-    runner = ModelRunner(model, pool)
-    samplers = [Sampler(p) for p in params]
+    budget = EngineConfig(block_size=block_size).resolve_num_blocks(model)
+    num_blocks = max(max(need, default=1), min(sum(need), budget))
+    engine = LLMEngine(model, EngineConfig(block_size=block_size, num_blocks=num_blocks))
+    requests = [
+        EngineRequest(str(i), list(prompt), p, policy)
+        for i, (prompt, p, policy) in enumerate(zip(prompts, params, policies, strict=True))
+    ]
+    for request in requests:  # validate them all before running any
+        engine.validate(request)
+    for request in requests:
+        engine.add_request(request)
     results = [GenerationResult() for _ in prompts]
-    lengths = [len(p) for p in prompts]
-    pending = [StepInput(list(pr), tables[i], 0, 0) for i, pr in enumerate(prompts)]
-    active = list(range(len(prompts)))
-    while active:
-        logits = runner.run(pending)
-        tokens, logprobs = sample_batch(logits, [samplers[i] for i in active])
-        still, pending = [], []
-        for i, token, logprob in zip(active, tokens, logprobs, strict=True):
-            res = results[i]
-            res.token_ids.append(token)
-            res.logprobs.append(logprob)
+    while engine.has_unfinished():
+        for event in engine.step():
+            index = int(event.request_id)
+            res = results[index]
+            res.token_ids.append(event.token_id)
+            res.logprobs.append(event.logprob)
+            res.finish_reason = event.finish_reason
+            res.num_cached_prompt_tokens = event.num_cached_prompt_tokens
             if on_token is not None:
-                on_token(i, token)
-            res.finish_reason = _finish_reason(spec.eos_token_ids, params[i], res.token_ids)
-            if res.finish_reason is None:
-                still.append(i)
-                pending.append(StepInput([token], tables[i], lengths[i], lengths[i]))
-                lengths[i] += 1
-        active = still
-    for table in tables:
-        allocator.free(table)
-    assert allocator.num_free == allocator.num_blocks, "blocks leaked"
+                on_token(index, event.token_id)
+    assert engine.blocks.num_held == 0, "blocks leaked"
     return results
-
-
-def _finish_reason(
-    eos_ids: Sequence[int], params: SamplingParams, generated: Sequence[int]
-) -> str | None:
-    last = generated[-1]
-    if last in params.stop_token_ids or (not params.ignore_eos and last in eos_ids):
-        return "stop"
-    if len(generated) >= params.max_tokens:
-        return "length"
-    return None
