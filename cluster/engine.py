@@ -263,14 +263,14 @@ class LLMEngine:
                     f"{len(policy.anchors)} anchor span(s) with block size "
                     f"{self.config.block_size}: allowed >= {least}"
                 )
-            return
-        total = len(prompt) + params.max_tokens
-        if total > spec.max_position_embeddings:
+        elif len(prompt) + params.max_tokens > spec.max_position_embeddings:
             raise ValueError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-                f"exceeds the model's context of {spec.max_position_embeddings} tokens; "
-                "shorten the prompt or max_tokens, or use kv_policy 'window'"
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{len(prompt) + params.max_tokens} exceeds the model's context of "
+                f"{spec.max_position_embeddings} tokens; shorten the prompt or max_tokens, "
+                "or use kv_policy 'window'"
             )
+        self.scheduler.check_fits(request.request_id, len(prompt), params.max_tokens, policy)
 
 
 def finish_reason(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from cache.block_allocator import blocks_for
 from cache.block_manager import BlockManager
+from cache.kv_policy import KVPolicy
 from cluster.sequence import Sequence, SequenceStatus
 
 
@@ -73,18 +74,27 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, seq: Sequence) -> None:
-        """Queue a sequence; refuse one that could never fit in the pool on its own."""
-        most_keys = seq.num_tokens + seq.params.max_tokens - len(seq.output_ids)
-        if seq.kv_policy.is_window:  # kept keys (<= window) plus one chunk (<= window)
-            most_keys = min(most_keys, 2 * seq.kv_policy.window)
-        need = blocks_for(most_keys, self.block_size)
+    def max_blocks(self, num_tokens: int, max_new_tokens: int, policy: KVPolicy) -> int:
+        """Most blocks a request can ever hold at once."""
+        most_keys = num_tokens + max_new_tokens
+        if policy.is_window:  # kept keys (<= window) plus one chunk (<= window)
+            most_keys = min(most_keys, 2 * policy.window)
+        return blocks_for(most_keys, self.block_size)
+
+    def check_fits(self, request_id: str, num_tokens: int, max_new: int, policy: KVPolicy) -> None:
+        """Refuse a request that could never fit in the pool on its own."""
+        need = self.max_blocks(num_tokens, max_new, policy)
         if need > self.blocks.num_blocks:
             raise ValueError(
-                f"request {seq.request_id!r} needs up to {need} KV blocks but the pool has "
+                f"request {request_id!r} needs up to {need} KV blocks but the pool has "
                 f"{self.blocks.num_blocks}; shorten the prompt or max_tokens, use a window "
                 "kv_policy, or give the engine more KV memory"
             )
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence; refuse one that could never fit in the pool on its own."""
+        max_new = seq.params.max_tokens - len(seq.output_ids)
+        self.check_fits(seq.request_id, seq.num_tokens, max_new, seq.kv_policy)
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
