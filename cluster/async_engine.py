@@ -81,6 +81,9 @@ class AsyncEngine:
             if not finished:
                 self.abort(request.request_id)
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def abort(self, request_id: str) -> None:
         self._post(_Abort(request_id))
 

@@ -1,0 +1,70 @@
+"""The one wrapper around calls to tier replicas through Ray Serve deployment handles.
+
+The gateway depends on the ``TierClient`` Protocol; tests pass an in-process
+fake. Serve's back-pressure and lost replicas become ``TierBusyError`` and
+``TierUnavailableError``, so no Ray exception type leaks past this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any, Protocol
+
+from cluster.tier_messages import TierInfo, TierItem, TierRequest, TierStats
+
+
+class TierBusyError(RuntimeError):
+    """The tier's queue is full."""
+
+
+class TierUnavailableError(RuntimeError):
+    """No replica of the tier can take the call."""
+
+
+class TierClient(Protocol):
+    def generate(self, tier: str, request: TierRequest) -> AsyncGenerator[TierItem, None]: ...
+
+    async def info(self, tier: str) -> TierInfo: ...
+
+    async def stats(self, tier: str) -> TierStats: ...
+
+
+class ServeTierClient:
+    """``TierClient`` over one Serve ``DeploymentHandle`` per tier."""
+
+    def __init__(self, handles: Mapping[str, Any]) -> None:
+        self._handles = dict(handles)
+
+    def _handle(self, tier: str, method: str, stream: bool = False) -> Any:
+        if tier not in self._handles:
+            raise TierUnavailableError(f"no deployment for tier {tier!r}")
+        return self._handles[tier].options(method_name=method, stream=stream)
+
+    async def generate(self, tier: str, request: TierRequest) -> AsyncGenerator[TierItem, None]:
+        from ray.serve.exceptions import (
+            BackPressureError,
+            DeploymentUnavailableError,
+            ReplicaUnavailableError,
+        )
+
+        response = self._handle(tier, "generate", stream=True).remote(request)
+        done = False
+        try:
+            async for item in response:
+                yield item
+            done = True
+        except BackPressureError as err:
+            raise TierBusyError(f"tier {tier!r} is at capacity: {err}") from None
+        except (DeploymentUnavailableError, ReplicaUnavailableError) as err:
+            raise TierUnavailableError(f"tier {tier!r} is unavailable: {err}") from None
+        finally:
+            if not done:
+                response.cancel()  # stop generation on the replica, free its KV blocks
+
+    async def info(self, tier: str) -> TierInfo:
+        result: TierInfo = await self._handle(tier, "info").remote()
+        return result
+
+    async def stats(self, tier: str) -> TierStats:
+        result: TierStats = await self._handle(tier, "stats").remote()
+        return result

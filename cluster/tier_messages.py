@@ -1,0 +1,72 @@
+"""Messages on the gateway -> tier-replica channel (one module per channel).
+
+The first item a tier replica streams back is ``TierAccepted`` or
+``TierRejected``; then ``TierTokens`` batches until one carries a finish reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cache.kv_policy import KVPolicy
+from experts.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class TierRequest:
+    request_id: str
+    params: SamplingParams
+    prompt: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    kv_policy: KVPolicy = field(default_factory=KVPolicy)
+    session_id: str = ""
+
+
+@dataclass(frozen=True)
+class TierAccepted:
+    num_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TierRejected:
+    """The replica refused the request; ``code`` names the gRPC status to return."""
+
+    code: str  # "invalid_argument" | "resource_exhausted" | "unavailable"
+    message: str
+
+
+@dataclass(frozen=True)
+class TierTokens:
+    """Tokens generated since the last batch, with the request's usage so far."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_prompt_tokens: int
+    num_truncated_tokens: int
+
+
+TierItem = TierAccepted | TierRejected | TierTokens
+
+
+@dataclass(frozen=True)
+class TierInfo:
+    name: str
+    model: str
+    family: str
+    moe: bool
+    max_context: int
+
+
+@dataclass(frozen=True)
+class TierStats:
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_blocks_held: int
+    num_prompt_tokens_computed: int
+    num_steps: int
+    num_preemptions: int
+    num_aborted: int

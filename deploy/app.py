@@ -1,0 +1,123 @@
+"""The Ray Serve application: one deployment per model tier, and the gRPC gateway.
+
+``build_app(config)`` binds them; ``app_builder`` is the entry point for
+``serve run deploy/serve.yaml``. The deployments are thin hosts: the engine
+lives in ``cluster.tier_replica`` and the request logic in ``deploy.gateway``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from cluster.tier_client import ServeTierClient
+from cluster.tier_messages import TierInfo, TierItem, TierRequest, TierStats
+from cluster.tier_replica import TierReplica
+from deploy.api import ApiError
+from deploy.config import ClusterConfig, TierConfig, load_config
+from deploy.gateway import Gateway
+from deploy.proto import moecluster_v1_pb2 as pb
+
+GRPC_SERVICER = "deploy.proto.moecluster_v1_pb2_grpc.add_MoEClusterServicer_to_server"
+APP_NAME = "moe-cluster"
+
+logger = logging.getLogger("moe_cluster.app")
+
+
+class TierHost:
+    """A replica of one model tier: loads its checkpoint and runs the engine."""
+
+    def __init__(self, tier: TierConfig) -> None:
+        self.replica = TierReplica(tier.name, tier.model, tier.to_engine_config(), tier.device)
+
+    async def generate(self, request: TierRequest) -> AsyncGenerator[TierItem, None]:
+        async for item in self.replica.generate(request):
+            yield item
+
+    def info(self) -> TierInfo:
+        return self.replica.info()
+
+    def stats(self) -> TierStats:
+        return self.replica.stats()
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose engine loop died."""
+        if not self.replica.async_engine.is_alive():
+            raise RuntimeError(f"tier {self.replica.name!r}: the engine loop is not running")
+
+    def __del__(self) -> None:
+        replica = getattr(self, "replica", None)
+        if replica is not None:
+            replica.shutdown()
+
+
+class GatewayHost:
+    """The gRPC ingress: method names match the ``moecluster.v1.MoECluster`` RPCs."""
+
+    def __init__(self, config: ClusterConfig, tiers: dict[str, DeploymentHandle]) -> None:
+        self.gateway = Gateway(config, ServeTierClient(tiers))
+
+    async def Generate(
+        self, request: pb.GenerateRequest, grpc_context: Any
+    ) -> AsyncGenerator[pb.GenerateChunk, None]:
+        metadata = dict(grpc_context.invocation_metadata())
+        serve_request_id = grpc_context.request_id()
+        if serve_request_id:
+            metadata.setdefault("request_id", str(serve_request_id))
+        try:
+            async for chunk in self.gateway.generate(request, metadata):
+                yield chunk
+        except ApiError as err:
+            # Serve sends the status set on the context when the method raises.
+            grpc_context.set_code(err.code)
+            grpc_context.set_details(err.message)
+            raise
+        except Exception:
+            logger.exception("Generate failed (request id %s)", metadata.get("request_id"))
+            grpc_context.set_code(grpc.StatusCode.INTERNAL)
+            grpc_context.set_details(
+                f"internal error; the server log has details (request id "
+                f"{metadata.get('request_id', 'unknown')})"
+            )
+            raise
+
+    async def ListTiers(
+        self, request: pb.ListTiersRequest, grpc_context: Any
+    ) -> pb.ListTiersResponse:
+        return await self.gateway.list_tiers()
+
+    async def Health(self, request: pb.HealthRequest, grpc_context: Any) -> pb.HealthResponse:
+        return await self.gateway.health()
+
+
+TierDeployment = serve.deployment()(TierHost)
+GatewayDeployment = serve.deployment(ray_actor_options={"num_cpus": 0})(GatewayHost)
+
+
+def build_app(config: ClusterConfig) -> Any:
+    """Bind a tier deployment per configured tier and the gateway in front of them."""
+    tiers = {}
+    for tier in config.tiers:
+        options: dict[str, Any] = {"num_cpus": tier.num_cpus}
+        if tier.num_gpus:
+            options["num_gpus"] = tier.num_gpus
+        tiers[tier.name] = TierDeployment.options(
+            name=f"tier-{tier.name}",
+            num_replicas=tier.replicas,
+            ray_actor_options=options,
+            max_ongoing_requests=tier.max_ongoing_requests,
+            max_queued_requests=tier.max_queued_requests,
+        ).bind(tier)
+    return GatewayDeployment.options(name="gateway").bind(config, tiers)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """``serve run`` entry point; ``args.config`` is a cluster config file (else the demo)."""
+    path = args.get("config")
+    return build_app(load_config(Path(path) if path else None))

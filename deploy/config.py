@@ -1,0 +1,377 @@
+"""The cluster's YAML config: one pydantic schema at the edge, converted to frozen dataclasses.
+
+``load_config`` reads YAML (refusing duplicate keys), validates it against
+:class:`ClusterConfig` with the file's directory as the base for relative paths, and turns
+every pydantic error into a line ``field.path: message (got value)``; all of them are raised
+together as one :class:`ConfigError` naming the file. Cross-field rules are field validators
+on the later field, so their errors carry that field's path. API keys never appear in reprs,
+dumps or error messages.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import ValidationInfo as Info
+from pydantic_core import ErrorDetails
+
+from router.shadow import ShadowConfig
+from router.tier_policy import CascadeConfig, TierPolicyConfig
+
+if TYPE_CHECKING:
+    from cluster.engine import EngineConfig
+
+DEFAULT_DEMO_DIR = Path(".demo-models")
+_TIER_NAME = re.compile(r"[a-z0-9_-]{1,32}")
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class ConfigError(ValueError):
+    """An unusable config: every problem found, one per line, with the file it came from."""
+
+    def __init__(self, path: Path | None, problems: Sequence[str]) -> None:
+        self.path = path
+        self.problems = tuple(problems)
+        where = f"config file {path}" if path is not None else "config"
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"invalid {where} ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _resolve_path(value: str, info: Info) -> str:
+    """Expand ``~``; make a relative path absolute against the loading file's directory."""
+    value = os.path.expanduser(value)
+    base = (info.context or {}).get("base_dir")
+    if base is None or os.path.isabs(value):
+        return value
+    return os.path.normpath(os.path.join(base, value))
+
+
+class GrpcConfig(_Model):
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=9000, ge=1, le=65535)
+
+
+class AuthConfig(_Model):
+    """API keys from the file plus a comma-separated environment variable; none = no auth."""
+
+    api_keys: tuple[SecretStr, ...] = ()
+    api_keys_env: str | None = "MOE_CLUSTER_API_KEYS"
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_blank_keys(cls, keys: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        blank = [i for i, k in enumerate(keys) if not k.get_secret_value().strip()]
+        if blank:
+            raise ValueError(f"api keys at positions {blank} are blank")
+        return keys
+
+    @field_validator("api_keys_env")
+    @classmethod
+    def _env_name(cls, name: str | None) -> str | None:
+        if name is not None and not _ENV_NAME.fullmatch(name):
+            raise ValueError("must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+        return name
+
+    def resolve_api_keys(self, environ: Mapping[str, str] | None = None) -> frozenset[str]:
+        """The accepted keys: the file's plus the env var's (read now from ``environ``)."""
+        env = os.environ if environ is None else environ
+        keys = {k.get_secret_value().strip() for k in self.api_keys}
+        if self.api_keys_env is not None:
+            keys.update(k.strip() for k in env.get(self.api_keys_env, "").split(","))
+        keys.discard("")
+        return frozenset(keys)
+
+
+class EngineSettings(_Model):
+    """KV memory and batching limits of each engine replica of a tier."""
+
+    block_size: int = Field(default=16, ge=1, le=1024)
+    kv_cache_bytes: int = Field(default=256 * 2**20, gt=0)
+    num_blocks: int | None = Field(default=None, gt=0)  # None: as many as kv_cache_bytes holds
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int = Field(default=512, ge=1)
+    enable_prefix_caching: bool = True
+
+    def to_engine_config(self) -> EngineConfig:
+        # Imported here so reading a config does not load torch (the gateway never needs it).
+        from cluster.engine import EngineConfig
+
+        return EngineConfig(**self.model_dump())
+
+
+class TierConfig(_Model):
+    """One model tier: its checkpoint, replicas, resources and engine limits."""
+
+    name: str
+    model: str = Field(min_length=1)  # checkpoint dir; relative = against the config file's dir
+    replicas: int = Field(default=1, ge=1)
+    num_gpus: float = Field(default=0.0, ge=0)
+    num_cpus: float = Field(default=0.5, ge=0)
+    device: str = Field(default="cpu", validate_default=True)
+    max_queued_requests: int = Field(default=64, ge=1)
+    max_ongoing_requests: int = Field(default=32, ge=1)
+    engine: EngineSettings = EngineSettings()
+    max_tokens_limit: int = Field(default=4096, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not _TIER_NAME.fullmatch(name):
+            raise ValueError("tier names are 1 to 32 characters of a-z, 0-9, '_' and '-'")
+        return name
+
+    @field_validator("model")
+    @classmethod
+    def _model_path(cls, model: str, info: Info) -> str:
+        return _resolve_path(model, info)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str, info: Info) -> str:
+        if not _DEVICE.fullmatch(device):
+            raise ValueError("device must be 'cpu', 'cuda' or 'cuda:N'")
+        num_gpus = info.data.get("num_gpus", 0.0)
+        if device == "cpu" and num_gpus > 0:
+            raise ValueError(
+                f"num_gpus={num_gpus} reserves GPUs but device 'cpu' would not use them; "
+                "set device: cuda, or num_gpus: 0 to run on CPU"
+            )
+        return device
+
+    def to_engine_config(self) -> EngineConfig:
+        return self.engine.to_engine_config()
+
+
+class CascadeSettings(_Model):
+    """Mirrors :class:`router.tier_policy.CascadeConfig`."""
+
+    enabled: bool = True
+    from_tier: str = "fast"
+    to_tier: str = Field(default="strong", validate_default=True)
+    probe_tokens: int = Field(default=8, ge=1)
+    min_mean_logprob: float = Field(default=-2.5, le=0)
+    min_retrieval_confidence: float = Field(default=0.5, ge=0, le=1)
+
+    @field_validator("to_tier")
+    @classmethod
+    def _distinct(cls, to_tier: str, info: Info) -> str:
+        if info.data.get("enabled") and to_tier == info.data.get("from_tier"):
+            raise ValueError("to_tier must differ from from_tier")
+        return to_tier
+
+
+class ShadowSettings(_Model):
+    """Mirrors :class:`router.shadow.ShadowConfig`."""
+
+    enabled: bool = False
+    candidate_tier: str = "strong"
+    primary_tier: str = Field(default="fast", validate_default=True)
+    share: float = Field(default=0.0, ge=0, le=1)
+    probe_tokens: int = Field(default=16, ge=1)
+    max_divergence: float = Field(default=0.25, ge=0, le=1)
+    min_samples: int = Field(default=20, ge=1)
+    promote: bool = False
+    window: int = Field(default=200, ge=1, validate_default=True)
+
+    @field_validator("primary_tier")
+    @classmethod
+    def _distinct(cls, primary: str, info: Info) -> str:
+        if info.data.get("enabled") and primary == info.data.get("candidate_tier"):
+            raise ValueError("primary_tier must differ from candidate_tier")
+        return primary
+
+    @field_validator("promote")
+    @classmethod
+    def _needs_shadow(cls, promote: bool, info: Info) -> bool:
+        if promote and not info.data.get("enabled"):
+            raise ValueError("promote needs enabled: true (a promotion is earned from samples)")
+        return promote
+
+    @field_validator("window")
+    @classmethod
+    def _holds_min_samples(cls, window: int, info: Info) -> int:
+        min_samples = info.data.get("min_samples", 1)
+        if window < min_samples:
+            raise ValueError(f"window must be >= min_samples={min_samples}")
+        return window
+
+
+class PolicyConfig(_Model):
+    """Tier policy settings; ``default_tier`` None means the first tier listed."""
+
+    default_tier: str | None = None
+    cascade: CascadeSettings = CascadeSettings()
+    shadow: ShadowSettings = ShadowSettings()
+
+    def to_policy_config(self, tier_names: Sequence[str]) -> TierPolicyConfig:
+        """The frozen dataclass the router uses; raises ValueError on an unknown tier name."""
+        if not tier_names:
+            raise ValueError("tier_names=[] must name at least one tier")
+        return TierPolicyConfig(
+            tiers=tuple(tier_names),
+            default_tier=self.default_tier or tier_names[0],
+            cascade=CascadeConfig(**self.cascade.model_dump()),
+            shadow=ShadowConfig(**self.shadow.model_dump()),
+        )
+
+
+class TelemetryConfig(_Model):
+    service_name: str = Field(default="moe-cluster", min_length=1)
+    traces_exporter: Literal["none", "console", "otlp", "jsonl"] = "none"
+    otlp_endpoint: str | None = Field(default=None, validate_default=True)
+    jsonl_path: str | None = Field(default=None, validate_default=True)
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+    record_text: bool = False  # put prompt/completion text on spans (off: may hold user data)
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, endpoint: str | None, info: Info) -> str | None:
+        if info.data.get("traces_exporter") == "otlp" and not endpoint:
+            raise ValueError("traces_exporter 'otlp' needs otlp_endpoint: http://host:4317")
+        return endpoint
+
+    @field_validator("jsonl_path")
+    @classmethod
+    def _path(cls, path: str | None, info: Info) -> str | None:
+        if info.data.get("traces_exporter") == "jsonl" and not path:
+            raise ValueError("traces_exporter 'jsonl' needs jsonl_path: a file to append to")
+        return _resolve_path(path, info) if path else path
+
+
+class RayConfig(_Model):
+    address: str | None = None  # None: start or join a local Ray instance
+    num_cpus: float | None = Field(default=None, gt=0)
+    namespace: str = Field(default="moe-cluster", min_length=1)
+
+
+class ClusterConfig(_Model):
+    """The whole cluster: gRPC edge, auth, tiers, tier policy, telemetry and Ray."""
+
+    grpc: GrpcConfig = GrpcConfig()
+    auth: AuthConfig = AuthConfig()
+    tiers: tuple[TierConfig, ...]
+    policy: PolicyConfig = Field(default=PolicyConfig(), validate_default=True)
+    telemetry: TelemetryConfig = TelemetryConfig()
+    ray: RayConfig = RayConfig()
+
+    @field_validator("tiers")
+    @classmethod
+    def _unique_names(cls, tiers: tuple[TierConfig, ...]) -> tuple[TierConfig, ...]:
+        if not tiers:
+            raise ValueError("list at least one tier, each with a name and a model")
+        names = [t.name for t in tiers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tier names must be unique; repeated: {dupes}")
+        return tiers
+
+    @field_validator("policy")
+    @classmethod
+    def _known_tiers(cls, policy: PolicyConfig, info: Info) -> PolicyConfig:
+        tiers = info.data.get("tiers")
+        if tiers is None:  # tiers already failed and reported their own error
+            return policy
+        try:
+            policy.to_policy_config([t.name for t in tiers])
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc} (name a tier listed under tiers, or set that section's enabled: false)"
+            ) from None
+        return policy
+
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tiers)
+
+    def tier(self, name: str) -> TierConfig:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(f"unknown tier {name!r}; known tiers: {list(self.tier_names)}")
+
+    def policy_config(self) -> TierPolicyConfig:
+        return self.policy.to_policy_config(self.tier_names)
+
+
+def format_error(err: ErrorDetails) -> str:
+    """``loc.path: message (got value)``; the value is left out when it is a whole section."""
+    loc = ".".join(str(part) for part in err["loc"]) or "<top level>"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["loc"][:2] == ("auth", "api_keys"):
+        return f"{loc}: {msg} (got <redacted>)"
+    value = err.get("input")
+    if err["type"] == "missing" or isinstance(value, Mapping | list | tuple | BaseModel):
+        return f"{loc}: {msg}"
+    shown = repr(value)
+    return f"{loc}: {msg} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
+
+
+def parse_config(
+    data: Mapping[str, Any], base_dir: Path, source: Path | None = None
+) -> ClusterConfig:
+    """Validate a mapping; relative paths resolve against ``base_dir``."""
+    context = {"base_dir": os.path.abspath(base_dir)}
+    try:
+        return ClusterConfig.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise ConfigError(source, [format_error(e) for e in exc.errors()]) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            if isinstance(key, Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def default_config(demo_dir: Path = DEFAULT_DEMO_DIR) -> ClusterConfig:
+    """The demo cluster: ``fast`` (dense) cascading to ``strong`` (tiny MoE) on 127.0.0.1:9000."""
+    tiers = [
+        {"name": "fast", "model": str(demo_dir / "fast")},
+        {"name": "strong", "model": str(demo_dir / "tiny")},
+    ]
+    return parse_config({"tiers": tiers}, base_dir=Path.cwd())
+
+
+def load_config(path: str | Path | None, demo_dir: Path = DEFAULT_DEMO_DIR) -> ClusterConfig:
+    """Read and validate a YAML config; ``None`` gives :func:`default_config` of ``demo_dir``."""
+    if path is None:
+        return default_config(demo_dir)
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read the file: {exc.strerror or exc}"]) from exc
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, [f"not valid YAML: {exc}"]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(
+            path,
+            [
+                "<top level>: expected a mapping of sections (grpc, auth, tiers, policy, "
+                f"telemetry, ray) (got {type(data).__name__}: {data!r:.60})"
+            ],
+        )
+    return parse_config(data, base_dir=path.parent, source=path)

@@ -1,0 +1,275 @@
+"""The gateway: authenticate, validate, ask the tier policy, stream tokens back.
+
+Ray-free: it talks to tiers through a ``TierClient`` and yields protobuf
+chunks; ``deploy/app.py`` hosts it in the Serve ingress deployment. Cascade:
+when the policy asks for a probe, the first K tokens of the fast tier are
+held back; if their mean log-probability is too low the fast stream is
+cancelled and the strong tier serves the request from scratch, otherwise the
+held tokens are released and the fast tier goes on. Shadowed requests run on
+the candidate tier in a background task the caller never waits for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import secrets
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass, field, replace
+
+import grpc
+
+from cluster.tier_client import TierBusyError, TierClient, TierUnavailableError
+from cluster.tier_messages import TierRejected, TierRequest, TierTokens
+from deploy.api import ApiError, GenerateArgs, invalid, parse_generate
+from deploy.config import ClusterConfig
+from deploy.proto import moecluster_v1_pb2 as pb
+from experts.stop_strings import StopStringMatcher
+from router.tier_policy import TierDecision, TierPolicy
+
+_REJECTION_CODES = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+}
+
+
+@dataclass
+class _Served:
+    """What the caller received, for usage, shadow comparison and the final chunk."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    last: TierTokens | None = None
+
+
+class Gateway:
+    def __init__(self, config: ClusterConfig, tiers: TierClient) -> None:
+        self.config = config
+        self.tiers = tiers
+        self.policy = TierPolicy(config.policy_config())
+        self._api_keys = config.auth.resolve_api_keys()
+        self._background: set[asyncio.Task[None]] = set()
+
+    def authenticate(self, metadata: Mapping[str, str]) -> None:
+        if not self._api_keys:
+            return
+        header = metadata.get("authorization", "")
+        if not header:
+            raise ApiError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing API key: send metadata 'authorization: Bearer <key>'",
+            )
+        scheme, _, key = header.partition(" ")
+        valid = scheme.lower() == "bearer" and any(
+            hmac.compare_digest(key.encode(), known.encode()) for known in self._api_keys
+        )
+        if not valid:
+            raise ApiError(grpc.StatusCode.UNAUTHENTICATED, "invalid API key")
+
+    async def generate(
+        self, request: pb.GenerateRequest, metadata: Mapping[str, str]
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        """Stream chunks for one request; problems raise ``ApiError``."""
+        self.authenticate(metadata)
+        tier_limit = max(t.max_tokens_limit for t in self.config.tiers)
+        args = parse_generate(request, tier_limit)
+        request_id = metadata.get("request_id") or uuid.uuid4().hex
+        trace_id = _trace_id(metadata.get("traceparent", ""))
+        try:
+            decision = self.policy.choose(args.tier, args.retrieval_confidence)
+        except ValueError as err:
+            raise invalid(str(err)) from None
+        limit = self.config.tier(decision.tier).max_tokens_limit
+        if args.params.max_tokens > limit:
+            raise invalid(
+                f"max_tokens={args.params.max_tokens} is out of range for tier "
+                f"{decision.tier!r}: allowed [1, {limit}]"
+            )
+        tier_request = TierRequest(
+            request_id=request_id,
+            params=args.params,
+            prompt=args.prompt,
+            token_ids=args.token_ids,
+            kv_policy=args.kv_policy,
+            session_id=args.session_id,
+        )
+        stream = await self._open(decision.tier, tier_request)
+        held: list[TierTokens] = []
+        if decision.probe_tokens:
+            stream, held, decision = await self._probe(decision, tier_request, stream)
+        served = _Served()
+        matcher = StopStringMatcher(args.stop)
+        try:
+            async for batch in _chain(held, stream):
+                served.token_ids += batch.token_ids
+                served.logprobs += batch.logprobs
+                served.last = batch
+                text = matcher.push(batch.text)
+                finish = "stop" if matcher.stopped else batch.finish_reason
+                if finish is None:
+                    yield pb.GenerateChunk(token_ids=batch.token_ids, text=text)
+                    continue
+                chunk = pb.GenerateChunk(
+                    token_ids=batch.token_ids, text=text + matcher.flush(), finish_reason=finish
+                )
+                self._finish(chunk, decision, served, request_id, trace_id)
+                yield chunk
+                break
+        finally:
+            await stream.aclose()
+        shadow = self.policy.shadow_tier(decision, request_id)
+        if shadow is not None:
+            self._spawn(self._shadow(shadow, tier_request, served))
+
+    async def _open(self, tier: str, request: TierRequest) -> AsyncGenerator[TierTokens, None]:
+        """Start generation on a tier; the replica's refusal becomes an ``ApiError``."""
+        stream = self.tiers.generate(tier, request)
+        try:
+            first = await anext(stream)
+        except TierBusyError:
+            raise ApiError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"tier {tier!r} is at capacity (its queue is full); retry later",
+            ) from None
+        except TierUnavailableError:
+            raise ApiError(
+                grpc.StatusCode.UNAVAILABLE, f"tier {tier!r} has no replica available; retry later"
+            ) from None
+        if isinstance(first, TierRejected):
+            await stream.aclose()
+            raise ApiError(_REJECTION_CODES[first.code], first.message)
+        return _tokens_only(stream)
+
+    async def _probe(
+        self,
+        decision: TierDecision,
+        request: TierRequest,
+        stream: AsyncGenerator[TierTokens, None],
+    ) -> tuple[AsyncGenerator[TierTokens, None], list[TierTokens], TierDecision]:
+        """Hold back the fast tier's first K tokens and let the policy judge them."""
+        held: list[TierTokens] = []
+        logprobs: list[float] = []
+        async for batch in stream:
+            held.append(batch)
+            logprobs += batch.logprobs
+            if len(logprobs) >= decision.probe_tokens or batch.finish_reason is not None:
+                break
+        settled = self.policy.after_probe(decision, logprobs)
+        if not settled.escalated:
+            return stream, held, settled
+        await stream.aclose()  # the fast tier stops; its tokens are never shown
+        return await self._open(settled.tier, request), [], settled
+
+    def _finish(
+        self,
+        chunk: pb.GenerateChunk,
+        decision: TierDecision,
+        served: _Served,
+        request_id: str,
+        trace_id: str,
+    ) -> None:
+        last = served.last
+        assert last is not None
+        chunk.usage.CopyFrom(
+            pb.Usage(
+                prompt_tokens=last.num_prompt_tokens,
+                cached_prompt_tokens=last.num_cached_prompt_tokens,
+                completion_tokens=len(served.token_ids),
+                truncated_tokens=last.num_truncated_tokens,
+            )
+        )
+        info = pb.TierInfo(
+            name=decision.tier,
+            model=self.config.tier(decision.tier).model,
+            reason=decision.reason,
+            escalated=decision.escalated,
+        )
+        if decision.confidence is not None:
+            info.confidence = decision.confidence
+        chunk.tier.CopyFrom(info)
+        chunk.request_id = request_id
+        chunk.trace_id = trace_id
+
+    async def _shadow(self, tier: str, request: TierRequest, primary: _Served) -> None:
+        """Run the request on the candidate tier and record how far it diverges."""
+        tracker = self.policy.shadow
+        k = tracker.config.probe_tokens
+        params = replace(request.params, max_tokens=min(k, request.params.max_tokens))
+        shadow_request = replace(request, request_id=f"{request.request_id}-shadow", params=params)
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        try:
+            async for batch in await self._open(tier, shadow_request):
+                tokens += batch.token_ids
+                logprobs += batch.logprobs
+        except ApiError:
+            return  # the candidate could not take it: no sample, the caller is unaffected
+        tracker.record(tracker.divergence(primary.token_ids, primary.logprobs, tokens, logprobs))
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def list_tiers(self) -> pb.ListTiersResponse:
+        cascade = self.config.policy.cascade
+        shadow = self.config.policy.shadow
+        tiers = []
+        for tier in self.config.tiers:
+            roles = []
+            if cascade.enabled and tier.name == cascade.from_tier:
+                roles.append("cascade start")
+            if cascade.enabled and tier.name == cascade.to_tier:
+                roles.append("escalation target")
+            if shadow.enabled and tier.name == shadow.candidate_tier:
+                roles.append(f"shadow candidate ({self.policy.promotion_state()})")
+            entry = pb.Tier(name=tier.name, model=tier.model, replicas=tier.replicas)
+            entry.role = ", ".join(roles) or "direct"
+            try:
+                info = await asyncio.wait_for(self.tiers.info(tier.name), timeout=10.0)
+            except (TimeoutError, TierUnavailableError) as err:
+                entry.state = f"unavailable: {err or 'no answer within 10 s'}"
+            else:
+                entry.state, entry.family, entry.moe = "ready", info.family, info.moe
+            tiers.append(entry)
+        return pb.ListTiersResponse(tiers=tiers)
+
+    async def health(self) -> pb.HealthResponse:
+        listing = await self.list_tiers()
+        down = [t.name for t in listing.tiers if t.state != "ready"]
+        if down:
+            return pb.HealthResponse(serving=False, detail=f"tiers not ready: {', '.join(down)}")
+        return pb.HealthResponse(serving=True, detail=f"{len(listing.tiers)} tier(s) ready")
+
+
+async def _tokens_only(stream: AsyncGenerator[object, None]) -> AsyncGenerator[TierTokens, None]:
+    try:
+        async for item in stream:
+            assert isinstance(item, TierTokens), f"unexpected {type(item).__name__} mid-stream"
+            yield item
+    finally:
+        await stream.aclose()
+
+
+async def _chain(
+    held: list[TierTokens], stream: AsyncIterator[TierTokens]
+) -> AsyncIterator[TierTokens]:
+    for batch in held:
+        yield batch
+        if batch.finish_reason is not None:
+            return
+    async for batch in stream:
+        yield batch
+
+
+def _trace_id(traceparent: str) -> str:
+    """The W3C trace id the client sent (``00-<trace>-<span>-<flags>``), or a new one."""
+    parts = traceparent.split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
+        return parts[1]
+    return secrets.token_hex(16)
+
+
+__all__ = ["ApiError", "Gateway", "GenerateArgs"]

@@ -1,0 +1,43 @@
+"""Stop strings over streamed text: emit text as it comes, minus any stop string and after.
+
+Text that could be the start of a stop string is held back until the next
+delta settles it, so a stop string split across deltas is still caught.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class StopStringMatcher:
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self._pending = ""
+        self.stopped = False
+
+    def push(self, delta: str) -> str:
+        """Text safe to emit now; after a stop string is seen, nothing more."""
+        if self.stopped or not self.stops:
+            return "" if self.stopped else delta
+        text = self._pending + delta
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._pending = ""
+            return text[:cut]
+        hold = max(_overlap(text, s) for s in self.stops)
+        self._pending = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold]
+
+    def flush(self) -> str:
+        """The held-back text, once generation ends without a stop string."""
+        rest, self._pending = self._pending, ""
+        return "" if self.stopped else rest
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``stop``."""
+    for size in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:size]):
+            return size
+    return 0

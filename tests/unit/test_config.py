@@ -1,0 +1,385 @@
+"""The cluster config schema: defaults, error lines (field path + bad value), paths, conversions.
+
+Configs are written to ``tmp_path`` as YAML and loaded with ``load_config``, the way the CLI and
+the Serve app read them, so every error is checked in the exact form an operator sees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cluster.engine import EngineConfig
+from deploy.config import (
+    AuthConfig,
+    ClusterConfig,
+    ConfigError,
+    EngineSettings,
+    PolicyConfig,
+    TierConfig,
+    default_config,
+    load_config,
+    parse_config,
+)
+from router.shadow import ShadowConfig
+from router.tier_policy import CascadeConfig, TierPolicyConfig
+
+REPO = Path(__file__).resolve().parents[2]
+TWO_TIERS: list[dict[str, Any]] = [
+    {"name": "fast", "model": "m/fast"},
+    {"name": "strong", "model": "m/tiny"},
+]
+
+
+def write(tmp_path: Path, data: Any, name: str = "cluster.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def problems(tmp_path: Path, data: Any) -> tuple[str, ...]:
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.path == path
+    assert str(path) in str(info.value)
+    return info.value.problems
+
+
+def with_tier(**fields: Any) -> dict[str, Any]:
+    return {"tiers": [TWO_TIERS[0], {**TWO_TIERS[1], **fields}]}
+
+
+# --- defaults -----------------------------------------------------------------------------------
+
+
+def test_minimal_file_gets_every_default(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, {"tiers": TWO_TIERS}))
+    assert (cfg.grpc.host, cfg.grpc.port) == ("127.0.0.1", 9000)
+    assert (cfg.auth.api_keys, cfg.auth.api_keys_env) == ((), "MOE_CLUSTER_API_KEYS")
+    tier = cfg.tier("fast")
+    assert (tier.replicas, tier.num_gpus, tier.num_cpus, tier.device) == (1, 0.0, 0.5, "cpu")
+    assert (tier.max_queued_requests, tier.max_ongoing_requests, tier.max_tokens_limit) == (
+        64,
+        32,
+        4096,
+    )
+    assert tier.engine == EngineSettings()
+    assert cfg.policy == PolicyConfig()
+    assert cfg.telemetry.traces_exporter == "none"
+    assert (cfg.telemetry.service_name, cfg.telemetry.sample_ratio) == ("moe-cluster", 1.0)
+    assert (cfg.ray.address, cfg.ray.num_cpus, cfg.ray.namespace) == (None, None, "moe-cluster")
+    assert cfg.tier_names == ("fast", "strong")
+
+
+def test_default_config_is_the_demo_cluster(tmp_path: Path) -> None:
+    cfg = default_config(tmp_path / "demo")
+    assert cfg.tier_names == ("fast", "strong")
+    assert cfg.tier("fast").model == str(tmp_path / "demo" / "fast")
+    assert cfg.tier("strong").model == str(tmp_path / "demo" / "tiny")
+    assert (cfg.grpc.host, cfg.grpc.port) == ("127.0.0.1", 9000)
+    policy = cfg.policy_config()
+    assert (policy.cascade.enabled, policy.cascade.from_tier, policy.cascade.to_tier) == (
+        True,
+        "fast",
+        "strong",
+    )
+    assert load_config(None, demo_dir=tmp_path / "demo") == cfg
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, {"tiers": TWO_TIERS}))
+    with pytest.raises(ValueError, match="frozen"):
+        cfg.grpc.port = 1
+
+
+def test_unknown_tier_lookup_lists_known() -> None:
+    with pytest.raises(KeyError, match=r"known tiers: \['fast', 'strong'\]"):
+        default_config().tier("huge")
+
+
+# --- error lines: field path + bad value --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "line"),
+    [
+        (
+            with_tier(replicas=0),
+            "tiers.1.replicas: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            with_tier(replicas="two"),
+            "tiers.1.replicas: Input should be a valid integer, unable to parse string as an "
+            "integer (got 'two')",
+        ),
+        (
+            with_tier(num_gpus=-1),
+            "tiers.1.num_gpus: Input should be greater than or equal to 0 (got -1)",
+        ),
+        (
+            with_tier(device="tpu"),
+            "tiers.1.device: device must be 'cpu', 'cuda' or 'cuda:N' (got 'tpu')",
+        ),
+        (
+            with_tier(name="Strong!"),
+            "tiers.1.name: tier names are 1 to 32 characters of a-z, 0-9, '_' and '-' "
+            "(got 'Strong!')",
+        ),
+        (with_tier(name="x" * 33), "tiers.1.name: tier names are 1 to 32 characters"),
+        (with_tier(model=""), "tiers.1.model: String should have at least 1 character (got '')"),
+        (
+            with_tier(max_queued_requests=0),
+            "tiers.1.max_queued_requests: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            with_tier(max_ongoing_requests=0),
+            "tiers.1.max_ongoing_requests: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            with_tier(engine={"block_size": 2048}),
+            "tiers.1.engine.block_size: Input should be less than or equal to 1024 (got 2048)",
+        ),
+        (
+            with_tier(engine={"kv_cache_bytes": 0}),
+            "tiers.1.engine.kv_cache_bytes: Input should be greater than 0 (got 0)",
+        ),
+        (
+            with_tier(engine={"num_blocks": 0}),
+            "tiers.1.engine.num_blocks: Input should be greater than 0 (got 0)",
+        ),
+        (with_tier(enigne={}), "tiers.1.enigne: Extra inputs are not permitted"),
+        (
+            {"tiers": TWO_TIERS, "grpc": {"port": 70000}},
+            "grpc.port: Input should be less than or equal to 65535 (got 70000)",
+        ),
+        (
+            {"tiers": TWO_TIERS, "grpc": {"port": 0}},
+            "grpc.port: Input should be greater than or equal to 1 (got 0)",
+        ),
+        ({"tiers": TWO_TIERS, "grcp": {}}, "grcp: Extra inputs are not permitted"),
+        (
+            {"tiers": TWO_TIERS, "telemetry": {"traces_exporter": "zipkin"}},
+            "telemetry.traces_exporter: Input should be 'none', 'console', 'otlp' or 'jsonl' "
+            "(got 'zipkin')",
+        ),
+        (
+            {"tiers": TWO_TIERS, "telemetry": {"sample_ratio": 1.5}},
+            "telemetry.sample_ratio: Input should be less than or equal to 1 (got 1.5)",
+        ),
+        (
+            {"tiers": TWO_TIERS, "ray": {"num_cpus": 0}},
+            "ray.num_cpus: Input should be greater than 0 (got 0)",
+        ),
+        (
+            {"tiers": TWO_TIERS, "policy": {"cascade": {"probe_tokens": 0}}},
+            "policy.cascade.probe_tokens: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            {"tiers": TWO_TIERS, "policy": {"cascade": {"min_mean_logprob": 1.0}}},
+            "policy.cascade.min_mean_logprob: Input should be less than or equal to 0 (got 1.0)",
+        ),
+        (
+            {"tiers": TWO_TIERS, "policy": {"cascade": {"to_tier": "fast"}}},
+            "policy.cascade.to_tier: to_tier must differ from from_tier (got 'fast')",
+        ),
+        (
+            {"tiers": TWO_TIERS, "policy": {"shadow": {"share": 2}}},
+            "policy.shadow.share: Input should be less than or equal to 1 (got 2)",
+        ),
+        (
+            {"tiers": TWO_TIERS, "policy": {"shadow": {"promote": True}}},
+            "policy.shadow.promote: promote needs enabled: true (a promotion is earned from "
+            "samples) (got True)",
+        ),
+        (
+            {"tiers": TWO_TIERS, "policy": {"shadow": {"min_samples": 50, "window": 10}}},
+            "policy.shadow.window: window must be >= min_samples=50 (got 10)",
+        ),
+        (
+            {"tiers": TWO_TIERS, "policy": {"shadow": {"max_divergence": float("nan")}}},
+            "policy.shadow.max_divergence: Input should be a finite number (got nan)",
+        ),
+    ],
+)
+def test_each_error_names_the_field_path_and_quotes_the_value(
+    tmp_path: Path, data: dict[str, Any], line: str
+) -> None:
+    found = problems(tmp_path, data)
+    assert any(p.startswith(line) for p in found), found
+
+
+def test_gpus_on_a_cpu_device_explains_the_mismatch(tmp_path: Path) -> None:
+    (line,) = problems(tmp_path, with_tier(num_gpus=1))
+    assert line == (
+        "tiers.1.device: num_gpus=1.0 reserves GPUs but device 'cpu' would not use them; "
+        "set device: cuda, or num_gpus: 0 to run on CPU (got 'cpu')"
+    )
+    assert load_config(write(tmp_path, with_tier(num_gpus=0.5, device="cuda:1"))).tiers[1].device
+
+
+def test_all_problems_are_listed_together(tmp_path: Path) -> None:
+    found = problems(tmp_path, {**with_tier(replicas=0, device="tpu"), "grpc": {"port": 0}})
+    assert len(found) == 3, found
+
+
+def test_missing_and_empty_tiers(tmp_path: Path) -> None:
+    assert problems(tmp_path, {"grpc": {}}) == ("tiers: Field required",)
+    assert problems(tmp_path, {"tiers": []})[0].startswith("tiers: list at least one tier")
+
+
+def test_duplicate_tier_names(tmp_path: Path) -> None:
+    tiers = [TWO_TIERS[0], {"name": "fast", "model": "x"}]
+    assert problems(tmp_path, {"tiers": tiers}) == (
+        "tiers: tier names must be unique; repeated: ['fast']",
+    )
+
+
+def test_policy_must_name_configured_tiers(tmp_path: Path) -> None:
+    (line,) = problems(tmp_path, {"tiers": TWO_TIERS, "policy": {"cascade": {"to_tier": "huge"}}})
+    assert line.startswith(
+        "policy: cascade.to_tier='huge' is not a tier; known tiers: ['fast', 'strong']"
+    )
+    (line,) = problems(tmp_path, {"tiers": TWO_TIERS, "policy": {"default_tier": "huge"}})
+    assert line.startswith("policy: default_tier='huge' is not a tier")
+    shadow = {"enabled": True, "candidate_tier": "big"}
+    (line,) = problems(tmp_path, {"tiers": TWO_TIERS, "policy": {"shadow": shadow}})
+    assert line.startswith("policy: shadow.candidate_tier='big' is not a tier")
+
+
+def test_one_tier_without_cascade_is_valid(tmp_path: Path) -> None:
+    data = {"tiers": [{"name": "tiny", "model": "m"}], "policy": {"cascade": {"enabled": False}}}
+    assert load_config(write(tmp_path, data)).policy_config().default_tier == "tiny"
+
+
+def test_telemetry_exporters_need_their_destination(tmp_path: Path) -> None:
+    (line,) = problems(tmp_path, {"tiers": TWO_TIERS, "telemetry": {"traces_exporter": "otlp"}})
+    assert line.startswith("telemetry.otlp_endpoint: traces_exporter 'otlp' needs otlp_endpoint")
+    assert line.endswith("(got None)")
+    (line,) = problems(tmp_path, {"tiers": TWO_TIERS, "telemetry": {"traces_exporter": "jsonl"}})
+    assert line.startswith("telemetry.jsonl_path: traces_exporter 'jsonl' needs jsonl_path")
+    ok = {"traces_exporter": "jsonl", "jsonl_path": "traces/spans.jsonl"}
+    cfg = load_config(write(tmp_path, {"tiers": TWO_TIERS, "telemetry": ok}))
+    assert cfg.telemetry.jsonl_path == str(tmp_path / "traces" / "spans.jsonl")
+
+
+# --- the file itself ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("- a\n- b\n", "expected a mapping of sections"),
+        ("just a string\n", "expected a mapping of sections"),
+        ("", "(got NoneType: None)"),
+        ("tiers: [\n", "not valid YAML"),
+        ("grpc: {}\ngrpc: {}\n", "duplicate key 'grpc'"),
+    ],
+)
+def test_unusable_files(tmp_path: Path, text: str, expected: str) -> None:
+    (line,) = problems(tmp_path, text)
+    assert expected in line
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml.*\n  cannot read the file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_relative_model_paths_resolve_against_the_config_dir(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    data: dict[str, Any] = {
+        "tiers": [{"name": "a", "model": "../models/a"}, {"name": "b", "model": "/abs/b"}],
+        "policy": {"cascade": {"enabled": False}},
+    }
+    cfg = load_config(write(tmp_path / "conf", data))
+    assert cfg.tier("a").model == str(tmp_path / "models" / "a")
+    assert cfg.tier("b").model == "/abs/b"
+
+
+def test_relative_config_path_still_gives_absolute_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path, {"tiers": TWO_TIERS})
+    monkeypatch.chdir(tmp_path)
+    assert load_config("cluster.yaml").tier("fast").model == str(tmp_path / "m" / "fast")
+
+
+def test_cluster_yaml_loads() -> None:
+    cfg = load_config(REPO / "deploy" / "cluster.yaml")
+    assert cfg.tier_names == ("fast", "strong")
+    assert cfg.tier("fast").model == str(REPO / ".demo-models" / "fast")
+    assert cfg.tier("strong").model == str(REPO / ".demo-models" / "tiny")
+    assert cfg.policy_config() == default_config(REPO / ".demo-models").policy_config()
+
+
+# --- auth ---------------------------------------------------------------------------------------
+
+
+def test_api_keys_from_file_and_env() -> None:
+    auth = AuthConfig.model_validate({"api_keys": ["k1"], "api_keys_env": "KEYS"})
+    assert auth.resolve_api_keys({"KEYS": " k2, ,k3 ,k1"}) == {"k1", "k2", "k3"}
+    assert auth.resolve_api_keys({}) == {"k1"}
+    assert AuthConfig().resolve_api_keys({}) == frozenset()  # no keys anywhere: no auth
+    no_env = AuthConfig(api_keys_env=None)
+    assert no_env.resolve_api_keys({"MOE_CLUSTER_API_KEYS": "k"}) == frozenset()
+
+
+def test_api_keys_default_to_the_process_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOE_CLUSTER_API_KEYS", "from-env")
+    assert AuthConfig().resolve_api_keys() == {"from-env"}
+
+
+def test_api_keys_never_show(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, {"tiers": TWO_TIERS, "auth": {"api_keys": ["s3cret"]}}))
+    assert "s3cret" not in repr(cfg) and "s3cret" not in str(cfg.model_dump())
+    for bad in ([" "], ["s3cret", 12345]):
+        found = problems(tmp_path, {"tiers": TWO_TIERS, "auth": {"api_keys": bad}})
+        assert all("<redacted>" in p and "12345" not in p for p in found), found
+    (line,) = problems(tmp_path, {"tiers": TWO_TIERS, "auth": {"api_keys_env": "BAD-NAME"}})
+    assert line.startswith("auth.api_keys_env: must be an environment variable name")
+
+
+# --- conversions --------------------------------------------------------------------------------
+
+
+def test_engine_settings_convert_to_engine_config() -> None:
+    tier = TierConfig(
+        name="t", model="m", engine=EngineSettings(block_size=8, num_blocks=100, max_num_seqs=4)
+    )
+    assert tier.to_engine_config() == EngineConfig(
+        block_size=8,
+        num_blocks=100,
+        kv_cache_bytes=256 * 2**20,
+        max_num_seqs=4,
+        max_num_batched_tokens=512,
+        enable_prefix_caching=True,
+    )
+    assert EngineSettings().to_engine_config() == EngineConfig()
+
+
+def test_policy_converts_to_the_frozen_dataclass(tmp_path: Path) -> None:
+    policy = {
+        "default_tier": "strong",
+        "cascade": {"probe_tokens": 4, "min_mean_logprob": -1.0},
+        "shadow": {"enabled": True, "share": 0.1, "promote": True, "min_samples": 5},
+    }
+    cfg = load_config(write(tmp_path, {"tiers": TWO_TIERS, "policy": policy}))
+    assert cfg.policy_config() == TierPolicyConfig(
+        tiers=("fast", "strong"),
+        default_tier="strong",
+        cascade=CascadeConfig(probe_tokens=4, min_mean_logprob=-1.0),
+        shadow=ShadowConfig(enabled=True, share=0.1, promote=True, min_samples=5),
+    )
+    assert PolicyConfig().to_policy_config(["fast", "strong"]).default_tier == "fast"
+    with pytest.raises(ValueError, match="must name at least one tier"):
+        PolicyConfig().to_policy_config([])
+
+
+def test_parse_config_without_a_file() -> None:
+    with pytest.raises(ConfigError, match=r"invalid config \(1 problem\(s\)\)"):
+        parse_config({"tiers": []}, base_dir=Path("."))
+    assert isinstance(parse_config({"tiers": TWO_TIERS}, base_dir=Path("/x")), ClusterConfig)
