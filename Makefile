@@ -3,10 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= .demo-models
-MODEL ?= $(DEMO_DIR)/tiny
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test lint typecheck pytest bench clean
+.PHONY: setup serve test lint typecheck pytest bench proto demo-models clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,11 +19,18 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 setup: $(STAMP)
 
-$(DEMO_DIR)/tiny/config.json: | $(STAMP)
-	$(BIN)/moe-cluster demo-model --out $(DEMO_DIR)/tiny --preset tiny
+$(DEMO_DIR)/%/config.json: | $(STAMP)
+	$(BIN)/moe-cluster demo-model --out $(DEMO_DIR)/$* --preset $*
 
-serve: $(STAMP) $(DEMO_DIR)/tiny/config.json
-	$(BIN)/moe-cluster generate --model $(MODEL) --prompt "The experts of a mixture" --max-tokens 48
+demo-models: $(DEMO_DIR)/fast/config.json $(DEMO_DIR)/tiny/config.json
+
+# Local Ray + Serve with the demo tiers on gRPC 127.0.0.1:9000; a sample call streams tokens.
+serve: demo-models
+	$(BIN)/moe-cluster up --demo-dir $(DEMO_DIR) --sample "The experts of a mixture"
+
+PROTO := deploy/proto/moecluster_v1.proto
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

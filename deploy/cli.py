@@ -2,13 +2,15 @@
 
 Subcommands:
   demo-model  build a small random checkpoint (with tokenizer) to try the system on
-  generate    run prompts through a model in-process (no Ray) and print the tokens
+  generate    run prompts in-process (--model) or through a cluster over gRPC (--server)
+  up          deploy the Serve application on Ray and serve gRPC until stopped
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -54,11 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser(
         "generate",
-        help="generate from prompts in-process",
-        description="Run prompts through a checkpoint in this process (no Ray) and print the "
-        "generated tokens, streaming when there is one prompt.",
+        help="generate from prompts, in-process or over gRPC",
+        description="Run prompts through a checkpoint in this process (--model, no Ray) or "
+        "through a running cluster (--server HOST:PORT) and print the generated tokens, "
+        "streaming when there is one prompt.",
     )
-    gen.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    target = gen.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model", type=Path, help="checkpoint directory (in-process)")
+    target.add_argument("--server", help="gRPC address of a cluster, e.g. 127.0.0.1:9000")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
     source.add_argument("--token-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
@@ -70,7 +75,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_sampling_flags(gen)
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt, in order")
-    gen.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    gen.add_argument("--device", default="cpu", help="torch device with --model (cpu, cuda:N)")
+    remote = gen.add_argument_group("with --server")
+    remote.add_argument("--tier", default="", help="tier to use (default: the policy decides)")
+    remote.add_argument(
+        "--api-key",
+        default=os.environ.get("MOE_CLUSTER_API_KEY"),
+        help="API key (default: $MOE_CLUSTER_API_KEY)",
+    )
+    remote.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    remote.add_argument("--session-id", default="", help="conversation id, for cache affinity")
+    remote.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    remote.add_argument(
+        "--retrieval-confidence", type=float, default=None, help="caller's retrieval score, [0, 1]"
+    )
+
+    up = sub.add_parser(
+        "up",
+        help="serve the cluster over gRPC",
+        description="Start a local Ray instance (or join one with --address), deploy the Serve "
+        "application and serve gRPC until Ctrl-C. With no --config the demo tiers are served, "
+        "their models built if missing.",
+    )
+    up.add_argument("--config", type=Path, default=None, help="cluster config YAML")
+    up.add_argument("--address", default=None, help="Ray cluster address (default: start one)")
+    up.add_argument("--num-cpus", type=float, default=None, help="CPUs for a local Ray instance")
+    up.add_argument(
+        "--demo-dir", type=Path, default=Path(".demo-models"), help="where demo models live"
+    )
+    up.add_argument("--sample", default=None, help="stream this prompt through gRPC once ready")
+    up.add_argument("--verbose", action="store_true", help="show Ray and Serve logs here")
     return parser
 
 
@@ -84,7 +118,31 @@ def _cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_up(args: argparse.Namespace) -> int:
+    from deploy.up import serve_forever
+
+    def sample(address: str) -> None:
+        from deploy.client import ClientOptions, run_prompts
+        from deploy.prompts import PromptRequest
+        from experts.sampling import SamplingParams
+
+        print(f"[up] sample: {args.sample!r}", file=sys.stderr, flush=True)
+        prompt = PromptRequest(SamplingParams(max_tokens=48), text=args.sample)
+        run_prompts(address, [prompt], ClientOptions(timeout=120), as_json=False)
+
+    return serve_forever(
+        args.config,
+        args.address,
+        args.num_cpus,
+        demo_dir=args.demo_dir,
+        sample=sample if args.sample else None,
+        verbose=args.verbose,
+    )
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.server is not None:
+        return _generate_remote(args)
     from cluster.generator import generate
     from experts.model import MoEModel
     from experts.tokenizer import IncrementalDetokenizer, load_tokenizer
@@ -135,9 +193,27 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_remote(args: argparse.Namespace) -> int:
+    from deploy.client import ClientOptions, run_prompts
+
+    if args.prompts_file is not None:
+        requests = read_prompts_file(args.prompts_file, args)
+    else:
+        requests = [request_from_flags(args)]
+    options = ClientOptions(
+        tier=args.tier,
+        api_key=args.api_key,
+        timeout=args.timeout,
+        session_id=args.session_id,
+        stop=tuple(args.stop),
+        retrieval_confidence=args.retrieval_confidence,
+    )
+    return run_prompts(args.server, requests, options, as_json=args.json)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"demo-model": _cmd_demo_model, "generate": _cmd_generate}
+    handlers = {"demo-model": _cmd_demo_model, "generate": _cmd_generate, "up": _cmd_up}
     try:
         return handlers[args.command](args)
     except (CheckpointError, ValueError, FileNotFoundError) as err:

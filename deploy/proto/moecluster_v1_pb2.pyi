@@ -24,32 +24,10 @@ class KVPolicy(_message.Message):
     window: int
     sinks: int
     anchors: _containers.RepeatedCompositeFieldContainer[Span]
-    def __init__(
-        self,
-        kind: _Optional[str] = ...,
-        window: _Optional[int] = ...,
-        sinks: _Optional[int] = ...,
-        anchors: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...,
-    ) -> None: ...
+    def __init__(self, kind: _Optional[str] = ..., window: _Optional[int] = ..., sinks: _Optional[int] = ..., anchors: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = (
-        "prompt",
-        "token_ids",
-        "tier",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "seed",
-        "stop",
-        "ignore_eos",
-        "session_id",
-        "kv_policy",
-        "retrieval_confidence",
-        "return_routing",
-        "stop_token_ids",
-    )
+    __slots__ = ("prompt", "token_ids", "tier", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "session_id", "kv_policy", "retrieval_confidence", "return_routing", "stop_token_ids")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -80,24 +58,7 @@ class GenerateRequest(_message.Message):
     retrieval_confidence: float
     return_routing: bool
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(
-        self,
-        prompt: _Optional[str] = ...,
-        token_ids: _Optional[_Iterable[int]] = ...,
-        tier: _Optional[str] = ...,
-        max_tokens: _Optional[int] = ...,
-        temperature: _Optional[float] = ...,
-        top_p: _Optional[float] = ...,
-        top_k: _Optional[int] = ...,
-        seed: _Optional[int] = ...,
-        stop: _Optional[_Iterable[str]] = ...,
-        ignore_eos: _Optional[bool] = ...,
-        session_id: _Optional[str] = ...,
-        kv_policy: _Optional[_Union[KVPolicy, _Mapping]] = ...,
-        retrieval_confidence: _Optional[float] = ...,
-        return_routing: _Optional[bool] = ...,
-        stop_token_ids: _Optional[_Iterable[int]] = ...,
-    ) -> None: ...
+    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tier: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., session_id: _Optional[str] = ..., kv_policy: _Optional[_Union[KVPolicy, _Mapping]] = ..., retrieval_confidence: _Optional[float] = ..., return_routing: _Optional[bool] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LayerRouting(_message.Message):
     __slots__ = ("layer", "experts")
@@ -105,9 +66,7 @@ class LayerRouting(_message.Message):
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     experts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(
-        self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ...
-    ) -> None: ...
+    def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TokenRouting(_message.Message):
     __slots__ = ("index", "layers")
@@ -115,11 +74,7 @@ class TokenRouting(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     index: int
     layers: _containers.RepeatedCompositeFieldContainer[LayerRouting]
-    def __init__(
-        self,
-        index: _Optional[int] = ...,
-        layers: _Optional[_Iterable[_Union[LayerRouting, _Mapping]]] = ...,
-    ) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerRouting, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens", "truncated_tokens")
@@ -131,13 +86,7 @@ class Usage(_message.Message):
     cached_prompt_tokens: int
     completion_tokens: int
     truncated_tokens: int
-    def __init__(
-        self,
-        prompt_tokens: _Optional[int] = ...,
-        cached_prompt_tokens: _Optional[int] = ...,
-        completion_tokens: _Optional[int] = ...,
-        truncated_tokens: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., truncated_tokens: _Optional[int] = ...) -> None: ...
 
 class TierInfo(_message.Message):
     __slots__ = ("name", "model", "reason", "confidence", "escalated")
@@ -151,26 +100,10 @@ class TierInfo(_message.Message):
     reason: str
     confidence: float
     escalated: bool
-    def __init__(
-        self,
-        name: _Optional[str] = ...,
-        model: _Optional[str] = ...,
-        reason: _Optional[str] = ...,
-        confidence: _Optional[float] = ...,
-        escalated: _Optional[bool] = ...,
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., reason: _Optional[str] = ..., confidence: _Optional[float] = ..., escalated: _Optional[bool] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = (
-        "token_ids",
-        "text",
-        "finish_reason",
-        "routing",
-        "usage",
-        "tier",
-        "request_id",
-        "trace_id",
-    )
+    __slots__ = ("token_ids", "text", "finish_reason", "routing", "usage", "tier", "request_id", "trace_id")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -187,17 +120,7 @@ class GenerateChunk(_message.Message):
     tier: TierInfo
     request_id: str
     trace_id: str
-    def __init__(
-        self,
-        token_ids: _Optional[_Iterable[int]] = ...,
-        text: _Optional[str] = ...,
-        finish_reason: _Optional[str] = ...,
-        routing: _Optional[_Iterable[_Union[TokenRouting, _Mapping]]] = ...,
-        usage: _Optional[_Union[Usage, _Mapping]] = ...,
-        tier: _Optional[_Union[TierInfo, _Mapping]] = ...,
-        request_id: _Optional[str] = ...,
-        trace_id: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., routing: _Optional[_Iterable[_Union[TokenRouting, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., tier: _Optional[_Union[TierInfo, _Mapping]] = ..., request_id: _Optional[str] = ..., trace_id: _Optional[str] = ...) -> None: ...
 
 class ListTiersRequest(_message.Message):
     __slots__ = ()
@@ -219,16 +142,7 @@ class Tier(_message.Message):
     replicas: int
     state: str
     role: str
-    def __init__(
-        self,
-        name: _Optional[str] = ...,
-        model: _Optional[str] = ...,
-        family: _Optional[str] = ...,
-        moe: _Optional[bool] = ...,
-        replicas: _Optional[int] = ...,
-        state: _Optional[str] = ...,
-        role: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., family: _Optional[str] = ..., moe: _Optional[bool] = ..., replicas: _Optional[int] = ..., state: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class ListTiersResponse(_message.Message):
     __slots__ = ("tiers",)
