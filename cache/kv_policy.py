@@ -30,7 +30,10 @@ class KVPolicy:
             raise ValueError(f"kv_policy {self.kind!r} is unknown; known: {', '.join(KV_POLICIES)}")
         if self.kind == "full":
             if self.window or self.sinks or self.anchors:
-                raise ValueError("window, sinks and anchors apply only to kv_policy 'window'")
+                raise ValueError(
+                    f"window={self.window}, sinks={self.sinks}, anchors={list(self.anchors)} "
+                    "apply only to kv_policy 'window'"
+                )
             return
         if self.window <= 0:
             raise ValueError(f"window={self.window} must be > 0 for kv_policy 'window'")

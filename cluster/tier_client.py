@@ -48,9 +48,10 @@ class ServeTierClient:
         )
 
         response = self._handle(tier, "generate", stream=True).remote(request)
-        done = False
+        started = done = False
         try:
             async for item in response:
+                started = True
                 yield item
             done = True
         except BackPressureError as err:
@@ -58,8 +59,10 @@ class ServeTierClient:
         except (DeploymentUnavailableError, ReplicaUnavailableError) as err:
             raise TierUnavailableError(f"tier {tier!r} is unavailable: {err}") from None
         finally:
-            if not done:
-                response.cancel()  # stop generation on the replica, free its KV blocks
+            # stop generation on the replica and free its KV blocks; a request Serve refused
+            # never started, and cancelling it would raise the refusal again
+            if started and not done:
+                response.cancel()
 
     async def info(self, tier: str) -> TierInfo:
         result: TierInfo = await self._handle(tier, "info").remote()

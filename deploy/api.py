@@ -55,7 +55,7 @@ def parse_generate(r: pb.GenerateRequest, max_tokens_limit: int) -> GenerateArgs
     token_ids = tuple(int(t) for t in r.token_ids)
     if bool(prompt) == bool(token_ids):
         raise invalid("give exactly one of 'prompt' (text) or 'token_ids'")
-    max_tokens = r.max_tokens or DEFAULT_MAX_TOKENS
+    max_tokens = r.max_tokens or min(DEFAULT_MAX_TOKENS, max_tokens_limit)
     if max_tokens > max_tokens_limit:
         raise invalid(f"max_tokens={max_tokens} is out of range: allowed [1, {max_tokens_limit}]")
     try:
@@ -85,7 +85,7 @@ def parse_generate(r: pb.GenerateRequest, max_tokens_limit: int) -> GenerateArgs
         raise invalid(f"retrieval_confidence={confidence:g} is out of range: allowed [0, 1]")
     stops = tuple(r.stop)
     if any(not s for s in stops):
-        raise invalid("stop strings must not be empty")
+        raise invalid(f"stop={list(stops)!r}: stop strings must not be empty")
     return GenerateArgs(
         params=params,
         kv_policy=policy,

@@ -78,12 +78,13 @@ class GatewayHost:
             grpc_context.set_code(err.code)
             grpc_context.set_details(err.message)
             raise
-        except Exception:
-            logger.exception("Generate failed (request id %s)", metadata.get("request_id"))
+        except Exception as err:
+            request_id = metadata.get("request_id", "unknown")
+            logger.exception("Generate failed (request id %s)", request_id)
             grpc_context.set_code(grpc.StatusCode.INTERNAL)
             grpc_context.set_details(
-                f"internal error; the server log has details (request id "
-                f"{metadata.get('request_id', 'unknown')})"
+                f"internal error ({type(err).__name__}); the server log has details "
+                f"(request id {request_id})"
             )
             raise
 

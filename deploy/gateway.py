@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import re
 import secrets
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
@@ -28,6 +29,7 @@ from deploy.proto import moecluster_v1_pb2 as pb
 from experts.stop_strings import StopStringMatcher
 from router.tier_policy import TierDecision, TierPolicy
 
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _REJECTION_CODES = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
     "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -81,12 +83,16 @@ class Gateway:
             decision = self.policy.choose(args.tier, args.retrieval_confidence)
         except ValueError as err:
             raise invalid(str(err)) from None
-        limit = self.config.tier(decision.tier).max_tokens_limit
-        if args.params.max_tokens > limit:
-            raise invalid(
-                f"max_tokens={args.params.max_tokens} is out of range for tier "
-                f"{decision.tier!r}: allowed [1, {limit}]"
-            )
+        reachable = [decision.tier]
+        if decision.probe_tokens:  # the cascade may hand the request to its target
+            reachable.append(self.policy.config.cascade.to_tier)
+        for tier in reachable:
+            limit = self.config.tier(tier).max_tokens_limit
+            if args.params.max_tokens > limit:
+                raise invalid(
+                    f"max_tokens={args.params.max_tokens} is out of range for tier "
+                    f"{tier!r}: allowed [1, {limit}]"
+                )
         tier_request = TierRequest(
             request_id=request_id,
             params=args.params,
@@ -139,8 +145,9 @@ class Gateway:
             ) from None
         if isinstance(first, TierRejected):
             await stream.aclose()
-            raise ApiError(_REJECTION_CODES[first.code], first.message)
-        return _tokens_only(stream)
+            code = _REJECTION_CODES.get(first.code, grpc.StatusCode.UNAVAILABLE)
+            raise ApiError(code, first.message)
+        return _tokens_only(tier, stream)
 
     async def _probe(
         self,
@@ -230,7 +237,7 @@ class Gateway:
             try:
                 info = await asyncio.wait_for(self.tiers.info(tier.name), timeout=10.0)
             except (TimeoutError, TierUnavailableError) as err:
-                entry.state = f"unavailable: {err or 'no answer within 10 s'}"
+                entry.state = f"unavailable: {str(err) or 'no answer within 10 s'}"
             else:
                 entry.state, entry.family, entry.moe = "ready", info.family, info.moe
             tiers.append(entry)
@@ -244,11 +251,18 @@ class Gateway:
         return pb.HealthResponse(serving=True, detail=f"{len(listing.tiers)} tier(s) ready")
 
 
-async def _tokens_only(stream: AsyncGenerator[object, None]) -> AsyncGenerator[TierTokens, None]:
+async def _tokens_only(
+    tier: str, stream: AsyncGenerator[object, None]
+) -> AsyncGenerator[TierTokens, None]:
+    """The token batches after acceptance; a tier lost mid-stream becomes UNAVAILABLE."""
     try:
         async for item in stream:
             assert isinstance(item, TierTokens), f"unexpected {type(item).__name__} mid-stream"
             yield item
+    except (TierBusyError, TierUnavailableError) as err:
+        raise ApiError(
+            grpc.StatusCode.UNAVAILABLE, f"tier {tier!r} failed during generation ({err}); retry"
+        ) from None
     finally:
         await stream.aclose()
 
@@ -266,9 +280,10 @@ async def _chain(
 
 def _trace_id(traceparent: str) -> str:
     """The W3C trace id the client sent (``00-<trace>-<span>-<flags>``), or a new one."""
-    parts = traceparent.split("-")
-    if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
-        return parts[1]
+    if _TRACEPARENT.fullmatch(traceparent.strip().lower()):
+        version, trace, parent, _ = traceparent.strip().lower().split("-")
+        if version != "ff" and trace != "0" * 32 and parent != "0" * 16:
+            return trace
     return secrets.token_hex(16)
 
 

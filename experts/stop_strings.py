@@ -20,8 +20,11 @@ class StopStringMatcher:
         if self.stopped or not self.stops:
             return "" if self.stopped else delta
         text = self._pending + delta
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        # the stop string that ends first (then the longest) is the one a stream of any
+        # granularity sees complete first, so the result does not depend on delta sizes
+        found = [(i + len(s), i) for s in self.stops if (i := text.find(s)) >= 0]
+        if found:
+            _, cut = min(found)
             self.stopped = True
             self._pending = ""
             return text[:cut]
