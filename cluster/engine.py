@@ -68,6 +68,10 @@ class EngineRequest:
     prompt_ids: Sequence[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     kv_policy: KVPolicy = field(default_factory=KVPolicy)
+    return_routing: bool = False  # per-token experts on each TokenEvent
+
+
+Routing = tuple[tuple[int, tuple[int, ...]], ...]  # per MoE layer: (layer, chosen experts)
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class TokenEvent:
     num_truncated_tokens: int  # tokens evicted by a window policy
     arrival_time: float
     time: float
+    routing: Routing | None = None  # the gate's choices at the position that produced it
 
 
 class LLMEngine:
@@ -135,6 +140,7 @@ class LLMEngine:
             request.params,
             request.kv_policy,
             self.clock(),
+            request.return_routing,
         )
         self.scheduler.add(seq)
         self._seqs[seq.request_id] = seq
@@ -159,7 +165,9 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
-        logits = self.runner.run([self._step_input(c) for c in plan.chunks])  # [B, V]
+        capture = self.model.spec.is_moe and any(c.seq.return_routing for c in plan.chunks)
+        inputs = [self._step_input(c) for c in plan.chunks]
+        logits = self.runner.run(inputs, capture_routing=capture)  # [B, V]
         self.num_steps += 1
         return self._postprocess(plan.chunks, logits)
 
@@ -185,13 +193,27 @@ class LLMEngine:
             tokens, logprobs = sample_batch(logits[rows], samplers)
             now = self.clock()
             for row, token, logprob in zip(rows, tokens, logprobs, strict=True):
-                events.append(self._emit(chunks[row].seq, token, logprob, now))
+                seq = chunks[row].seq
+                routing = self._routing(row) if seq.return_routing else None
+                events.append(self._emit(seq, token, logprob, now, routing))
         for chunk in chunks:
             if not chunk.seq.is_finished:
                 self._apply_kv_policy(chunk.seq)
         return events
 
-    def _emit(self, seq: Seq, token: int, logprob: float, now: float) -> TokenEvent:
+    def _routing(self, row: int) -> Routing | None:
+        chosen = self.runner.routing
+        if chosen is None:
+            return None
+        experts = chosen[row].tolist()  # [L_moe][K]
+        return tuple(
+            (layer, tuple(ids))
+            for layer, ids in zip(self.model.spec.moe_layers, experts, strict=True)
+        )
+
+    def _emit(
+        self, seq: Seq, token: int, logprob: float, now: float, routing: Routing | None = None
+    ) -> TokenEvent:
         seq.output_ids.append(token)
         seq.logprobs.append(logprob)
         if seq.first_token_time is None:
@@ -211,6 +233,7 @@ class LLMEngine:
             num_truncated_tokens=seq.num_dropped,
             arrival_time=seq.arrival_time,
             time=now,
+            routing=routing,
         )
         if reason is not None:
             self.scheduler.finish(seq, reason)

@@ -31,10 +31,17 @@ class ModelRunner:
     def __init__(self, model: MoEModel, pool: KVPool) -> None:
         self.model = model
         self.pool = pool
+        # [B, L_moe, K] experts the gate chose at each sequence's last position (last run)
+        self.routing: torch.Tensor | None = None
 
     @torch.inference_mode()
-    def run(self, inputs: Sequence[StepInput]) -> torch.Tensor:  # [B, V] fp32
-        """Forward every sequence's new tokens; logits of each sequence's last token."""
+    def run(
+        self, inputs: Sequence[StepInput], capture_routing: bool = False
+    ) -> torch.Tensor:  # [B, V] fp32
+        """Forward every sequence's new tokens; logits of each sequence's last token.
+
+        With ``capture_routing`` the gate's choices at those positions land in ``routing``.
+        """
         chunks = [
             SequenceChunk(i.block_table, i.num_cached, len(i.token_ids), i.start_position)
             for i in inputs
@@ -45,5 +52,12 @@ class ModelRunner:
         ids = torch.tensor(
             [t for i in inputs for t in i.token_ids], dtype=torch.long, device=self.model.device
         )
-        hidden = self.model.forward(ids, batch, self.pool)  # [T, H]
+        layers: list[torch.Tensor] = []  # per MoE layer: [T, K]
+        if capture_routing:
+            self.model.route_observer = lambda _layer, chosen: layers.append(chosen)
+        try:
+            hidden = self.model.forward(ids, batch, self.pool)  # [T, H]
+        finally:
+            self.model.route_observer = None
+        self.routing = torch.stack(layers, 1)[batch.last_index] if layers else None  # [B, L, K]
         return self.model.logits(hidden[batch.last_index])  # [B, V]

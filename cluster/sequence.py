@@ -30,6 +30,7 @@ class Sequence:
     params: SamplingParams
     kv_policy: KVPolicy
     arrival_time: float
+    return_routing: bool = False
     sampler: Sampler = field(init=False)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)

@@ -20,6 +20,7 @@ class TierRequest:
     token_ids: tuple[int, ...] | None = None
     kv_policy: KVPolicy = field(default_factory=KVPolicy)
     session_id: str = ""
+    return_routing: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class TierTokens:
     num_prompt_tokens: int
     num_cached_prompt_tokens: int
     num_truncated_tokens: int
+    # per token, when asked: ((layer, (expert, ...)), ...) at the position that produced it
+    routing: tuple[tuple[tuple[int, tuple[int, ...]], ...], ...] | None = None
 
 
 TierItem = TierAccepted | TierRejected | TierTokens

@@ -121,4 +121,5 @@ def _to_tokens(events: list[TokenEvent]) -> TierTokens:
         num_prompt_tokens=last.num_prompt_tokens,
         num_cached_prompt_tokens=last.num_cached_prompt_tokens,
         num_truncated_tokens=last.num_truncated_tokens,
+        routing=tuple(e.routing or () for e in events) if last.routing is not None else None,
     )

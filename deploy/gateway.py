@@ -100,6 +100,7 @@ class Gateway:
             token_ids=args.token_ids,
             kv_policy=args.kv_policy,
             session_id=args.session_id,
+            return_routing=args.return_routing,
         )
         stream = await self._open(decision.tier, tier_request)
         held: list[TierTokens] = []
@@ -109,16 +110,20 @@ class Gateway:
         matcher = StopStringMatcher(args.stop)
         try:
             async for batch in _chain(held, stream):
+                routing = _routing(len(served.token_ids), batch)
                 served.token_ids += batch.token_ids
                 served.logprobs += batch.logprobs
                 served.last = batch
                 text = matcher.push(batch.text)
                 finish = "stop" if matcher.stopped else batch.finish_reason
                 if finish is None:
-                    yield pb.GenerateChunk(token_ids=batch.token_ids, text=text)
+                    yield pb.GenerateChunk(token_ids=batch.token_ids, text=text, routing=routing)
                     continue
                 chunk = pb.GenerateChunk(
-                    token_ids=batch.token_ids, text=text + matcher.flush(), finish_reason=finish
+                    token_ids=batch.token_ids,
+                    text=text + matcher.flush(),
+                    finish_reason=finish,
+                    routing=routing,
                 )
                 self._finish(chunk, decision, served, request_id, trace_id)
                 yield chunk
@@ -265,6 +270,18 @@ async def _tokens_only(
         ) from None
     finally:
         await stream.aclose()
+
+
+def _routing(first_index: int, batch: TierTokens) -> list[pb.TokenRouting]:
+    if batch.routing is None:
+        return []
+    return [
+        pb.TokenRouting(
+            index=first_index + i,
+            layers=[pb.LayerRouting(layer=layer, experts=experts) for layer, experts in token],
+        )
+        for i, token in enumerate(batch.routing)
+    ]
 
 
 async def _chain(

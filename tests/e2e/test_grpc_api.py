@@ -147,6 +147,17 @@ def test_streaming_with_usage_and_tier(cluster: Cluster) -> None:
     assert last.request_id == "req-stream-1" and last.trace_id == TRACE_ID
 
 
+def test_return_routing_gives_per_token_experts(cluster: Cluster) -> None:
+    chunks = _generate(cluster, prompt="route", tier="strong", max_tokens=6, return_routing=True)
+    routing = [r for c in chunks for r in c.routing]
+    assert [r.index for r in routing] == list(range(6))
+    for token in routing:
+        assert [layer.layer for layer in token.layers] == [0, 1, 2, 3]  # the tiny preset
+        assert all(len(layer.experts) == 2 and max(layer.experts) < 8 for layer in token.layers)
+    dense = _generate(cluster, prompt="route", tier="fast", max_tokens=3, return_routing=True)
+    assert not [r for c in dense for r in c.routing]
+
+
 def test_prefix_reuse_shows_in_usage(cluster: Cluster) -> None:
     ids = list(range(100, 180))
     _generate(cluster, token_ids=ids, tier="fast", max_tokens=4, ignore_eos=True)

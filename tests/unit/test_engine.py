@@ -182,3 +182,23 @@ def test_kv_budget_sets_the_pool_size(model: MoEModel) -> None:
     assert engine.blocks.num_blocks == 10 and engine.pool.nbytes == per_block * 10
     with pytest.raises(ValueError, match="holds no block"):
         LLMEngine(model, EngineConfig(kv_cache_bytes=per_block - 1))
+
+
+def test_routing_matches_the_transformers_router(model: MoEModel, path: Path) -> None:
+    prompt = _prompts(seed=8, lengths=(21,))[0]
+    engine = LLMEngine(model, EngineConfig(num_blocks=16))
+    request = EngineRequest("r", prompt, _greedy(6), return_routing=True)
+    events = _run(engine, [request])["r"]
+    ids = prompt + [e.token_id for e in events[:-1]]
+    with torch.inference_mode():
+        out = reference_model(path)(torch.tensor([ids]), output_router_logits=True)
+    k = model.spec.num_experts_per_tok
+    for i, event in enumerate(events):
+        position = len(prompt) - 1 + i  # the input position whose logits produced token i
+        assert event.routing is not None
+        assert [layer for layer, _ in event.routing] == list(model.spec.moe_layers)
+        for (_, chosen), logits in zip(event.routing, out.router_logits, strict=True):
+            expected = torch.topk(logits[position], k).indices.tolist()
+            assert sorted(chosen) == sorted(expected)
+    plain = _run(LLMEngine(model, EngineConfig(num_blocks=16)), [EngineRequest("p", prompt)])
+    assert all(e.routing is None for e in plain["p"])
