@@ -62,12 +62,11 @@ class MoEModel:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str = "cpu", colocated_experts: bool = True
+        cls, path: str | Path, device: str = "cpu", experts: ExpertBackend | None = None
     ) -> MoEModel:
-        """Load the backbone and, unless told otherwise, every expert in-process."""
+        """Load the backbone; the experts come from ``experts``, else all of them in-process."""
         reader = CheckpointReader(path)
-        experts = None
-        if reader.spec.is_moe and colocated_experts:
+        if reader.spec.is_moe and experts is None:
             experts = ColocatedExperts.from_checkpoint(reader, device=device)
         return cls(reader.spec, load_backbone(reader, device), experts, device)
 

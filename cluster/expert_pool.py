@@ -1,0 +1,145 @@
+"""Expert shards as Ray actors, and the one wrapper through which the rest calls them.
+
+``ShardActor`` hosts an ``experts.shard.ExpertShard`` in its own process (one
+per GPU in production, ``num_gpus`` from config; 0 on CPU). ``ExpertPool`` owns
+the actor handles of a pool and makes every Ray call for this actor type:
+starting shards on chosen nodes, per-layer compute fan-out, loading and
+dropping slots. Backbones (tier replicas) depend on the ``ShardCaller``
+Protocol; tests can pass a fake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import ray
+import torch
+
+Slot = tuple[int, int]  # (layer, expert)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Where and with what one shard starts."""
+
+    shard_id: str
+    slots: tuple[Slot, ...]
+    num_gpus: float = 0.0
+    num_cpus: float = 0.0
+    device: str = "cpu"
+    node_id: str | None = None  # pin to this Ray node (None: let Ray place it)
+    resources: tuple[tuple[str, float], ...] = ()  # e.g. (("expert_node_a", 0.01),)
+
+
+class ShardActorImpl:
+    """The actor body: an ExpertShard plus the node it runs on."""
+
+    def __init__(self, model_dir: str, device: str, slots: Sequence[Slot]) -> None:
+        from experts.shard import ExpertShard
+
+        torch.set_num_threads(1)  # many shards share a CPU node; one GPU each in production
+        self.shard = ExpertShard(model_dir, device=device, slots=slots)
+        self.device = device
+
+    def node_id(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
+
+    def slots(self) -> list[Slot]:
+        return list(self.shard.slots)
+
+    def load(self, slots: Sequence[Slot]) -> list[Slot]:
+        self.shard.load(slots)
+        return list(self.shard.slots)
+
+    def drop(self, slots: Sequence[Slot]) -> list[Slot]:
+        self.shard.drop(slots)
+        return list(self.shard.slots)
+
+    def compute(
+        self,
+        layer: int,
+        hidden: torch.Tensor,  # [N, H]
+        expert_ids: torch.Tensor,  # [N, K'] (-1 = padding)
+        weights: torch.Tensor,  # [N, K']
+    ) -> torch.Tensor:  # [N, H]
+        with torch.inference_mode():
+            out = self.shard.compute(layer, hidden.to(self.device), expert_ids, weights)
+        return out.cpu()
+
+
+ShardActor = ray.remote(ShardActorImpl)
+
+
+class ShardCaller(Protocol):
+    """What the remote expert backend needs from a pool."""
+
+    def compute_async(
+        self, shard_id: str, layer: int, hidden: Any, expert_ids: Any, weights: Any
+    ) -> Any: ...
+
+    def wait(self, pending: Sequence[Any]) -> list[torch.Tensor]: ...
+
+
+class ExpertPool:
+    """Handles to a pool's shard actors; every Ray call for them goes through here."""
+
+    def __init__(self, handles: Mapping[str, Any]) -> None:
+        self.handles = dict(handles)
+
+    @classmethod
+    def start(cls, model_dir: str, specs: Iterable[ShardSpec]) -> ExpertPool:
+        """Start one actor per spec, pinned to its node when asked; wait until loaded."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        handles = {}
+        for spec in specs:
+            options: dict[str, Any] = {
+                "num_cpus": spec.num_cpus,
+                "num_gpus": spec.num_gpus,
+                "name": None,
+                "max_restarts": 1,
+            }
+            if spec.resources:
+                options["resources"] = dict(spec.resources)
+            if spec.node_id is not None:
+                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                    spec.node_id, soft=False
+                )
+            handles[spec.shard_id] = ShardActor.options(**options).remote(
+                model_dir, spec.device, list(spec.slots)
+            )
+        pool = cls(handles)
+        pool.node_ids()  # waits for every shard to finish loading; raises if one failed
+        return pool
+
+    def node_ids(self) -> dict[str, str]:
+        refs = {sid: h.node_id.remote() for sid, h in self.handles.items()}
+        return {sid: ray.get(ref) for sid, ref in refs.items()}
+
+    def slots(self) -> dict[str, list[Slot]]:
+        refs = {sid: h.slots.remote() for sid, h in self.handles.items()}
+        return {sid: ray.get(ref) for sid, ref in refs.items()}
+
+    def load(self, shard_id: str, slots: Sequence[Slot]) -> list[Slot]:
+        result: list[Slot] = ray.get(self.handles[shard_id].load.remote(list(slots)))
+        return result
+
+    def drop(self, shard_id: str, slots: Sequence[Slot]) -> list[Slot]:
+        result: list[Slot] = ray.get(self.handles[shard_id].drop.remote(list(slots)))
+        return result
+
+    def compute_async(
+        self, shard_id: str, layer: int, hidden: Any, expert_ids: Any, weights: Any
+    ) -> Any:
+        return self.handles[shard_id].compute.remote(layer, hidden, expert_ids, weights)
+
+    def wait(self, pending: Sequence[Any]) -> list[torch.Tensor]:
+        result: list[torch.Tensor] = ray.get(list(pending))
+        return result
+
+    def shutdown(self) -> None:
+        for handle in self.handles.values():
+            ray.kill(handle)
+        self.handles.clear()

@@ -1,0 +1,69 @@
+"""The remote expert backend: each MoE layer's routed tokens go to the shards holding their experts.
+
+Per layer: plan which shard computes each (token, expert) pair (one call per
+shard, ``router.dispatch``), send every shard its tokens at once, wait for all,
+and add the partial sums into the layer's output. It implements the same
+``ExpertBackend`` interface as the colocated one, so the model maths does not
+know where its experts live. The routing table can be swapped between steps.
+
+Legend: T tokens, K experts per token, H hidden, N tokens sent to one shard.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from cluster.expert_pool import ShardCaller
+from experts.dispatch_tensors import combine, gather_shard_inputs
+from router.dispatch import plan_dispatch
+from router.routing_table import RoutingTable
+
+
+class RemoteExperts:
+    def __init__(self, pool: ShardCaller, table: RoutingTable) -> None:
+        self._pool = pool
+        self._table = table
+        self._lock = threading.Lock()
+        self.num_shard_calls = 0
+        self.last_fan_out: list[int] = []  # shards each token touched, last layer computed
+
+    @property
+    def table(self) -> RoutingTable:
+        return self._table
+
+    def set_table(self, table: RoutingTable) -> None:
+        """Install a newer routing table; the next layer computed uses it."""
+        with self._lock:
+            if table.version <= self._table.version:
+                raise ValueError(
+                    f"routing table version {table.version} is not newer than {self._table.version}"
+                )
+            self._table = table
+
+    def forward(
+        self,
+        layer: int,
+        hidden: torch.Tensor,  # [T, H]
+        expert_ids: torch.Tensor,  # [T, K]
+        weights: torch.Tensor,  # [T, K]
+    ) -> torch.Tensor:  # [T, H]
+        with self._lock:
+            table = self._table
+        plan = plan_dispatch(layer, expert_ids.tolist(), table)
+        pending, rows = [], []
+        for shard, work in plan.per_shard.items():
+            sent = gather_shard_inputs(work.token_index, work.pairs, hidden.cpu(), weights.cpu())
+            pending.append(self._pool.compute_async(shard, layer, *sent))  # [N, H] each
+            rows.append(work.token_index)
+        outputs = self._pool.wait(pending)
+        self.num_shard_calls += len(pending)
+        self.last_fan_out = plan.fan_out
+        return combine(
+            hidden.shape[0],
+            hidden.shape[1],
+            list(zip(rows, outputs, strict=True)),
+            dtype=hidden.dtype,
+            device=hidden.device,
+        )

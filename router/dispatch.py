@@ -1,0 +1,116 @@
+"""Dispatch plans: which shard computes each (token, k) routing pair of one MoE layer.
+
+A plan groups a step's pairs by shard so that every shard gets at most one call per
+layer, carrying each of its tokens once with all the pairs it must compute for it.
+Ids and ints only (built from ``expert_ids.tolist()``): no tensors, no Ray; the
+tensors a shard receives are gathered by ``experts.dispatch_tensors``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from router.routing_table import RoutingTable
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    """One shard's share of a layer: its rows and, per row, the (k slot, expert) pairs.
+
+    ``token_index`` holds the step's token indices, unique and increasing; ``pairs[i]``
+    lists the pairs of token ``token_index[i]`` this shard computes, in increasing k.
+    """
+
+    token_index: list[int] = field(default_factory=list)
+    pairs: list[list[tuple[int, int]]] = field(default_factory=list)
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(len(row) for row in self.pairs)
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Every (token, k) pair of one layer's step, assigned to exactly one shard."""
+
+    layer: int
+    per_shard: dict[str, ShardWork]  # sorted by shard id; shards without work are absent
+    num_tokens: int
+    table_version: int
+
+    @property
+    def loads(self) -> dict[str, int]:
+        """Pairs each shard computes in this step."""
+        return {shard: work.num_pairs for shard, work in self.per_shard.items()}
+
+    @property
+    def fan_out(self) -> list[int]:
+        """For each token of the step, how many shards it is sent to."""
+        counts = [0] * self.num_tokens
+        for work in self.per_shard.values():
+            for t in work.token_index:
+                counts[t] += 1
+        return counts
+
+
+def _choose_replicas(
+    layer: int, expert_ids: Sequence[Sequence[int]], table: RoutingTable
+) -> list[list[str]]:
+    """The shard of every (token, k) pair: least-loaded replica, deterministically.
+
+    Unreplicated experts are placed first and their pairs counted as shard load. Then
+    the pairs of replicated experts, in (token, k) order, each go to the replica with
+    the fewest pairs so far in this step; ties prefer a shard the token already visits
+    (fewer shards per token), then the first replica in sorted shard-id order.
+    """
+    loads: Counter[str] = Counter()
+    chosen: list[list[str | None]] = []  # None: a replicated pair not yet placed
+    pending: list[tuple[int, int, tuple[str, ...]]] = []
+    for t, row in enumerate(expert_ids):
+        chosen.append([])
+        for k, e in enumerate(row):
+            assert e >= 0, f"token {t} slot {k}: expert id {e} is negative"
+            replicas = table.shards_for(layer, e)
+            if not replicas:
+                raise LookupError(
+                    f"expert (layer {layer}, expert {e}) has no shard in routing table "
+                    f"v{table.version}; publish a table that places it"
+                )
+            if len(replicas) == 1:
+                chosen[t].append(replicas[0])
+                loads[replicas[0]] += 1
+            else:
+                chosen[t].append(None)
+                pending.append((t, k, replicas))
+    for t, k, replicas in pending:
+        visited = {s for s in chosen[t] if s is not None}
+        best = min(
+            range(len(replicas)),
+            key=lambda i: (loads[replicas[i]], replicas[i] not in visited, i),
+        )
+        chosen[t][k] = replicas[best]
+        loads[replicas[best]] += 1
+    assert all(s is not None for row in chosen for s in row), "a pair was left unplaced"
+    return [[s for s in row if s is not None] for row in chosen]
+
+
+def plan_dispatch(
+    layer: int, expert_ids: Sequence[Sequence[int]], table: RoutingTable
+) -> DispatchPlan:
+    """Group the step's (token, k) pairs (``expert_ids`` is T x K) by the shard that runs them.
+
+    Replicas are chosen least-loaded first (see ``_choose_replicas``); each shard then
+    gets its tokens once, in increasing order, with their pairs in increasing k.
+    """
+    chosen = _choose_replicas(layer, expert_ids, table)
+    rows: dict[str, dict[int, list[tuple[int, int]]]] = {}
+    for t, (row, shards) in enumerate(zip(expert_ids, chosen, strict=True)):
+        for k, (e, shard) in enumerate(zip(row, shards, strict=True)):
+            rows.setdefault(shard, {}).setdefault(t, []).append((k, e))
+    per_shard = {
+        shard: ShardWork(list(by_token), list(by_token.values()))  # tokens inserted in order
+        for shard, by_token in sorted(rows.items())
+    }
+    return DispatchPlan(layer, per_shard, len(expert_ids), table.version)

@@ -1,0 +1,133 @@
+"""Expert shards on a 3-node Ray cluster on one machine: placement, exactness, sharing, loads."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+
+from cluster.expert_pool import ExpertPool, ShardSpec
+from cluster.generator import generate
+from cluster.remote_experts import RemoteExperts
+from experts.model import MoEModel
+from experts.sampling import SamplingParams
+from router.routing_table import round_robin
+from tests.checkpoints import build_family_checkpoint
+from tests.reference import reference_greedy, reference_model
+
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_family_checkpoint("mixtral", tmp_path_factory.mktemp("shards") / "m", seed=5)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[Cluster]:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1, resources={"expert_node_a": 1})
+    cluster.add_node(num_cpus=1, resources={"expert_node_b": 1})
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool(path: Path, ray_cluster: Cluster) -> Iterator[tuple[ExpertPool, MoEModel]]:
+    colocated = MoEModel.from_checkpoint(path)
+    spec = colocated.spec
+    table = round_robin(spec.moe_layers, spec.num_experts, ["s0", "s1"])
+    specs = [
+        ShardSpec("s0", tuple(table.experts_on("s0")), resources=(("expert_node_a", 0.01),)),
+        ShardSpec("s1", tuple(table.experts_on("s1")), resources=(("expert_node_b", 0.01),)),
+    ]
+    expert_pool = ExpertPool.start(str(path), specs)
+    yield expert_pool, colocated
+    expert_pool.shutdown()
+
+
+def _prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (23, 7, 40)]
+
+
+def _greedy(model: MoEModel) -> list[list[int]]:
+    prompts = _prompts()
+    params = [SamplingParams(max_tokens=NEW, ignore_eos=True)] * len(prompts)
+    return [r.token_ids for r in generate(model, prompts, params)]
+
+
+def _remote_model(path: Path, pool: ExpertPool, colocated: MoEModel) -> MoEModel:
+    spec = colocated.spec
+    backend = RemoteExperts(pool, round_robin(spec.moe_layers, spec.num_experts, ["s0", "s1"]))
+    return MoEModel.from_checkpoint(path, experts=backend)
+
+
+def test_shards_live_on_different_nodes(
+    pool: tuple[ExpertPool, MoEModel], ray_cluster: Cluster
+) -> None:
+    expert_pool, _ = pool
+    nodes = expert_pool.node_ids()
+    assert nodes["s0"] != nodes["s1"]
+    resources = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    assert "expert_node_a" in resources[nodes["s0"]]
+    assert "expert_node_b" in resources[nodes["s1"]]
+
+
+def test_remote_output_matches_colocated_and_transformers(
+    path: Path, pool: tuple[ExpertPool, MoEModel]
+) -> None:
+    expert_pool, colocated = pool
+    remote = _remote_model(path, expert_pool, colocated)
+    got = _greedy(remote)
+    assert got == _greedy(colocated)
+    ref = reference_model(path)
+    assert got == [reference_greedy(ref, p, NEW) for p in _prompts()]
+    assert isinstance(remote.experts, RemoteExperts) and remote.experts.num_shard_calls > 0
+
+
+def test_two_backbones_share_one_pool(path: Path, pool: tuple[ExpertPool, MoEModel]) -> None:
+    expert_pool, colocated = pool
+    expected = _greedy(colocated)
+    backbones = [_remote_model(path, expert_pool, colocated) for _ in range(2)]
+    results: dict[int, list[list[int]]] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, _greedy(backbones[i])))
+        for i in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert results == {0: expected, 1: expected}
+
+
+def test_loading_a_slot_while_serving(path: Path, pool: tuple[ExpertPool, MoEModel]) -> None:
+    """Replicate an expert onto the other shard mid-traffic, then route to both copies."""
+    expert_pool, colocated = pool
+    expected = _greedy(colocated)
+    remote = _remote_model(path, expert_pool, colocated)
+    backend = remote.experts
+    assert isinstance(backend, RemoteExperts)
+    layer = colocated.spec.moe_layers[0]
+    hot = next(e for (lyr, e) in backend.table.experts_on("s0") if lyr == layer)
+    before = _greedy(remote)
+    during: list[list[list[int]]] = []
+    worker = threading.Thread(target=lambda: during.append(_greedy(remote)))
+    worker.start()
+    expert_pool.load("s1", [(layer, hot)])
+    backend.set_table(backend.table.with_changes(add=[(layer, hot, "s1")]))
+    worker.join(timeout=300)
+    after = _greedy(remote)
+    assert (layer, hot) in expert_pool.slots()["s1"]
+    assert backend.table.shards_for(layer, hot) == ("s0", "s1")
+    assert before == expected and during == [expected] and after == expected
+    expert_pool.drop("s1", [(layer, hot)])

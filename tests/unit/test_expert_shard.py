@@ -1,0 +1,119 @@
+"""ExpertShard: loads only its slots, computes like the colocated backend, load/drop live."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from experts.backend import ColocatedExperts
+from experts.checkpoint import CheckpointReader
+from experts.ffn import swiglu_mlp
+from experts.shard import PAD_EXPERT, ExpertShard, MissingExpertError
+from experts.spec import CheckpointError
+from experts.weights import expert_tensor_names, load_expert
+from tests.checkpoints import build_family_checkpoint
+
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_family_checkpoint("mixtral", tmp_path_factory.mktemp("shard") / "m", seed=3)
+
+
+def _hidden(n: int, seed: int = 0) -> torch.Tensor:  # [N, H]
+    return torch.randn(n, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+def _routing(
+    n: int, experts: list[int], k: int = 2, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:  # [N, K] distinct experts per row, [N, K] fp32
+    gen = torch.Generator().manual_seed(seed)
+    choice = torch.stack([torch.randperm(len(experts), generator=gen)[:k] for _ in range(n)])
+    ids = torch.tensor(experts)[choice]  # [N, K]
+    weights = torch.softmax(torch.randn(n, k, generator=gen), dim=-1)  # [N, K]
+    return ids, weights
+
+
+def _names(reader: CheckpointReader, slots: list[tuple[int, int]]) -> list[str]:
+    return [n for layer, e in slots for n in expert_tensor_names(reader.spec, layer, e)]
+
+
+def test_reads_only_its_slots_tensors(path: Path) -> None:
+    slots = [(2, 7), (0, 1)]
+    shard = ExpertShard(path, slots=slots)
+    assert shard.slots == [(0, 1), (2, 7)]
+    assert shard.has(0, 1) and not shard.has(0, 2)
+    assert sorted(shard.reader.tensors_read) == sorted(_names(shard.reader, slots))
+    before = len(shard.reader.tensors_read)
+    assert shard.load([(0, 1), (1, 4)]) == [(1, 4)]  # a held slot is not read again
+    assert shard.reader.tensors_read[before:] == _names(shard.reader, [(1, 4)])
+
+
+def test_compute_equals_colocated_when_the_shard_holds_the_layer(path: Path) -> None:
+    reader = CheckpointReader(path)
+    colocated = ColocatedExperts.from_checkpoint(reader, [(1, e) for e in range(8)])
+    shard = ExpertShard(path, slots=[(1, e) for e in range(8)])
+    hidden = _hidden(23)
+    ids, weights = _routing(23, list(range(8)))
+    expected = colocated.forward(1, hidden, ids, weights)
+    assert torch.equal(shard.compute(1, hidden, ids, weights), expected)
+
+
+def test_padding_pairs_are_skipped(path: Path) -> None:
+    shard = ExpertShard(path, slots=[(0, 3), (0, 5)])
+    hidden = _hidden(3)
+    ids = torch.tensor([[5, PAD_EXPERT], [3, 5], [PAD_EXPERT, PAD_EXPERT]])
+    weights = torch.tensor([[0.7, 0.0], [0.4, 0.6], [0.0, 0.0]])
+    w3, w5 = (load_expert(CheckpointReader(path), 0, e, "cpu") for e in (3, 5))
+    expected = torch.stack(
+        [
+            0.7 * swiglu_mlp(hidden[:1], w5)[0],
+            0.4 * swiglu_mlp(hidden[1:2], w3)[0] + 0.6 * swiglu_mlp(hidden[1:2], w5)[0],
+            torch.zeros(HIDDEN),
+        ]
+    )
+    torch.testing.assert_close(shard.compute(0, hidden, ids, weights), expected)
+
+
+def test_empty_batches(path: Path) -> None:
+    shard = ExpertShard(path, slots=[(0, 0)])
+    empty = torch.zeros(0, 2, dtype=torch.long)
+    assert shard.compute(0, _hidden(0), empty, empty.float()).shape == (0, HIDDEN)
+    none = torch.zeros(4, 0, dtype=torch.long)
+    assert torch.equal(shard.compute(0, _hidden(4), none, none.float()), torch.zeros(4, HIDDEN))
+
+
+def test_load_and_drop_between_calls_leave_other_slots_untouched(path: Path) -> None:
+    shard = ExpertShard(path, slots=[(0, e) for e in range(4)])
+    hidden = _hidden(17, seed=1)
+    ids, weights = _routing(17, [0, 1], seed=1)
+    before = shard.compute(0, hidden, ids, weights)
+    shard.load([(0, 6), (2, 5)])
+    shard.drop([(0, 3), (0, 2)])
+    assert shard.slots == [(0, 0), (0, 1), (0, 6), (2, 5)]
+    assert torch.equal(shard.compute(0, hidden, ids, weights), before)
+    moved_ids, moved_weights = _routing(17, [0, 6], seed=2)  # the newly loaded slot serves too
+    assert shard.compute(0, hidden, moved_ids, moved_weights).abs().sum() > 0
+
+
+def test_a_dropped_slot_names_itself_and_the_shards_slots(path: Path) -> None:
+    shard = ExpertShard(path, slots=[(0, 0), (0, 2), (1, 4)])
+    shard.drop([(0, 2)])
+    ids = torch.tensor([[0, 2]])
+    with pytest.raises(MissingExpertError) as err:
+        shard.compute(0, _hidden(1), ids, torch.tensor([[0.5, 0.5]]))
+    message = str(err.value)
+    assert "(layer 0, expert 2)" in message and "layer 0: [0]; layer 1: [4]" in message
+
+
+def test_bad_drop_and_failed_load_change_nothing(path: Path) -> None:
+    shard = ExpertShard(path, slots=[(0, 0), (0, 1)])
+    with pytest.raises(ValueError, match=r"cannot drop layer 0: \[5\]: not held"):
+        shard.drop([(0, 1), (0, 5)])
+    assert shard.slots == [(0, 0), (0, 1)]
+    with pytest.raises(CheckpointError, match="expert 99 out of range"):
+        shard.load([(0, 5), (0, 99)])
+    assert shard.slots == [(0, 0), (0, 1)] and not shard.has(0, 5)
