@@ -31,6 +31,8 @@ class ShardSpec:
     device: str = "cpu"
     node_id: str | None = None  # pin to this Ray node (None: let Ray place it)
     resources: tuple[tuple[str, float], ...] = ()  # e.g. (("expert_node_a", 0.01),)
+    placement_group: Any = None  # start in this group's bundle ``bundle_index``
+    bundle_index: int = -1
 
 
 class ShardActorImpl:
@@ -91,7 +93,10 @@ class ExpertPool:
     @classmethod
     def start(cls, model_dir: str, specs: Iterable[ShardSpec]) -> ExpertPool:
         """Start one actor per spec, pinned to its node when asked; wait until loaded."""
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        from ray.util.scheduling_strategies import (
+            NodeAffinitySchedulingStrategy,
+            PlacementGroupSchedulingStrategy,
+        )
 
         handles = {}
         for spec in specs:
@@ -103,7 +108,11 @@ class ExpertPool:
             }
             if spec.resources:
                 options["resources"] = dict(spec.resources)
-            if spec.node_id is not None:
+            if spec.placement_group is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    spec.placement_group, placement_group_bundle_index=spec.bundle_index
+                )
+            elif spec.node_id is not None:
                 options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
                     spec.node_id, soft=False
                 )

@@ -23,17 +23,23 @@ from cluster.tier_messages import (
     TierStats,
     TierTokens,
 )
+from experts.backend import ExpertBackend
 from experts.model import MoEModel
 from experts.tokenizer import load_tokenizer
 
 
 class TierReplica:
     def __init__(
-        self, name: str, model_dir: str | Path, engine_config: EngineConfig, device: str = "cpu"
+        self,
+        name: str,
+        model_dir: str | Path,
+        engine_config: EngineConfig,
+        device: str = "cpu",
+        experts: ExpertBackend | None = None,
     ) -> None:
         self.name = name
         self.model_dir = str(model_dir)
-        model = MoEModel.from_checkpoint(model_dir, device=device)
+        model = MoEModel.from_checkpoint(model_dir, device=device, experts=experts)
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = LLMEngine(model, engine_config, self.tokenizer)
         self.async_engine = AsyncEngine(self.engine)

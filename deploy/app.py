@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,18 @@ import grpc
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from cluster.expert_pool import ExpertPool, ShardSpec
+from cluster.remote_experts import RemoteExperts
 from cluster.tier_client import ServeTierClient
 from cluster.tier_messages import TierInfo, TierItem, TierRequest, TierStats
 from cluster.tier_replica import TierReplica
 from deploy.api import ApiError
 from deploy.config import ClusterConfig, TierConfig, load_config
+from deploy.expert_config import MIN_BUNDLE_CPU
 from deploy.gateway import Gateway
 from deploy.proto import moecluster_v1_pb2 as pb
+from experts.checkpoint import CheckpointReader
+from router.routing_table import RoutingTable, round_robin
 
 GRPC_SERVICER = "deploy.proto.moecluster_v1_pb2_grpc.add_MoEClusterServicer_to_server"
 APP_NAME = "moe-cluster"
@@ -30,11 +36,64 @@ APP_NAME = "moe-cluster"
 logger = logging.getLogger("moe_cluster.app")
 
 
+class ExpertPoolHost:
+    """Owns a tier's expert shard actors (Serve manages this replica, the shards share its fate).
+
+    The shards start in the replica's placement group, one bundle each (bundle 0 is the
+    replica itself), so ``strategy`` and per-shard resources decide their nodes.
+    """
+
+    def __init__(self, tier: TierConfig) -> None:
+        from ray.util import get_current_placement_group
+
+        spec = CheckpointReader(tier.model).spec
+        settings = tier.experts
+        shard_ids = [f"{tier.name}-shard-{i}" for i in range(settings.num_shards)]
+        self.table = round_robin(spec.moe_layers, spec.num_experts, shard_ids)
+        group = get_current_placement_group()
+        self.pool = ExpertPool.start(
+            tier.model,
+            [
+                ShardSpec(
+                    shard_id,
+                    tuple(self.table.experts_on(shard_id)),
+                    num_gpus=settings.num_gpus_per_shard,
+                    num_cpus=settings.num_cpus_per_shard,
+                    device=tier.device,
+                    placement_group=group,
+                    bundle_index=i + 1,
+                )
+                for i, shard_id in enumerate(shard_ids)
+            ],
+        )
+
+    def describe(self) -> tuple[dict[str, Any], RoutingTable]:
+        """The shard actor handles and the routing table, for backbone replicas."""
+        return self.pool.handles, self.table
+
+    def node_ids(self) -> dict[str, str]:
+        return self.pool.node_ids()
+
+    def check_health(self) -> None:
+        self.pool.node_ids()  # raises if a shard died; Serve then replaces this replica
+
+
 class TierHost:
     """A replica of one model tier: loads its checkpoint and runs the engine."""
 
-    def __init__(self, tier: TierConfig) -> None:
-        self.replica = TierReplica(tier.name, tier.model, tier.to_engine_config(), tier.device)
+    def __init__(self, tier: TierConfig, expert_pool: DeploymentHandle | None = None) -> None:
+        experts = None
+        if expert_pool is not None:  # the experts live in the tier's shared shard pool
+            # __init__ runs on the replica's event loop, where Serve forbids blocking on a
+            # handle; the call's own router loop answers, so wait from a helper thread
+            with ThreadPoolExecutor(max_workers=1) as waiter:
+                handles, table = waiter.submit(
+                    lambda: expert_pool.describe.remote().result()
+                ).result()
+            experts = RemoteExperts(ExpertPool(handles), table)
+        self.replica = TierReplica(
+            tier.name, tier.model, tier.to_engine_config(), tier.device, experts
+        )
 
     async def generate(self, request: TierRequest) -> AsyncGenerator[TierItem, None]:
         async for item in self.replica.generate(request):
@@ -98,6 +157,9 @@ class GatewayHost:
 
 
 TierDeployment = serve.deployment()(TierHost)
+ExpertPoolDeployment = serve.deployment(ray_actor_options={"num_cpus": MIN_BUNDLE_CPU})(
+    ExpertPoolHost
+)
 GatewayDeployment = serve.deployment(ray_actor_options={"num_cpus": 0})(GatewayHost)
 
 
@@ -108,13 +170,20 @@ def build_app(config: ClusterConfig) -> Any:
         options: dict[str, Any] = {"num_cpus": tier.num_cpus}
         if tier.num_gpus:
             options["num_gpus"] = tier.num_gpus
+        pool = None
+        if tier.experts.placement == "sharded":
+            pool = ExpertPoolDeployment.options(
+                name=f"experts-{tier.name}",
+                placement_group_bundles=tier.experts.bundles(),
+                placement_group_strategy=tier.experts.strategy,
+            ).bind(tier)
         tiers[tier.name] = TierDeployment.options(
             name=f"tier-{tier.name}",
             num_replicas=tier.replicas,
             ray_actor_options=options,
             max_ongoing_requests=tier.max_ongoing_requests,
             max_queued_requests=tier.max_queued_requests,
-        ).bind(tier)
+        ).bind(tier, pool)
     return GatewayDeployment.options(name="gateway").bind(config, tiers)
 
 

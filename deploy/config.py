@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic import ValidationInfo as Info
 from pydantic_core import ErrorDetails
 
+from deploy.expert_config import ExpertsSettings
 from router.shadow import ShadowConfig
 from router.tier_policy import CascadeConfig, TierPolicyConfig
 
@@ -122,6 +123,7 @@ class TierConfig(_Model):
     max_queued_requests: int = Field(default=64, ge=1)
     max_ongoing_requests: int = Field(default=32, ge=1)
     engine: EngineSettings = EngineSettings()
+    experts: ExpertsSettings = ExpertsSettings()
     max_tokens_limit: int = Field(default=4096, ge=1)
 
     @field_validator("name")

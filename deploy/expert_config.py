@@ -1,0 +1,53 @@
+"""Where a tier's routed experts live: in each backbone replica, or in expert shards."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MIN_BUNDLE_CPU = 0.01
+
+
+class ExpertsSettings(BaseModel):
+    """``colocated``: every backbone replica holds all experts (the default).
+
+    ``sharded``: the experts live in ``num_shards`` shard actors owned by one Serve
+    deployment (``experts-<tier>``) and shared by all of the tier's backbone replicas;
+    experts are spread round-robin. Shards are placed through a placement group
+    (``strategy``), and ``shard_resources[i]`` can pin shard i to nodes that offer
+    those custom resources.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    placement: Literal["colocated", "sharded"] = "colocated"
+    num_shards: int = Field(default=2, ge=1, le=1024)
+    num_gpus_per_shard: float = Field(default=0.0, ge=0)
+    num_cpus_per_shard: float = Field(default=0.0, ge=0)
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "SPREAD"
+    shard_resources: tuple[dict[str, float], ...] = ()
+
+    @model_validator(mode="after")
+    def _resources_per_shard(self) -> ExpertsSettings:
+        if self.shard_resources and len(self.shard_resources) != self.num_shards:
+            raise ValueError(
+                f"shard_resources has {len(self.shard_resources)} entries but num_shards is "
+                f"{self.num_shards}: give one mapping per shard, or none"
+            )
+        return self
+
+    def bundles(self) -> list[dict[str, float]]:
+        """Placement-group bundles: the pool's own replica first, then one per shard.
+
+        Each reserves at least ``MIN_BUNDLE_CPU``: Ray refuses bundles of only zeros.
+        """
+        bundles: list[dict[str, float]] = [{"CPU": MIN_BUNDLE_CPU}]
+        for i in range(self.num_shards):
+            bundle = {"CPU": max(self.num_cpus_per_shard, MIN_BUNDLE_CPU)}
+            if self.num_gpus_per_shard:
+                bundle["GPU"] = self.num_gpus_per_shard
+            if self.shard_resources:
+                bundle.update(self.shard_resources[i])
+            bundles.append(bundle)
+        return bundles
