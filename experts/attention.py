@@ -55,43 +55,47 @@ class AttentionBatch:
     def build(
         cls, chunks: Sequence[SequenceChunk], block_size: int, device: torch.device
     ) -> AttentionBatch:
-        num_seqs = len(chunks)
-        max_q = max(c.num_new for c in chunks)
-        max_c = max(c.num_keys for c in chunks)
-        positions: list[int] = []
-        slots: list[int] = []
-        key_slots = torch.zeros(num_seqs, max_c, dtype=torch.long)
-        mask = torch.zeros(num_seqs, 1, max_q, max_c, dtype=torch.bool)
-        query_index = torch.full((num_seqs, max_q), -1, dtype=torch.long)
-        last_index: list[int] = []
+        # Built with a handful of whole-batch tensor ops rather than per-sequence ones: this
+        # runs once per engine step, and per-sequence ops cost ~0.1 ms each at decode.
+        new_list = [c.num_new for c in chunks]
+        keys_list = [c.num_keys for c in chunks]
+        max_q, max_c = max(new_list), max(keys_list)
+        num_blocks = -(-max_c // block_size)  # blocks the longest sequence's keys span
+        tables: list[list[int]] = []
         for b, chunk in enumerate(chunks):
             assert chunk.num_new > 0, f"sequence {b} has no new tokens"
             assert len(chunk.block_table) * block_size >= chunk.num_keys, (
                 f"sequence {b}: {len(chunk.block_table)} blocks cannot hold {chunk.num_keys} keys"
             )
-            table = torch.as_tensor(list(chunk.block_table), dtype=torch.long)
-            key_pos = torch.arange(chunk.num_keys)
-            seq_slots = table[key_pos // block_size] * block_size + key_pos % block_size
-            key_slots[b, : chunk.num_keys] = seq_slots
-            slots.extend(seq_slots[chunk.num_cached :].tolist())
-            positions.extend(range(chunk.start_position, chunk.start_position + chunk.num_new))
-            start = len(positions) - chunk.num_new
-            query_index[b, : chunk.num_new] = torch.arange(start, start + chunk.num_new)
-            # query i sits at key index num_cached + i and sees keys up to it
-            visible = chunk.num_cached + torch.arange(chunk.num_new) + 1  # [Qb]
-            mask[b, 0, : chunk.num_new, :] = torch.arange(max_c)[None, :] < visible[:, None]
-            mask[b, 0, chunk.num_new :, 0] = True  # padding rows attend one key: no NaN
-            last_index.append(start + chunk.num_new - 1)
-        valid = query_index >= 0
-        query_index[~valid] = len(positions)
+            table = list(chunk.block_table[:num_blocks])
+            tables.append(table + [0] * (num_blocks - len(table)))
+        per_seq = [new_list, keys_list, [c.num_cached for c in chunks]]
+        per_seq.append([c.start_position for c in chunks])
+        new, num_keys, cached, start_pos = torch.tensor(per_seq, dtype=torch.long)  # [B] each
+        key_pos = torch.arange(max_c)  # [C]
+        block_of_key = torch.tensor(tables, dtype=torch.long)[:, key_pos // block_size]  # [B, C]
+        key_slots = block_of_key * block_size + key_pos % block_size  # [B, C]
+        key_slots.masked_fill_(key_pos[None, :] >= num_keys[:, None], 0)
+        q_pos = torch.arange(max_q)  # [Q]
+        valid = q_pos[None, :] < new[:, None]  # [B, Q]
+        key_index = cached[:, None] + q_pos[None, :]  # [B, Q] key index of each query
+        slots = key_slots.gather(1, key_index.clamp(max=max_c - 1))[valid]  # [T]
+        positions = (start_pos[:, None] + q_pos[None, :])[valid]  # [T]
+        first = torch.cumsum(new, 0) - new  # [B] row in [T] of each sequence's first token
+        num_tokens = int(positions.shape[0])
+        query_index = (first[:, None] + q_pos[None, :]).masked_fill_(~valid, num_tokens)
+        # query i sits at key index num_cached + i and sees keys up to it
+        mask = key_pos[None, None, :] <= key_index[:, :, None]  # [B, Q, C]
+        mask &= valid[:, :, None]
+        mask[:, :, 0] |= ~valid  # padding rows attend one key: no NaN
         return cls(
-            positions=torch.tensor(positions, dtype=torch.long, device=device),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            positions=positions.to(device),
+            slot_mapping=slots.to(device),
             key_slots=key_slots.to(device),
-            mask=mask.to(device),
+            mask=mask[:, None].to(device),
             query_index=query_index.to(device),
             valid=valid.to(device),
-            last_index=torch.tensor(last_index, dtype=torch.long, device=device),
+            last_index=(first + new - 1).to(device),
         )
 
 
@@ -108,12 +112,21 @@ def paged_attention(
     k_cache[batch.slot_mapping] = k
     v_cache[batch.slot_mapping] = v
     num_tokens, num_heads, head_dim = q.shape
-    q_pad = torch.cat([q, q.new_zeros(1, num_heads, head_dim)])  # [T+1, Hq, D]
-    qb = q_pad[batch.query_index].transpose(1, 2)  # [B, Hq, Q, D]
-    kb = k_cache[batch.key_slots].transpose(1, 2)  # [B, Hkv, C, D]
-    vb = v_cache[batch.key_slots].transpose(1, 2)  # [B, Hkv, C, D]
+    num_seqs, max_q = batch.query_index.shape
+    dense = num_seqs * max_q == num_tokens  # every sequence has max_q new tokens: no padding
+    if dense:  # rows are already in (sequence, query) order: a view, no gather
+        qb = q.reshape(num_seqs, max_q, num_heads, head_dim).transpose(1, 2)  # [B, Hq, Q, D]
+    else:
+        q_pad = torch.cat([q, q.new_zeros(1, num_heads, head_dim)])  # [T+1, Hq, D]
+        qb = q_pad[batch.query_index].transpose(1, 2)  # [B, Hq, Q, D]
+    # index_select on the flat slot list is ~2x faster than advanced indexing with [B, C]
+    flat_slots = batch.key_slots.reshape(-1)  # [B*C]
+    kv_shape = (*batch.key_slots.shape, k_cache.shape[1], head_dim)  # [B, C, Hkv, D]
+    kb = k_cache.index_select(0, flat_slots).view(kv_shape).transpose(1, 2)  # [B, Hkv, C, D]
+    vb = v_cache.index_select(0, flat_slots).view(kv_shape).transpose(1, 2)  # [B, Hkv, C, D]
     out = F.scaled_dot_product_attention(
         qb, kb, vb, attn_mask=batch.mask, scale=scale, enable_gqa=num_heads != kb.shape[1]
     )  # [B, Hq, Q, D]
-    out = out.transpose(1, 2)[batch.valid]  # [T, Hq, D], rows in query_index order
-    return out.reshape(num_tokens, num_heads * head_dim)
+    out = out.transpose(1, 2)  # [B, Q, Hq, D]
+    out = out.reshape(num_tokens, num_heads, head_dim) if dense else out[batch.valid]
+    return out.reshape(num_tokens, num_heads * head_dim)  # rows in query_index order
