@@ -1,0 +1,298 @@
+"""Serving load: closed-loop clients through gRPC vs the same workload on the in-process engine.
+
+One tier (default ``strong``: the ``tiny`` MoE demo model) is measured two ways in
+the same run, on the same fixed-seed workload:
+
+- in-process: ``AsyncEngine`` in this process, ``C`` asyncio clients in a closed loop;
+- gRPC: the Serve application on a local Ray instance (gateway + tier deployment, one
+  replica, the same engine settings), ``C`` client threads in a closed loop, each
+  streaming ``Generate`` with the tier named explicitly (no cascade).
+
+For each concurrency level it reports output tokens/s, TTFT, time per output token
+and end-to-end latency (p50/p95/p99), and errors. The target is the gRPC/in-process
+throughput ratio at concurrency 32 (the gateway's cost). Writes
+``bench/results/serve_load.json``. Run: ``.venv/bin/python bench/serve_load.py``
+(``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import queue
+import random
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_DIR = REPO / ".demo-models"
+OUT = REPO / "bench" / "results"
+RATIO_GOAL = 0.8
+
+
+@dataclass(frozen=True)
+class Request:
+    token_ids: tuple[int, ...]
+    max_tokens: int
+
+
+@dataclass
+class Sample:
+    """One request's timings, in seconds from its own start."""
+
+    ttft: float
+    e2e: float
+    tokens: int
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.e2e - self.ttft) / (self.tokens - 1) if self.tokens > 1 else None
+
+
+@dataclass
+class LevelResult:
+    mode: str
+    concurrency: int
+    requests: int
+    errors: int
+    wall_s: float
+    output_tokens: int
+    samples: list[Sample] = field(default_factory=list, repr=False)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s if self.wall_s else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        ttft = [s.ttft for s in self.samples]
+        tpot = [t for s in self.samples if (t := s.tpot) is not None]
+        e2e = [s.e2e for s in self.samples]
+        return {
+            "mode": self.mode,
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "errors": self.errors,
+            "wall_s": round(self.wall_s, 3),
+            "output_tokens": self.output_tokens,
+            "output_tokens_per_s": round(self.tokens_per_s, 2),
+            "ttft_s": percentiles(ttft),
+            "tpot_s": percentiles(tpot),
+            "e2e_s": percentiles(e2e),
+        }
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
+
+    return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99)}
+
+
+def workload(count: int, max_tokens: int, seed: int) -> list[Request]:
+    rng = random.Random(seed)
+    return [
+        Request(tuple(rng.randrange(3, 2048) for _ in range(rng.randint(32, 128))), max_tokens)
+        for _ in range(count)
+    ]
+
+
+def run_in_process(
+    model_dir: Path, engine_config: Any, levels: list[tuple[int, list[Request]]]
+) -> list[LevelResult]:
+    from cluster.async_engine import AsyncEngine
+    from cluster.engine import EngineRequest, LLMEngine
+    from experts.model import MoEModel
+    from experts.sampling import SamplingParams
+
+    engine = AsyncEngine(LLMEngine(MoEModel.from_checkpoint(model_dir), engine_config))
+    counter = iter(range(10**9))
+
+    async def client(todo: list[Request], result: LevelResult) -> None:
+        while todo:
+            req = todo.pop()
+            params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True)
+            request = EngineRequest(f"r{next(counter)}", req.token_ids, params)
+            start = time.perf_counter()
+            first, tokens = 0.0, 0
+            async for _ in engine.generate(request):
+                tokens += 1
+                if tokens == 1:
+                    first = time.perf_counter() - start
+            result.samples.append(Sample(first, time.perf_counter() - start, tokens))
+            result.output_tokens += tokens
+
+    async def level(concurrency: int, requests: list[Request]) -> LevelResult:
+        result = LevelResult("in-process", concurrency, len(requests), 0, 0.0, 0)
+        todo = list(reversed(requests))
+        start = time.perf_counter()
+        await asyncio.gather(*(client(todo, result) for _ in range(concurrency)))
+        result.wall_s = time.perf_counter() - start
+        return result
+
+    try:
+        asyncio.run(level(2, workload(2, 4, seed=99)))  # warm-up
+        return [asyncio.run(level(c, reqs)) for c, reqs in levels]
+    finally:
+        engine.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_grpc(config: Any, tier: str, levels: list[tuple[int, list[Request]]]) -> list[LevelResult]:
+    import grpc
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from deploy.app import GRPC_SERVICER, build_app
+    from deploy.proto import moecluster_v1_pb2 as pb
+    from deploy.proto import moecluster_v1_pb2_grpc as pb_grpc
+
+    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(
+        grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]),
+        http_options={"host": "127.0.0.1", "port": _free_port()},
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.MoEClusterStub(channel)
+
+    def one(req: Request, result: LevelResult, lock: threading.Lock) -> None:
+        message = pb.GenerateRequest(
+            token_ids=list(req.token_ids), tier=tier, max_tokens=req.max_tokens, ignore_eos=True
+        )
+        start = time.perf_counter()
+        first, tokens = 0.0, 0
+        try:
+            for chunk in stub.Generate(message, timeout=600):
+                if not tokens and chunk.token_ids:
+                    first = time.perf_counter() - start
+                tokens += len(chunk.token_ids)
+        except grpc.RpcError:
+            with lock:
+                result.errors += 1
+            return
+        with lock:
+            result.samples.append(Sample(first, time.perf_counter() - start, tokens))
+            result.output_tokens += tokens
+
+    def level(concurrency: int, requests: list[Request]) -> LevelResult:
+        result = LevelResult("grpc", concurrency, len(requests), 0, 0.0, 0)
+        todo: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        for req in requests:
+            todo.put(req)
+        lock = threading.Lock()
+
+        def client() -> None:
+            while True:
+                try:
+                    req = todo.get_nowait()
+                except queue.Empty:
+                    return
+                one(req, result, lock)
+
+        threads = [threading.Thread(target=client) for _ in range(concurrency)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        result.wall_s = time.perf_counter() - start
+        return result
+
+    try:
+        serve.run(build_app(config), name="bench", route_prefix="/")
+        level(2, workload(2, 4, seed=99))  # warm-up
+        return [level(c, reqs) for c, reqs in levels]
+    finally:
+        channel.close()
+        serve.shutdown()
+        ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    parser.add_argument("--tier", default="strong", help="tier to load (fast or strong)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="tokens per request")
+    args = parser.parse_args()
+
+    from deploy.config import default_config
+    from deploy.up import ensure_demo_models
+
+    ensure_demo_models(DEMO_DIR)
+    config = default_config(DEMO_DIR)
+    tier = config.tier(args.tier)
+    concurrency = (1, 4) if args.quick else (1, 8, 32)
+    max_tokens = args.max_tokens or (16 if args.quick else 64)
+    levels = [(c, workload(max(2 * c, 8), max_tokens, seed=c)) for c in concurrency]
+    print(f"tier {tier.name} ({tier.model}), {max_tokens} tokens per request", flush=True)
+    load_start = os.getloadavg()[0]
+    local = run_in_process(Path(tier.model), tier.to_engine_config(), levels)
+    remote = run_grpc(config, tier.name, levels)
+
+    rows = [r.summary() for pair in zip(local, remote, strict=True) for r in pair]
+    header = f"{'mode':<11}{'conc':>5}{'tok/s':>9}{'ttft p50/p99 s':>17}"
+    header += f"{'tpot p50/p99 s':>17}{'e2e p50/p99 s':>17}{'errors':>8}"
+    print(header)
+    for row in rows:
+        ttft, tpot, e2e = row["ttft_s"], row["tpot_s"], row["e2e_s"]
+        print(
+            f"{row['mode']:<11}{row['concurrency']:>5}{row['output_tokens_per_s']:>9.1f}"
+            f"{ttft['p50']:>8.3f}/{ttft['p99']:<8.3f}{tpot['p50'] or 0:>8.3f}/"
+            f"{tpot['p99'] or 0:<8.3f}{e2e['p50']:>8.3f}/{e2e['p99']:<8.3f}{row['errors']:>8}"
+        )
+    top = max(concurrency)
+    by_level = {(r.mode, r.concurrency): r for r in local + remote}
+    ratio = by_level[("grpc", top)].tokens_per_s / by_level[("in-process", top)].tokens_per_s
+    print(f"gRPC / in-process throughput at concurrency {top}: {ratio:.2f} (goal >= {RATIO_GOAL})")
+    result = {
+        "benchmark": "serve_load",
+        "quick": args.quick,
+        "tier": tier.name,
+        "model": tier.model,
+        "engine": asdict(tier.to_engine_config()),
+        "max_tokens": max_tokens,
+        "prompt_tokens": "uniform 32..128 random ids, fixed seed per level",
+        "requests_per_level": {c: len(reqs) for c, reqs in levels},
+        "levels": rows,
+        "targets": {
+            f"grpc_vs_inprocess_c{top}": {
+                "value": round(ratio, 3),
+                "goal": RATIO_GOAL,
+                "met": ratio >= RATIO_GOAL,
+            }
+        },
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "load_average_at_start": round(load_start, 2),
+        },
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    name = "serve_load.quick.json" if args.quick else "serve_load.json"
+    (OUT / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {OUT / name}")
+
+
+if __name__ == "__main__":
+    main()
