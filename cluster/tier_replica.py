@@ -77,7 +77,11 @@ class TierReplica:
         try:
             ids = self._prompt_ids(request)
             engine_request = EngineRequest(
-                request.request_id, ids, request.params, request.kv_policy
+                request.request_id,
+                ids,
+                request.params,
+                request.kv_policy,
+                return_routing=request.return_routing,
             )
             self.engine.validate(engine_request)
         except ValueError as err:
