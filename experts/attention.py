@@ -3,11 +3,14 @@
 Each sequence brings some new tokens (a prefill chunk, or one decode token)
 and a block table: the KV-pool blocks holding its keys in logical order. New
 keys/values are written into their slots first; then every sequence gathers
-its keys through its block table and attends with a causal mask, all
-sequences in one padded ``scaled_dot_product_attention`` call.
+its keys through its block table and attends with a causal mask. Sequences
+with the same number of new tokens share one ``scaled_dot_product_attention``
+call, padded only in keys: all decodes of a step are one call, and a prefill
+chunk in the same step is another.
 
-Legend: T new tokens in the batch, B sequences, Q most new tokens of one
-sequence, C most keys of one sequence, Hq/Hkv query/kv heads, D head dim.
+Legend: T new tokens in the batch, B sequences, G sequences of a group, Q new
+tokens of each sequence in a group, C most keys of one sequence in a group,
+Hq/Hkv query/kv heads, D head dim.
 """
 
 from __future__ import annotations
@@ -40,63 +43,93 @@ class SequenceChunk:
 
 
 @dataclass(frozen=True)
+class AttentionGroup:
+    """Sequences with the same number of new tokens, attended in one padded SDPA call.
+
+    Grouping by new-token count means no query is padding: a long prefill chunk
+    never makes the decode rows of the same step pay for its query length.
+    """
+
+    rows: torch.Tensor  # [G*Q] rows in [T] of the group's queries, sequence-major
+    key_slots: torch.Tensor  # [G, C] flat slots of each sequence's keys (padding: slot 0)
+    mask: torch.Tensor  # [G, 1, Q, C] True where a query may attend a key
+    in_order: bool  # rows are exactly 0..T-1: the group is the whole batch
+
+
+@dataclass(frozen=True)
 class AttentionBatch:
     """Index tensors for one forward pass, built once and shared by all layers."""
 
     positions: torch.Tensor  # [T] rotary position of each new token
     slot_mapping: torch.Tensor  # [T] flat KV-pool slot each new token's K/V is written to
-    key_slots: torch.Tensor  # [B, C] flat slots of each sequence's keys (padding: slot 0)
-    mask: torch.Tensor  # [B, 1, Q, C] True where a query may attend a key
-    query_index: torch.Tensor  # [B, Q] row of each (sequence, query) in [T]; padding -> T
-    valid: torch.Tensor  # [B, Q] True for real (non-padding) queries
     last_index: torch.Tensor  # [B] row in [T] of each sequence's last new token
+    groups: tuple[AttentionGroup, ...]
 
     @classmethod
     def build(
         cls, chunks: Sequence[SequenceChunk], block_size: int, device: torch.device
     ) -> AttentionBatch:
-        # Built with a handful of whole-batch tensor ops rather than per-sequence ones: this
+        # Built with a handful of tensor ops per group rather than per-sequence ones: this
         # runs once per engine step, and per-sequence ops cost ~0.1 ms each at decode.
-        new_list = [c.num_new for c in chunks]
-        keys_list = [c.num_keys for c in chunks]
-        max_q, max_c = max(new_list), max(keys_list)
-        num_blocks = -(-max_c // block_size)  # blocks the longest sequence's keys span
-        tables: list[list[int]] = []
+        first: list[int] = []  # row in [T] of each sequence's first new token
+        by_new: dict[int, list[int]] = {}
+        num_tokens = 0
         for b, chunk in enumerate(chunks):
             assert chunk.num_new > 0, f"sequence {b} has no new tokens"
             assert len(chunk.block_table) * block_size >= chunk.num_keys, (
                 f"sequence {b}: {len(chunk.block_table)} blocks cannot hold {chunk.num_keys} keys"
             )
-            table = list(chunk.block_table[:num_blocks])
-            tables.append(table + [0] * (num_blocks - len(table)))
-        per_seq = [new_list, keys_list, [c.num_cached for c in chunks]]
-        per_seq.append([c.start_position for c in chunks])
-        new, num_keys, cached, start_pos = torch.tensor(per_seq, dtype=torch.long)  # [B] each
-        key_pos = torch.arange(max_c)  # [C]
-        block_of_key = torch.tensor(tables, dtype=torch.long)[:, key_pos // block_size]  # [B, C]
-        key_slots = block_of_key * block_size + key_pos % block_size  # [B, C]
-        key_slots.masked_fill_(key_pos[None, :] >= num_keys[:, None], 0)
-        q_pos = torch.arange(max_q)  # [Q]
-        valid = q_pos[None, :] < new[:, None]  # [B, Q]
-        key_index = cached[:, None] + q_pos[None, :]  # [B, Q] key index of each query
-        slots = key_slots.gather(1, key_index.clamp(max=max_c - 1))[valid]  # [T]
-        positions = (start_pos[:, None] + q_pos[None, :])[valid]  # [T]
-        first = torch.cumsum(new, 0) - new  # [B] row in [T] of each sequence's first token
-        num_tokens = int(positions.shape[0])
-        query_index = (first[:, None] + q_pos[None, :]).masked_fill_(~valid, num_tokens)
-        # query i sits at key index num_cached + i and sees keys up to it
-        mask = key_pos[None, None, :] <= key_index[:, :, None]  # [B, Q, C]
-        mask &= valid[:, :, None]
-        mask[:, :, 0] |= ~valid  # padding rows attend one key: no NaN
+            first.append(num_tokens)
+            num_tokens += chunk.num_new
+            by_new.setdefault(chunk.num_new, []).append(b)
+        positions = torch.empty(num_tokens, dtype=torch.long)
+        slots = torch.empty(num_tokens, dtype=torch.long)
+        groups = []
+        for num_new, members in by_new.items():
+            group = [chunks[b] for b in members]
+            rows, group_positions, group_slots, key_slots, mask = _group_tensors(
+                group, [first[b] for b in members], num_new, block_size
+            )
+            positions[rows] = group_positions
+            slots[rows] = group_slots
+            in_order = len(by_new) == 1  # one group: sequence-major rows are 0..T-1
+            groups.append(
+                AttentionGroup(rows.to(device), key_slots.to(device), mask.to(device), in_order)
+            )
+        last = [f + c.num_new - 1 for f, c in zip(first, chunks, strict=True)]
         return cls(
             positions=positions.to(device),
             slot_mapping=slots.to(device),
-            key_slots=key_slots.to(device),
-            mask=mask[:, None].to(device),
-            query_index=query_index.to(device),
-            valid=valid.to(device),
-            last_index=(first + new - 1).to(device),
+            last_index=torch.tensor(last, dtype=torch.long, device=device),
+            groups=tuple(groups),
         )
+
+
+def _group_tensors(
+    chunks: Sequence[SequenceChunk], first: Sequence[int], num_new: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows, positions, write slots, key slots and mask of sequences with ``num_new`` tokens."""
+    max_c = max(c.num_keys for c in chunks)
+    num_blocks = -(-max_c // block_size)  # blocks the longest sequence's keys span
+    tables = []
+    for chunk in chunks:
+        table = list(chunk.block_table[:num_blocks])
+        tables.append(table + [0] * (num_blocks - len(table)))
+    per_seq = [list(first), [c.num_cached for c in chunks], [c.start_position for c in chunks]]
+    first_row, cached, start_pos = torch.tensor(per_seq, dtype=torch.long)  # [G] each
+    key_pos = torch.arange(max_c)  # [C]
+    block_of_key = torch.tensor(tables, dtype=torch.long)[:, key_pos // block_size]  # [G, C]
+    key_slots = block_of_key * block_size + key_pos % block_size  # [G, C]
+    q_pos = torch.arange(num_new)  # [Q]
+    key_index = cached[:, None] + q_pos[None, :]  # [G, Q] key index of each query
+    # query i sits at key index num_cached + i and sees keys up to it (never key padding)
+    mask = key_pos[None, None, :] <= key_index[:, :, None]  # [G, Q, C]
+    key_slots.masked_fill_(~mask[:, -1, :], 0)  # padding keys read slot 0, masked out
+    write_slots = key_slots.gather(1, key_index)  # [G, Q]
+    positions = start_pos[:, None] + q_pos[None, :]  # [G, Q]
+    rows = first_row[:, None] + q_pos[None, :]  # [G, Q]
+    flat = rows.reshape(-1), positions.reshape(-1), write_slots.reshape(-1)
+    return *flat, key_slots, mask[:, None]
 
 
 def paged_attention(
@@ -112,21 +145,22 @@ def paged_attention(
     k_cache[batch.slot_mapping] = k
     v_cache[batch.slot_mapping] = v
     num_tokens, num_heads, head_dim = q.shape
-    num_seqs, max_q = batch.query_index.shape
-    dense = num_seqs * max_q == num_tokens  # every sequence has max_q new tokens: no padding
-    if dense:  # rows are already in (sequence, query) order: a view, no gather
-        qb = q.reshape(num_seqs, max_q, num_heads, head_dim).transpose(1, 2)  # [B, Hq, Q, D]
-    else:
-        q_pad = torch.cat([q, q.new_zeros(1, num_heads, head_dim)])  # [T+1, Hq, D]
-        qb = q_pad[batch.query_index].transpose(1, 2)  # [B, Hq, Q, D]
-    # index_select on the flat slot list is ~2x faster than advanced indexing with [B, C]
-    flat_slots = batch.key_slots.reshape(-1)  # [B*C]
-    kv_shape = (*batch.key_slots.shape, k_cache.shape[1], head_dim)  # [B, C, Hkv, D]
-    kb = k_cache.index_select(0, flat_slots).view(kv_shape).transpose(1, 2)  # [B, Hkv, C, D]
-    vb = v_cache.index_select(0, flat_slots).view(kv_shape).transpose(1, 2)  # [B, Hkv, C, D]
-    out = F.scaled_dot_product_attention(
-        qb, kb, vb, attn_mask=batch.mask, scale=scale, enable_gqa=num_heads != kb.shape[1]
-    )  # [B, Hq, Q, D]
-    out = out.transpose(1, 2)  # [B, Q, Hq, D]
-    out = out.reshape(num_tokens, num_heads, head_dim) if dense else out[batch.valid]
-    return out.reshape(num_tokens, num_heads * head_dim)  # rows in query_index order
+    out = None if batch.groups[0].in_order else q.new_empty(num_tokens, num_heads, head_dim)
+    for group in batch.groups:
+        num_seqs, _, max_q, max_c = group.mask.shape
+        q_group = q if group.in_order else q.index_select(0, group.rows)  # [G*Q, Hq, D]
+        qb = q_group.view(num_seqs, max_q, num_heads, head_dim).transpose(1, 2)  # [G, Hq, Q, D]
+        # index_select on the flat slot list is ~2x faster than advanced indexing with [G, C]
+        flat_slots = group.key_slots.reshape(-1)  # [G*C]
+        kv_shape = (num_seqs, max_c, k_cache.shape[1], head_dim)  # [G, C, Hkv, D]
+        kb = k_cache.index_select(0, flat_slots).view(kv_shape).transpose(1, 2)  # [G, Hkv, C, D]
+        vb = v_cache.index_select(0, flat_slots).view(kv_shape).transpose(1, 2)  # [G, Hkv, C, D]
+        attended = F.scaled_dot_product_attention(
+            qb, kb, vb, attn_mask=group.mask, scale=scale, enable_gqa=num_heads != kb.shape[1]
+        )  # [G, Hq, Q, D]
+        attended = attended.transpose(1, 2).reshape(-1, num_heads, head_dim)  # [G*Q, Hq, D]
+        if out is None:
+            return attended.reshape(num_tokens, num_heads * head_dim)
+        out[group.rows] = attended
+    assert out is not None
+    return out.reshape(num_tokens, num_heads * head_dim)  # [T, Hq*D]
