@@ -4,6 +4,8 @@ Subcommands:
   demo-model  build a small random checkpoint (with tokenizer) to try the system on
   generate    run prompts in-process (--model) or through a cluster over gRPC (--server)
   up          deploy the Serve application on Ray and serve gRPC until stopped
+  replay      re-run a request from the audit log on a cluster and compare the tokens
+  traces      report latency, expert fan-out and hot experts from JSON-lines trace files
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from deploy.prompts import read_prompts_file, request_from_flags
+from deploy.replay import add_replay_parser, cmd_replay
+from deploy.traces_report import add_traces_parser, cmd_traces
 from experts.spec import CheckpointError
 
 
@@ -105,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--sample", default=None, help="stream this prompt through gRPC once ready")
     up.add_argument("--verbose", action="store_true", help="show Ray and Serve logs here")
+    add_replay_parser(sub)
+    add_traces_parser(sub)
     return parser
 
 
@@ -213,7 +219,13 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"demo-model": _cmd_demo_model, "generate": _cmd_generate, "up": _cmd_up}
+    handlers = {
+        "demo-model": _cmd_demo_model,
+        "generate": _cmd_generate,
+        "up": _cmd_up,
+        "replay": cmd_replay,
+        "traces": cmd_traces,
+    }
     try:
         return handlers[args.command](args)
     except (CheckpointError, ValueError, FileNotFoundError) as err:

@@ -1,0 +1,325 @@
+"""OpenTelemetry for one process of the cluster: settings, exporters, and the process's tracer.
+
+Each process (driver, gateway replica, tier replica, shard pool) calls ``setup_telemetry`` once
+with its role; later calls return the same ``Telemetry``, because a Ray actor may build several
+objects that each ask for it. Code that only records asks ``get_telemetry()``, which is a no-op
+``Telemetry`` until something was set up, so instrumentation never checks whether it is on.
+
+The standard ``OTEL_*`` environment variables win over ``TelemetrySettings``, as with any
+OpenTelemetry SDK, so an SRE can redirect or silence a deployment without editing its config:
+``OTEL_SDK_DISABLED``, ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
+``OTEL_TRACES_EXPORTER`` (otlp, console, none, and our ``file``), ``OTEL_METRICS_EXPORTER``
+(otlp, prometheus, none), ``OTEL_EXPORTER_OTLP[_TRACES|_METRICS]_ENDPOINT`` and ``_PROTOCOL``,
+``OTEL_TRACES_SAMPLER`` with ``OTEL_TRACES_SAMPLER_ARG``, ``OTEL_EXPORTER_PROMETHEUS_HOST`` and
+``_PORT``, and the SDK's own ``OTEL_BSP_*`` / ``OTEL_METRIC_EXPORT_*`` tuning variables.
+
+The providers are kept here and never installed as the API's global providers: the API lets a
+process set those only once, which would pin tests (and any re-setup) to the first provider.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.metrics import NoOpMeter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from cluster.telemetry_exporters import (
+    METRICS_EXPORTERS,
+    OTLP_PROTOCOLS,
+    SAMPLERS,
+    TRACES_EXPORTERS,
+    PrometheusEndpoint,
+    build_metric_reader,
+    build_sampler,
+    build_span_exporter,
+    env_overrides,
+    parse_exporter_names,
+)
+from cluster.telemetry_metrics import Metrics
+from cluster.trace_file import (
+    JsonLinesSpanExporter,
+    SpanEvent,
+    SpanRecord,
+    TraceFileStats,
+    read_spans,
+)
+
+__all__ = [
+    "JsonLinesSpanExporter",
+    "Metrics",
+    "SpanEvent",
+    "SpanRecord",
+    "Telemetry",
+    "TelemetrySettings",
+    "TraceFileStats",
+    "context_from_traceparent",
+    "get_telemetry",
+    "read_spans",
+    "reset_telemetry",
+    "settings_from_env",
+    "setup_telemetry",
+    "traceparent_of",
+]
+
+logger = logging.getLogger(__name__)
+
+SCOPE_NAME = "moe-cluster"
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    """What a process exports; ``OTEL_*`` variables override it (see the module docstring)."""
+
+    service_name: str = "moe-cluster"
+    traces_exporter: str = "none"  # otlp | file | console | none, or a comma-separated list
+    otlp_endpoint: str | None = None  # None: the exporter's env variable or its default
+    otlp_protocol: str = "grpc"  # grpc (port 4317) | http/protobuf (port 4318)
+    file_path: str | None = None  # JSON-lines trace file, for traces_exporter="file"
+    sampler: str = "parentbased_traceidratio"
+    sample_ratio: float = 1.0  # fraction of new traces kept by the ratio samplers
+    metrics_exporter: str = "none"  # prometheus | otlp | none, or a comma-separated list
+    prometheus_host: str = "0.0.0.0"  # scraped from other nodes, so not only loopback
+    prometheus_port: int = 9464  # first port tried; taken ports are skipped, up to +32
+    record_text: bool = False  # put prompt and completion text on spans
+    token_events: int = 256  # most per-token span events per request; 0 = none
+    resource_attributes: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.service_name:
+            raise ValueError("service_name must not be empty")
+        traces = parse_exporter_names(self.traces_exporter, "traces_exporter", TRACES_EXPORTERS)
+        parse_exporter_names(self.metrics_exporter, "metrics_exporter", METRICS_EXPORTERS)
+        if "file" in traces and not self.file_path:
+            raise ValueError(f"traces_exporter={self.traces_exporter!r} needs file_path")
+        if self.otlp_endpoint is not None and "://" not in self.otlp_endpoint:
+            raise ValueError(
+                f"otlp_endpoint={self.otlp_endpoint!r} must be a URL such as "
+                "http://127.0.0.1:4317 (http:// means no TLS)"
+            )
+        if self.otlp_protocol not in OTLP_PROTOCOLS:
+            raise ValueError(f"otlp_protocol={self.otlp_protocol!r}; allowed: {OTLP_PROTOCOLS}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler={self.sampler!r}; allowed: {tuple(SAMPLERS)}")
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ValueError(f"sample_ratio={self.sample_ratio!r} must be in [0, 1]")
+        if not 0 <= self.prometheus_port <= 65535:
+            raise ValueError(f"prometheus_port={self.prometheus_port!r} must be in [0, 65535]")
+        if self.token_events < 0:
+            raise ValueError(f"token_events={self.token_events!r} must be >= 0")
+        for pair in self.resource_attributes:
+            if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+                raise ValueError(f"resource_attributes: {pair!r} is not a (key, value) pair")
+
+    @property
+    def traces_exporters(self) -> tuple[str, ...]:
+        return parse_exporter_names(self.traces_exporter, "traces_exporter", TRACES_EXPORTERS)
+
+    @property
+    def metrics_exporters(self) -> tuple[str, ...]:
+        return parse_exporter_names(self.metrics_exporter, "metrics_exporter", METRICS_EXPORTERS)
+
+
+def settings_from_env(base: TelemetrySettings, environ: Mapping[str, str]) -> TelemetrySettings:
+    """``base`` with the standard ``OTEL_*`` variables of ``environ`` applied (they win).
+
+    Bad values raise ``ValueError`` naming the variable: a typo that silently turned tracing
+    off would only be noticed when the traces are needed. ``OTEL_RESOURCE_ATTRIBUTES`` is
+    left to the SDK's resource detector, which ``setup_telemetry`` runs last.
+    """
+    return replace(base, **env_overrides(environ))
+
+
+class Telemetry:
+    """A process's tracer and metrics, and the providers to flush and shut down."""
+
+    def __init__(
+        self,
+        settings: TelemetrySettings,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        prometheus: PrometheusEndpoint | None = None,
+    ) -> None:
+        self.settings = settings
+        self._tracer_provider = tracer_provider
+        self._meter_provider = meter_provider
+        self._prometheus = prometheus
+        self.tracer: trace.Tracer = (
+            tracer_provider.get_tracer(SCOPE_NAME) if tracer_provider else trace.NoOpTracer()
+        )
+        meter = meter_provider.get_meter(SCOPE_NAME) if meter_provider else NoOpMeter(SCOPE_NAME)
+        self.metrics = Metrics(meter)
+
+    @property
+    def tracing(self) -> bool:
+        """False when spans go nowhere: instrumentation can skip building costly attributes."""
+        return self._tracer_provider is not None
+
+    @property
+    def metrics_enabled(self) -> bool:
+        """False when metrics go nowhere: callers can skip measuring (e.g. per-shard timing)."""
+        return self._meter_provider is not None
+
+    @property
+    def prometheus_port(self) -> int | None:
+        """The port actually serving /metrics (the configured one may have been taken)."""
+        return self._prometheus.port if self._prometheus else None
+
+    @property
+    def resource(self) -> Resource | None:
+        return self._tracer_provider.resource if self._tracer_provider else None
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        ok = True
+        if self._tracer_provider is not None:
+            ok = self._tracer_provider.force_flush(timeout_millis) and ok
+        if self._meter_provider is not None:
+            ok = self._meter_provider.force_flush(timeout_millis) and ok
+        return ok
+
+    def shutdown(self) -> None:
+        if self._tracer_provider is not None:
+            self._tracer_provider.shutdown()
+        if self._meter_provider is not None:
+            self._meter_provider.shutdown()
+        if self._prometheus is not None:
+            self._prometheus.close()
+
+
+_lock = threading.Lock()
+_current: Telemetry | None = None
+_noop: Telemetry | None = None
+
+
+def setup_telemetry(
+    settings: TelemetrySettings,
+    *,
+    role: str,
+    attributes: Mapping[str, str] | None = None,
+    span_exporter: SpanExporter | None = None,
+    metric_reader: MetricReader | None = None,
+) -> Telemetry:
+    """Start this process's telemetry, or return what an earlier call started.
+
+    ``role`` (gateway, tier, experts, driver) and ``attributes`` (node, tier, replica) go on the
+    resource, so every span and metric says where it came from. ``span_exporter`` (exported
+    synchronously) and ``metric_reader`` are added to the configured ones; tests pass
+    in-memory ones.
+    """
+    global _current
+    with _lock:
+        effective = settings_from_env(settings, os.environ)
+        if _current is not None:
+            if _current.settings != effective:
+                logger.warning("telemetry already set up; ignoring different settings %s", settings)
+            return _current
+        resource = _resource(effective, role, attributes or {})
+        tracer_provider = _tracer_provider(effective, resource, span_exporter)
+        readers: list[MetricReader] = [] if metric_reader is None else [metric_reader]
+        prometheus = None
+        for name in effective.metrics_exporters:
+            reader, endpoint = build_metric_reader(name, effective, os.environ)
+            if reader is not None:
+                readers.append(reader)
+            prometheus = endpoint or prometheus
+        meter_provider = None
+        if readers:
+            meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        _current = Telemetry(
+            effective,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            prometheus=prometheus,
+        )
+        return _current
+
+
+def get_telemetry() -> Telemetry:
+    """The process's telemetry, or a shared no-op one when ``setup_telemetry`` was not called."""
+    global _noop
+    current = _current
+    if current is not None:
+        return current
+    if _noop is None:
+        _noop = Telemetry(TelemetrySettings())
+    return _noop
+
+
+def reset_telemetry() -> None:
+    """Shut down and forget the process's telemetry, so tests can set up another."""
+    global _current
+    with _lock:
+        if _current is not None:
+            _current.shutdown()
+        _current = None
+
+
+def _resource(settings: TelemetrySettings, role: str, attributes: Mapping[str, str]) -> Resource:
+    ours: dict[str, Any] = {
+        "service.name": settings.service_name,
+        "moe.role": role,
+        **attributes,
+        **dict(settings.resource_attributes),
+    }
+    # Resource.create lets explicit attributes beat OTEL_RESOURCE_ATTRIBUTES; merging the env
+    # detector's resource last restores the precedence users of the SDK expect.
+    return Resource.create(ours).merge(OTELResourceDetector().detect())
+
+
+def _tracer_provider(
+    settings: TelemetrySettings, resource: Resource, injected: SpanExporter | None
+) -> TracerProvider | None:
+    processors: list[SpanProcessor] = []
+    for name in settings.traces_exporters:
+        exporter = build_span_exporter(name, settings, os.environ)
+        # Console output is for a human watching; batching would only delay it.
+        simple = name == "console"
+        processors.append(SimpleSpanProcessor(exporter) if simple else BatchSpanProcessor(exporter))
+    if injected is not None:
+        processors.append(SimpleSpanProcessor(injected))
+    if not processors:
+        return None
+    provider = TracerProvider(resource=resource, sampler=build_sampler(settings))
+    for processor in processors:
+        provider.add_span_processor(processor)
+    return provider
+
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def traceparent_of(span: trace.Span) -> str:
+    """The W3C ``traceparent`` header for ``span``; "" when the span is not recorded anywhere.
+
+    Passed in typed messages between actors, so a replica's spans join the gateway's trace.
+    """
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier.get("traceparent", "")
+
+
+def context_from_traceparent(traceparent: str) -> Context | None:
+    """A context whose current span is the remote parent, or None for a missing/invalid header."""
+    if not traceparent:
+        return None
+    context = _PROPAGATOR.extract({"traceparent": traceparent})
+    if not trace.get_current_span(context).get_span_context().is_valid:
+        return None
+    return context

@@ -1,0 +1,186 @@
+"""The cluster's OpenTelemetry metric instruments, behind one small recording API.
+
+Every attribute set is bounded by the deployment, never by traffic: tier names, model names,
+finish reasons, MoE layer and expert indices, shard indices. Request ids, sessions and text
+belong on spans, not here, so a Prometheus scrape stays small however long the cluster runs.
+Built on a no-op meter when metrics are off, every method is then a cheap no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+logger = logging.getLogger(__name__)
+
+# Bucket boundaries advised by the OpenTelemetry GenAI semantic conventions (seconds).
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+REQUEST_DURATION_BUCKETS = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)  # fmt: skip
+# A shard call is one MoE layer's expert work for a batch: sub-millisecond to a second.
+DISPATCH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+# Shadow divergence is 1 - token agreement, in [0, 1].
+DIVERGENCE_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+
+KvSource = Callable[[], tuple[int, int]]  # () -> (blocks in use, blocks total)
+
+
+class Metrics:
+    """Records request latency, expert routing, shard dispatch, KV cache and tier-policy metrics.
+
+    Latency histograms follow the GenAI semantic conventions (``gen_ai.server.*``, seconds,
+    ``gen_ai.request.model``) with ``moe.tier`` added; the rest are ``moe.*`` instruments.
+    """
+
+    def __init__(self, meter: Meter) -> None:
+        self._ttft = meter.create_histogram(
+            "gen_ai.server.time_to_first_token",
+            unit="s",
+            description="Time to generate the first token of a request",
+            explicit_bucket_boundaries_advisory=TTFT_BUCKETS,
+        )
+        self._tpot = meter.create_histogram(
+            "gen_ai.server.time_per_output_token",
+            unit="s",
+            description="Mean time per output token after the first, per request",
+            explicit_bucket_boundaries_advisory=TPOT_BUCKETS,
+        )
+        self._duration = meter.create_histogram(
+            "gen_ai.server.request.duration",
+            unit="s",
+            description="End-to-end request duration",
+            explicit_bucket_boundaries_advisory=REQUEST_DURATION_BUCKETS,
+        )
+        self._routed = meter.create_counter(
+            "moe.routed_tokens", unit="{token}", description="Tokens routed to each MoE expert"
+        )
+        self._dispatch = meter.create_histogram(
+            "moe.shard.dispatch.duration",
+            unit="s",
+            description="Duration of one expert-shard call",
+            explicit_bucket_boundaries_advisory=DISPATCH_BUCKETS,
+        )
+        self._prefix_lookup = meter.create_counter(
+            "moe.kv.prefix_lookup_tokens",
+            unit="{token}",
+            description="Prompt tokens looked up in the prefix cache",
+        )
+        self._prefix_hit = meter.create_counter(
+            "moe.kv.prefix_hit_tokens",
+            unit="{token}",
+            description="Prompt tokens served from the prefix cache (hit rate = hit / lookup)",
+        )
+        self._evicted = meter.create_counter(
+            "moe.kv.evicted_blocks", unit="{block}", description="KV blocks evicted"
+        )
+        self._truncated = meter.create_counter(
+            "moe.kv.truncated_tokens",
+            unit="{token}",
+            description="Context tokens dropped by KV window policies",
+        )
+        self._escalations = meter.create_counter(
+            "moe.escalations", unit="{request}", description="Requests escalated between tiers"
+        )
+        self._divergence = meter.create_histogram(
+            "moe.shadow.divergence",
+            unit="1",
+            description="Divergence of a shadow tier from the primary (1 - token agreement)",
+            explicit_bucket_boundaries_advisory=DIVERGENCE_BUCKETS,
+        )
+        self._kv_sources: dict[str, KvSource] = {}
+        self._kv_lock = threading.Lock()
+        meter.create_observable_gauge(
+            "moe.kv.blocks_in_use",
+            callbacks=[self._observe_blocks_in_use],
+            unit="{block}",
+            description="KV cache blocks holding sequences",
+        )
+        meter.create_observable_gauge(
+            "moe.kv.blocks_total",
+            callbacks=[self._observe_blocks_total],
+            unit="{block}",
+            description="KV cache blocks in the pool",
+        )
+
+    def record_request(
+        self,
+        tier: str,
+        model: str,
+        ttft_s: float | None,
+        tpot_s: float | None,
+        duration_s: float,
+        finish_reason: str,
+    ) -> None:
+        """``ttft_s`` is None when no token came out, ``tpot_s`` when fewer than two did."""
+        attrs = {"gen_ai.request.model": model, "moe.tier": tier}
+        if ttft_s is not None:
+            self._ttft.record(ttft_s, attrs)
+        if tpot_s is not None:
+            self._tpot.record(tpot_s, attrs)
+        self._duration.record(duration_s, {**attrs, "moe.finish_reason": finish_reason})
+
+    def record_routing(self, tier: str, counts: Mapping[tuple[int, int], int]) -> None:
+        """``counts`` maps (MoE layer, expert) to the tokens routed there since the last call."""
+        for (layer, expert), n in counts.items():
+            if n > 0:
+                self._routed.add(n, {"moe.tier": tier, "moe.layer": layer, "moe.expert": expert})
+
+    def record_dispatch(self, tier: str, shard: str, seconds: float) -> None:
+        self._dispatch.record(seconds, {"moe.tier": tier, "moe.shard": shard})
+
+    def record_prefix(self, tier: str, looked_up: int, hit: int) -> None:
+        attrs = {"moe.tier": tier}
+        if looked_up > 0:
+            self._prefix_lookup.add(looked_up, attrs)
+        if hit > 0:
+            self._prefix_hit.add(hit, attrs)
+
+    def record_evictions(self, tier: str, n: int) -> None:
+        if n > 0:
+            self._evicted.add(n, {"moe.tier": tier})
+
+    def record_truncation(self, tier: str, n: int) -> None:
+        if n > 0:
+            self._truncated.add(n, {"moe.tier": tier})
+
+    def record_escalation(self, from_tier: str, to_tier: str) -> None:
+        self._escalations.add(1, {"moe.from_tier": from_tier, "moe.to_tier": to_tier})
+
+    def record_shadow_divergence(self, tier: str, value: float) -> None:
+        self._divergence.record(value, {"moe.tier": tier})
+
+    def add_kv_source(self, tier: str, source: KvSource) -> None:
+        """Observe a tier's KV pool at each collection; a later source for the tier replaces it.
+
+        Gauges are pulled rather than pushed so an idle replica still reports its pool.
+        """
+        with self._kv_lock:
+            self._kv_sources[tier] = source
+
+    def remove_kv_source(self, tier: str) -> None:
+        with self._kv_lock:
+            self._kv_sources.pop(tier, None)
+
+    def _observe_blocks_in_use(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(used, {"moe.tier": tier}) for tier, (used, _) in self._kv_sample()]
+
+    def _observe_blocks_total(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(total, {"moe.tier": tier}) for tier, (_, total) in self._kv_sample()]
+
+    def _kv_sample(self) -> list[tuple[str, tuple[int, int]]]:
+        with self._kv_lock:
+            sources = list(self._kv_sources.items())
+        samples = []
+        for tier, source in sources:
+            try:
+                samples.append((tier, source()))
+            except Exception as err:  # a source is foreign code; one bad tier skips only itself
+                logger.warning("KV metrics source for tier %r failed: %r", tier, err)
+        return samples
