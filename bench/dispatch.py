@@ -335,9 +335,10 @@ class TimedShardImpl(ShardActorImpl):
         hidden: torch.Tensor,
         expert_ids: torch.Tensor,
         weights: torch.Tensor,
+        traceparent: str = "",
     ) -> torch.Tensor:
         start = time.perf_counter()
-        out = super().compute(layer, hidden, expert_ids, weights)
+        out = super().compute(layer, hidden, expert_ids, weights, traceparent)
         self.compute_s.append(time.perf_counter() - start)
         return out
 

@@ -23,6 +23,7 @@ from cache.prefix_hash import hash_block
 from cluster.model_runner import ModelRunner, StepInput
 from cluster.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from cluster.sequence import Sequence as Seq
+from cluster.step_trace import step_trace
 from experts.model import MoEModel
 from experts.sampling import SamplingParams, sample_batch
 from experts.tokenizer import IncrementalDetokenizer
@@ -69,9 +70,17 @@ class EngineRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     kv_policy: KVPolicy = field(default_factory=KVPolicy)
     return_routing: bool = False  # per-token experts on each TokenEvent
+    trace_parent: str = ""  # W3C traceparent: expert-shard work in its steps joins this trace
+    attention_first_tokens: int = 0  # N > 0: attention diagnostics on each TokenEvent
+
+
+MAX_ATTENTION_FIRST_TOKENS = 1_000_000
 
 
 Routing = tuple[tuple[int, tuple[int, ...]], ...]  # per MoE layer: (layer, chosen experts)
+# per layer, in model order: (attention entropy in nats, attention mass on the first N tokens),
+# averaged over query heads
+AttentionStats = tuple[tuple[float, float], ...]
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,8 @@ class TokenEvent:
     arrival_time: float
     time: float
     routing: Routing | None = None  # the gate's choices at the position that produced it
+    scheduled_time: float | None = None  # when the request was first scheduled (end of queue)
+    attention: AttentionStats | None = None  # at the position that produced it, when asked
 
 
 class LLMEngine:
@@ -141,6 +152,8 @@ class LLMEngine:
             request.kv_policy,
             self.clock(),
             request.return_routing,
+            request.trace_parent,
+            request.attention_first_tokens,
         )
         self.scheduler.add(seq)
         self._seqs[seq.request_id] = seq
@@ -166,8 +179,15 @@ class LLMEngine:
         if not plan.chunks:
             return []
         capture = self.model.spec.is_moe and any(c.seq.return_routing for c in plan.chunks)
+        now = self.clock()
+        trace_parent = ""
+        for chunk in plan.chunks:
+            if chunk.seq.first_scheduled_time is None:
+                chunk.seq.first_scheduled_time = now
+            trace_parent = trace_parent or chunk.seq.trace_parent
         inputs = [self._step_input(c) for c in plan.chunks]
-        logits = self.runner.run(inputs, capture_routing=capture)  # [B, V]
+        with step_trace(trace_parent):  # shard work of this step joins one traced request
+            logits = self.runner.run(inputs, capture_routing=capture)  # [B, V]
         self.num_steps += 1
         return self._postprocess(plan.chunks, logits)
 
@@ -175,7 +195,13 @@ class LLMEngine:
         seq = chunk.seq
         start = seq.num_computed
         ids = seq.all_ids[start : start + chunk.num_tokens]
-        return StepInput(ids, seq.block_table, seq.num_keys, start)
+        first_keys = None
+        # probe only the chunk whose last position gives a token (the final prefill chunk)
+        if seq.attention_first_tokens and start + chunk.num_tokens == seq.num_tokens:
+            num_keys = seq.num_keys + chunk.num_tokens
+            size = self.config.block_size
+            first_keys = seq.num_keys_before(seq.attention_first_tokens, num_keys, size)
+        return StepInput(ids, seq.block_table, seq.num_keys, start, first_keys)
 
     def _postprocess(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[TokenEvent]:
         rows, samplers = [], []
@@ -195,7 +221,9 @@ class LLMEngine:
             for row, token, logprob in zip(rows, tokens, logprobs, strict=True):
                 seq = chunks[row].seq
                 routing = self._routing(row) if seq.return_routing else None
-                events.append(self._emit(seq, token, logprob, now, routing))
+                layers = self.runner.attention.get(row) if seq.attention_first_tokens else None
+                attention = tuple(layers) if layers is not None else None
+                events.append(self._emit(seq, token, logprob, now, routing, attention))
         for chunk in chunks:
             if not chunk.seq.is_finished:
                 self._apply_kv_policy(chunk.seq)
@@ -212,7 +240,13 @@ class LLMEngine:
         )
 
     def _emit(
-        self, seq: Seq, token: int, logprob: float, now: float, routing: Routing | None = None
+        self,
+        seq: Seq,
+        token: int,
+        logprob: float,
+        now: float,
+        routing: Routing | None = None,
+        attention: AttentionStats | None = None,
     ) -> TokenEvent:
         seq.output_ids.append(token)
         seq.logprobs.append(logprob)
@@ -234,6 +268,8 @@ class LLMEngine:
             arrival_time=seq.arrival_time,
             time=now,
             routing=routing,
+            scheduled_time=seq.first_scheduled_time,
+            attention=attention,
         )
         if reason is not None:
             self.scheduler.finish(seq, reason)
@@ -273,6 +309,12 @@ class LLMEngine:
         prompt, params, policy = request.prompt_ids, request.params, request.kv_policy
         if not prompt:
             raise ValueError("prompt is empty: give at least one token")
+        first = request.attention_first_tokens
+        if not 0 <= first <= MAX_ATTENTION_FIRST_TOKENS:
+            raise ValueError(
+                f"attention_first_tokens={first} must be in [0, {MAX_ATTENTION_FIRST_TOKENS}] "
+                "(0: no attention diagnostics)"
+            )
         bad = [t for t in prompt if not 0 <= t < spec.vocab_size]
         if bad:
             raise ValueError(

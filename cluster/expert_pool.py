@@ -10,12 +10,20 @@ Protocol; tests can pass a fake.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import ray
 import torch
+
+from cluster.telemetry import (
+    TelemetrySettings,
+    context_from_traceparent,
+    get_telemetry,
+    setup_telemetry,
+)
 
 Slot = tuple[int, int]  # (layer, expert)
 
@@ -33,17 +41,28 @@ class ShardSpec:
     resources: tuple[tuple[str, float], ...] = ()  # e.g. (("expert_node_a", 0.01),)
     placement_group: Any = None  # start in this group's bundle ``bundle_index``
     bundle_index: int = -1
+    telemetry: TelemetrySettings | None = None  # set up tracing/metrics in the actor
 
 
 class ShardActorImpl:
     """The actor body: an ExpertShard plus the node it runs on."""
 
-    def __init__(self, model_dir: str, device: str, slots: Sequence[Slot]) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        device: str,
+        slots: Sequence[Slot],
+        shard_id: str = "",
+        telemetry: TelemetrySettings | None = None,
+    ) -> None:
         from experts.shard import ExpertShard
 
         torch.set_num_threads(1)  # many shards share a CPU node; one GPU each in production
         self.shard = ExpertShard(model_dir, device=device, slots=slots)
         self.device = device
+        self.shard_id = shard_id
+        if telemetry is not None:  # its own process: its own providers, same exporters
+            setup_telemetry(telemetry, role="expert_shard", attributes={"moe.shard": shard_id})
 
     def node_id(self) -> str:
         return str(ray.get_runtime_context().get_node_id())
@@ -65,10 +84,27 @@ class ShardActorImpl:
         hidden: torch.Tensor,  # [N, H]
         expert_ids: torch.Tensor,  # [N, K'] (-1 = padding)
         weights: torch.Tensor,  # [N, K']
+        traceparent: str = "",  # the dispatching span, when the request is traced
     ) -> torch.Tensor:  # [N, H]
+        parent = context_from_traceparent(traceparent) if traceparent else None
+        telemetry = get_telemetry()
+        span = None
+        if parent is not None and telemetry.tracing:
+            span = telemetry.tracer.start_span(
+                f"moe.expert_shard {self.shard_id}",
+                context=parent,
+                attributes={
+                    "moe.shard": self.shard_id,
+                    "moe.layer": layer,
+                    "moe.shard.tokens": int(hidden.shape[0]),
+                },
+            )
         with torch.inference_mode():
             out = self.shard.compute(layer, hidden.to(self.device), expert_ids, weights)
-        return out.cpu()
+        out = out.cpu()
+        if span is not None:
+            span.end()
+        return out
 
 
 ShardActor = ray.remote(ShardActorImpl)
@@ -78,10 +114,18 @@ class ShardCaller(Protocol):
     """What the remote expert backend needs from a pool."""
 
     def compute_async(
-        self, shard_id: str, layer: int, hidden: Any, expert_ids: Any, weights: Any
+        self,
+        shard_id: str,
+        layer: int,
+        hidden: Any,
+        expert_ids: Any,
+        weights: Any,
+        traceparent: str = "",
     ) -> Any: ...
 
     def wait(self, pending: Sequence[Any]) -> list[torch.Tensor]: ...
+
+    def wait_timed(self, pending: Sequence[Any]) -> list[tuple[torch.Tensor, float]]: ...
 
 
 class ExpertPool:
@@ -117,7 +161,7 @@ class ExpertPool:
                     spec.node_id, soft=False
                 )
             handles[spec.shard_id] = ShardActor.options(**options).remote(
-                model_dir, spec.device, list(spec.slots)
+                model_dir, spec.device, list(spec.slots), spec.shard_id, spec.telemetry
             )
         pool = cls(handles)
         pool.node_ids()  # waits for every shard to finish loading; raises if one failed
@@ -140,15 +184,72 @@ class ExpertPool:
         return result
 
     def compute_async(
-        self, shard_id: str, layer: int, hidden: Any, expert_ids: Any, weights: Any
+        self,
+        shard_id: str,
+        layer: int,
+        hidden: Any,
+        expert_ids: Any,
+        weights: Any,
+        traceparent: str = "",
     ) -> Any:
-        return self.handles[shard_id].compute.remote(layer, hidden, expert_ids, weights)
+        handle = self.handles[shard_id]
+        if traceparent:
+            return handle.compute.remote(layer, hidden, expert_ids, weights, traceparent)
+        return handle.compute.remote(layer, hidden, expert_ids, weights)
 
     def wait(self, pending: Sequence[Any]) -> list[torch.Tensor]:
         result: list[torch.Tensor] = ray.get(list(pending))
         return result
 
+    def wait_timed(self, pending: Sequence[Any]) -> list[tuple[torch.Tensor, float]]:
+        """Results in call order, each with the seconds until it was ready (from now)."""
+        start = time.perf_counter()
+        ready_at: dict[Any, float] = {}
+        left = list(pending)
+        while left:
+            ready, left = ray.wait(left, num_returns=1)
+            ready_at[ready[0]] = time.perf_counter() - start
+        values: list[torch.Tensor] = ray.get(list(pending))
+        return [(v, ready_at[ref]) for v, ref in zip(values, pending, strict=True)]
+
     def shutdown(self) -> None:
         for handle in self.handles.values():
             ray.kill(handle)
         self.handles.clear()
+
+
+class InProcessPool:
+    """A ``ShardCaller`` whose shards run in this process, synchronously: no Ray.
+
+    For tests and benchmarks that need the remote-expert code path (dispatch plans,
+    trace propagation) without actor calls.
+    """
+
+    def __init__(self, shards: Mapping[str, ShardActorImpl]) -> None:
+        self.shards = dict(shards)
+
+    @classmethod
+    def start(cls, model_dir: str, table_slots: Mapping[str, Sequence[Slot]]) -> InProcessPool:
+        return cls(
+            {
+                sid: ShardActorImpl(model_dir, "cpu", slots, sid)
+                for sid, slots in table_slots.items()
+            }
+        )
+
+    def compute_async(
+        self,
+        shard_id: str,
+        layer: int,
+        hidden: Any,
+        expert_ids: Any,
+        weights: Any,
+        traceparent: str = "",
+    ) -> Any:
+        return self.shards[shard_id].compute(layer, hidden, expert_ids, weights, traceparent)
+
+    def wait(self, pending: Sequence[Any]) -> list[torch.Tensor]:
+        return list(pending)
+
+    def wait_timed(self, pending: Sequence[Any]) -> list[tuple[torch.Tensor, float]]:
+        return [(out, 0.0) for out in pending]  # computed at call time: no wait to measure

@@ -2,7 +2,10 @@
 
 Per layer: plan which shard computes each (token, expert) pair (one call per
 shard, ``router.dispatch``), send every shard its tokens at once, wait for all,
-and add the partial sums into the layer's output. It implements the same
+and add the partial sums into the layer's output. When the engine step belongs
+to a traced request, each layer's dispatch is a ``moe.expert_dispatch`` span
+whose context travels with the shard calls, so the shards' own
+``moe.expert_shard`` spans land under the request across processes. It implements the same
 ``ExpertBackend`` interface as the colocated one, so the model maths does not
 know where its experts live. The routing table can be swapped between steps.
 
@@ -14,17 +17,21 @@ from __future__ import annotations
 import threading
 
 import torch
+from opentelemetry import trace
 
 from cluster.expert_pool import ShardCaller
+from cluster.step_trace import current_step_trace
+from cluster.telemetry import Telemetry, context_from_traceparent, get_telemetry, traceparent_of
 from experts.dispatch_tensors import combine, gather_shard_inputs
 from router.dispatch import plan_dispatch
 from router.routing_table import RoutingTable
 
 
 class RemoteExperts:
-    def __init__(self, pool: ShardCaller, table: RoutingTable) -> None:
+    def __init__(self, pool: ShardCaller, table: RoutingTable, tier: str = "") -> None:
         self._pool = pool
         self._table = table
+        self.tier = tier  # for metric attributes
         self._lock = threading.Lock()
         self.num_shard_calls = 0
         self.last_fan_out: list[int] = []  # shards each token touched, last layer computed
@@ -52,12 +59,25 @@ class RemoteExperts:
         with self._lock:
             table = self._table
         plan = plan_dispatch(layer, expert_ids.tolist(), table)
-        pending, rows = [], []
+        telemetry = get_telemetry()
+        span, traceparent = self._dispatch_span(
+            telemetry, layer, hidden.shape[0], len(plan.per_shard)
+        )
+        pending, rows, shards = [], [], []
         for shard, work in plan.per_shard.items():
             sent = gather_shard_inputs(work.token_index, work.pairs, hidden.cpu(), weights.cpu())
-            pending.append(self._pool.compute_async(shard, layer, *sent))  # [N, H] each
-            rows.append(work.token_index)
-        outputs = self._pool.wait(pending)
+            pending.append(self._pool.compute_async(shard, layer, *sent, traceparent=traceparent))
+            rows.append(work.token_index)  # [N] each
+            shards.append(shard)
+        if telemetry.metrics_enabled:  # per-shard round trips, as each shard answers
+            timed = self._pool.wait_timed(pending)
+            outputs = [out for out, _ in timed]
+            for shard, (_, seconds) in zip(shards, timed, strict=True):
+                telemetry.metrics.record_dispatch(self.tier, shard, seconds)
+        else:
+            outputs = self._pool.wait(pending)
+        if span is not None:
+            span.end()
         self.num_shard_calls += len(pending)
         self.last_fan_out = plan.fan_out
         return combine(
@@ -67,3 +87,23 @@ class RemoteExperts:
             dtype=hidden.dtype,
             device=hidden.device,
         )
+
+    @staticmethod
+    def _dispatch_span(
+        telemetry: Telemetry, layer: int, num_tokens: int, num_shards: int
+    ) -> tuple[trace.Span | None, str]:
+        """A span for this layer's dispatch when the step belongs to a traced request."""
+        step = current_step_trace()
+        parent = context_from_traceparent(step) if step and telemetry.tracing else None
+        if parent is None:
+            return None, ""
+        span = telemetry.tracer.start_span(
+            "moe.expert_dispatch",
+            context=parent,
+            attributes={
+                "moe.layer": layer,
+                "moe.dispatch.tokens": num_tokens,
+                "moe.dispatch.shards": num_shards,
+            },
+        )
+        return span, traceparent_of(span)

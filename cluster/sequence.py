@@ -31,6 +31,8 @@ class Sequence:
     kv_policy: KVPolicy
     arrival_time: float
     return_routing: bool = False
+    trace_parent: str = ""  # W3C traceparent of the request's span; "" when not traced
+    attention_first_tokens: int = 0  # N of the attention diagnostics asked for; 0: none
     sampler: Sampler = field(init=False)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -43,6 +45,7 @@ class Sequence:
     num_preemptions: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
+    first_scheduled_time: float | None = None  # end of its queueing
     first_token_time: float | None = None
     finish_time: float | None = None
 
@@ -68,6 +71,20 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def num_keys_before(self, position: int, num_keys: int, block_size: int) -> int:
+        """How many of the first ``num_keys`` keys in ``block_table`` hold positions < position.
+
+        Key j sits in logical block ``logical_blocks[j // block_size]`` (every block but the
+        last is full), and kept blocks stay in order, so those keys are a prefix.
+        """
+        count = 0
+        for index, block in enumerate(self.logical_blocks):
+            in_block = min(block_size, num_keys - index * block_size)
+            if in_block <= 0 or block * block_size >= position:
+                break
+            count += min(in_block, position - block * block_size)
+        return count
 
     def reset_computation(self) -> None:
         """Forget all computed KV (after preemption); tokens and sampler state stay."""

@@ -21,6 +21,8 @@ class TierRequest:
     kv_policy: KVPolicy = field(default_factory=KVPolicy)
     session_id: str = ""
     return_routing: bool = False
+    traceparent: str = ""  # W3C context of the gateway's request span ("" : not traced)
+    attention_first_tokens: int = 0  # attention diagnostics over the first N tokens; 0 = off
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ class TierTokens:
     num_truncated_tokens: int
     # per token, when asked: ((layer, (expert, ...)), ...) at the position that produced it
     routing: tuple[tuple[tuple[int, tuple[int, ...]], ...], ...] | None = None
+    queue_s: float | None = None  # on the batch with the first token: time spent queued
+    # on the last batch, when asked: per layer (entropy, mass on the first N tokens), averaged
+    # over the positions that produced the output tokens
+    attention: tuple[tuple[float, float], ...] | None = None
 
 
 TierItem = TierAccepted | TierRejected | TierTokens

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 from pathlib import Path
 
 from cluster.async_engine import AsyncEngine
 from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
+from cluster.request_trace import RequestTrace, ShardOf
+from cluster.telemetry import get_telemetry
 from cluster.tier_messages import (
     TierAccepted,
     TierInfo,
@@ -26,6 +29,7 @@ from cluster.tier_messages import (
 from experts.backend import ExpertBackend
 from experts.model import MoEModel
 from experts.tokenizer import load_tokenizer
+from router.routing_table import RoutingTable
 
 
 class TierReplica:
@@ -44,6 +48,13 @@ class TierReplica:
         self.engine = LLMEngine(model, engine_config, self.tokenizer)
         self.async_engine = AsyncEngine(self.engine)
         self.num_aborted = 0
+        self.experts = experts
+        telemetry = get_telemetry()
+        self.engine.runner.count_routing = telemetry.metrics_enabled and model.spec.is_moe
+        telemetry.metrics.add_kv_source(
+            name, lambda: (self.engine.blocks.num_held, self.engine.blocks.num_blocks)
+        )
+        self._evictions_seen = 0
 
     def info(self) -> TierInfo:
         spec = self.engine.model.spec
@@ -82,15 +93,25 @@ class TierReplica:
                 request.params,
                 request.kv_policy,
                 return_routing=request.return_routing,
+                attention_first_tokens=request.attention_first_tokens,
             )
             self.engine.validate(engine_request)
         except ValueError as err:
             yield TierRejected("invalid_argument", str(err))
             return
+        traced = RequestTrace(
+            get_telemetry(), self.name, request.request_id, request.traceparent, self._shard_of()
+        )
+        engine_request = replace(
+            engine_request,
+            trace_parent=traced.traceparent,
+            return_routing=request.return_routing or traced.wants_routing,
+        )
         yield TierAccepted(len(ids))
         events: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
         pump = asyncio.create_task(self._pump(engine_request, events))
         finished = False
+        error: str | None = "cancelled before the end"
         try:
             while not finished:
                 batch = [await events.get()]
@@ -99,14 +120,36 @@ class TierReplica:
                 tokens = [e for e in batch if isinstance(e, TokenEvent)]
                 for item in batch:
                     if isinstance(item, BaseException):
+                        error = str(item)
                         raise item
                 if tokens:
+                    traced.add(tokens)
                     finished = tokens[-1].finish_reason is not None
-                    yield _to_tokens(tokens)
+                    attention = traced.attention() if finished else None
+                    yield _to_tokens(tokens, request.return_routing, attention)
+            error = None
         finally:
             if not finished:
                 self.num_aborted += 1
             pump.cancel()
+            traced.finish(error)
+            self._flush_metrics()
+
+    def _shard_of(self) -> ShardOf | None:
+        """Which shard holds a (layer, expert), when the experts are remote."""
+        table = getattr(self.experts, "table", None)
+        if not isinstance(table, RoutingTable):
+            return None
+        return lambda layer, expert: table.shards_for(layer, expert)[0]
+
+    def _flush_metrics(self) -> None:
+        """Engine-wide counters since the last request ended, into the metrics."""
+        metrics = get_telemetry().metrics
+        if self.engine.runner.count_routing:
+            metrics.record_routing(self.name, self.engine.runner.take_routed_counts())
+        evictions = self.engine.blocks.num_evictions
+        metrics.record_evictions(self.name, evictions - self._evictions_seen)
+        self._evictions_seen = evictions
 
     async def _pump(
         self, request: EngineRequest, events: asyncio.Queue[TokenEvent | BaseException | None]
@@ -121,8 +164,13 @@ class TierReplica:
         self.async_engine.shutdown()
 
 
-def _to_tokens(events: list[TokenEvent]) -> TierTokens:
+def _to_tokens(
+    events: list[TokenEvent],
+    with_routing: bool,
+    attention: tuple[tuple[float, float], ...] | None = None,
+) -> TierTokens:
     last = events[-1]
+    first_scheduled = events[0].scheduled_time if events[0].index == 0 else None
     return TierTokens(
         token_ids=[e.token_id for e in events],
         logprobs=[e.logprob for e in events],
@@ -131,5 +179,9 @@ def _to_tokens(events: list[TokenEvent]) -> TierTokens:
         num_prompt_tokens=last.num_prompt_tokens,
         num_cached_prompt_tokens=last.num_cached_prompt_tokens,
         num_truncated_tokens=last.num_truncated_tokens,
-        routing=tuple(e.routing or () for e in events) if last.routing is not None else None,
+        routing=tuple(e.routing or () for e in events)
+        if with_routing and last.routing is not None
+        else None,
+        queue_s=None if first_scheduled is None else first_scheduled - events[0].arrival_time,
+        attention=attention,
     )

@@ -34,6 +34,9 @@ def invalid(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+MAX_ATTENTION_FIRST_TOKENS = 1_000_000
+
+
 @dataclass(frozen=True)
 class GenerateArgs:
     """A validated Generate request."""
@@ -47,6 +50,7 @@ class GenerateArgs:
     session_id: str
     retrieval_confidence: float | None
     return_routing: bool
+    attention_first_tokens: int = 0  # attention diagnostics; 0 = off
 
 
 def parse_generate(r: pb.GenerateRequest, max_tokens_limit: int) -> GenerateArgs:
@@ -86,6 +90,12 @@ def parse_generate(r: pb.GenerateRequest, max_tokens_limit: int) -> GenerateArgs
     stops = tuple(r.stop)
     if any(not s for s in stops):
         raise invalid(f"stop={list(stops)!r}: stop strings must not be empty")
+    first = r.attention_first_tokens
+    if first > MAX_ATTENTION_FIRST_TOKENS:
+        raise invalid(
+            f"attention_first_tokens={first} is out of range: "
+            f"allowed [0, {MAX_ATTENTION_FIRST_TOKENS}] (0 = off)"
+        )
     return GenerateArgs(
         params=params,
         kv_policy=policy,
@@ -96,4 +106,5 @@ def parse_generate(r: pb.GenerateRequest, max_tokens_limit: int) -> GenerateArgs
         session_id=r.session_id,
         retrieval_confidence=confidence,
         return_routing=r.return_routing,
+        attention_first_tokens=first,
     )

@@ -19,10 +19,12 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.expert_pool import ExpertPool, ShardSpec
 from cluster.remote_experts import RemoteExperts
+from cluster.telemetry import TelemetrySettings, setup_telemetry
 from cluster.tier_client import ServeTierClient
 from cluster.tier_messages import TierInfo, TierItem, TierRequest, TierStats
 from cluster.tier_replica import TierReplica
 from deploy.api import ApiError
+from deploy.audit import AuditLog
 from deploy.config import ClusterConfig, TierConfig, load_config
 from deploy.expert_config import MIN_BUNDLE_CPU
 from deploy.gateway import Gateway
@@ -43,7 +45,7 @@ class ExpertPoolHost:
     replica itself), so ``strategy`` and per-shard resources decide their nodes.
     """
 
-    def __init__(self, tier: TierConfig) -> None:
+    def __init__(self, tier: TierConfig, telemetry: TelemetrySettings | None = None) -> None:
         from ray.util import get_current_placement_group
 
         spec = CheckpointReader(tier.model).spec
@@ -62,6 +64,7 @@ class ExpertPoolHost:
                     device=tier.device,
                     placement_group=group,
                     bundle_index=i + 1,
+                    telemetry=telemetry,
                 )
                 for i, shard_id in enumerate(shard_ids)
             ],
@@ -81,7 +84,14 @@ class ExpertPoolHost:
 class TierHost:
     """A replica of one model tier: loads its checkpoint and runs the engine."""
 
-    def __init__(self, tier: TierConfig, expert_pool: DeploymentHandle | None = None) -> None:
+    def __init__(
+        self,
+        tier: TierConfig,
+        expert_pool: DeploymentHandle | None = None,
+        telemetry: TelemetrySettings | None = None,
+    ) -> None:
+        if telemetry is not None:
+            setup_telemetry(telemetry, role="tier", attributes=_replica_attributes(tier.name))
         experts = None
         if expert_pool is not None:  # the experts live in the tier's shared shard pool
             # __init__ runs on the replica's event loop, where Serve forbids blocking on a
@@ -90,7 +100,7 @@ class TierHost:
                 handles, table = waiter.submit(
                     lambda: expert_pool.describe.remote().result()
                 ).result()
-            experts = RemoteExperts(ExpertPool(handles), table)
+            experts = RemoteExperts(ExpertPool(handles), table, tier.name)
         self.replica = TierReplica(
             tier.name, tier.model, tier.to_engine_config(), tier.device, experts
         )
@@ -120,7 +130,11 @@ class GatewayHost:
     """The gRPC ingress: method names match the ``moecluster.v1.MoECluster`` RPCs."""
 
     def __init__(self, config: ClusterConfig, tiers: dict[str, DeploymentHandle]) -> None:
-        self.gateway = Gateway(config, ServeTierClient(tiers))
+        setup_telemetry(
+            config.telemetry.settings(), role="gateway", attributes=_replica_attributes("")
+        )
+        audit = AuditLog(config.audit) if config.audit.enabled else None
+        self.gateway = Gateway(config, ServeTierClient(tiers), audit)
 
     async def Generate(
         self, request: pb.GenerateRequest, grpc_context: Any
@@ -163,8 +177,23 @@ ExpertPoolDeployment = serve.deployment(ray_actor_options={"num_cpus": MIN_BUNDL
 GatewayDeployment = serve.deployment(ray_actor_options={"num_cpus": 0})(GatewayHost)
 
 
+def _replica_attributes(tier: str) -> dict[str, str]:
+    """Resource attributes naming where this process runs: node, deployment replica, tier."""
+    import ray
+
+    attributes = {"moe.node": str(ray.get_runtime_context().get_node_id())}
+    try:
+        attributes["moe.replica"] = str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # not inside a Serve replica (tests construct hosts directly)
+        pass
+    if tier:
+        attributes["moe.tier"] = tier
+    return attributes
+
+
 def build_app(config: ClusterConfig) -> Any:
     """Bind a tier deployment per configured tier and the gateway in front of them."""
+    telemetry = config.telemetry.settings()
     tiers = {}
     for tier in config.tiers:
         options: dict[str, Any] = {"num_cpus": tier.num_cpus}
@@ -176,14 +205,14 @@ def build_app(config: ClusterConfig) -> Any:
                 name=f"experts-{tier.name}",
                 placement_group_bundles=tier.experts.bundles(),
                 placement_group_strategy=tier.experts.strategy,
-            ).bind(tier)
+            ).bind(tier, telemetry)
         tiers[tier.name] = TierDeployment.options(
             name=f"tier-{tier.name}",
             num_replicas=tier.replicas,
             ray_actor_options=options,
             max_ongoing_requests=tier.max_ongoing_requests,
             max_queued_requests=tier.max_queued_requests,
-        ).bind(tier, pool)
+        ).bind(tier, pool, telemetry)
     return GatewayDeployment.options(name="gateway").bind(config, tiers)
 
 

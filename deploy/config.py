@@ -21,12 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic import ValidationInfo as Info
 from pydantic_core import ErrorDetails
 
+from deploy.audit import AuditSettings
 from deploy.expert_config import ExpertsSettings
 from router.shadow import ShadowConfig
 from router.tier_policy import CascadeConfig, TierPolicyConfig
 
 if TYPE_CHECKING:
     from cluster.engine import EngineConfig
+    from cluster.telemetry import TelemetrySettings
 
 DEFAULT_DEMO_DIR = Path(".demo-models")
 _TIER_NAME = re.compile(r"[a-z0-9_-]{1,32}")
@@ -229,26 +231,55 @@ class PolicyConfig(_Model):
 
 
 class TelemetryConfig(_Model):
+    """OpenTelemetry traces and metrics, set up in every process of the cluster.
+
+    The standard ``OTEL_*`` environment variables (``OTEL_TRACES_EXPORTER``,
+    ``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_SERVICE_NAME``, ``OTEL_TRACES_SAMPLER``, ...)
+    override these values where they are set, in each process.
+    """
+
     service_name: str = Field(default="moe-cluster", min_length=1)
-    traces_exporter: Literal["none", "console", "otlp", "jsonl"] = "none"
-    otlp_endpoint: str | None = Field(default=None, validate_default=True)
-    jsonl_path: str | None = Field(default=None, validate_default=True)
+    traces_exporter: Literal["none", "console", "otlp", "file"] = "none"
+    otlp_endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_ENDPOINT or localhost:4317
+    file_path: str | None = Field(default=None, validate_default=True)
     sample_ratio: float = Field(default=1.0, ge=0, le=1)
+    metrics_exporter: Literal["none", "prometheus", "otlp"] = "none"
+    prometheus_port: int = Field(default=9464, ge=1, le=65535)
     record_text: bool = False  # put prompt/completion text on spans (off: may hold user data)
+    token_events: int = Field(default=256, ge=0, le=1_000_000)  # per-token events per request
+    resource_attributes: dict[str, str] = {}
 
-    @field_validator("otlp_endpoint")
-    @classmethod
-    def _endpoint(cls, endpoint: str | None, info: Info) -> str | None:
-        if info.data.get("traces_exporter") == "otlp" and not endpoint:
-            raise ValueError("traces_exporter 'otlp' needs otlp_endpoint: http://host:4317")
-        return endpoint
-
-    @field_validator("jsonl_path")
+    @field_validator("file_path")
     @classmethod
     def _path(cls, path: str | None, info: Info) -> str | None:
-        if info.data.get("traces_exporter") == "jsonl" and not path:
-            raise ValueError("traces_exporter 'jsonl' needs jsonl_path: a file to append to")
+        if info.data.get("traces_exporter") == "file" and not path:
+            raise ValueError("traces_exporter 'file' needs file_path: a JSON-lines file")
         return _resolve_path(path, info) if path else path
+
+    def settings(self) -> TelemetrySettings:
+        from cluster.telemetry import TelemetrySettings
+
+        return TelemetrySettings(
+            service_name=self.service_name,
+            traces_exporter=self.traces_exporter,
+            otlp_endpoint=self.otlp_endpoint,
+            file_path=self.file_path,
+            sample_ratio=self.sample_ratio,
+            metrics_exporter=self.metrics_exporter,
+            prometheus_port=self.prometheus_port,
+            record_text=self.record_text,
+            token_events=self.token_events,
+            resource_attributes=tuple(sorted(self.resource_attributes.items())),
+        )
+
+
+class AuditConfig(AuditSettings):
+    """``audit.path`` resolves against the config file's directory, like other paths."""
+
+    @field_validator("path")
+    @classmethod
+    def _audit_path(cls, path: str, info: Info) -> str:
+        return _resolve_path(path, info)
 
 
 class RayConfig(_Model):
@@ -258,13 +289,14 @@ class RayConfig(_Model):
 
 
 class ClusterConfig(_Model):
-    """The whole cluster: gRPC edge, auth, tiers, tier policy, telemetry and Ray."""
+    """The whole cluster: gRPC edge, auth, tiers, tier policy, telemetry, audit and Ray."""
 
     grpc: GrpcConfig = GrpcConfig()
     auth: AuthConfig = AuthConfig()
     tiers: tuple[TierConfig, ...]
     policy: PolicyConfig = Field(default=PolicyConfig(), validate_default=True)
     telemetry: TelemetryConfig = TelemetryConfig()
+    audit: AuditConfig = AuditConfig()
     ray: RayConfig = RayConfig()
 
     @field_validator("tiers")
@@ -373,7 +405,7 @@ def load_config(path: str | Path | None, demo_dir: Path = DEFAULT_DEMO_DIR) -> C
             path,
             [
                 "<top level>: expected a mapping of sections (grpc, auth, tiers, policy, "
-                f"telemetry, ray) (got {type(data).__name__}: {data!r:.60})"
+                f"telemetry, audit, ray) (got {type(data).__name__}: {data!r:.60})"
             ],
         )
     return parse_config(data, base_dir=path.parent, source=path)

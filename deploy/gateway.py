@@ -20,11 +20,23 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import grpc
+from opentelemetry import trace
 
+from cluster.engine import Routing
+from cluster.telemetry import get_telemetry, traceparent_of
 from cluster.tier_client import TierBusyError, TierClient, TierUnavailableError
 from cluster.tier_messages import TierRejected, TierRequest, TierTokens
 from deploy.api import ApiError, GenerateArgs, invalid, parse_generate
+from deploy.audit import (
+    AuditLog,
+    AuditRecord,
+    kv_policy_record,
+    routing_summary,
+    sampling_record,
+    utc_timestamp,
+)
 from deploy.config import ClusterConfig
+from deploy.gateway_trace import GatewayTrace
 from deploy.proto import moecluster_v1_pb2 as pb
 from experts.stop_strings import StopStringMatcher
 from router.tier_policy import TierDecision, TierPolicy
@@ -43,13 +55,19 @@ class _Served:
 
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    routing: list[Routing] = field(default_factory=list)
+    queue_s: float | None = None
     last: TierTokens | None = None
 
 
 class Gateway:
-    def __init__(self, config: ClusterConfig, tiers: TierClient) -> None:
+    def __init__(
+        self, config: ClusterConfig, tiers: TierClient, audit: AuditLog | None = None
+    ) -> None:
         self.config = config
         self.tiers = tiers
+        self.audit = audit
         self.policy = TierPolicy(config.policy_config())
         self._api_keys = config.auth.resolve_api_keys()
         self._background: set[asyncio.Task[None]] = set()
@@ -74,15 +92,38 @@ class Gateway:
         self, request: pb.GenerateRequest, metadata: Mapping[str, str]
     ) -> AsyncIterator[pb.GenerateChunk]:
         """Stream chunks for one request; problems raise ``ApiError``."""
+        traced = GatewayTrace(get_telemetry(), metadata)
+        chunks = self._generate(request, metadata, traced)
+        error: BaseException | None = None
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except BaseException as err:  # recorded on the span, then passed on unchanged
+            error = err
+            raise
+        finally:
+            # closing the inner generator now (not at garbage collection) is what cancels
+            # the tier stream when the client goes away
+            await chunks.aclose()
+            traced.close(error)
+
+    async def _generate(
+        self, request: pb.GenerateRequest, metadata: Mapping[str, str], traced: GatewayTrace
+    ) -> AsyncIterator[pb.GenerateChunk]:
         self.authenticate(metadata)
         tier_limit = max(t.max_tokens_limit for t in self.config.tiers)
         args = parse_generate(request, tier_limit)
+        if args.params.seed is None:  # an explicit seed makes every request replayable
+            args = replace(args, params=replace(args.params, seed=secrets.randbits(63)))
         request_id = metadata.get("request_id") or uuid.uuid4().hex
-        trace_id = _trace_id(metadata.get("traceparent", ""))
+        trace_id = traced.trace_id or _trace_id(metadata.get("traceparent", ""))
         try:
             decision = self.policy.choose(args.tier, args.retrieval_confidence)
         except ValueError as err:
             raise invalid(str(err)) from None
+        first_tier = decision.tier
+        traced.request(request_id, args.params, args.prompt, self.config.tier(decision.tier).model)
+        traced.deciding(decision)
         reachable = [decision.tier]
         if decision.probe_tokens:  # the cascade may hand the request to its target
             reachable.append(self.policy.config.cascade.to_tier)
@@ -101,11 +142,14 @@ class Gateway:
             kv_policy=args.kv_policy,
             session_id=args.session_id,
             return_routing=args.return_routing,
+            traceparent=traced.traceparent,
+            attention_first_tokens=args.attention_first_tokens,
         )
         stream = await self._open(decision.tier, tier_request)
         held: list[TierTokens] = []
         if decision.probe_tokens:
             stream, held, decision = await self._probe(decision, tier_request, stream)
+        traced.decided(decision, first_tier)
         served = _Served()
         matcher = StopStringMatcher(args.stop)
         try:
@@ -113,7 +157,13 @@ class Gateway:
                 routing = _routing(len(served.token_ids), batch)
                 served.token_ids += batch.token_ids
                 served.logprobs += batch.logprobs
+                served.text.append(batch.text)
                 served.last = batch
+                if batch.queue_s is not None:
+                    served.queue_s = batch.queue_s
+                if batch.routing is not None:
+                    served.routing += batch.routing
+                traced.token()
                 text = matcher.push(batch.text)
                 finish = "stop" if matcher.stopped else batch.finish_reason
                 if finish is None:
@@ -126,13 +176,61 @@ class Gateway:
                     routing=routing,
                 )
                 self._finish(chunk, decision, served, request_id, trace_id)
+                self._record(traced, args, tier_request, decision, served, chunk)
                 yield chunk
                 break
         finally:
             await stream.aclose()
         shadow = self.policy.shadow_tier(decision, request_id)
         if shadow is not None:
-            self._spawn(self._shadow(shadow, tier_request, served))
+            self._spawn(self._shadow(shadow, tier_request, served, traced.shadow_span(shadow)))
+
+    def _record(
+        self,
+        traced: GatewayTrace,
+        args: GenerateArgs,
+        request: TierRequest,
+        decision: TierDecision,
+        served: _Served,
+        chunk: pb.GenerateChunk,
+    ) -> None:
+        """The finished request's span attributes, latency metrics and audit record."""
+        model = self.config.tier(decision.tier).model
+        usage = {
+            "prompt_tokens": chunk.usage.prompt_tokens,
+            "cached_prompt_tokens": chunk.usage.cached_prompt_tokens,
+            "completion_tokens": chunk.usage.completion_tokens,
+            "truncated_tokens": chunk.usage.truncated_tokens,
+        }
+        text = "".join(served.text)
+        traced.finished(decision, model, chunk.finish_reason, usage, served.queue_s, text)
+        if self.audit is None:
+            return
+        record = AuditRecord(
+            request_id=request.request_id,
+            time=utc_timestamp(),
+            trace_id=chunk.trace_id,
+            tier=decision.tier,
+            model=model,
+            reason=decision.reason,
+            escalated=decision.escalated,
+            confidence=decision.confidence,
+            sampling=sampling_record(args.params),
+            stop=list(args.stop),
+            kv_policy=kv_policy_record(args.kv_policy),
+            prompt_tokens=usage["prompt_tokens"],
+            cached_prompt_tokens=usage["cached_prompt_tokens"],
+            completion_tokens=usage["completion_tokens"],
+            truncated_tokens=usage["truncated_tokens"],
+            finish_reason=chunk.finish_reason,
+            routing=routing_summary(served.routing) if served.routing else None,
+            prompt=args.prompt,
+            prompt_token_ids=list(request.token_ids) if request.token_ids else None,
+            output_text=text,
+            output_token_ids=list(served.token_ids),
+        )
+        # a file write: off the event loop; append never raises (it counts its errors)
+        self._spawn(asyncio.to_thread(self.audit.append, record))
 
     async def _open(self, tier: str, request: TierRequest) -> AsyncGenerator[TierTokens, None]:
         """Start generation on a tier; the replica's refusal becomes an ``ApiError``."""
@@ -168,7 +266,7 @@ class Gateway:
             logprobs += batch.logprobs
             if len(logprobs) >= decision.probe_tokens or batch.finish_reason is not None:
                 break
-        settled = self.policy.after_probe(decision, logprobs)
+        settled = self.policy.after_probe(decision, logprobs)  # [probe_tokens] logprobs
         if not settled.escalated:
             return stream, held, settled
         await stream.aclose()  # the fast tier stops; its tokens are never shown
@@ -203,22 +301,49 @@ class Gateway:
         chunk.tier.CopyFrom(info)
         chunk.request_id = request_id
         chunk.trace_id = trace_id
+        if last.attention is not None:
+            chunk.attention.extend(
+                pb.LayerAttention(layer=i, entropy=entropy, first_tokens_mass=mass)
+                for i, (entropy, mass) in enumerate(last.attention)
+            )
 
-    async def _shadow(self, tier: str, request: TierRequest, primary: _Served) -> None:
+    async def _shadow(
+        self, tier: str, request: TierRequest, primary: _Served, span: trace.Span | None
+    ) -> None:
         """Run the request on the candidate tier and record how far it diverges."""
         tracker = self.policy.shadow
         k = tracker.config.probe_tokens
         params = replace(request.params, max_tokens=min(k, request.params.max_tokens))
-        shadow_request = replace(request, request_id=f"{request.request_id}-shadow", params=params)
+        shadow_request = replace(
+            request,
+            request_id=f"{request.request_id}-shadow",
+            params=params,
+            return_routing=False,
+            attention_first_tokens=0,
+            traceparent=traceparent_of(span) if span is not None else "",
+        )
         tokens: list[int] = []
         logprobs: list[float] = []
         try:
             async for batch in await self._open(tier, shadow_request):
                 tokens += batch.token_ids
                 logprobs += batch.logprobs
-        except ApiError:
+        except ApiError as err:
+            if span is not None:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, err.message))
+                span.end()
             return  # the candidate could not take it: no sample, the caller is unaffected
-        tracker.record(tracker.divergence(primary.token_ids, primary.logprobs, tokens, logprobs))
+        result = tracker.divergence(primary.token_ids, primary.logprobs, tokens, logprobs)
+        tracker.record(result)
+        get_telemetry().metrics.record_shadow_divergence(tier, result.divergence)
+        if span is not None:
+            span.set_attributes(
+                {
+                    "moe.shadow.divergence": result.divergence,
+                    "moe.shadow.logprob_gap": result.logprob_gap,
+                }
+            )
+            span.end()
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[call-overload]

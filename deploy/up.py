@@ -57,12 +57,15 @@ def start(
     if address is None and cpus is None:
         cpus = float(os.cpu_count() or 2)
     say(f"starting Ray ({'connecting to ' + address if address else f'local, {cpus:g} CPUs'})")
+    # the standard OTEL_* variables set here reach every actor of the application
+    otel = {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
     ray.init(
         address=address,
         num_cpus=None if address or cpus is None else max(1, int(cpus)),
         namespace=config.ray.namespace,
         include_dashboard=False,
         log_to_driver=verbose,
+        runtime_env={"env_vars": otel} if otel else None,
     )
     serve.start(
         grpc_options=gRPCOptions(port=config.grpc.port, grpc_servicer_functions=[GRPC_SERVICER]),

@@ -8,15 +8,20 @@ with the same number of new tokens share one ``scaled_dot_product_attention``
 call, padded only in keys: all decodes of a step are one call, and a prefill
 chunk in the same step is another.
 
+An optional ``AttentionProbe`` asks for diagnostics at some sequences' last
+query: the attention entropy and the mass on the sequence's first tokens,
+computed explicitly in fp32 beside (not instead of) the SDPA call.
+
 Legend: T new tokens in the batch, B sequences, G sequences of a group, Q new
-tokens of each sequence in a group, C most keys of one sequence in a group,
-Hq/Hkv query/kv heads, D head dim.
+tokens of each sequence in a group, C most keys of one sequence in a group
+(of the probed sequences, in a probe), P probed sequences, Hq/Hkv query/kv
+heads, D head dim.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +61,58 @@ class AttentionGroup:
     in_order: bool  # rows are exactly 0..T-1: the group is the whole batch
 
 
+# Finite, unlike -inf, so that a padding key's p * log p is 0 * MASKED = 0, not nan; far below
+# any real score, so its probability underflows to exactly 0.
+MASKED = -1e30
+
+
+@dataclass(frozen=True)
+class AttentionProbe:
+    """Attention diagnostics at the last new token of some sequences, one entry per layer.
+
+    Each layer's ``paged_attention`` appends (entropy [P], first_mass [P]) to ``results``:
+    the softmax over the sequence's cached and new keys, averaged over query heads, its
+    entropy in nats and its mass on the keys of the sequence's first tokens. Kept keys stay
+    in position order, so those keys are a prefix of the sequence's keys: ``first_keys``
+    of them (a window policy may have evicted some or all, which then carry no mass).
+    """
+
+    rows: torch.Tensor  # [P] row in [T] of each probed sequence's last new token
+    key_slots: torch.Tensor  # [P, C] flat slots of each probed sequence's keys (padding: 0)
+    key_bias: torch.Tensor  # [P, 1, 1, C] fp32 score bias: 0 on real keys, MASKED on padding
+    first_weight: torch.Tensor  # [P, 1, C, 1] fp32: 1 on keys holding a first token, else 0
+    results: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        chunks: Sequence[SequenceChunk],
+        last_rows: Sequence[int],
+        first_keys: Mapping[int, int],
+        block_size: int,
+        device: torch.device,
+    ) -> AttentionProbe:
+        """Probe chunk b (a key of ``first_keys``) at ``last_rows[b]``.
+
+        ``first_keys[b]`` of chunk b's keys (cached and new) hold its first tokens.
+        """
+        probed = sorted(first_keys)  # [P] chunk indices
+        assert probed and 0 <= probed[0] and probed[-1] < len(chunks), probed
+        seqs = [chunks[b] for b in probed]
+        key_slots = _key_slots(seqs, block_size)  # [P, C]
+        key_pos = torch.arange(key_slots.shape[1])  # [C]
+        num_first = [min(first_keys[b], c.num_keys) for b, c in zip(probed, seqs, strict=True)]
+        counts = torch.tensor([[c.num_keys for c in seqs], num_first])  # [2, P]
+        padding = key_pos[None, :] >= counts[0, :, None]  # [P, C]
+        first = key_pos[None, :] < counts[1, :, None]  # [P, C]
+        return cls(
+            rows=torch.tensor([last_rows[b] for b in probed], dtype=torch.long, device=device),
+            key_slots=key_slots.masked_fill_(padding, 0).to(device),
+            key_bias=(padding * MASKED)[:, None, None, :].to(device),
+            first_weight=first.float()[:, None, :, None].to(device),
+        )
+
+
 @dataclass(frozen=True)
 class AttentionBatch:
     """Index tensors for one forward pass, built once and shared by all layers."""
@@ -64,11 +121,20 @@ class AttentionBatch:
     slot_mapping: torch.Tensor  # [T] flat KV-pool slot each new token's K/V is written to
     last_index: torch.Tensor  # [B] row in [T] of each sequence's last new token
     groups: tuple[AttentionGroup, ...]
+    probe: AttentionProbe | None = None  # diagnostics some sequences asked for
 
     @classmethod
     def build(
-        cls, chunks: Sequence[SequenceChunk], block_size: int, device: torch.device
+        cls,
+        chunks: Sequence[SequenceChunk],
+        block_size: int,
+        device: torch.device,
+        probe: Mapping[int, int] | None = None,
     ) -> AttentionBatch:
+        """Index tensors for ``chunks``; ``probe`` maps a chunk's index to its first-token keys.
+
+        A probed chunk gets diagnostics at its last new token (see ``AttentionProbe``).
+        """
         # Built with a handful of tensor ops per group rather than per-sequence ones: this
         # runs once per engine step, and per-sequence ops cost ~0.1 ms each at decode.
         first: list[int] = []  # row in [T] of each sequence's first new token
@@ -102,24 +168,31 @@ class AttentionBatch:
             slot_mapping=slots.to(device),
             last_index=torch.tensor(last, dtype=torch.long, device=device),
             groups=tuple(groups),
+            probe=AttentionProbe.build(chunks, last, probe, block_size, device) if probe else None,
         )
 
 
-def _group_tensors(
-    chunks: Sequence[SequenceChunk], first: Sequence[int], num_new: int, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows, positions, write slots, key slots and mask of sequences with ``num_new`` tokens."""
+def _key_slots(chunks: Sequence[SequenceChunk], block_size: int) -> torch.Tensor:  # [G, C]
+    """Flat slot of each sequence's keys in cache order; keys past a sequence's end are junk."""
     max_c = max(c.num_keys for c in chunks)
     num_blocks = -(-max_c // block_size)  # blocks the longest sequence's keys span
     tables = []
     for chunk in chunks:
         table = list(chunk.block_table[:num_blocks])
         tables.append(table + [0] * (num_blocks - len(table)))
-    per_seq = [list(first), [c.num_cached for c in chunks], [c.start_position for c in chunks]]
-    first_row, cached, start_pos = torch.tensor(per_seq, dtype=torch.long)  # [G] each
     key_pos = torch.arange(max_c)  # [C]
     block_of_key = torch.tensor(tables, dtype=torch.long)[:, key_pos // block_size]  # [G, C]
-    key_slots = block_of_key * block_size + key_pos % block_size  # [G, C]
+    return block_of_key * block_size + key_pos % block_size  # [G, C]
+
+
+def _group_tensors(
+    chunks: Sequence[SequenceChunk], first: Sequence[int], num_new: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows, positions, write slots, key slots and mask of sequences with ``num_new`` tokens."""
+    key_slots = _key_slots(chunks, block_size)  # [G, C]
+    per_seq = [list(first), [c.num_cached for c in chunks], [c.start_position for c in chunks]]
+    first_row, cached, start_pos = torch.tensor(per_seq, dtype=torch.long)  # [G] each
+    key_pos = torch.arange(key_slots.shape[1])  # [C]
     q_pos = torch.arange(num_new)  # [Q]
     key_index = cached[:, None] + q_pos[None, :]  # [G, Q] key index of each query
     # query i sits at key index num_cached + i and sees keys up to it (never key padding)
@@ -144,6 +217,8 @@ def paged_attention(
     """Write the new K/V into the cache, then attend every query to its sequence's keys."""
     k_cache[batch.slot_mapping] = k
     v_cache[batch.slot_mapping] = v
+    if batch.probe is not None:
+        batch.probe.results.append(_probe_stats(q, k_cache, batch.probe, scale))
     num_tokens, num_heads, head_dim = q.shape
     out = None if batch.groups[0].in_order else q.new_empty(num_tokens, num_heads, head_dim)
     for group in batch.groups:
@@ -164,3 +239,28 @@ def paged_attention(
         out[group.rows] = attended
     assert out is not None
     return out.reshape(num_tokens, num_heads * head_dim)  # [T, Hq*D]
+
+
+def _probe_stats(
+    q: torch.Tensor,  # [T, Hq, D] (rotated)
+    k_cache: torch.Tensor,  # [S, Hkv, D] (this step's keys already written)
+    probe: AttentionProbe,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # entropy [P], first-token mass [P]
+    """Explicit fp32 softmax of the probed queries over their keys; stats averaged over heads.
+
+    Query head h reads kv head h // (Hq/Hkv), as in every GQA reference: viewing the heads
+    as [Hkv, Hq/Hkv] lets one matmul serve a kv head's whole query group.
+    """
+    num_probed, max_c = probe.key_slots.shape
+    _, num_kv_heads, head_dim = k_cache.shape
+    qp = q.index_select(0, probe.rows).float() * scale  # [P, Hq, D]
+    qp = qp.view(num_probed, num_kv_heads, -1, head_dim)  # [P, Hkv, Hq/Hkv, D]
+    keys = k_cache.index_select(0, probe.key_slots.view(-1)).float()  # [P*C, Hkv, D]
+    keys = keys.view(num_probed, max_c, num_kv_heads, head_dim).permute(0, 2, 3, 1)  # [P,Hkv,D,C]
+    scores = torch.matmul(qp, keys) + probe.key_bias  # [P, Hkv, Hq/Hkv, C]
+    log_p = torch.log_softmax(scores, dim=-1)  # [P, Hkv, Hq/Hkv, C]
+    p = log_p.exp()  # padding keys: exactly 0
+    entropy = -(p * log_p).sum(-1)  # [P, Hkv, Hq/Hkv]
+    first_mass = torch.matmul(p, probe.first_weight)  # [P, Hkv, Hq/Hkv, 1]
+    return entropy.mean((1, 2)), first_mass.mean((1, 2, 3))  # [P], [P]

@@ -27,7 +27,7 @@ class KVPolicy(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., window: _Optional[int] = ..., sinks: _Optional[int] = ..., anchors: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "token_ids", "tier", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "session_id", "kv_policy", "retrieval_confidence", "return_routing", "stop_token_ids")
+    __slots__ = ("prompt", "token_ids", "tier", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "session_id", "kv_policy", "retrieval_confidence", "return_routing", "stop_token_ids", "attention_first_tokens")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class GenerateRequest(_message.Message):
     RETRIEVAL_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     RETURN_ROUTING_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIRST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     tier: str
@@ -58,7 +59,18 @@ class GenerateRequest(_message.Message):
     retrieval_confidence: float
     return_routing: bool
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tier: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., session_id: _Optional[str] = ..., kv_policy: _Optional[_Union[KVPolicy, _Mapping]] = ..., retrieval_confidence: _Optional[float] = ..., return_routing: _Optional[bool] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    attention_first_tokens: int
+    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tier: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., session_id: _Optional[str] = ..., kv_policy: _Optional[_Union[KVPolicy, _Mapping]] = ..., retrieval_confidence: _Optional[float] = ..., return_routing: _Optional[bool] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., attention_first_tokens: _Optional[int] = ...) -> None: ...
+
+class LayerAttention(_message.Message):
+    __slots__ = ("layer", "entropy", "first_tokens_mass")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKENS_MASS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    entropy: float
+    first_tokens_mass: float
+    def __init__(self, layer: _Optional[int] = ..., entropy: _Optional[float] = ..., first_tokens_mass: _Optional[float] = ...) -> None: ...
 
 class LayerRouting(_message.Message):
     __slots__ = ("layer", "experts")
@@ -103,7 +115,7 @@ class TierInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., reason: _Optional[str] = ..., confidence: _Optional[float] = ..., escalated: _Optional[bool] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("token_ids", "text", "finish_reason", "routing", "usage", "tier", "request_id", "trace_id")
+    __slots__ = ("token_ids", "text", "finish_reason", "routing", "usage", "tier", "request_id", "trace_id", "attention")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +124,7 @@ class GenerateChunk(_message.Message):
     TIER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     finish_reason: str
@@ -120,7 +133,8 @@ class GenerateChunk(_message.Message):
     tier: TierInfo
     request_id: str
     trace_id: str
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., routing: _Optional[_Iterable[_Union[TokenRouting, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., tier: _Optional[_Union[TierInfo, _Mapping]] = ..., request_id: _Optional[str] = ..., trace_id: _Optional[str] = ...) -> None: ...
+    attention: _containers.RepeatedCompositeFieldContainer[LayerAttention]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., routing: _Optional[_Iterable[_Union[TokenRouting, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., tier: _Optional[_Union[TierInfo, _Mapping]] = ..., request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., attention: _Optional[_Iterable[_Union[LayerAttention, _Mapping]]] = ...) -> None: ...
 
 class ListTiersRequest(_message.Message):
     __slots__ = ()

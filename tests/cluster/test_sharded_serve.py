@@ -1,11 +1,19 @@
-"""The Serve application with a sharded tier on a 3-node Ray cluster, called over gRPC."""
+"""The Serve application with a sharded tier on a 3-node Ray cluster, called over gRPC.
+
+The application writes its traces to a JSON-lines file and keeps an audit log, so the
+tests also check telemetry across processes: one trace holds the gateway's request span,
+the tier replica's spans and the expert shards' work; ``traces report`` reads the file;
+``replay`` re-runs a sampled request from its audit record.
+"""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -15,7 +23,10 @@ from ray.cluster_utils import Cluster
 from ray.serve.config import gRPCOptions
 
 from cluster.generator import generate
+from cluster.trace_file import SpanRecord, read_spans
 from deploy.app import GRPC_SERVICER, build_app
+from deploy.audit import find
+from deploy.cli import main as cli_main
 from deploy.config import parse_config
 from deploy.demo_model import build_demo_model
 from deploy.proto import moecluster_v1_pb2 as pb
@@ -23,6 +34,7 @@ from deploy.proto import moecluster_v1_pb2_grpc as pb_grpc
 from experts.model import MoEModel
 from experts.sampling import SamplingParams
 
+T = TypeVar("T")
 PROMPTS = ([5, 17, 300, 42, 99, 1024, 7, 8, 9, 10, 11, 12, 13], [1500, 3, 4], list(range(40, 80)))
 
 
@@ -37,8 +49,17 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_model(tmp_path_factory.mktemp("serve-shards") / "tiny", "tiny")
 
 
+@dataclass
+class Served:
+    stub: pb_grpc.MoEClusterStub
+    address: str
+    spans: Path
+    audit: Path
+
+
 @pytest.fixture(scope="module")
-def stub(model_dir: Path) -> Iterator[pb_grpc.MoEClusterStub]:
+def served(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    out = tmp_path_factory.mktemp("telemetry")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     cluster.add_node(num_cpus=1, resources={"expert_node_a": 1})
     cluster.add_node(num_cpus=1, resources={"expert_node_b": 1})
@@ -61,6 +82,8 @@ def stub(model_dir: Path) -> Iterator[pb_grpc.MoEClusterStub]:
             ],
             "policy": {"default_tier": "strong", "cascade": {"enabled": False}},
             "auth": {"api_keys": [], "api_keys_env": None},
+            "telemetry": {"traces_exporter": "file", "file_path": str(out / "spans.jsonl")},
+            "audit": {"enabled": True, "path": str(out / "audit.jsonl"), "record_text": True},
         },
         base_dir=model_dir,
     )
@@ -72,7 +95,12 @@ def stub(model_dir: Path) -> Iterator[pb_grpc.MoEClusterStub]:
     try:
         serve.run(build_app(config), name="sharded", route_prefix="/")
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        yield pb_grpc.MoEClusterStub(channel)
+        yield Served(
+            pb_grpc.MoEClusterStub(channel),
+            f"127.0.0.1:{port}",
+            out / "spans.jsonl",
+            out / "audit.jsonl",
+        )
         channel.close()
     finally:
         serve.shutdown()
@@ -85,9 +113,8 @@ def _tokens(stub: pb_grpc.MoEClusterStub, prompt: list[int]) -> list[int]:
     return [t for chunk in stub.Generate(request, timeout=120) for t in chunk.token_ids]
 
 
-def test_sharded_tier_serves_the_colocated_tokens(
-    stub: pb_grpc.MoEClusterStub, model_dir: Path
-) -> None:
+def test_sharded_tier_serves_the_colocated_tokens(served: Served, model_dir: Path) -> None:
+    stub = served.stub
     pool: Any = serve.get_deployment_handle("experts-strong", app_name="sharded")
     nodes = pool.node_ids.remote().result()
     assert len(set(nodes.values())) == 2, nodes
@@ -97,3 +124,58 @@ def test_sharded_tier_serves_the_colocated_tokens(
     # several calls, so both backbone replicas (sharing the one pool) serve some
     for _ in range(2):
         assert [_tokens(stub, list(p)) for p in PROMPTS] == expected
+
+
+def _wait_for(what: str, found: Callable[[], T | None], timeout: float = 60.0) -> T:
+    """Exporters batch (spans every few seconds) and audit writes run off the event loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = found()
+        if value is not None:
+            return value
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f}s"
+        time.sleep(0.5)
+
+
+def test_one_trace_spans_gateway_replica_and_shards(served: Served) -> None:
+    trace_id = "5af7183fc1d34b8fa25c2e8f1a7f9e01"
+    request = pb.GenerateRequest(token_ids=PROMPTS[0], max_tokens=4, ignore_eos=True)
+    traceparent = f"00-{trace_id}-b7ad6b7169203331-01"
+    chunks = list(served.stub.Generate(request, metadata=[("traceparent", traceparent)]))
+    assert chunks[-1].trace_id == trace_id
+
+    def spans() -> list[SpanRecord] | None:
+        if not served.spans.exists():
+            return None
+        mine = [s for s in read_spans(served.spans) if s.trace_id == trace_id]
+        names = {s.name.split(" ")[0] for s in mine}
+        wanted = {"text_completion", "moe.tier_request", "moe.decode", "moe.expert_shard"}
+        return mine if wanted <= names else None
+
+    mine = _wait_for("complete trace", spans)
+    by_id = {s.span_id: s for s in mine}
+    roles = {s.resource.get("moe.role") for s in mine}
+    assert {"gateway", "tier", "expert_shard"} <= roles, roles
+    root = next(s for s in mine if s.name.startswith("text_completion"))
+    assert root.parent_span_id == "b7ad6b7169203331"
+    for shard_span in (s for s in mine if s.name.startswith("moe.expert_shard")):
+        chain = [shard_span]  # walk up to the root: every hop is a recorded span
+        while chain[-1].parent_span_id in by_id:
+            chain.append(by_id[chain[-1].parent_span_id])
+        assert chain[-1] is root, [s.name for s in chain]
+
+    assert cli_main(["traces", "report", str(served.spans)]) == 0
+
+
+def test_replay_of_a_sampled_request_is_identical(served: Served, capsys: Any) -> None:
+    request = pb.GenerateRequest(token_ids=PROMPTS[1], max_tokens=10, temperature=1.0)
+    chunks = list(served.stub.Generate(request))
+    request_id = chunks[-1].request_id
+    _wait_for(
+        "audit record", lambda: find(served.audit, request_id) if served.audit.exists() else None
+    )
+    code = cli_main(
+        ["replay", request_id, "--audit-log", str(served.audit), "--server", served.address]
+    )
+    assert code == 0, capsys.readouterr().out
+    assert "identical" in capsys.readouterr().out

@@ -163,7 +163,7 @@ def test_unknown_tier_lookup_lists_known() -> None:
         ({"tiers": TWO_TIERS, "grcp": {}}, "grcp: Extra inputs are not permitted"),
         (
             {"tiers": TWO_TIERS, "telemetry": {"traces_exporter": "zipkin"}},
-            "telemetry.traces_exporter: Input should be 'none', 'console', 'otlp' or 'jsonl' "
+            "telemetry.traces_exporter: Input should be 'none', 'console', 'otlp' or 'file' "
             "(got 'zipkin')",
         ),
         (
@@ -255,15 +255,29 @@ def test_one_tier_without_cascade_is_valid(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, data)).policy_config().default_tier == "tiny"
 
 
-def test_telemetry_exporters_need_their_destination(tmp_path: Path) -> None:
-    (line,) = problems(tmp_path, {"tiers": TWO_TIERS, "telemetry": {"traces_exporter": "otlp"}})
-    assert line.startswith("telemetry.otlp_endpoint: traces_exporter 'otlp' needs otlp_endpoint")
-    assert line.endswith("(got None)")
-    (line,) = problems(tmp_path, {"tiers": TWO_TIERS, "telemetry": {"traces_exporter": "jsonl"}})
-    assert line.startswith("telemetry.jsonl_path: traces_exporter 'jsonl' needs jsonl_path")
-    ok = {"traces_exporter": "jsonl", "jsonl_path": "traces/spans.jsonl"}
+def test_telemetry_file_exporter_needs_its_file(tmp_path: Path) -> None:
+    (line,) = problems(tmp_path, {"tiers": TWO_TIERS, "telemetry": {"traces_exporter": "file"}})
+    assert line.startswith("telemetry.file_path: traces_exporter 'file' needs file_path")
+    ok = {"traces_exporter": "file", "file_path": "traces/spans.jsonl", "sample_ratio": 0.5}
     cfg = load_config(write(tmp_path, {"tiers": TWO_TIERS, "telemetry": ok}))
-    assert cfg.telemetry.jsonl_path == str(tmp_path / "traces" / "spans.jsonl")
+    assert cfg.telemetry.file_path == str(tmp_path / "traces" / "spans.jsonl")
+    settings = cfg.telemetry.settings()  # what every process sets up from
+    assert settings.traces_exporter == "file" and settings.sample_ratio == 0.5
+    assert settings.file_path == cfg.telemetry.file_path
+
+
+def test_otlp_endpoint_may_come_from_the_environment(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(tmp_path, {"tiers": TWO_TIERS, "telemetry": {"traces_exporter": "otlp"}})
+    )
+    assert cfg.telemetry.settings().otlp_endpoint is None  # OTEL_EXPORTER_OTLP_ENDPOINT decides
+
+
+def test_audit_path_resolves_against_the_config_file(tmp_path: Path) -> None:
+    audit = {"enabled": True, "path": "logs/audit.jsonl"}
+    cfg = load_config(write(tmp_path, {"tiers": TWO_TIERS, "audit": audit}))
+    assert cfg.audit.path == str(tmp_path / "logs" / "audit.jsonl")
+    assert cfg.audit.record_text is False
 
 
 # --- the file itself ----------------------------------------------------------------------------

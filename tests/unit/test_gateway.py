@@ -967,3 +967,19 @@ def test_fake_satisfies_the_protocol() -> None:
     client: TierClient = FakeTierClient()
     assert run_async(lambda: client.stats("fast")).num_blocks == 64
     assert run_async(lambda: client.info("fast")).name == "fast"
+
+
+def test_client_going_away_closes_the_tier_stream_at_once() -> None:
+    fake = FakeTierClient(
+        {"fast": stream(batch([1]), batch([2]), batch([3]), batch([4], finish="length"))}
+    )
+    request = pb.GenerateRequest(prompt="hi", tier="fast")
+
+    async def first_chunk_then_leave() -> None:
+        chunks = Gateway(make_config(), fake).generate(request, {})
+        await anext(chunks)
+        await chunks.aclose()  # what Serve does when the client cancels
+        [call] = fake.calls
+        assert call.closed and call.cancelled  # before any garbage collection runs
+
+    asyncio.run(first_chunk_then_leave())
