@@ -232,6 +232,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
     parser.add_argument("--tier", default="strong", help="tier to load (fast or strong)")
     parser.add_argument("--max-tokens", type=int, default=None, help="tokens per request")
+    parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=None,
+        help="tokens per streamed item after the first (the tier's stream_interval; default: "
+        "the config default, 1)",
+    )
     args = parser.parse_args()
 
     from deploy.config import default_config
@@ -239,6 +246,13 @@ def main() -> None:
 
     ensure_demo_models(DEMO_DIR)
     config = default_config(DEMO_DIR)
+    # Each mode runs as its users would run it: in-process with this process's torch threads,
+    # the tier replica with Ray's (OMP_NUM_THREADS=1 for a replica of num_cpus 0.5). Giving the
+    # replica 2 threads was measured slower here: its threads then fight Ray's processes.
+    if args.stream_interval is not None:
+        update = {"stream_interval": args.stream_interval}
+        tiers = tuple(t.model_copy(update=update) for t in config.tiers)
+        config = config.model_copy(update={"tiers": tiers})
     tier = config.tier(args.tier)
     concurrency = (1, 4) if args.quick else (1, 8, 32)
     max_tokens = args.max_tokens or (16 if args.quick else 64)
@@ -270,6 +284,8 @@ def main() -> None:
         "model": tier.model,
         "engine": asdict(tier.to_engine_config()),
         "max_tokens": max_tokens,
+        "stream_interval": tier.stream_interval,
+        "torch_threads": {"in_process": torch.get_num_threads(), "tier": "Ray default (1)"},
         "prompt_tokens": "uniform 32..128 random ids, fixed seed per level",
         "requests_per_level": {c: len(reqs) for c, reqs in levels},
         "levels": rows,
@@ -290,6 +306,8 @@ def main() -> None:
     }
     OUT.mkdir(parents=True, exist_ok=True)
     name = "serve_load.quick.json" if args.quick else "serve_load.json"
+    if args.stream_interval is not None and not args.quick:
+        name = f"serve_load.interval{args.stream_interval}.json"
     (OUT / name).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {OUT / name}")
 

@@ -40,8 +40,12 @@ class TierReplica:
         engine_config: EngineConfig,
         device: str = "cpu",
         experts: ExpertBackend | None = None,
+        stream_interval: int = 1,
     ) -> None:
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval={stream_interval} must be >= 1")
         self.name = name
+        self.stream_interval = stream_interval
         self.model_dir = str(model_dir)
         model = MoEModel.from_checkpoint(model_dir, device=device, experts=experts)
         self.tokenizer = load_tokenizer(model_dir)
@@ -112,21 +116,28 @@ class TierReplica:
         pump = asyncio.create_task(self._pump(engine_request, events))
         finished = False
         error: str | None = "cancelled before the end"
+        tokens: list[TokenEvent] = []
         try:
             while not finished:
                 batch = [await events.get()]
                 while not events.empty():
                     batch.append(events.get_nowait())
-                tokens = [e for e in batch if isinstance(e, TokenEvent)]
                 for item in batch:
                     if isinstance(item, BaseException):
                         error = str(item)
                         raise item
-                if tokens:
-                    traced.add(tokens)
-                    finished = tokens[-1].finish_reason is not None
-                    attention = traced.attention() if finished else None
-                    yield _to_tokens(tokens, request.return_routing, attention)
+                tokens += [e for e in batch if isinstance(e, TokenEvent)]
+                if not tokens:
+                    continue
+                finished = tokens[-1].finish_reason is not None
+                # the first token goes out at once (time to first token); later ones in
+                # items of stream_interval tokens, each item being two Ray streaming hops
+                if not finished and tokens[0].index > 0 and len(tokens) < self.stream_interval:
+                    continue
+                traced.add(tokens)
+                attention = traced.attention() if finished else None
+                yield _to_tokens(tokens, request.return_routing, attention)
+                tokens = []
             error = None
         finally:
             if not finished:

@@ -92,6 +92,10 @@ class TierHost:
     ) -> None:
         if telemetry is not None:
             setup_telemetry(telemetry, role="tier", attributes=_replica_attributes(tier.name))
+        if tier.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(tier.torch_threads)
         experts = None
         if expert_pool is not None:  # the experts live in the tier's shared shard pool
             # __init__ runs on the replica's event loop, where Serve forbids blocking on a
@@ -102,7 +106,12 @@ class TierHost:
                 ).result()
             experts = RemoteExperts(ExpertPool(handles), table, tier.name)
         self.replica = TierReplica(
-            tier.name, tier.model, tier.to_engine_config(), tier.device, experts
+            tier.name,
+            tier.model,
+            tier.to_engine_config(),
+            tier.device,
+            experts,
+            stream_interval=tier.stream_interval,
         )
 
     async def generate(self, request: TierRequest) -> AsyncGenerator[TierItem, None]:
@@ -213,7 +222,11 @@ def build_app(config: ClusterConfig) -> Any:
             max_ongoing_requests=tier.max_ongoing_requests,
             max_queued_requests=tier.max_queued_requests,
         ).bind(tier, pool, telemetry)
-    return GatewayDeployment.options(name="gateway").bind(config, tiers)
+    return GatewayDeployment.options(
+        name="gateway",
+        num_replicas=config.grpc.gateway_replicas,
+        max_ongoing_requests=config.grpc.max_concurrent_streams,
+    ).bind(config, tiers)
 
 
 def app_builder(args: dict[str, Any]) -> Any:

@@ -63,6 +63,10 @@ def _resolve_path(value: str, info: Info) -> str:
 class GrpcConfig(_Model):
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=9000, ge=1, le=65535)
+    # streams one gateway replica serves at once (Serve's own default, 5, would cap the whole
+    # cluster at 5 concurrent requests per gateway replica); the tiers queue the rest
+    max_concurrent_streams: int = Field(default=1024, ge=1)
+    gateway_replicas: int = Field(default=1, ge=1)
 
 
 class AuthConfig(_Model):
@@ -127,6 +131,12 @@ class TierConfig(_Model):
     engine: EngineSettings = EngineSettings()
     experts: ExpertsSettings = ExpertsSettings()
     max_tokens_limit: int = Field(default=4096, ge=1)
+    # tokens gathered per streamed item after the first (which goes out at once): each item
+    # costs two Ray streaming hops (replica -> gateway -> gRPC proxy); 1 = every token
+    stream_interval: int = Field(default=1, ge=1, le=256)
+    # torch intra-op threads in each replica; None: Ray's OMP_NUM_THREADS (the replica's
+    # num_cpus rounded up, at least 1). Set it for CPU serving with more than one core.
+    torch_threads: int | None = Field(default=None, ge=1, le=1024)
 
     @field_validator("name")
     @classmethod

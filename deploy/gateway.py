@@ -109,7 +109,7 @@ class Gateway:
 
     async def _generate(
         self, request: pb.GenerateRequest, metadata: Mapping[str, str], traced: GatewayTrace
-    ) -> AsyncIterator[pb.GenerateChunk]:
+    ) -> AsyncGenerator[pb.GenerateChunk, None]:
         self.authenticate(metadata)
         tier_limit = max(t.max_tokens_limit for t in self.config.tiers)
         args = parse_generate(request, tier_limit)

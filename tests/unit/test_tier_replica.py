@@ -1,0 +1,75 @@
+"""The tier replica without Ray: acceptance, streamed token items, stream_interval."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster.engine import EngineConfig
+from cluster.tier_messages import TierAccepted, TierItem, TierRejected, TierRequest, TierTokens
+from cluster.tier_replica import TierReplica
+from experts.sampling import SamplingParams
+from tests.checkpoints import build_family_checkpoint
+
+PROMPT = (5, 6, 7, 8, 9)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_family_checkpoint("mixtral", tmp_path_factory.mktemp("replica") / "m", seed=5)
+
+
+@pytest.fixture
+def replica(model_dir: Path, request: pytest.FixtureRequest) -> Iterator[TierReplica]:
+    interval = getattr(request, "param", 1)
+    replica = TierReplica("t", model_dir, EngineConfig(num_blocks=32), stream_interval=interval)
+    yield replica
+    replica.shutdown()
+
+
+def _items(replica: TierReplica, max_tokens: int, **fields: object) -> list[TierItem]:
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    fields = {"token_ids": PROMPT} | fields
+    request = TierRequest("r", params, **fields)  # type: ignore[arg-type]
+
+    async def collect() -> list[TierItem]:
+        return [item async for item in replica.generate(request)]
+
+    return asyncio.run(collect())
+
+
+@pytest.mark.parametrize("replica", [1, 4], indirect=True)
+def test_items_carry_every_token_once_in_order(replica: TierReplica) -> None:
+    items = _items(replica, 11)
+    assert items[0] == TierAccepted(len(PROMPT))
+    batches = [i for i in items[1:] if isinstance(i, TierTokens)]
+    assert len(batches) == len(items) - 1
+    ids = [t for b in batches for t in b.token_ids]
+    assert len(ids) == 11
+    assert [b.finish_reason for b in batches] == [None] * (len(batches) - 1) + ["length"]
+    assert batches[0].queue_s is not None and batches[0].queue_s >= 0
+
+
+@pytest.mark.parametrize("replica", [4], indirect=True)
+def test_stream_interval_sends_the_first_token_at_once_then_groups(
+    replica: TierReplica,
+) -> None:
+    batches = [i for i in _items(replica, 11)[1:] if isinstance(i, TierTokens)]
+    # the first item is whatever was ready when the first token came: usually just it
+    assert 1 <= len(batches[0].token_ids) < 4 or len(batches) == 1
+    assert all(len(b.token_ids) >= 4 for b in batches[1:-1])
+    assert len(batches) <= 1 + -(-10 // 4)
+
+
+def test_bad_request_is_rejected_before_acceptance(replica: TierReplica) -> None:
+    items = _items(replica, 1, token_ids=(10**6,))
+    assert isinstance(items[0], TierRejected) and items[0].code == "invalid_argument"
+    assert len(items) == 1
+
+
+def test_stream_interval_must_be_positive(model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="stream_interval=0"):
+        TierReplica("t", model_dir, EngineConfig(num_blocks=8), stream_interval=0)
