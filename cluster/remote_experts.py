@@ -32,6 +32,7 @@ class RemoteExperts:
         self._pool = pool
         self._table = table
         self.tier = tier  # for metric attributes
+        self._spans_made: dict[str, int] = {}  # dispatch spans per traced request (traceparent)
         self._lock = threading.Lock()
         self.num_shard_calls = 0
         self.last_fan_out: list[int] = []  # shards each token touched, last layer computed
@@ -88,14 +89,23 @@ class RemoteExperts:
             device=hidden.device,
         )
 
-    @staticmethod
     def _dispatch_span(
-        telemetry: Telemetry, layer: int, num_tokens: int, num_shards: int
+        self, telemetry: Telemetry, layer: int, num_tokens: int, num_shards: int
     ) -> tuple[trace.Span | None, str]:
-        """A span for this layer's dispatch when the step belongs to a traced request."""
+        """A span for this layer's dispatch when the step belongs to a traced request.
+
+        At most ``dispatch_spans`` per request (its first steps): a long generation would
+        otherwise make layers x steps x shards spans.
+        """
         step = current_step_trace()
-        parent = context_from_traceparent(step) if step and telemetry.tracing else None
-        if parent is None:
+        if not step or not telemetry.tracing:
+            return None, ""
+        made = self._spans_made.pop(step, 0)
+        self._spans_made[step] = made + 1  # most recent last: the oldest are forgotten first
+        if len(self._spans_made) > 4096:
+            del self._spans_made[next(iter(self._spans_made))]
+        parent = context_from_traceparent(step)
+        if parent is None or made >= telemetry.settings.dispatch_spans:
             return None, ""
         span = telemetry.tracer.start_span(
             "moe.expert_dispatch",

@@ -99,6 +99,7 @@ class TelemetrySettings:
     prometheus_port: int = 9464  # first port tried; taken ports are skipped, up to +32
     record_text: bool = False  # put prompt and completion text on spans
     token_events: int = 256  # most per-token span events per request; 0 = none
+    dispatch_spans: int = 64  # most expert-dispatch spans (per MoE layer call) per request
     resource_attributes: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
@@ -123,6 +124,8 @@ class TelemetrySettings:
             raise ValueError(f"prometheus_port={self.prometheus_port!r} must be in [0, 65535]")
         if self.token_events < 0:
             raise ValueError(f"token_events={self.token_events!r} must be >= 0")
+        if self.dispatch_spans < 0:
+            raise ValueError(f"dispatch_spans={self.dispatch_spans!r} must be >= 0")
         for pair in self.resource_attributes:
             if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
                 raise ValueError(f"resource_attributes: {pair!r} is not a (key, value) pair")

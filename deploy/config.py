@@ -257,6 +257,9 @@ class TelemetryConfig(_Model):
     prometheus_port: int = Field(default=9464, ge=1, le=65535)
     record_text: bool = False  # put prompt/completion text on spans (off: may hold user data)
     token_events: int = Field(default=256, ge=0, le=1_000_000)  # per-token events per request
+    # expert-dispatch spans (one per MoE layer call, each with its shards' spans) per request:
+    # the first steps of each traced request; 0 = none
+    dispatch_spans: int = Field(default=64, ge=0, le=1_000_000)
     resource_attributes: dict[str, str] = {}
 
     @field_validator("file_path")
@@ -279,6 +282,7 @@ class TelemetryConfig(_Model):
             prometheus_port=self.prometheus_port,
             record_text=self.record_text,
             token_events=self.token_events,
+            dispatch_spans=self.dispatch_spans,
             resource_attributes=tuple(sorted(self.resource_attributes.items())),
         )
 

@@ -251,3 +251,14 @@ def _raw_points(reader: InMemoryMetricReader) -> list[tuple[str, dict[str, Any]]
 
 def _points(reader: InMemoryMetricReader) -> set[tuple[str, str]]:
     return {(name, str(a.get("moe.tier"))) for name, a in _raw_points(reader)}
+
+
+def test_dispatch_spans_are_bounded_per_request(
+    gateway: Gateway, exporter: InMemorySpanExporter
+) -> None:
+    exporter.clear()
+    _run(gateway, _request(max_tokens=40), {"traceparent": TRACEPARENT})
+    spans = exporter.get_finished_spans()
+    # 40 steps x 3 MoE layers = 120 dispatches; only the first 64 are recorded
+    assert len(_by_name(spans, "moe.expert_dispatch")) == TelemetrySettings().dispatch_spans
+    assert len(_one(spans, "moe.decode").events) == 4  # token_events=4
