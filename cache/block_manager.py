@@ -6,6 +6,13 @@ of its longest cached prefix (one more reference each), computing only the
 rest. When the last holder frees a registered block it is not returned to the
 free list: it stays cached and evictable, least recently used first, and is
 only reclaimed when a fresh block is needed and the free list is empty.
+
+A sequence's partly filled last block can be kept the same way, as a partial entry
+under the hash of the full blocks before it (``release_partial``). It is never held
+again: a later sequence whose cached chain ends at that hash finds it
+(``match_partial``) and copies the slots it can use into a fresh block of its own
+(the copy is the engine's), so a cached block is never written. Partial and full
+cached blocks share one LRU order.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from cache.block_allocator import BlockAllocator, OutOfBlocksError
+from cache.partial_blocks import PartialBlocks
 from cache.prefix_hash import hash_blocks
 
 
@@ -28,6 +36,7 @@ class BlockManager:
         self.allocator = BlockAllocator(num_blocks)
         self._block_of: dict[int, int] = {}  # prefix hash -> block
         self._hash_of: dict[int, int] = {}  # block -> prefix hash
+        self._partials = PartialBlocks()  # cached partial blocks, all unheld and evictable
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unheld; LRU first
         self.num_evictions = 0
 
@@ -47,7 +56,13 @@ class BlockManager:
 
     @property
     def num_cached(self) -> int:
+        """Cached full blocks (held or not)."""
         return len(self._block_of)
+
+    @property
+    def num_cached_partial(self) -> int:
+        """Cached partial blocks (never held)."""
+        return len(self._partials)
 
     def can_allocate(self, count: int) -> bool:
         return count <= self.num_available
@@ -58,7 +73,10 @@ class BlockManager:
             raise OutOfBlocksError(f"asked for {count} blocks, {self.num_available} available")
         while self.allocator.num_free < count:
             block, _ = self._evictable.popitem(last=False)
-            del self._block_of[self._hash_of.pop(block)]
+            if block in self._partials:
+                self._partials.remove(block)
+            else:
+                del self._block_of[self._hash_of.pop(block)]
             self.allocator.release(block)
             self.num_evictions += 1
         return self.allocator.allocate(count)
@@ -88,8 +106,27 @@ class BlockManager:
     def acquire(self, blocks: Sequence[int]) -> None:
         """Hold cached blocks (one more reference each)."""
         for block in blocks:
+            assert block not in self._partials, f"block {block} is a partial entry: copy it"
             self._evictable.pop(block, None)
             self.allocator.incref(block)
+
+    def match_partial(
+        self, parent_hash: int | None, token_ids: Sequence[int], max_tokens: int
+    ) -> tuple[int, int] | None:
+        """(block, m): the cached partial block after the prefix ``parent_hash`` names (None:
+        the start) that holds the K/V of the longest prefix of ``token_ids``, m tokens with
+        1 <= m <= ``max_tokens``; None if there is none.
+
+        Nothing is held: copy its first m slots into a block of your own before anything
+        writes to the pool, and call ``touch`` first so allocation evicts it last.
+        """
+        if not self.enable_prefix_caching:
+            return None
+        return self._partials.longest_match(parent_hash, token_ids, max_tokens)
+
+    def touch(self, block: int) -> None:
+        """Mark an evictable cached block as just used (evicted last)."""
+        self._evictable.move_to_end(block)
 
     def register(self, block: int, block_hash: int) -> None:
         """Name a full, computed block by its prefix hash so later sequences can reuse it."""
@@ -111,3 +148,30 @@ class BlockManager:
                 self._evictable[block] = None
             else:
                 self.allocator.release(block)
+
+    def release_partial(
+        self, block: int, parent_hash: int | None, token_ids: Sequence[int]
+    ) -> None:
+        """Drop the only reference to a partly filled block, keeping the K/V of its first
+        ``len(token_ids)`` slots (``token_ids``, after the prefix ``parent_hash`` names)
+        cached and evictable, unless an entry already holds them; an entry holding a proper
+        prefix of them is dropped instead.
+        """
+        assert 0 < len(token_ids) < self.block_size, f"{len(token_ids)} tokens are not partial"
+        assert block not in self._hash_of, f"block {block} is a named full block"
+        assert self.allocator.refcount(block) == 1, f"block {block} is shared or free"
+        if not self.enable_prefix_caching:
+            self.free([block])
+            return
+        covers, covered = self._partials.covering(parent_hash, token_ids)
+        if covers:  # an equal or longer twin is cached: keep that one
+            self.touch(covers[0])
+            self.free([block])
+            return
+        for old in covered:
+            self._partials.remove(old)
+            del self._evictable[old]
+            self.allocator.release(old)
+        self.allocator.decref(block)
+        self._partials.add(block, parent_hash, token_ids)
+        self._evictable[block] = None

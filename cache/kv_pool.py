@@ -47,3 +47,18 @@ class KVPool:
 
     def value(self, layer: int) -> torch.Tensor:  # [S, Hkv, D]
         return self._data[layer, 1]
+
+    @torch.inference_mode()
+    def copy_slots(self, src_block: int, dst_block: int, count: int) -> None:
+        """Copy the keys and values of the first ``count`` slots of ``src_block`` into
+        ``dst_block``, every layer in one copy."""
+        if not 0 < count <= self.block_size:
+            raise ValueError(f"count={count} must be in [1, {self.block_size}]")
+        for block in (src_block, dst_block):
+            if not 0 <= block < self.num_blocks:
+                raise ValueError(f"block {block} is outside the pool [0, {self.num_blocks})")
+        if src_block == dst_block:
+            return
+        src, dst = src_block * self.block_size, dst_block * self.block_size
+        # [L, 2, count, Hkv, D]
+        self._data[:, :, dst : dst + count] = self._data[:, :, src : src + count]

@@ -1,10 +1,12 @@
 """The engine each model-tier replica runs: continuous batching over a paged, prefix-reusing cache.
 
-A step is three parts: the scheduler picks sequences and token counts, the
-model runner computes them in one forward pass, and post-processing samples,
-streams, registers full blocks for reuse, applies KV policies and retires
-finished requests. The engine is synchronous and single-threaded; the async
-API (``cluster.async_engine``) drives it from a background thread.
+A step is three parts: the scheduler picks sequences and token counts (and
+which cached partial blocks' K/V to copy into newcomers' fresh blocks; the
+pool copies them first), the model runner computes them in one forward pass,
+and post-processing samples, streams, registers full blocks for reuse, applies
+KV policies and retires finished requests. The engine is synchronous and
+single-threaded; the async API (``cluster.async_engine``) drives it from a
+background thread.
 """
 
 from __future__ import annotations
@@ -185,6 +187,8 @@ class LLMEngine:
             if chunk.seq.first_scheduled_time is None:
                 chunk.seq.first_scheduled_time = now
             trace_parent = trace_parent or chunk.seq.trace_parent
+        for copy in plan.copies:  # cached tail K/V into newcomers' blocks, before any write
+            self.pool.copy_slots(copy.src_block, copy.dst_block, copy.num_slots)
         inputs = [self._step_input(c) for c in plan.chunks]
         with step_trace(trace_parent):  # shard work of this step joins one traced request
             logits = self.runner.run(inputs, capture_routing=capture)  # [B, V]

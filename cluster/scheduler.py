@@ -9,6 +9,13 @@ its longest cached prefix and computes only the rest. When a running
 sequence needs a block and none is left, the newest running sequence is
 preempted: its blocks are freed and it is recomputed later (its prefix may
 still be cached). Ids and integers only: no tensors, no Ray.
+
+Token-granular reuse of a tail: a sequence that lets go of its blocks leaves a
+partly computed last block cached as a partial entry; a newcomer whose cached
+chain of full blocks ends where that entry starts gets a fresh block and a
+``SlotCopy`` of the entry's matching slots into it, which the engine performs
+before the step's forward pass (in order: a later admission may evict and
+reuse the source, but nothing writes the pool before the copies are done).
 """
 
 from __future__ import annotations
@@ -41,10 +48,20 @@ class ScheduledChunk:
     num_tokens: int  # tokens computed this step, from seq.num_computed on
 
 
+@dataclass(frozen=True)
+class SlotCopy:
+    """Copy the K/V of the first ``num_slots`` slots of ``src_block`` into ``dst_block``."""
+
+    src_block: int
+    dst_block: int
+    num_slots: int
+
+
 @dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    copies: list[SlotCopy] = field(default_factory=list)  # before the forward pass, in order
 
     @property
     def num_tokens(self) -> int:
@@ -110,7 +127,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq.block_table)
+        self._release(seq)
         seq.reset_computation()
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
@@ -136,7 +153,7 @@ class Scheduler:
         while self.waiting and budget > 0 and not out.preempted:
             if len(self.running) >= self.config.max_num_seqs:
                 break
-            chunk = self._admit(self.waiting[0], budget)
+            chunk = self._admit(self.waiting[0], budget, out.copies)
             if chunk is None:
                 assert self.running, f"{self.waiting[0].request_id} can never be admitted"
                 break  # FIFO: nobody overtakes the head of the queue
@@ -155,8 +172,9 @@ class Scheduler:
         seq.block_table.extend(self.blocks.allocate(count))
         seq.logical_blocks.extend(range(first, first + count))
 
-    def _admit(self, seq: Sequence, budget: int) -> ScheduledChunk | None:
-        """Take the cached prefix, allocate blocks for the first chunk, start running."""
+    def _admit(self, seq: Sequence, budget: int, copies: list[SlotCopy]) -> ScheduledChunk | None:
+        """Take the cached prefix (full blocks, then a copied partial block), allocate blocks
+        for the first chunk, start running; a copy to make is appended to ``copies``."""
         ids = seq.all_ids
         # keep at least one token to compute: its logits give the next token
         max_hits = (len(ids) - 1) // self.block_size
@@ -164,26 +182,60 @@ class Scheduler:
             max_hits = min(max_hits, seq.kv_policy.window // self.block_size)
         hits, hashes = self.blocks.match_prefix(ids, max_hits)
         cached = len(hits) * self.block_size
-        count = min(len(ids) - cached, self._chunk_limit(seq, budget))
-        need = blocks_for(cached + count, self.block_size) - len(hits)
+        partial = None
+        if not seq.kv_policy.is_window:  # a windowed sequence's blocks are never shared
+            room = min(self.block_size - 1, len(ids) - 1 - cached)
+            parent = hashes[-1] if hashes else None
+            partial = self.blocks.match_partial(parent, ids[cached : cached + room], room)
+        copied = partial[1] if partial is not None else 0
+        count = min(len(ids) - cached - copied, self._chunk_limit(seq, budget))
+        # with a copy, the first fresh block is its target
+        need = blocks_for(cached + copied + count, self.block_size) - len(hits)
         if need + self.blocks.acquire_cost(hits) > self.blocks.num_available:
             return None
         self.blocks.acquire(hits)
         seq.block_table = list(hits)
         seq.logical_blocks = list(range(len(hits)))
         seq.block_hashes = hashes
-        seq.num_computed = cached
+        seq.num_computed = cached + copied
         if seq.num_preemptions == 0:
-            seq.num_cached_prompt_tokens = cached
+            seq.num_cached_prompt_tokens = cached + copied
+        if partial is not None:
+            self.blocks.touch(partial[0])  # evicted last (even then the copy reads it intact)
         self._grow(seq, need)
+        if partial is not None:
+            copies.append(SlotCopy(partial[0], seq.block_table[len(hits)], copied))
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return ScheduledChunk(seq, count)
 
+    def _release(self, seq: Sequence) -> None:
+        """Free a sequence's blocks; a partly computed last block stays cached for reuse.
+
+        ``num_computed`` tokens have K/V (a just sampled token has none yet), so the block
+        holding position ``num_computed`` keeps ``num_computed % block_size`` computed slots.
+        Its parent is the hash of the full blocks before it, all registered by now.
+        """
+        table, size = seq.block_table, self.block_size
+        tail, slots = divmod(seq.num_computed, size)
+        if (
+            not slots
+            or tail >= len(table)
+            or seq.kv_policy.is_window
+            or len(seq.block_hashes) != tail
+        ):
+            self.blocks.free(table)
+            return
+        self.blocks.free(table[tail + 1 :])  # allocated, nothing computed yet
+        parent = seq.block_hashes[-1] if tail else None
+        computed = seq.all_ids[tail * size : seq.num_computed]
+        self.blocks.release_partial(table[tail], parent, computed)
+        self.blocks.free(table[:tail])  # after the tail: the tail is evicted first
+
     def _preempt(self, seq: Sequence) -> Sequence:
         """Free a running sequence's blocks and put it back at the head of the queue."""
         self.running.remove(seq)
-        self.blocks.free(seq.block_table)
+        self._release(seq)
         seq.reset_computation()
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1

@@ -29,7 +29,8 @@ def check_partition(manager: BlockManager) -> None:
     assert sorted(free + evictable + held) == list(range(manager.num_blocks))
     assert manager.num_held == len(held)
     assert all(manager.allocator.refcount(b) == 0 for b in free + evictable)
-    assert all(b in manager._hash_of for b in evictable)
+    assert all((b in manager._hash_of) != (b in manager._partials) for b in evictable)
+    assert all(b in evictable for b in manager._partials._entry_of)  # partials are never held
 
 
 def test_block_size_must_be_positive() -> None:
@@ -286,4 +287,153 @@ def test_without_prefix_caching_nothing_is_matched_or_kept() -> None:
     assert sorted(again) == [0, 1, 2, 3] and manager.num_evictions == 0
     manager.free(again)
     assert manager.num_held == 0
+    check_partition(manager)
+
+
+# --- partial tail blocks -------------------------------------------------------------------------
+
+
+def computed_tail(manager: BlockManager, ids: list[int]) -> tuple[int, int | None]:
+    """Compute ``ids`` as a sequence would and let go of its blocks, keeping the partial tail:
+    (the tail block, its parent hash)."""
+    blocks, hashes = compute(manager, ids)
+    tail = len(hashes)
+    assert len(ids) % BS and len(blocks) == tail + 1
+    parent = hashes[-1] if hashes else None
+    manager.release_partial(blocks[tail], parent, ids[tail * BS :])
+    manager.free(blocks[:tail])
+    return blocks[tail], parent
+
+
+def test_a_partial_tail_is_found_by_the_longest_common_prefix_under_its_parent() -> None:
+    manager = BlockManager(16, BS)
+    ids = [10, 11, 12, 13, 20, 21, 22]  # 1 full block, then 3 tokens
+    tail, parent = computed_tail(manager, ids)
+    assert parent == hash_block(None, ids[:4])
+    assert manager.num_cached == 1 and manager.num_cached_partial == 1
+    assert manager.num_held == 0 and manager.num_available == 16
+    assert manager.allocator.refcount(tail) == 0 and tail in manager._evictable
+    check_partition(manager)
+
+    assert manager.match_partial(parent, [20, 21, 22, 99], 3) == (tail, 3)
+    assert manager.match_partial(parent, [20, 21, 22], 3) == (tail, 3)
+    assert manager.match_partial(parent, [20, 21, 22], 2) == (tail, 2)  # capped
+    assert manager.match_partial(parent, [20, 21, 9], 3) == (tail, 2)  # diverges at the third
+    assert manager.match_partial(parent, [20, 21], 3) == (tail, 2)  # a shorter query
+    assert manager.match_partial(parent, [20], 3) == (tail, 1)
+    assert manager.match_partial(parent, [21, 22], 3) is None  # no common first token
+    assert manager.match_partial(parent, [20, 21], 0) is None
+    assert manager.match_partial(parent, [], 3) is None
+    # the same tokens after another prefix, or at the start, are other K/V
+    assert manager.match_partial(None, [20, 21, 22], 3) is None
+    assert manager.match_partial(hash_block(None, [10, 11, 12, 14]), [20, 21, 22], 3) is None
+    # it is never a full block: prefix matching stops at the full blocks
+    assert manager.match_prefix([*ids, 23], 2) == ([manager._block_of[parent]], [parent])
+
+    # at the start of a sequence the parent is None
+    head, none = computed_tail(manager, [30, 31])
+    assert none is None and manager.match_partial(None, [30, 31, 32], 3) == (head, 2)
+    assert manager.match_partial(parent, [30, 31], 3) is None
+    # matching holds nothing
+    assert manager.num_held == 0 and manager.num_cached_partial == 2
+    check_partition(manager)
+
+
+def test_the_longest_of_several_partial_tails_under_one_parent_wins() -> None:
+    manager = BlockManager(16, BS)
+    prefix = [1, 2, 3, 4]
+    two, parent = computed_tail(manager, [*prefix, 5, 6])
+    other, _ = computed_tail(manager, [*prefix, 5, 7, 8])
+    assert manager.num_cached_partial == 2 and two != other
+    assert manager.match_partial(parent, [5, 7, 8], 3) == (other, 3)
+    assert manager.match_partial(parent, [5, 6, 8], 3) == (two, 2)
+    assert manager.match_partial(parent, [5, 9], 3) in {(two, 1), (other, 1)}
+    check_partition(manager)
+
+
+def test_a_partial_block_is_never_handed_out_for_writing() -> None:
+    manager = BlockManager(4, BS)
+    tail, parent = computed_tail(manager, [1, 2, 3, 4, 5, 6])
+    with pytest.raises(AssertionError, match="partial entry"):
+        manager.acquire([tail])
+    assert manager.allocator.refcount(tail) == 0
+    # allocation takes it only by evicting it: the entry is gone before anyone writes
+    fresh = manager.allocate(2)
+    assert tail not in fresh and manager.num_evictions == 0  # the free list sufficed
+    last = manager.allocate(2)
+    assert tail in last and manager.num_evictions == 2
+    assert manager.num_cached_partial == 0 and manager.num_cached == 0
+    assert manager.match_partial(parent, [5, 6], 3) is None
+    manager.free(fresh + last)
+    check_partition(manager)
+
+
+def test_partial_and_full_cached_blocks_are_evicted_in_one_lru_order() -> None:
+    manager = BlockManager(6, BS)
+    a_tail, a_parent = computed_tail(manager, [1, 1, 1, 1, 7])  # a: full, then its tail
+    b_tail, b_parent = computed_tail(manager, [2, 2, 2, 2, 8, 8])
+    a_full, b_full = manager._block_of[a_parent], manager._block_of[b_parent]
+    # a sequence's tail goes before its prefix; a before b
+    assert list(manager._evictable) == [a_tail, a_full, b_tail, b_full]
+    manager.touch(a_tail)  # a newcomer is about to copy it
+    assert list(manager._evictable) == [a_full, b_tail, b_full, a_tail]
+    taken = manager.allocate(2)  # the free list has 2
+    assert manager.num_evictions == 0 and manager.num_available == 4
+    assert manager.allocate(1) == [a_full]
+    assert manager.allocate(1) == [b_tail]
+    assert manager.num_evictions == 2 and manager.num_cached_partial == 1
+    assert manager.match_partial(b_parent, [8, 8], 3) is None
+    assert manager.match_partial(a_parent, [7], 3) == (a_tail, 1)  # survives its parent block
+    assert manager.num_available == 2 and manager.num_held == 4
+    manager.free([*taken, a_full, b_tail])
+    assert manager.num_held == 0
+    check_partition(manager)
+
+
+def test_releasing_a_partial_tail_keeps_one_entry_per_content() -> None:
+    manager = BlockManager(8, BS)
+    prefix = [4, 4, 4, 4]
+    short, parent = computed_tail(manager, [*prefix, 5])
+    free_before = manager.allocator.num_free
+    # the same tail again (a twin computed concurrently): its block goes back to the free list
+    twin, _ = computed_tail(manager, [*prefix, 5])
+    assert twin != short and manager.num_cached_partial == 1
+    assert manager.allocator.num_free == free_before  # the twin's blocks: tail freed, full kept
+    assert list(manager._evictable)[-2:] == [manager._block_of[parent], short]  # touched
+    # a longer tail replaces the shorter one, whose block is freed
+    longer, _ = computed_tail(manager, [*prefix, 5, 6])
+    assert manager.num_cached_partial == 1 and short not in manager._evictable
+    assert manager.match_partial(parent, [5, 6, 7], 3) == (longer, 2)
+    # a tail that an entry already covers is not kept
+    again, _ = computed_tail(manager, [*prefix, 5])
+    assert manager.num_cached_partial == 1 and again not in manager._evictable
+    # a diverging tail is another entry
+    other, _ = computed_tail(manager, [*prefix, 5, 9])
+    assert manager.num_cached_partial == 2
+    assert manager.match_partial(parent, [5, 9], 3) == (other, 2)
+    assert manager.num_held == 0 and manager.num_evictions == 0
+    check_partition(manager)
+
+
+def test_partial_tails_are_not_kept_without_prefix_caching() -> None:
+    manager = BlockManager(4, BS, enable_prefix_caching=False)
+    blocks = manager.allocate(2)
+    manager.release_partial(blocks[1], None, [1, 2])
+    manager.free(blocks[:1])
+    assert manager.num_cached_partial == 0 and manager.allocator.num_free == 4
+    assert manager.match_partial(None, [1, 2], 3) is None
+    check_partition(manager)
+
+
+def test_release_partial_checks_its_block() -> None:
+    manager = BlockManager(4, BS)
+    (block,) = manager.allocate(1)
+    with pytest.raises(AssertionError, match="not partial"):
+        manager.release_partial(block, None, [1, 2, 3, 4])
+    manager.acquire([block])
+    with pytest.raises(AssertionError, match="shared or free"):
+        manager.release_partial(block, None, [1])
+    manager.free([block, block])
+    with pytest.raises(AssertionError, match="shared or free"):
+        manager.release_partial(block, None, [1])
     check_partition(manager)

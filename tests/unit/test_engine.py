@@ -81,7 +81,10 @@ def test_prefix_reuse_computes_only_the_suffix(model: MoEModel) -> None:
     assert first["a"][0].num_cached_prompt_tokens == 0
     assert engine.num_prompt_tokens_computed == 150
     second = _run(engine, [EngineRequest("b", follow, _greedy(6))])
-    cached = (150 // 16) * 16  # the full blocks of the shared prefix
+    # a finished with 153 computed tokens: 9 full blocks, then 9 slots (base[144:] and 3 of
+    # its replies) kept as a partial tail; b copies the 6 of them that agree with its prompt
+    assert _tokens(first["a"])[0] != 7  # else one more would agree
+    cached = 150
     assert second["b"][0].num_cached_prompt_tokens == cached
     assert engine.num_prompt_tokens_computed == 150 + len(follow) - cached
     cold = LLMEngine(model, EngineConfig(num_blocks=64, enable_prefix_caching=False))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Sequence as Seq
 
 import pytest
 
@@ -18,7 +19,13 @@ from cache.block_allocator import blocks_for
 from cache.block_manager import BlockManager
 from cache.kv_policy import KVPolicy
 from cache.prefix_hash import hash_block
-from cluster.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
+from cluster.scheduler import (
+    ScheduledChunk,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+    SlotCopy,
+)
 from cluster.sequence import Sequence, SequenceStatus
 from experts.sampling import SamplingParams
 
@@ -91,6 +98,13 @@ class Harness:
         return out
 
     def run(self, out: SchedulerOutput) -> None:
+        for copy in out.copies:  # as the engine does: in order, before any KV write
+            assert copy.dst_block not in self.blocks._partials
+            assert self.blocks.allocator.refcount(copy.dst_block) == 1
+            src = self.kv[copy.src_block][: copy.num_slots]
+            assert None not in src, f"copying uncomputed slots of block {copy.src_block}"
+            dst = self.kv.setdefault(copy.dst_block, [None] * BS)
+            dst[: copy.num_slots] = src
         for chunk in out.chunks:
             self._compute(chunk)
         for chunk in out.chunks:
@@ -131,6 +145,7 @@ class Harness:
             # never write into a block someone else holds or a named (immutable) block
             assert self.blocks.allocator.refcount(block) == 1, (seq.request_id, block)
             assert block not in self.blocks._hash_of, (seq.request_id, block)
+            assert block not in self.blocks._partials, (seq.request_id, block)
             self.kv.setdefault(block, [None] * BS)[pos % BS] = ids[pos]
         seq.num_computed += chunk.num_tokens
         if seq.num_dropped == 0 and self.blocks.enable_prefix_caching:
@@ -164,11 +179,21 @@ def check_plan(h: Harness, out: SchedulerOutput) -> None:
     for seq in out.preempted:
         assert seq.status is SequenceStatus.WAITING and seq in h.sched.waiting
         assert seq.block_table == [] and seq.num_computed == 0
-    check_state(h)
+    for copy in out.copies:  # into the block where a scheduled sequence's computed keys end
+        assert 1 <= copy.num_slots < BS
+        targets = [
+            s
+            for s in seqs
+            if not s.kv_policy.is_window
+            and s.block_table[s.num_computed // BS] == copy.dst_block
+            and s.num_computed % BS == copy.num_slots
+        ]
+        assert len(targets) == 1, copy
+    check_state(h, out.copies)
 
 
-def check_state(h: Harness) -> None:
-    """Queue and block invariants."""
+def check_state(h: Harness, pending: Seq[SlotCopy] = ()) -> None:
+    """Queue and block invariants; ``pending`` copies are made before the KV is checked."""
     sched, blocks = h.sched, h.blocks
     waiting_ids = {id(s) for s in sched.waiting}
     running_ids = {id(s) for s in sched.running}
@@ -190,9 +215,14 @@ def check_state(h: Harness) -> None:
     assert len(free) == blocks.allocator.num_free
     assert free | evictable | set(appearances) == set(range(blocks.num_blocks))
     assert not free & evictable and not (free | evictable) & set(appearances)
+    kv = {block: list(slots) for block, slots in h.kv.items()}
+    for copy in pending:
+        kv.setdefault(copy.dst_block, [None] * BS)[: copy.num_slots] = kv[copy.src_block][
+            : copy.num_slots
+        ]
     for seq in sched.running:  # every computed key is in the right slot
         for index, logical in enumerate(seq.logical_blocks):
-            slots = h.kv.get(seq.block_table[index], [None] * BS)
+            slots = kv.get(seq.block_table[index], [None] * BS)
             for pos in range(logical * BS, min((logical + 1) * BS, seq.num_computed)):
                 assert slots[pos % BS] == seq.all_ids[pos], (seq.request_id, pos)
 
@@ -370,6 +400,196 @@ def test_admission_counts_evictable_cached_blocks_against_the_pool() -> None:
     assert h.blocks.num_held == 0
 
 
+def test_the_next_turn_copies_the_finished_turns_partial_tail() -> None:
+    h = Harness(num_blocks=32)
+    turn1 = make_seq("t1", list(range(200, 209)), max_tokens=2)  # 9 tokens: 2 blocks + 1
+    h.add(turn1)
+    h.run_until_done()
+    # 10 computed tokens (the last output has no K/V): 2 full blocks, 2 slots in the third
+    assert h.blocks.num_cached == 2 and h.blocks.num_cached_partial == 1
+    (source,) = h.blocks._partials._entry_of
+    assert h.blocks._partials.entry(source)[1] == (208, turn1.output_ids[0])
+    full, _ = h.blocks.match_prefix(turn1.all_ids, 2)
+
+    turn2 = make_seq("t2", [*turn1.all_ids, 90, 91], max_tokens=3)  # 13 tokens
+    h.add(turn2)
+    out = h.sched.schedule()
+    check_plan(h, out)
+    # 8 tokens in full blocks + 2 copied: it computes the unfed output and its 2 new tokens
+    assert chunk_sizes(out) == [("t2", 3)]
+    assert (turn2.num_computed, turn2.num_cached_prompt_tokens) == (10, 10)
+    assert turn2.block_table[:2] == full and len(turn2.block_table) == 4
+    assert out.copies == [SlotCopy(source, turn2.block_table[2], 2)]
+    # the source stays cached and unheld for others
+    assert h.blocks.allocator.refcount(source) == 0 and source in h.blocks._partials
+    h.run(out)
+    h.run_until_done()
+    assert turn2.output_ids == expected_outputs(turn2.prompt_ids, 3)
+    # turn 2's tail (15 computed tokens: 3 slots) joins turn 1's, under another parent
+    assert h.blocks.num_cached_partial == 2 and h.blocks.num_evictions == 0
+
+    # a prompt that agrees with the tail on one token copies one slot; a prompt whose tail
+    # could be copied whole still computes its last token
+    one = make_seq("one", [*turn1.prompt_ids, 77, 78])
+    whole = make_seq("whole", turn1.prompt_ids + turn1.output_ids[:1])  # 10 tokens
+    h.add(one, whole)
+    out = h.sched.schedule()
+    check_plan(h, out)
+    assert chunk_sizes(out) == [("one", 2), ("whole", 1)]
+    assert one.num_cached_prompt_tokens == 9 and whole.num_cached_prompt_tokens == 9
+    assert [c.num_slots for c in out.copies] == [1, 1]
+    h.run(out)
+    h.run_until_done()
+    assert whole.output_ids == expected_outputs(whole.prompt_ids, 4)
+
+
+def test_a_copy_reads_its_source_before_a_later_admission_reuses_it() -> None:
+    h = Harness(num_blocks=6)
+    x = make_seq("x", [1, 2, 3, 4, 5], max_tokens=2)  # 6 computed: a full block + 2 slots
+    h.add(x)
+    h.run_until_done()
+    (source,) = h.blocks._partials._entry_of
+    assert h.blocks.allocator.num_free == 4 and next(iter(h.blocks._evictable)) == source
+    a = make_seq("a", [*x.all_ids, 90])  # 1 cached block + 2 copied slots, 1 fresh block
+    b = make_seq("b", list(range(100, 116)))  # 4 fresh blocks: the 3 free ones and the source
+    h.add(a, b)
+    out = h.sched.schedule()
+    check_plan(h, out)  # a's slots hold the right keys once the copies are made
+    assert chunk_sizes(out) == [("a", 2), ("b", 16)]
+    assert out.copies == [SlotCopy(source, a.block_table[1], 2)]
+    assert source in b.block_table and h.blocks.num_evictions == 1
+    assert h.blocks.num_cached_partial == 0
+    h.run(out)  # copies first, then b writes its keys over the old source
+    h.run_until_done()
+    assert a.output_ids == expected_outputs(a.prompt_ids, 4)
+    assert b.output_ids == expected_outputs(b.prompt_ids, 4)
+
+
+def test_a_newcomer_may_evict_the_source_it_copies_into_itself() -> None:
+    h = Harness(num_blocks=4)
+    x = make_seq("x", [1, 2, 3, 4, 5], max_tokens=2)
+    h.add(x)
+    h.run_until_done()
+    (source,) = h.blocks._partials._entry_of
+    keeper = make_seq("keeper", list(range(50, 58)), max_tokens=2)
+    h.add(keeper)
+    h.step()  # keeper holds the 2 free blocks: only x's 2 cached blocks are available
+    assert h.blocks.allocator.num_free == 0 and h.blocks.num_available == 2
+    a = make_seq("a", [*x.all_ids, 90])
+    h.add(a)
+    out = h.sched.schedule()  # keeper needs a 3rd block: it evicts the source; a must wait
+    check_plan(h, out)
+    assert chunk_sizes(out) == [("keeper", 1)] and list(h.sched.waiting) == [a]
+    assert h.blocks.num_cached_partial == 0 and h.blocks.num_evictions == 1
+    h.run(out)  # keeper finishes: its tail is cached, x's full block still is
+    out = h.sched.schedule()
+    check_plan(h, out)
+    assert chunk_sizes(out) == [("a", 4)] and out.copies == []
+    assert a.num_cached_prompt_tokens == 4
+    h.run(out)
+    h.run_until_done()
+
+    # once more with the source the only block left: the newcomer's fresh block is the source
+    h = Harness(num_blocks=3)
+    x = make_seq("x", [1, 2, 3, 4, 5], max_tokens=2)
+    h.add(x)
+    h.run_until_done()
+    (source,) = h.blocks._partials._entry_of
+    keeper = make_seq("keeper", [60], max_tokens=3)
+    h.add(keeper)
+    h.step()
+    assert h.blocks.allocator.num_free == 0 and h.blocks.num_available == 2
+    a = make_seq("a", [*x.all_ids, 90])
+    h.add(a)
+    out = h.sched.schedule()
+    check_plan(h, out)
+    assert chunk_sizes(out) == [("keeper", 1), ("a", 2)]
+    assert out.copies == [SlotCopy(source, source, 2)] and a.block_table[1] == source
+    assert a.num_cached_prompt_tokens == 6 and h.blocks.num_evictions == 1
+    h.run(out)
+    h.run_until_done()
+    assert a.output_ids == expected_outputs(a.prompt_ids, 4)
+
+
+def test_windowed_sequences_neither_leave_nor_copy_partial_tails() -> None:
+    h = Harness(num_blocks=32)
+    policy = KVPolicy("window", window=16)
+    w = make_seq("w", list(range(9)), max_tokens=2, policy=policy)
+    h.add(w)
+    h.run_until_done()
+    assert h.blocks.num_cached == 2 and h.blocks.num_cached_partial == 0
+    full = make_seq("full", list(range(9)), max_tokens=2)
+    h.add(full)
+    h.run_until_done()
+    assert h.blocks.num_cached_partial == 1
+    w2 = make_seq("w2", [*full.all_ids, 5], max_tokens=2, policy=policy)
+    h.add(w2)
+    out = h.step()
+    assert out.copies == [] and w2.num_cached_prompt_tokens == 8
+    h.run_until_done()
+    assert w2.output_ids == expected_outputs(w2.prompt_ids, 2)
+
+
+def test_a_preempted_sequence_copies_back_its_own_partial_tail() -> None:
+    h = Harness(num_blocks=6, budget=16)
+    a = make_seq("a", [1, 2, 3], max_tokens=2)
+    c = make_seq("c", list(range(300, 323)), max_tokens=1)  # 23 tokens
+    h.add(a, c)
+    assert chunk_sizes(h.step()) == [("a", 3), ("c", 13)]  # c: 13 computed in 4 blocks
+    out = h.sched.schedule()  # c's next 10 tokens need 2 blocks, 1 is left: c preempts itself
+    check_plan(h, out)
+    assert out.preempted == [c] and chunk_sizes(out) == [("a", 1)]
+    (tail,) = h.blocks._partials._entry_of  # c's 13th computed token, in its 4th block
+    assert h.blocks._partials.entry(tail)[1] == (312,)
+    h.run(out)  # a finishes
+    out = h.sched.schedule()
+    check_plan(h, out)
+    assert chunk_sizes(out) == [("c", 10)]  # 12 in full blocks, 1 copied
+    assert c.num_computed == 13 and out.copies == [SlotCopy(tail, c.block_table[3], 1)]
+    assert c.num_cached_prompt_tokens == 0  # set at first admission only
+    # the pool was short: c's own fresh blocks evicted a's block and then the source
+    assert tail in c.block_table[4:] and h.blocks.num_evictions == 2
+    h.run(out)
+    h.run_until_done()
+    assert c.output_ids == expected_outputs(c.prompt_ids, 1)
+
+
+@pytest.mark.parametrize("num_blocks", [120, 20])
+def test_random_conversations_reuse_their_tails_and_keep_every_invariant(num_blocks: int) -> None:
+    rng = random.Random(7)
+    h = Harness(num_blocks=num_blocks, max_num_seqs=4, budget=12)
+    histories: dict[int, list[int]] = {i: [] for i in range(6)}
+    turns: list[tuple[int, Sequence]] = []
+    messages: dict[str, list[int]] = {}
+    copies = 0
+    for _ in range(6):
+        for conv in histories:
+            message = [rng.randrange(1, 50) for _ in range(rng.randint(1, 7))]
+            seq = make_seq(f"c{conv}t{len(turns)}", histories[conv] + message, rng.randint(1, 6))
+            messages[seq.request_id] = message
+            h.add(seq)
+            turns.append((conv, seq))
+        while h.sched.has_unfinished():
+            out = h.step()
+            copies += len(out.copies)
+        for conv, seq in turns[-len(histories) :]:
+            assert seq.output_ids == expected_outputs(seq.prompt_ids, seq.params.max_tokens)
+            histories[conv] = seq.all_ids
+    assert h.blocks.num_held == 0
+    # later turns compute only the new message and the unfed last output token, unless the
+    # pool was short and evicted their history's tail
+    exact = [
+        seq
+        for conv, seq in turns[len(histories) :]
+        if seq.num_cached_prompt_tokens == len(seq.prompt_ids) - len(messages[seq.request_id]) - 1
+    ]
+    if num_blocks == 120:  # room for every history: only stale tails are evicted
+        assert len(exact) == len(turns) - len(histories) and copies > 15
+        assert h.sched.num_preemptions == 0
+    else:
+        assert h.sched.num_preemptions > 0 and h.blocks.num_evictions > 0 and copies > 0
+
+
 # --- preemption ----------------------------------------------------------------------------------
 
 
@@ -439,7 +659,8 @@ def test_the_newest_preempts_itself_and_reuses_its_cached_prefix() -> None:
     assert chunk_sizes(out) == [("c", 1)]
     assert c.num_computed == 16 and c.block_table[:4] == cached
     assert c.num_cached_prompt_tokens == 0  # set at first admission only
-    assert h.blocks.num_evictions == 0
+    # the pool was all cached blocks: c's fresh block evicted a's partial tail, the LRU
+    assert h.blocks.num_evictions == 1 and h.blocks.num_cached_partial == 0
     h.run(out)
     h.run_until_done()
     assert c.output_ids == expected_outputs(c.prompt_ids, 8)
@@ -615,8 +836,18 @@ def test_random_traffic_keeps_every_invariant() -> None:
     preempting_steps = 0
     dropped: set[str] = set()
     aborted = 0
+    copies = continued = 0
     for step in range(200):
-        if rng.random() < 0.45:
+        done = [s for s in all_seqs if s.finish_reason == "length" and s.num_tokens <= 30]
+        if done and rng.random() < 0.15:  # the next turn of a conversation: history + message
+            history = rng.choice(done).all_ids
+            message = [rng.randrange(1, 50) for _ in range(rng.randint(1, 6))]
+            seq = make_seq(f"r{step}", history + message, rng.randint(1, 8), None, float(step))
+            h.add(seq)
+            live.append(seq)
+            all_seqs.append(seq)
+            continued += 1
+        elif rng.random() < 0.45:
             shared = rng.choice(prefixes)[: rng.choice([0, 4, 8, 12])]
             windowed = rng.random() < 0.2
             tail = [rng.randrange(1, 50) for _ in range(rng.randint(1, 40 if windowed else 16))]
@@ -645,6 +876,7 @@ def test_random_traffic_keeps_every_invariant() -> None:
         else:
             assert newcomers == waiting_before[: len(newcomers)]  # FIFO
         admitted_from_waiting += len(newcomers)
+        copies += len(out.copies)
         h.run(out)
         dropped |= {s.request_id for s in h.sched.running if s.num_dropped}
         h.clock.now += 0.5
@@ -661,3 +893,4 @@ def test_random_traffic_keeps_every_invariant() -> None:
     assert any(s.num_cached_prompt_tokens > 0 for s in all_seqs)
     assert dropped and aborted > 5
     assert h.blocks.num_evictions > 0
+    assert continued > 20 and copies > 5  # the pool is tight: most partial tails are evicted
