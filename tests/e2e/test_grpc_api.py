@@ -160,11 +160,19 @@ def test_return_routing_gives_per_token_experts(cluster: Cluster) -> None:
 
 def test_prefix_reuse_shows_in_usage(cluster: Cluster) -> None:
     ids = list(range(100, 180))
-    _generate(cluster, token_ids=ids, tier="fast", max_tokens=4, ignore_eos=True)
-    last = _generate(cluster, token_ids=[*ids, 7, 8], tier="fast", max_tokens=4, ignore_eos=True)[
-        -1
-    ]
+    first = _generate(cluster, token_ids=ids, tier="fast", max_tokens=4, ignore_eos=True)
+    # continue with a token the first reply did not start with: only the 5 full blocks match
+    # (a tail block holding the reply's first tokens is reused too, when the prompt agrees)
+    other = 7 if first[0].token_ids[0] != 7 else 8
+    last = _generate(
+        cluster, token_ids=[*ids, other, 9], tier="fast", max_tokens=4, ignore_eos=True
+    )[-1]
     assert last.usage.cached_prompt_tokens == 80
+    replies = [t for c in first for t in c.token_ids]
+    again = _generate(
+        cluster, token_ids=[*ids, *replies[:2], 9], tier="fast", max_tokens=4, ignore_eos=True
+    )[-1]
+    assert again.usage.cached_prompt_tokens == 82  # 5 blocks + the reply's 2 tokens in the tail
 
 
 def test_cascade_escalates_when_the_fast_tier_is_unsure(cluster: Cluster) -> None:
