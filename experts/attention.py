@@ -4,7 +4,8 @@ Each sequence brings some new tokens (a prefill chunk, or one decode token)
 and a block table: the KV-pool blocks holding its keys in logical order. New
 keys/values are written into their slots first; then every sequence gathers
 its keys through its block table and attends with a causal mask. Sequences
-with the same number of new tokens share one ``scaled_dot_product_attention``
+with the same number of new tokens (and key counts within a factor 1.5) share
+one ``scaled_dot_product_attention``
 call, padded only in keys: all decodes of a step are one call, and a prefill
 chunk in the same step is another.
 
@@ -20,6 +21,7 @@ heads, D head dim.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -138,7 +140,7 @@ class AttentionBatch:
         # Built with a handful of tensor ops per group rather than per-sequence ones: this
         # runs once per engine step, and per-sequence ops cost ~0.1 ms each at decode.
         first: list[int] = []  # row in [T] of each sequence's first new token
-        by_new: dict[int, list[int]] = {}
+        by_new: dict[tuple[int, int], list[int]] = {}
         num_tokens = 0
         for b, chunk in enumerate(chunks):
             assert chunk.num_new > 0, f"sequence {b} has no new tokens"
@@ -147,11 +149,11 @@ class AttentionBatch:
             )
             first.append(num_tokens)
             num_tokens += chunk.num_new
-            by_new.setdefault(chunk.num_new, []).append(b)
+            by_new.setdefault((chunk.num_new, _key_bucket(chunk.num_keys)), []).append(b)
         positions = torch.empty(num_tokens, dtype=torch.long)
         slots = torch.empty(num_tokens, dtype=torch.long)
         groups = []
-        for num_new, members in by_new.items():
+        for (num_new, _), members in by_new.items():
             group = [chunks[b] for b in members]
             rows, group_positions, group_slots, key_slots, mask = _group_tensors(
                 group, [first[b] for b in members], num_new, block_size
@@ -183,6 +185,19 @@ def _key_slots(chunks: Sequence[SequenceChunk], block_size: int) -> torch.Tensor
     key_pos = torch.arange(max_c)  # [C]
     block_of_key = torch.tensor(tables, dtype=torch.long)[:, key_pos // block_size]  # [G, C]
     return block_of_key * block_size + key_pos % block_size  # [G, C]
+
+
+# Sequences in one group are padded to the group's longest key list: every step gathers (and
+# attends over) all of it. Bucketing key lengths by factors of 1.5 from 64 up bounds that
+# padding at 1.5x while adding few SDPA calls: a decode batch with keys from 16 to 768 is ~8
+# groups instead of one padded to 768 (measured ~2x less gather on the bench preset).
+_BUCKET_BASE, _BUCKET_GROWTH = 64, 1.5
+
+
+def _key_bucket(num_keys: int) -> int:
+    if num_keys <= _BUCKET_BASE:
+        return 0
+    return 1 + int(math.log(num_keys / _BUCKET_BASE, _BUCKET_GROWTH))
 
 
 def _group_tensors(
