@@ -182,11 +182,14 @@ class LLMEngine:
             return []
         capture = self.model.spec.is_moe and any(c.seq.return_routing for c in plan.chunks)
         now = self.clock()
-        trace_parent = ""
+        traced = []
         for chunk in plan.chunks:
             if chunk.seq.first_scheduled_time is None:
                 chunk.seq.first_scheduled_time = now
-            trace_parent = trace_parent or chunk.seq.trace_parent
+            if chunk.seq.trace_parent:
+                traced.append(chunk.seq.trace_parent)
+        # a step's shard work is recorded under one traced request, taken in turn
+        trace_parent = traced[self.num_steps % len(traced)] if traced else ""
         for copy in plan.copies:  # cached tail K/V into newcomers' blocks, before any write
             self.pool.copy_slots(copy.src_block, copy.dst_block, copy.num_slots)
         inputs = [self._step_input(c) for c in plan.chunks]
@@ -222,9 +225,10 @@ class LLMEngine:
         if rows:
             tokens, logprobs = sample_batch(logits[rows], samplers)
             now = self.clock()
+            chosen = self._routing_rows()
             for row, token, logprob in zip(rows, tokens, logprobs, strict=True):
                 seq = chunks[row].seq
-                routing = self._routing(row) if seq.return_routing else None
+                routing = chosen[row] if seq.return_routing and chosen is not None else None
                 layers = self.runner.attention.get(row) if seq.attention_first_tokens else None
                 attention = tuple(layers) if layers is not None else None
                 events.append(self._emit(seq, token, logprob, now, routing, attention))
@@ -233,15 +237,16 @@ class LLMEngine:
                 self._apply_kv_policy(chunk.seq)
         return events
 
-    def _routing(self, row: int) -> Routing | None:
+    def _routing_rows(self) -> list[Routing] | None:
+        """Per step row, the experts each MoE layer chose (one device-to-host copy a step)."""
         chosen = self.runner.routing
         if chosen is None:
             return None
-        experts = chosen[row].tolist()  # [L_moe][K]
-        return tuple(
-            (layer, tuple(ids))
-            for layer, ids in zip(self.model.spec.moe_layers, experts, strict=True)
-        )
+        layers = self.model.spec.moe_layers
+        return [
+            tuple((layer, tuple(ids)) for layer, ids in zip(layers, row, strict=True))
+            for row in chosen.tolist()  # [B][L_moe][K]
+        ]
 
     def _emit(
         self,

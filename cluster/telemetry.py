@@ -99,7 +99,7 @@ class TelemetrySettings:
     prometheus_port: int = 9464  # first port tried; taken ports are skipped, up to +32
     record_text: bool = False  # put prompt and completion text on spans
     token_events: int = 256  # most per-token span events per request; 0 = none
-    dispatch_spans: int = 64  # most expert-dispatch spans (per MoE layer call) per request
+    dispatch_spans: int = 8  # most expert-dispatch spans (per MoE layer call) per request
     resource_attributes: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:

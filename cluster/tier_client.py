@@ -48,20 +48,22 @@ class ServeTierClient:
         )
 
         response = self._handle(tier, "generate", stream=True).remote(request)
-        started = done = False
+        done = refused = False
         try:
             async for item in response:
-                started = True
                 yield item
             done = True
         except BackPressureError as err:
+            refused = True
             raise TierBusyError(f"tier {tier!r} is at capacity: {err}") from None
         except (DeploymentUnavailableError, ReplicaUnavailableError) as err:
+            refused = True
             raise TierUnavailableError(f"tier {tier!r} is unavailable: {err}") from None
         finally:
-            # stop generation on the replica and free its KV blocks; a request Serve refused
-            # never started, and cancelling it would raise the refusal again
-            if started and not done:
+            # stop generation on the replica and free its KV blocks, also when the caller
+            # left before the first item (a deadline); a request Serve refused never started,
+            # and cancelling it would raise the refusal again
+            if not done and not refused:
                 response.cancel()
 
     async def info(self, tier: str) -> TierInfo:

@@ -259,7 +259,7 @@ class TelemetryConfig(_Model):
     token_events: int = Field(default=256, ge=0, le=1_000_000)  # per-token events per request
     # expert-dispatch spans (one per MoE layer call, each with its shards' spans) per request:
     # the first steps of each traced request; 0 = none
-    dispatch_spans: int = Field(default=64, ge=0, le=1_000_000)
+    dispatch_spans: int = Field(default=8, ge=0, le=1_000_000)
     resource_attributes: dict[str, str] = {}
 
     @field_validator("file_path")

@@ -259,6 +259,6 @@ def test_dispatch_spans_are_bounded_per_request(
     exporter.clear()
     _run(gateway, _request(max_tokens=40), {"traceparent": TRACEPARENT})
     spans = exporter.get_finished_spans()
-    # 40 steps x 3 MoE layers = 120 dispatches; only the first 64 are recorded
+    # 40 steps x 3 MoE layers = 120 dispatches; only the first dispatch_spans are recorded
     assert len(_by_name(spans, "moe.expert_dispatch")) == TelemetrySettings().dispatch_spans
     assert len(_one(spans, "moe.decode").events) == 4  # token_events=4
