@@ -4,9 +4,9 @@ What runs: the gateway (``deploy.gateway.Gateway``) and a real tier replica in t
 process, on the ``tiny`` demo checkpoint (Mixtral family, 8 experts top-2), its experts
 behind the remote-expert backend with two in-process shards (``InProcessPool``), so
 every span the cluster makes is made here too: the request root span, tier decision,
-replica spans, a ``moe.expert_dispatch`` span per MoE layer per step and a
-``moe.expert_shard`` span per shard call. ``--experts colocated`` drops the shard
-spans (the common deployment).
+replica spans, ``moe.expert_dispatch`` spans (per MoE layer call of a traced step, up
+to the default ``dispatch_spans`` per request) each with a ``moe.expert_shard`` span
+per shard call. ``--experts colocated`` drops the shard spans (the common deployment).
 
 "On" is: sample ratio 1, per-token events (256 per request at most), spans exported
 by a batch processor to a JSON-lines file, metrics recorded (in-memory reader,
