@@ -73,6 +73,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 import transformers
@@ -332,11 +333,11 @@ class TimedShardImpl(ShardActorImpl):
     def compute(
         self,
         layer: int,
-        hidden: torch.Tensor,
-        expert_ids: torch.Tensor,
-        weights: torch.Tensor,
+        hidden: torch.Tensor | np.ndarray,
+        expert_ids: torch.Tensor | np.ndarray,
+        weights: torch.Tensor | np.ndarray,
         traceparent: str = "",
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | np.ndarray:
         start = time.perf_counter()
         out = super().compute(layer, hidden, expert_ids, weights, traceparent)
         self.compute_s.append(time.perf_counter() - start)
@@ -368,10 +369,13 @@ class NoopShardImpl:
     def compute(
         self,
         layer: int,
-        hidden: torch.Tensor,
-        expert_ids: torch.Tensor,
-        weights: torch.Tensor,
-    ) -> torch.Tensor:
+        hidden: torch.Tensor | np.ndarray,
+        expert_ids: torch.Tensor | np.ndarray,
+        weights: torch.Tensor | np.ndarray,
+    ) -> torch.Tensor | np.ndarray:
+        # the same wire format as the real shard (numpy in, numpy out)
+        if isinstance(hidden, np.ndarray):
+            return np.zeros_like(hidden)
         return torch.zeros_like(hidden)
 
 
@@ -1071,10 +1075,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets: dict[str, dict[str, Any]] = {}
     if 32 in by_t:
         value = by_t[32].overhead_ms
+        # remote - colocated mixes the data plane with a compute difference (two 1-thread
+        # shards in parallel vs one 2-thread process), which can make it negative; a negative
+        # figure says nothing about the data plane, so it never counts as met
         targets["overhead_ms_per_layer_32_tokens"] = {
             "value": round(value, 4),
             "goal": OVERHEAD_GOAL_MS,
-            "met": value <= OVERHEAD_GOAL_MS,
+            "met": 0.0 <= value <= OVERHEAD_GOAL_MS,
+        }
+        # the data plane alone: the same dispatch, Ray calls and combine with no-op shards
+        noop = statistics.median(by_t[32].noop_s) * 1e3
+        targets["noop_dispatch_round_trip_ms_32_tokens"] = {
+            "value": round(noop, 4),
+            "goal": OVERHEAD_GOAL_MS,
+            "met": noop <= OVERHEAD_GOAL_MS,
         }
     ratio = engine["ratio_best"]
     targets["remote_vs_colocated_throughput"] = {
