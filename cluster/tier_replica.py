@@ -111,7 +111,11 @@ class TierReplica:
             trace_parent=traced.traceparent,
             return_routing=request.return_routing or traced.wants_routing,
         )
-        yield TierAccepted(len(ids))
+        try:
+            yield TierAccepted(len(ids))
+        except GeneratorExit:  # the caller left before generation started: close the span
+            traced.finish("cancelled before the start")
+            raise
         events: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
         pump = asyncio.create_task(self._pump(engine_request, events))
         finished = False
