@@ -34,7 +34,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -43,7 +42,7 @@ from cluster.engine import EngineConfig
 from cluster.expert_pool import InProcessPool
 from cluster.remote_experts import RemoteExperts
 from cluster.telemetry import TelemetrySettings, reset_telemetry, setup_telemetry
-from cluster.tier_messages import TierInfo, TierRequest, TierStats
+from cluster.tier_client import InProcessTierClient
 from cluster.tier_replica import TierReplica
 from cluster.trace_file import read_spans
 from deploy.config import parse_config
@@ -78,23 +77,6 @@ class Round:
         return self.output_tokens / self.wall_s
 
 
-class LocalTiers:
-    """The gateway's ``TierClient`` over one in-process replica."""
-
-    def __init__(self, replica: TierReplica) -> None:
-        self.replica = replica
-
-    async def generate(self, tier: str, request: TierRequest) -> Any:
-        async for item in self.replica.generate(request):
-            yield item
-
-    async def info(self, tier: str) -> TierInfo:
-        return self.replica.info()
-
-    async def stats(self, tier: str) -> TierStats:
-        return self.replica.stats()
-
-
 def say(message: str) -> None:
     print(f"[tracing_overhead] {message}", flush=True)
 
@@ -124,7 +106,7 @@ def build_gateway(model_dir: Path, experts: str) -> tuple[Gateway, TierReplica]:
         },
         base_dir=model_dir.parent,
     )
-    return Gateway(config, LocalTiers(replica)), replica
+    return Gateway(config, InProcessTierClient({"strong": replica})), replica
 
 
 async def run_round(gateway: Gateway, workload: Workload, tag: str) -> tuple[float, int]:

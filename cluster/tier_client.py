@@ -73,3 +73,30 @@ class ServeTierClient:
     async def stats(self, tier: str) -> TierStats:
         result: TierStats = await self._handle(tier, "stats").remote()
         return result
+
+
+class TierHandler(Protocol):
+    """What a tier replica answers (``cluster.tier_replica.TierReplica``)."""
+
+    def generate(self, request: TierRequest) -> AsyncGenerator[TierItem, None]: ...
+
+    def info(self) -> TierInfo: ...
+
+    def stats(self) -> TierStats: ...
+
+
+class InProcessTierClient:
+    """``TierClient`` over replicas in this process: tests and benchmarks without Ray."""
+
+    def __init__(self, replicas: Mapping[str, TierHandler]) -> None:
+        self.replicas = dict(replicas)
+
+    async def generate(self, tier: str, request: TierRequest) -> AsyncGenerator[TierItem, None]:
+        async for item in self.replicas[tier].generate(request):
+            yield item
+
+    async def info(self, tier: str) -> TierInfo:
+        return self.replicas[tier].info()
+
+    async def stats(self, tier: str) -> TierStats:
+        return self.replicas[tier].stats()

@@ -10,7 +10,7 @@ does. An in-memory span exporter and metric reader collect what a collector woul
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from cluster.engine import EngineConfig
 from cluster.expert_pool import InProcessPool
 from cluster.remote_experts import RemoteExperts
 from cluster.telemetry import TelemetrySettings, reset_telemetry, setup_telemetry
-from cluster.tier_messages import TierInfo, TierItem, TierRequest, TierStats
+from cluster.tier_client import InProcessTierClient
 from cluster.tier_replica import TierReplica
 from deploy.api import ApiError
 from deploy.config import ClusterConfig, parse_config
@@ -38,23 +38,6 @@ CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
 MAX_TOKENS = 6
-
-
-class LocalTiers:
-    """A ``TierClient`` over replicas in this process."""
-
-    def __init__(self, replicas: dict[str, TierReplica]) -> None:
-        self.replicas = replicas
-
-    async def generate(self, tier: str, request: TierRequest) -> AsyncGenerator[TierItem, None]:
-        async for item in self.replicas[tier].generate(request):
-            yield item
-
-    async def info(self, tier: str) -> TierInfo:
-        return self.replicas[tier].info()
-
-    async def stats(self, tier: str) -> TierStats:
-        return self.replicas[tier].stats()
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +75,7 @@ def gateway(
         ),
     }
     config = _config(model_dir)
-    yield Gateway(config, LocalTiers(replicas))
+    yield Gateway(config, InProcessTierClient(replicas))
     for replica in replicas.values():
         replica.shutdown()
     reset_telemetry()
