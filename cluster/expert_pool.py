@@ -3,23 +3,28 @@
 ``ShardActor`` hosts an ``experts.shard.ExpertShard`` in its own process (one
 per GPU in production, ``num_gpus`` from config; 0 on CPU). ``ExpertPool`` owns
 the actor handles of a pool and makes every Ray call for this actor type:
-starting shards on chosen nodes, per-layer compute fan-out, loading and
-dropping slots. Backbones (tier replicas) depend on the ``ShardCaller``
-Protocol; tests can pass a fake.
+starting shards on chosen nodes, loading and dropping slots, health, and the
+per-layer compute fan-out. That fan-out takes one of two data planes:
+``torch_dist`` (the default): ``torch.distributed`` point-to-point channels
+(``cluster.data_plane``), Ray only opening them; ``ray``: one actor call per shard
+per layer, numpy arrays on the wire. Backbones (tier replicas) depend on the
+``ShardCaller`` Protocol; tests can pass a fake.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import ray
 import torch
 
+from cluster.data_plane import Channel, serve_channel
 from cluster.telemetry import (
     TelemetrySettings,
     context_from_traceparent,
@@ -28,6 +33,8 @@ from cluster.telemetry import (
 )
 
 Slot = tuple[int, int]  # (layer, expert)
+DataPlane = Literal["torch_dist", "ray"]
+DATA_PLANES: tuple[DataPlane, ...] = ("torch_dist", "ray")
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,8 @@ class ShardActorImpl:
     def slots(self) -> list[Slot]:
         return list(self.shard.slots)
 
+    # load, drop and compute may run at once: Ray calls on the actor's thread, data-plane
+    # channels on threads of their own; ExpertShard is safe for that
     def load(self, slots: Sequence[Slot]) -> list[Slot]:
         self.shard.load(slots)
         return list(self.shard.slots)
@@ -79,6 +88,25 @@ class ShardActorImpl:
     def drop(self, slots: Sequence[Slot]) -> list[Slot]:
         self.shard.drop(slots)
         return list(self.shard.slots)
+
+    def open_channel(self, host: str, port: int, prefix: str, timeout_s: float) -> None:
+        """Serve a backbone's data-plane channel on a thread of this actor (returns at once)."""
+        bind_host = ray.util.get_node_ip_address()
+        serve_channel(
+            self._compute_tensors, host, port, prefix, bind_host, timeout_s, self.shard_id
+        )
+
+    def _compute_tensors(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        traceparent: str,
+    ) -> torch.Tensor:
+        out = self.compute(layer, hidden, expert_ids, weights, traceparent)
+        assert isinstance(out, torch.Tensor)
+        return out
 
     def compute(
         self,
@@ -151,13 +179,32 @@ class ShardCaller(Protocol):
 
 
 class ExpertPool:
-    """Handles to a pool's shard actors; every Ray call for them goes through here."""
+    """Handles to a pool's shard actors; every Ray call for them goes through here.
 
-    def __init__(self, handles: Mapping[str, Any]) -> None:
+    With the ``torch_dist`` data plane each calling thread gets its own channel
+    (``cluster.data_plane.Channel``), opened on its first layer and reopened after a
+    failure, so several backbones (threads or processes) can share one pool.
+    """
+
+    def __init__(
+        self,
+        handles: Mapping[str, Any],
+        data_plane: DataPlane = "torch_dist",
+        timeout_s: float = 60.0,
+    ) -> None:
+        if data_plane not in DATA_PLANES:
+            raise ValueError(f"unknown data plane {data_plane!r}; known: {', '.join(DATA_PLANES)}")
         self.handles = dict(handles)
+        self.data_plane = data_plane
+        self.timeout_s = timeout_s  # how long a layer may wait for a shard's answer
+        self._local = threading.local()
+        self._channels: list[Channel] = []
+        self._channels_lock = threading.Lock()
 
     @classmethod
-    def start(cls, model_dir: str, specs: Iterable[ShardSpec]) -> ExpertPool:
+    def start(
+        cls, model_dir: str, specs: Iterable[ShardSpec], data_plane: DataPlane = "torch_dist"
+    ) -> ExpertPool:
         """Start one actor per spec, pinned to its node when asked; wait until loaded."""
         from ray.util.scheduling_strategies import (
             NodeAffinitySchedulingStrategy,
@@ -185,7 +232,7 @@ class ExpertPool:
             handles[spec.shard_id] = ShardActor.options(**options).remote(
                 model_dir, spec.device, list(spec.slots), spec.shard_id, spec.telemetry
             )
-        pool = cls(handles)
+        pool = cls(handles, data_plane)
         pool.node_ids()  # waits for every shard to finish loading; raises if one failed
         return pool
 
@@ -214,6 +261,8 @@ class ExpertPool:
         weights: Any,
         traceparent: str = "",
     ) -> Any:
+        if self.data_plane == "torch_dist":
+            return self._channel().send(shard_id, layer, hidden, expert_ids, weights, traceparent)
         handle = self.handles[shard_id]
         args = [layer, _wire(hidden), _wire(expert_ids), _wire(weights)]
         if traceparent:
@@ -221,11 +270,19 @@ class ExpertPool:
         return handle.compute.remote(*args)
 
     def wait(self, pending: Sequence[Any]) -> list[torch.Tensor]:
+        if self.data_plane == "torch_dist":
+            return [reply.result() for reply in pending]
         return [_tensor(out) for out in ray.get(list(pending))]
 
     def wait_timed(self, pending: Sequence[Any]) -> list[tuple[torch.Tensor, float]]:
         """Results in call order, each with the seconds until it was ready (from now)."""
         start = time.perf_counter()
+        if self.data_plane == "torch_dist":  # in order: a later shard is often ready already
+            timed = []
+            for reply in pending:
+                out = reply.result()
+                timed.append((out, time.perf_counter() - start))
+            return timed
         ready_at: dict[Any, float] = {}
         left = list(pending)
         while left:
@@ -234,7 +291,40 @@ class ExpertPool:
         values = ray.get(list(pending))
         return [(_tensor(v), ready_at[ref]) for v, ref in zip(values, pending, strict=True)]
 
+    def _channel(self) -> Channel:
+        """This thread's data-plane channel, opened (or reopened after a failure) on demand."""
+        channel: Channel | None = getattr(self._local, "channel", None)
+        if channel is not None and not channel.broken:
+            return channel
+        if channel is not None:
+            self._forget(channel)
+        channel = Channel.open(
+            list(self.handles), self._start_peer, ray.util.get_node_ip_address(), self.timeout_s
+        )
+        self._local.channel = channel
+        with self._channels_lock:
+            self._channels.append(channel)
+        return channel
+
+    def _start_peer(self, shard_id: str, host: str, port: int, prefix: str) -> None:
+        ray.get(self.handles[shard_id].open_channel.remote(host, port, prefix, self.timeout_s))
+
+    def _forget(self, channel: Channel) -> None:
+        channel.close()
+        with self._channels_lock:
+            if channel in self._channels:
+                self._channels.remove(channel)
+
+    def close_channels(self) -> None:
+        """Stop every data-plane channel this pool opened (the shards' threads end)."""
+        with self._channels_lock:
+            channels, self._channels = self._channels, []
+        for channel in channels:
+            channel.close()
+        self._local = threading.local()
+
     def shutdown(self) -> None:
+        self.close_channels()
         for handle in self.handles.values():
             ray.kill(handle)
         self.handles.clear()

@@ -104,7 +104,9 @@ class TierHost:
                 handles, table = waiter.submit(
                     lambda: expert_pool.describe.remote().result()
                 ).result()
-            experts = RemoteExperts(ExpertPool(handles), table, tier.name)
+            settings = tier.experts
+            pool = ExpertPool(handles, settings.data_plane, settings.dispatch_timeout_s)
+            experts = RemoteExperts(pool, table, tier.name)
         self.replica = TierReplica(
             tier.name,
             tier.model,

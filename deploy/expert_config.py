@@ -16,7 +16,9 @@ class ExpertsSettings(BaseModel):
     deployment (``experts-<tier>``) and shared by all of the tier's backbone replicas;
     experts are spread round-robin. Shards are placed through a placement group
     (``strategy``), and ``shard_resources[i]`` can pin shard i to nodes that offer
-    those custom resources.
+    those custom resources. ``data_plane`` picks how a layer's tokens reach the shards:
+    ``torch_dist`` (point-to-point gloo channels; Ray only opens them) or ``ray`` (an
+    actor call per shard per layer); ``dispatch_timeout_s`` bounds a layer's wait.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -27,6 +29,8 @@ class ExpertsSettings(BaseModel):
     num_cpus_per_shard: float = Field(default=0.0, ge=0)
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "SPREAD"
     shard_resources: tuple[dict[str, float], ...] = ()
+    data_plane: Literal["torch_dist", "ray"] = "torch_dist"
+    dispatch_timeout_s: float = Field(default=60.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _resources_per_shard(self) -> ExpertsSettings:

@@ -11,6 +11,7 @@ Legend: N tokens sent to this shard, K' (expert, weight) pairs per token on this
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -49,11 +50,15 @@ class ExpertShard:
         self.reader = CheckpointReader(model_dir)
         self.device = device
         self._experts: dict[Slot, MLPWeights] = {}
+        # load, drop and compute may come from different threads (a Ray actor's own thread
+        # and its data-plane channels): the slot map changes only under this lock
+        self._lock = threading.Lock()
         self.load(slots)
 
     @property
     def slots(self) -> list[Slot]:
-        return sorted(self._experts)
+        with self._lock:
+            return sorted(self._experts)
 
     def has(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self._experts
@@ -64,11 +69,14 @@ class ExpertShard:
         All-or-nothing: every tensor is read before any slot becomes visible, so a
         failed read (bad slot, missing tensor) leaves the shard exactly as it was.
         Held slots are never re-read or replaced, so calls between loads see the
-        same weights for them.
+        same weights for them. Computes go on while the tensors are read.
         """
-        new = sorted({(int(layer), int(e)) for layer, e in slots} - self._experts.keys())
+        with self._lock:
+            new = sorted({(int(layer), int(e)) for layer, e in slots} - self._experts.keys())
         loaded = {(layer, e): load_expert(self.reader, layer, e, self.device) for layer, e in new}
-        self._experts.update(loaded)
+        with self._lock:
+            for slot, weights in loaded.items():
+                self._experts.setdefault(slot, weights)  # a concurrent load may have won
         return new
 
     def drop(self, slots: Iterable[Slot]) -> None:
@@ -77,27 +85,29 @@ class ExpertShard:
         Checked before anything is released, so a bad request drops nothing.
         """
         wanted = {(int(layer), int(e)) for layer, e in slots}
-        missing = wanted - self._experts.keys()
-        if missing:
-            raise ValueError(
-                f"cannot drop {format_slots(missing)}: not held by this shard "
-                f"(it holds {format_slots(self._experts)})"
-            )
-        for slot in wanted:
-            del self._experts[slot]
+        with self._lock:
+            missing = wanted - self._experts.keys()
+            if missing:
+                raise ValueError(
+                    f"cannot drop {format_slots(missing)}: not held by this shard "
+                    f"(it holds {format_slots(self._experts)})"
+                )
+            for slot in wanted:
+                del self._experts[slot]
 
     def _lookup(self, layer: int, experts: Iterable[int]) -> dict[int, MLPWeights]:
         """The weights of every expert a call needs, or an error naming the first one missing."""
         found: dict[int, MLPWeights] = {}
-        for e in experts:
-            w = self._experts.get((layer, e))
-            if w is None:
-                raise MissingExpertError(
-                    f"expert (layer {layer}, expert {e}) is not loaded on this shard "
-                    f"(it holds {format_slots(self._experts)}); the dispatcher's routing "
-                    "table is out of date or the slot was dropped"
-                )
-            found[e] = w
+        with self._lock:  # held weights stay valid for the call even if dropped meanwhile
+            for e in experts:
+                w = self._experts.get((layer, e))
+                if w is None:
+                    raise MissingExpertError(
+                        f"expert (layer {layer}, expert {e}) is not loaded on this shard "
+                        f"(it holds {format_slots(self._experts)}); the dispatcher's routing "
+                        "table is out of date or the slot was dropped"
+                    )
+                found[e] = w
         return found
 
     def compute(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
+from cluster.data_plane import DataPlaneError
 from cluster.expert_pool import ExpertPool, ShardSpec
 from cluster.generator import generate
 from cluster.remote_experts import RemoteExperts
@@ -92,6 +94,37 @@ def test_remote_output_matches_colocated_and_transformers(
     ref = reference_model(path)
     assert got == [reference_greedy(ref, p, NEW) for p in _prompts()]
     assert isinstance(remote.experts, RemoteExperts) and remote.experts.num_shard_calls > 0
+
+
+def test_both_data_planes_give_the_same_tokens(
+    path: Path, pool: tuple[ExpertPool, MoEModel]
+) -> None:
+    expert_pool, colocated = pool
+    assert expert_pool.data_plane == "torch_dist"  # the default
+    over_ray = ExpertPool(expert_pool.handles, data_plane="ray")  # the same actors
+    assert _greedy(_remote_model(path, over_ray, colocated)) == _greedy(colocated)
+
+
+def test_a_dead_shard_fails_the_layer_then_the_pool_reconnects(
+    path: Path, pool: tuple[ExpertPool, MoEModel]
+) -> None:
+    """Ray restarts a killed shard (max_restarts=1); the next call opens a fresh channel."""
+    expert_pool, colocated = pool
+    remote = _remote_model(path, expert_pool, colocated)
+    expected = _greedy(colocated)
+    assert _greedy(remote) == expected  # this thread's channel is open
+    ray.kill(expert_pool.handles["s1"], no_restart=False)
+    with pytest.raises(DataPlaneError, match=r"expert shard 's1' gave no answer for layer"):
+        _greedy(remote)
+    deadline = time.monotonic() + 120
+    while True:  # until the restarted shard answers (it refuses calls while restarting)
+        try:
+            expert_pool.node_ids()
+            break
+        except ray.exceptions.ActorUnavailableError:
+            assert time.monotonic() < deadline, "shard s1 did not come back"
+            time.sleep(0.5)
+    assert _greedy(remote) == expected
 
 
 def test_two_backbones_share_one_pool(path: Path, pool: tuple[ExpertPool, MoEModel]) -> None:
