@@ -264,7 +264,7 @@ class ExpertPool:
         if self.data_plane == "torch_dist":
             return self._channel().send(shard_id, layer, hidden, expert_ids, weights, traceparent)
         handle = self.handles[shard_id]
-        args = [layer, _wire(hidden), _wire(expert_ids), _wire(weights)]
+        args = [layer, *(_wire(x.cpu()) for x in (hidden, expert_ids, weights))]
         if traceparent:
             args.append(traceparent)
         return handle.compute.remote(*args)

@@ -66,7 +66,8 @@ class RemoteExperts:
         )
         pending, rows, shards = [], [], []
         for shard, work in plan.per_shard.items():
-            sent = gather_shard_inputs(work.token_index, work.pairs, hidden.cpu(), weights.cpu())
+            # gathered where the step runs; the pool moves only these rows to the host
+            sent = gather_shard_inputs(work.token_index, work.pairs, hidden, weights)
             pending.append(self._pool.compute_async(shard, layer, *sent, traceparent=traceparent))
             rows.append(work.token_index)  # [N] each
             shards.append(shard)
@@ -81,6 +82,7 @@ class RemoteExperts:
             span.end()
         self.num_shard_calls += len(pending)
         self.last_fan_out = plan.fan_out
+        outputs = [out.to(hidden.device) for out in outputs]  # shards answer in host memory
         return combine(
             hidden.shape[0],
             hidden.shape[1],
