@@ -23,7 +23,6 @@ from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
 from cluster.request_trace import RequestTrace, ShardOf
 from cluster.telemetry import get_telemetry
 from cluster.tier_messages import (
-    TierAccepted,
     TierInfo,
     TierItem,
     TierRejected,
@@ -121,11 +120,6 @@ class TierReplica:
             trace_parent=traced.traceparent,
             return_routing=request.return_routing or traced.wants_routing,
         )
-        try:
-            yield TierAccepted(len(ids))
-        except GeneratorExit:  # the caller left before generation started: close the span
-            traced.finish("cancelled before the start")
-            raise
         events: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
         pump = asyncio.create_task(self._pump(engine_request, events))
         self.num_streams += 1

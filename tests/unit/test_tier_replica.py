@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cluster.engine import EngineConfig
-from cluster.tier_messages import TierAccepted, TierItem, TierRejected, TierRequest, TierTokens
+from cluster.tier_messages import TierItem, TierRejected, TierRequest, TierTokens
 from cluster.tier_replica import TierReplica, stream_interval_for
 from experts.sampling import SamplingParams
 from tests.checkpoints import build_family_checkpoint
@@ -45,9 +45,9 @@ def _items(replica: TierReplica, max_tokens: int, **fields: object) -> list[Tier
 @pytest.mark.parametrize("replica", [1, 4], indirect=True)
 def test_items_carry_every_token_once_in_order(replica: TierReplica) -> None:
     items = _items(replica, 11)
-    assert items[0] == TierAccepted(len(PROMPT))
-    batches = [i for i in items[1:] if isinstance(i, TierTokens)]
-    assert len(batches) == len(items) - 1
+    batches = [i for i in items if isinstance(i, TierTokens)]
+    assert len(batches) == len(items)  # no separate acceptance item: the first batch is it
+    assert batches[0].num_prompt_tokens == len(PROMPT)
     ids = [t for b in batches for t in b.token_ids]
     assert len(ids) == 11
     assert [b.finish_reason for b in batches] == [None] * (len(batches) - 1) + ["length"]
@@ -58,7 +58,7 @@ def test_items_carry_every_token_once_in_order(replica: TierReplica) -> None:
 def test_stream_interval_sends_the_first_token_at_once_then_groups(
     replica: TierReplica,
 ) -> None:
-    batches = [i for i in _items(replica, 11)[1:] if isinstance(i, TierTokens)]
+    batches = [i for i in _items(replica, 11) if isinstance(i, TierTokens)]
     # the first item is whatever was ready when the first token came: usually just it
     assert 1 <= len(batches[0].token_ids) < 4 or len(batches) == 1
     assert all(len(b.token_ids) >= 4 for b in batches[1:-1])
@@ -102,7 +102,7 @@ def test_concurrent_streams_get_bigger_items_and_every_token(model_dir: Path) ->
         replica.shutdown()
     assert replica.num_streams == 0
     for items in results:
-        batches = [i for i in items[1:] if isinstance(i, TierTokens)]
+        batches = [i for i in items if isinstance(i, TierTokens)]
         assert sum(len(b.token_ids) for b in batches) == 12
         assert batches[-1].finish_reason == "length"
         # 4 streams, 1 item per step: the middle items hold up to 4 tokens each, so a
