@@ -34,7 +34,7 @@ DEFAULT_DEMO_DIR = Path(".demo-models")
 _TIER_NAME = re.compile(r"[a-z0-9_-]{1,32}")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 # Streamed items per engine step a tier replica aims at under load (stream_items_per_step).
-STREAM_ITEMS_PER_STEP = 4
+STREAM_ITEMS_PER_STEP = 2
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
