@@ -175,6 +175,12 @@ class Grpc:
         from deploy.proto import moecluster_v1_pb2 as pb
         from deploy.proto import moecluster_v1_pb2_grpc as pb_grpc
 
+        # Ray starts its workers at niceness 15 (the raylet's worker_niceness); this process,
+        # which runs the in-process engine and the gRPC clients, runs at 0. On a shared
+        # machine that would let background load and the bench's own client threads preempt
+        # the serving path only, so the workers run at this process's niceness unless
+        # RAY_worker_niceness says otherwise (--ray-niceness).
+        os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
         # address "local": always a new instance, never one another process left running
         ray.init(
             address="local",
@@ -301,6 +307,12 @@ def main() -> None:
         help="the tier replica's torch_threads (default: the config's, Ray's OMP_NUM_THREADS: 1 "
         "for num_cpus 0.5)",
     )
+    parser.add_argument(
+        "--ray-niceness",
+        type=int,
+        default=None,
+        help="niceness of the Ray workers (default: this process's; Ray's own default is 15)",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="rounds per level (default 3)")
     args = parser.parse_args()
 
@@ -333,6 +345,8 @@ def main() -> None:
         f"{tier.stream_items_per_step}, torch threads {tier.torch_threads}",
         flush=True,
     )
+    if args.ray_niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(args.ray_niceness)
     load_start = os.getloadavg()[0]
     local = InProcess(Path(tier.model), tier.to_engine_config())
     try:
@@ -370,6 +384,10 @@ def main() -> None:
         "stream_interval": tier.stream_interval,
         "stream_items_per_step": tier.stream_items_per_step,
         "rounds": rounds,
+        "niceness": {
+            "driver": os.nice(0),
+            "ray_workers": int(os.environ.get("RAY_worker_niceness", "15")),
+        },
         "torch_threads": {
             "in_process": torch.get_num_threads(),
             "tier": tier.torch_threads or "Ray default (OMP_NUM_THREADS)",
@@ -399,6 +417,7 @@ def main() -> None:
             ("interval", args.stream_interval),
             ("items", args.stream_items_per_step),
             ("threads", args.tier_torch_threads),
+            ("nice", args.ray_niceness),
         )
         if value is not None
     )
