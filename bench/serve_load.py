@@ -4,15 +4,17 @@ One tier (default ``strong``: the ``tiny`` MoE demo model) is measured two ways 
 the same run, on the same fixed-seed workload:
 
 - in-process: ``AsyncEngine`` in this process, ``C`` asyncio clients in a closed loop;
-- gRPC: the Serve application on a local Ray instance (gateway + tier deployment, one
-  replica, the same engine settings), ``C`` client threads in a closed loop, each
+- gRPC: the Serve application on its own local Ray instance (gateway + tier deployment,
+  one replica, the same engine settings), ``C`` client threads in a closed loop, each
   streaming ``Generate`` with the tier named explicitly (no cascade).
 
-For each concurrency level it reports output tokens/s, TTFT, time per output token
-and end-to-end latency (p50/p95/p99), and errors. The target is the gRPC/in-process
-throughput ratio at concurrency 32 (the gateway's cost). Writes
-``bench/results/serve_load.json``. Run: ``.venv/bin/python bench/serve_load.py``
-(``--quick`` for a smoke run).
+Both run side by side: each level runs ``--rounds`` times, the modes alternating, so
+the machine's background load falls on both alike; figures pool the rounds. For each
+concurrency level it reports output tokens/s, TTFT, time per output token and
+end-to-end latency (p50/p95/p99), tokens per streamed chunk, and errors. The target is
+the gRPC/in-process throughput ratio at concurrency 32 (the serving path's cost).
+Writes ``bench/results/serve_load.json`` (a suffix names non-default options). Run:
+``.venv/bin/python bench/serve_load.py`` (``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class LevelResult:
     errors: int
     wall_s: float
     output_tokens: int
+    chunks: int = 0  # streamed items the clients received (gRPC only)
     samples: list[Sample] = field(default_factory=list, repr=False)
 
     @property
@@ -84,6 +87,7 @@ class LevelResult:
             "wall_s": round(self.wall_s, 3),
             "output_tokens": self.output_tokens,
             "output_tokens_per_s": round(self.tokens_per_s, 2),
+            "tokens_per_chunk": round(self.output_tokens / self.chunks, 2) if self.chunks else None,
             "ttft_s": percentiles(ttft),
             "tpot_s": percentiles(tpot),
             "e2e_s": percentiles(e2e),
@@ -109,44 +113,46 @@ def workload(count: int, max_tokens: int, seed: int) -> list[Request]:
     ]
 
 
-def run_in_process(
-    model_dir: Path, engine_config: Any, levels: list[tuple[int, list[Request]]]
-) -> list[LevelResult]:
-    from cluster.async_engine import AsyncEngine
-    from cluster.engine import EngineRequest, LLMEngine
-    from experts.model import MoEModel
-    from experts.sampling import SamplingParams
+class InProcess:
+    """``AsyncEngine`` in this process; ``C`` asyncio clients in a closed loop."""
 
-    engine = AsyncEngine(LLMEngine(MoEModel.from_checkpoint(model_dir), engine_config))
-    counter = iter(range(10**9))
+    def __init__(self, model_dir: Path, engine_config: Any) -> None:
+        from cluster.async_engine import AsyncEngine
+        from cluster.engine import LLMEngine
+        from experts.model import MoEModel
 
-    async def client(todo: list[Request], result: LevelResult) -> None:
-        while todo:
-            req = todo.pop()
-            params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True)
-            request = EngineRequest(f"r{next(counter)}", req.token_ids, params)
-            start = time.perf_counter()
-            first, tokens = 0.0, 0
-            async for _ in engine.generate(request):
-                tokens += 1
-                if tokens == 1:
-                    first = time.perf_counter() - start
-            result.samples.append(Sample(first, time.perf_counter() - start, tokens))
-            result.output_tokens += tokens
+        self.engine = AsyncEngine(LLMEngine(MoEModel.from_checkpoint(model_dir), engine_config))
+        self.counter = iter(range(10**9))
 
-    async def level(concurrency: int, requests: list[Request]) -> LevelResult:
-        result = LevelResult("in-process", concurrency, len(requests), 0, 0.0, 0)
-        todo = list(reversed(requests))
+    def level(self, concurrency: int, requests: list[Request], result: LevelResult) -> None:
+        from cluster.engine import EngineRequest
+        from experts.sampling import SamplingParams
+
+        async def client(todo: list[Request]) -> None:
+            while todo:
+                req = todo.pop()
+                params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True)
+                request = EngineRequest(f"r{next(self.counter)}", req.token_ids, params)
+                start = time.perf_counter()
+                first, tokens = 0.0, 0
+                async for _ in self.engine.generate(request):
+                    tokens += 1
+                    if tokens == 1:
+                        first = time.perf_counter() - start
+                result.samples.append(Sample(first, time.perf_counter() - start, tokens))
+                result.output_tokens += tokens
+
+        async def run() -> None:
+            todo = list(reversed(requests))
+            await asyncio.gather(*(client(todo) for _ in range(concurrency)))
+
         start = time.perf_counter()
-        await asyncio.gather(*(client(todo, result) for _ in range(concurrency)))
-        result.wall_s = time.perf_counter() - start
-        return result
+        asyncio.run(run())
+        result.wall_s += time.perf_counter() - start
+        result.requests += len(requests)
 
-    try:
-        asyncio.run(level(2, workload(2, 4, seed=99)))  # warm-up
-        return [asyncio.run(level(c, reqs)) for c, reqs in levels]
-    finally:
-        engine.shutdown()
+    def close(self) -> None:
+        self.engine.shutdown()
 
 
 def _free_port() -> int:
@@ -155,46 +161,70 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_grpc(config: Any, tier: str, levels: list[tuple[int, list[Request]]]) -> list[LevelResult]:
-    import grpc
-    import ray
-    from ray import serve
-    from ray.serve.config import gRPCOptions
+class Grpc:
+    """The Serve application on its own local Ray instance; ``C`` client threads, each
+    streaming ``Generate`` with the tier named explicitly (no cascade)."""
 
-    from deploy.app import GRPC_SERVICER, build_app
-    from deploy.proto import moecluster_v1_pb2 as pb
-    from deploy.proto import moecluster_v1_pb2_grpc as pb_grpc
+    def __init__(self, config: Any, tier: str) -> None:
+        import grpc
+        import ray
+        from ray import serve
+        from ray.serve.config import gRPCOptions
 
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    serve.start(
-        grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]),
-        http_options={"host": "127.0.0.1", "port": _free_port()},
-    )
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = pb_grpc.MoEClusterStub(channel)
+        from deploy.app import GRPC_SERVICER, build_app
+        from deploy.proto import moecluster_v1_pb2 as pb
+        from deploy.proto import moecluster_v1_pb2_grpc as pb_grpc
 
-    def one(req: Request, result: LevelResult, lock: threading.Lock) -> None:
-        message = pb.GenerateRequest(
-            token_ids=list(req.token_ids), tier=tier, max_tokens=req.max_tokens, ignore_eos=True
+        # Ray starts its workers at niceness 15 (the raylet's worker_niceness); this process,
+        # which runs the in-process engine and the gRPC clients, runs at 0. On a shared
+        # machine that would let background load and the bench's own client threads preempt
+        # the serving path only, so the workers run at this process's niceness unless
+        # RAY_worker_niceness says otherwise (--ray-niceness).
+        os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
+        # address "local": always a new instance, never one another process left running
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count() or 2,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+        port = _free_port()
+        serve.start(
+            grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]),
+            http_options={"host": "127.0.0.1", "port": _free_port()},
+        )
+        serve.run(build_app(config), name="bench", route_prefix="/")
+        self.tier = tier
+        self.pb = pb
+        self.rpc_error = grpc.RpcError
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = pb_grpc.MoEClusterStub(self.channel)
+
+    def _one(self, req: Request, result: LevelResult, lock: threading.Lock) -> None:
+        message = self.pb.GenerateRequest(
+            token_ids=list(req.token_ids),
+            tier=self.tier,
+            max_tokens=req.max_tokens,
+            ignore_eos=True,
         )
         start = time.perf_counter()
-        first, tokens = 0.0, 0
+        first, tokens, chunks = 0.0, 0, 0
         try:
-            for chunk in stub.Generate(message, timeout=600):
+            for chunk in self.stub.Generate(message, timeout=600):
                 if not tokens and chunk.token_ids:
                     first = time.perf_counter() - start
                 tokens += len(chunk.token_ids)
-        except grpc.RpcError:
+                chunks += 1
+        except self.rpc_error:
             with lock:
                 result.errors += 1
             return
         with lock:
             result.samples.append(Sample(first, time.perf_counter() - start, tokens))
             result.output_tokens += tokens
+            result.chunks += chunks
 
-    def level(concurrency: int, requests: list[Request]) -> LevelResult:
-        result = LevelResult("grpc", concurrency, len(requests), 0, 0.0, 0)
+    def level(self, concurrency: int, requests: list[Request], result: LevelResult) -> None:
         todo: queue.SimpleQueue[Request] = queue.SimpleQueue()
         for req in requests:
             todo.put(req)
@@ -206,7 +236,7 @@ def run_grpc(config: Any, tier: str, levels: list[tuple[int, list[Request]]]) ->
                     req = todo.get_nowait()
                 except queue.Empty:
                     return
-                one(req, result, lock)
+                self._one(req, result, lock)
 
         threads = [threading.Thread(target=client) for _ in range(concurrency)]
         start = time.perf_counter()
@@ -214,17 +244,42 @@ def run_grpc(config: Any, tier: str, levels: list[tuple[int, list[Request]]]) ->
             thread.start()
         for thread in threads:
             thread.join()
-        result.wall_s = time.perf_counter() - start
-        return result
+        result.wall_s += time.perf_counter() - start
+        result.requests += len(requests)
 
-    try:
-        serve.run(build_app(config), name="bench", route_prefix="/")
-        level(2, workload(2, 4, seed=99))  # warm-up
-        return [level(c, reqs) for c, reqs in levels]
-    finally:
-        channel.close()
+    def close(self) -> None:
+        import ray
+        from ray import serve
+
+        self.channel.close()
         serve.shutdown()
         ray.shutdown()
+
+
+def run_levels(
+    local: InProcess, remote: Grpc, levels: list[tuple[int, list[Request]]], rounds: int
+) -> tuple[list[LevelResult], list[LevelResult]]:
+    """Each level ``rounds`` times, the two modes alternating (which goes first swaps each
+    round), so that the machine's background load falls on both alike."""
+    warm = workload(2, 4, seed=99)
+    local.level(2, warm, LevelResult("in-process", 2, 0, 0, 0.0, 0))
+    remote.level(2, warm, LevelResult("grpc", 2, 0, 0, 0.0, 0))
+    local_results, remote_results = [], []
+    for concurrency, requests in levels:
+        mine = LevelResult("in-process", concurrency, 0, 0, 0.0, 0)
+        theirs = LevelResult("grpc", concurrency, 0, 0, 0.0, 0)
+        for i in range(rounds):
+            runs: list[tuple[InProcess | Grpc, LevelResult]] = [(local, mine), (remote, theirs)]
+            for mode, result in runs if i % 2 == 0 else runs[::-1]:
+                mode.level(concurrency, requests, result)
+        local_results.append(mine)
+        remote_results.append(theirs)
+        print(
+            f"  c{concurrency}: in-process {mine.tokens_per_s:.1f} tok/s, "
+            f"gRPC {theirs.tokens_per_s:.1f} tok/s",
+            flush=True,
+        )
+    return local_results, remote_results
 
 
 def main() -> None:
@@ -236,9 +291,29 @@ def main() -> None:
         "--stream-interval",
         type=int,
         default=None,
-        help="tokens per streamed item after the first (the tier's stream_interval; default: "
-        "the config default, 1)",
+        help="the tier's stream_interval (tokens per streamed item after the first, at least; "
+        "default: the config's)",
     )
+    parser.add_argument(
+        "--stream-items-per-step",
+        type=int,
+        default=None,
+        help="the tier's stream_items_per_step (0: a fixed stream_interval; default: the config's)",
+    )
+    parser.add_argument(
+        "--tier-torch-threads",
+        type=int,
+        default=None,
+        help="the tier replica's torch_threads (default: the config's, Ray's OMP_NUM_THREADS: 1 "
+        "for num_cpus 0.5)",
+    )
+    parser.add_argument(
+        "--ray-niceness",
+        type=int,
+        default=None,
+        help="niceness of the Ray workers (default: this process's; Ray's own default is 15)",
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per level (default 3)")
     args = parser.parse_args()
 
     from deploy.config import default_config
@@ -247,34 +322,56 @@ def main() -> None:
     ensure_demo_models(DEMO_DIR)
     config = default_config(DEMO_DIR)
     # Each mode runs as its users would run it: in-process with this process's torch threads,
-    # the tier replica with Ray's (OMP_NUM_THREADS=1 for a replica of num_cpus 0.5). Giving the
-    # replica 2 threads was measured slower here: its threads then fight Ray's processes.
+    # the tier replica with the config's (Ray's OMP_NUM_THREADS=1 for num_cpus 0.5). Giving
+    # the replica this process's thread count was measured slower here
+    # (--tier-torch-threads): its threads then fight Ray's processes for the two cores.
+    update: dict[str, Any] = {}
+    if args.tier_torch_threads is not None:
+        update["torch_threads"] = args.tier_torch_threads
     if args.stream_interval is not None:
-        update = {"stream_interval": args.stream_interval}
-        tiers = tuple(t.model_copy(update=update) for t in config.tiers)
-        config = config.model_copy(update={"tiers": tiers})
+        update["stream_interval"] = args.stream_interval
+    if args.stream_items_per_step is not None:
+        update["stream_items_per_step"] = args.stream_items_per_step
+    tiers = tuple(t.model_copy(update=update) for t in config.tiers)
+    config = config.model_copy(update={"tiers": tiers})
     tier = config.tier(args.tier)
     concurrency = (1, 4) if args.quick else (1, 8, 32)
     max_tokens = args.max_tokens or (16 if args.quick else 64)
+    rounds = args.rounds or (1 if args.quick else 3)
     levels = [(c, workload(max(2 * c, 8), max_tokens, seed=c)) for c in concurrency]
-    print(f"tier {tier.name} ({tier.model}), {max_tokens} tokens per request", flush=True)
+    print(
+        f"tier {tier.name} ({tier.model}), {max_tokens} tokens per request, {rounds} rounds, "
+        f"stream_interval {tier.stream_interval}, stream_items_per_step "
+        f"{tier.stream_items_per_step}, torch threads {tier.torch_threads}",
+        flush=True,
+    )
+    if args.ray_niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(args.ray_niceness)
     load_start = os.getloadavg()[0]
-    local = run_in_process(Path(tier.model), tier.to_engine_config(), levels)
-    remote = run_grpc(config, tier.name, levels)
+    local = InProcess(Path(tier.model), tier.to_engine_config())
+    try:
+        remote = Grpc(config, tier.name)
+        try:
+            local_results, remote_results = run_levels(local, remote, levels, rounds)
+        finally:
+            remote.close()
+    finally:
+        local.close()
 
-    rows = [r.summary() for pair in zip(local, remote, strict=True) for r in pair]
+    rows = [r.summary() for pair in zip(local_results, remote_results, strict=True) for r in pair]
     header = f"{'mode':<11}{'conc':>5}{'tok/s':>9}{'ttft p50/p99 s':>17}"
-    header += f"{'tpot p50/p99 s':>17}{'e2e p50/p99 s':>17}{'errors':>8}"
+    header += f"{'tpot p50/p99 s':>17}{'e2e p50/p99 s':>17}{'tok/chunk':>10}{'errors':>8}"
     print(header)
     for row in rows:
         ttft, tpot, e2e = row["ttft_s"], row["tpot_s"], row["e2e_s"]
         print(
             f"{row['mode']:<11}{row['concurrency']:>5}{row['output_tokens_per_s']:>9.1f}"
             f"{ttft['p50']:>8.3f}/{ttft['p99']:<8.3f}{tpot['p50'] or 0:>8.3f}/"
-            f"{tpot['p99'] or 0:<8.3f}{e2e['p50']:>8.3f}/{e2e['p99']:<8.3f}{row['errors']:>8}"
+            f"{tpot['p99'] or 0:<8.3f}{e2e['p50']:>8.3f}/{e2e['p99']:<8.3f}"
+            f"{row['tokens_per_chunk'] or 0:>10.2f}{row['errors']:>8}"
         )
     top = max(concurrency)
-    by_level = {(r.mode, r.concurrency): r for r in local + remote}
+    by_level = {(r.mode, r.concurrency): r for r in local_results + remote_results}
     ratio = by_level[("grpc", top)].tokens_per_s / by_level[("in-process", top)].tokens_per_s
     print(f"gRPC / in-process throughput at concurrency {top}: {ratio:.2f} (goal >= {RATIO_GOAL})")
     result = {
@@ -285,9 +382,18 @@ def main() -> None:
         "engine": asdict(tier.to_engine_config()),
         "max_tokens": max_tokens,
         "stream_interval": tier.stream_interval,
-        "torch_threads": {"in_process": torch.get_num_threads(), "tier": "Ray default (1)"},
+        "stream_items_per_step": tier.stream_items_per_step,
+        "rounds": rounds,
+        "niceness": {
+            "driver": os.nice(0),
+            "ray_workers": int(os.environ.get("RAY_worker_niceness", "15")),
+        },
+        "torch_threads": {
+            "in_process": torch.get_num_threads(),
+            "tier": tier.torch_threads or "Ray default (OMP_NUM_THREADS)",
+        },
         "prompt_tokens": "uniform 32..128 random ids, fixed seed per level",
-        "requests_per_level": {c: len(reqs) for c, reqs in levels},
+        "requests_per_level": {c: rounds * len(reqs) for c, reqs in levels},
         "levels": rows,
         "targets": {
             f"grpc_vs_inprocess_c{top}": {
@@ -305,9 +411,17 @@ def main() -> None:
         },
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    name = "serve_load.quick.json" if args.quick else "serve_load.json"
-    if args.stream_interval is not None and not args.quick:
-        name = f"serve_load.interval{args.stream_interval}.json"
+    variant = "".join(
+        f".{label}{value}"
+        for label, value in (
+            ("interval", args.stream_interval),
+            ("items", args.stream_items_per_step),
+            ("threads", args.tier_torch_threads),
+            ("nice", args.ray_niceness),
+        )
+        if value is not None
+    )
+    name = f"serve_load{variant}{'.quick' if args.quick else ''}.json"
     (OUT / name).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {OUT / name}")
 

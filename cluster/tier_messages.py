@@ -1,7 +1,9 @@
 """Messages on the gateway -> tier-replica channel (one module per channel).
 
-The first item a tier replica streams back is ``TierAccepted`` or
-``TierRejected``; then ``TierTokens`` batches until one carries a finish reason.
+A tier replica streams back either one ``TierRejected``, or ``TierTokens``
+batches until one carries a finish reason (the first batch, with the first token,
+is the acceptance: a separate item would cost one more Ray streaming item per
+request in the replica and the gateway).
 """
 
 from __future__ import annotations
@@ -23,11 +25,6 @@ class TierRequest:
     return_routing: bool = False
     traceparent: str = ""  # W3C context of the gateway's request span ("" : not traced)
     attention_first_tokens: int = 0  # attention diagnostics over the first N tokens; 0 = off
-
-
-@dataclass(frozen=True)
-class TierAccepted:
-    num_prompt_tokens: int
 
 
 @dataclass(frozen=True)
@@ -57,7 +54,7 @@ class TierTokens:
     attention: tuple[tuple[float, float], ...] | None = None
 
 
-TierItem = TierAccepted | TierRejected | TierTokens
+TierItem = TierRejected | TierTokens
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ The Serve deployment in ``deploy/app.py`` only wraps this class. It loads the
 checkpoint, runs an ``AsyncEngine``, turns text prompts into ids, and streams
 ``TierItem``s: events produced while the caller was busy are sent as one
 batch, which keeps the per-item transport cost off the decode loop.
+
+Each streamed item costs CPU in every process it crosses (this replica, the
+gateway, Serve's gRPC proxy, the client), whatever it carries, while the engine's
+step gets cheaper per token as the batch grows. So under load a stream's tokens
+go out in bigger items: see ``stream_interval_for``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
 from cluster.request_trace import RequestTrace, ShardOf
 from cluster.telemetry import get_telemetry
 from cluster.tier_messages import (
-    TierAccepted,
     TierInfo,
     TierItem,
     TierRejected,
@@ -41,11 +45,16 @@ class TierReplica:
         device: str = "cpu",
         experts: ExpertBackend | None = None,
         stream_interval: int = 1,
+        stream_items_per_step: int = 0,
     ) -> None:
         if stream_interval < 1:
             raise ValueError(f"stream_interval={stream_interval} must be >= 1")
+        if stream_items_per_step < 0:
+            raise ValueError(f"stream_items_per_step={stream_items_per_step} must be >= 0")
         self.name = name
         self.stream_interval = stream_interval
+        self.stream_items_per_step = stream_items_per_step
+        self.num_streams = 0  # requests streaming tokens now; touched on the event loop only
         self.model_dir = str(model_dir)
         model = MoEModel.from_checkpoint(model_dir, device=device, experts=experts)
         self.tokenizer = load_tokenizer(model_dir)
@@ -111,13 +120,9 @@ class TierReplica:
             trace_parent=traced.traceparent,
             return_routing=request.return_routing or traced.wants_routing,
         )
-        try:
-            yield TierAccepted(len(ids))
-        except GeneratorExit:  # the caller left before generation started: close the span
-            traced.finish("cancelled before the start")
-            raise
         events: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
         pump = asyncio.create_task(self._pump(engine_request, events))
+        self.num_streams += 1
         finished = False
         error: str | None = "cancelled before the end"
         tokens: list[TokenEvent] = []
@@ -135,8 +140,8 @@ class TierReplica:
                     continue
                 finished = tokens[-1].finish_reason is not None
                 # the first token goes out at once (time to first token); later ones in
-                # items of stream_interval tokens, each item being two Ray streaming hops
-                if not finished and tokens[0].index > 0 and len(tokens) < self.stream_interval:
+                # items whose size grows with the number of streams (see stream_interval_for)
+                if not finished and tokens[0].index > 0 and len(tokens) < self.current_interval():
                     continue
                 traced.add(tokens)
                 attention = traced.attention() if finished else None
@@ -144,11 +149,18 @@ class TierReplica:
                 tokens = []
             error = None
         finally:
+            self.num_streams -= 1
             if not finished:
                 self.num_aborted += 1
             pump.cancel()
             traced.finish(error)
             self._flush_metrics()
+
+    def current_interval(self) -> int:
+        """Tokens per streamed item (after the first) for the streams open now."""
+        return stream_interval_for(
+            self.num_streams, self.stream_interval, self.stream_items_per_step
+        )
 
     def _shard_of(self) -> ShardOf | None:
         """Which shard holds a (layer, expert), when the experts are remote."""
@@ -177,6 +189,20 @@ class TierReplica:
 
     def shutdown(self) -> None:
         self.async_engine.shutdown()
+
+
+def stream_interval_for(num_streams: int, minimum: int, items_per_step: int) -> int:
+    """Tokens per streamed item after a stream's first, given how many streams are open.
+
+    Every open stream gets a token per engine step, so sending each at once costs
+    ``num_streams`` items per step. Grouping them ``ceil(num_streams / items_per_step)``
+    at a time keeps it near ``items_per_step`` items per step at any batch size (the
+    streams' items are staggered: they started at different steps); ``minimum`` is the
+    tier's ``stream_interval``, and ``items_per_step`` 0 turns the adaptation off.
+    """
+    if items_per_step <= 0:
+        return minimum
+    return max(minimum, -(-num_streams // items_per_step))
 
 
 def _to_tokens(

@@ -114,6 +114,7 @@ class TierHost:
             tier.device,
             experts,
             stream_interval=tier.stream_interval,
+            stream_items_per_step=tier.stream_items_per_step,
         )
 
     async def generate(self, request: TierRequest) -> AsyncGenerator[TierItem, None]:

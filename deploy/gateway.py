@@ -250,7 +250,7 @@ class Gateway:
             await stream.aclose()
             code = _REJECTION_CODES.get(first.code, grpc.StatusCode.UNAVAILABLE)
             raise ApiError(code, first.message)
-        return _tokens_only(tier, stream)
+        return _tokens_only(tier, first, stream)
 
     async def _probe(
         self,
@@ -382,10 +382,12 @@ class Gateway:
 
 
 async def _tokens_only(
-    tier: str, stream: AsyncGenerator[object, None]
+    tier: str, first: object, stream: AsyncGenerator[object, None]
 ) -> AsyncGenerator[TierTokens, None]:
-    """The token batches after acceptance; a tier lost mid-stream becomes UNAVAILABLE."""
+    """The token batches from the first on; a tier lost mid-stream becomes UNAVAILABLE."""
     try:
+        assert isinstance(first, TierTokens), f"unexpected first item {type(first).__name__}"
+        yield first
         async for item in stream:
             assert isinstance(item, TierTokens), f"unexpected {type(item).__name__} mid-stream"
             yield item

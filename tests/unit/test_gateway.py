@@ -1,10 +1,10 @@
 """The Gateway without Ray or a model: a scripted in-process ``TierClient`` plays the tiers.
 
-``FakeTierClient`` streams what each tier's ``Script`` says (``TierAccepted`` then
-``TierTokens`` batches, or a ``TierRejected``, or a ``TierBusyError``/``TierUnavailableError``
-on the first ``anext``) and records every call: the tier, the ``TierRequest`` it got, how many
-items it handed out, and whether the stream was closed (``aclose``) before its end, i.e.
-cancelled. Each test drives ``Gateway.generate`` inside ``asyncio.run``.
+``FakeTierClient`` streams what each tier's ``Script`` says (``TierTokens`` batches, or a
+``TierRejected``, or a ``TierBusyError``/``TierUnavailableError`` on the first ``anext``)
+and records every call: the tier, the ``TierRequest`` it got, how many items it handed
+out, and whether the stream was closed (``aclose``) before its end, i.e. cancelled. Each
+test drives ``Gateway.generate`` inside ``asyncio.run``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import pytest
 
 from cluster.tier_client import TierBusyError, TierUnavailableError
 from cluster.tier_messages import (
-    TierAccepted,
     TierInfo,
     TierItem,
     TierRejected,
@@ -76,7 +75,7 @@ class Script:
 
 
 def stream(*batches: TierTokens) -> Script:
-    return Script([TierAccepted(num_prompt_tokens=PROMPT_TOKENS), *batches])
+    return Script(list(batches))
 
 
 def rejected(code: str, message: str) -> Script:
@@ -468,7 +467,7 @@ def test_cascade_unconfident_fast_tier_escalates_to_strong_from_scratch() -> Non
     fast_call, strong_call = fake.calls
     assert (fast_call.tier, strong_call.tier) == ("fast", "strong")
     assert fast_call.cancelled  # the fast stream was closed mid-way
-    assert fast_call.handed_out == 3  # accepted + the two probe batches, nothing more
+    assert fast_call.handed_out == 2  # the two probe batches, nothing more
     assert strong_call.request == fast_call.request  # the same request, from scratch
     assert not strong_call.cancelled
     assert gateway.policy.num_escalations == 1
@@ -605,7 +604,7 @@ def test_stop_string_ends_the_stream_and_closes_the_tier() -> None:
     assert last.tier.name == "fast"
     [call] = fake.calls
     assert call.cancelled
-    assert call.handed_out == 3  # accepted + two batches
+    assert call.handed_out == 2  # two batches
     assert_all_closed(fake)
 
 
@@ -685,16 +684,10 @@ def test_tier_errors_on_open(error: type[Exception], status: grpc.StatusCode) ->
 def test_tier_unavailable_mid_stream_becomes_unavailable() -> None:
     """BUG (gateway.py, ``generate``/``_tokens_only``): ``TierUnavailableError`` (a replica
     lost mid-generation, as ``ServeTierClient`` reports it) is only mapped to an ``ApiError``
-    on the first ``anext``. Raised after ``TierAccepted`` it escapes ``Gateway.generate`` as a
+    on the first ``anext``. Raised after the first batch it escapes ``Gateway.generate`` as a
     bare ``TierUnavailableError``, so ``deploy/app.py`` answers INTERNAL "internal error"
     instead of UNAVAILABLE."""
-    fake = FakeTierClient(
-        {
-            "strong": Script(
-                [TierAccepted(PROMPT_TOKENS), batch([1])], error_after=TierUnavailableError
-            )
-        }
-    )
+    fake = FakeTierClient({"strong": Script([batch([1])], error_after=TierUnavailableError)})
     gateway = Gateway(make_config(), fake)
     with pytest.raises(Exception) as info:
         run_generate(gateway, pb.GenerateRequest(prompt="hi", tier="strong"))
@@ -787,7 +780,7 @@ def test_shadow_runs_in_the_background_and_records_divergence() -> None:
                     batch(fast_ids[3:], fast_lps[3:], finish="length"),
                 ),
                 "strong": Script(
-                    [TierAccepted(PROMPT_TOKENS), batch(shadow_ids, shadow_lps, finish="length")],
+                    [batch(shadow_ids, shadow_lps, finish="length")],
                     release=release,
                 ),
             }

@@ -1,4 +1,5 @@
-"""The tier replica without Ray: acceptance, streamed token items, stream_interval."""
+"""The tier replica without Ray: acceptance, streamed token items, stream_interval and its
+adaptation to the number of open streams."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from cluster.engine import EngineConfig
-from cluster.tier_messages import TierAccepted, TierItem, TierRejected, TierRequest, TierTokens
-from cluster.tier_replica import TierReplica
+from cluster.tier_messages import TierItem, TierRejected, TierRequest, TierTokens
+from cluster.tier_replica import TierReplica, stream_interval_for
 from experts.sampling import SamplingParams
 from tests.checkpoints import build_family_checkpoint
 
@@ -44,9 +45,9 @@ def _items(replica: TierReplica, max_tokens: int, **fields: object) -> list[Tier
 @pytest.mark.parametrize("replica", [1, 4], indirect=True)
 def test_items_carry_every_token_once_in_order(replica: TierReplica) -> None:
     items = _items(replica, 11)
-    assert items[0] == TierAccepted(len(PROMPT))
-    batches = [i for i in items[1:] if isinstance(i, TierTokens)]
-    assert len(batches) == len(items) - 1
+    batches = [i for i in items if isinstance(i, TierTokens)]
+    assert len(batches) == len(items)  # no separate acceptance item: the first batch is it
+    assert batches[0].num_prompt_tokens == len(PROMPT)
     ids = [t for b in batches for t in b.token_ids]
     assert len(ids) == 11
     assert [b.finish_reason for b in batches] == [None] * (len(batches) - 1) + ["length"]
@@ -57,7 +58,7 @@ def test_items_carry_every_token_once_in_order(replica: TierReplica) -> None:
 def test_stream_interval_sends_the_first_token_at_once_then_groups(
     replica: TierReplica,
 ) -> None:
-    batches = [i for i in _items(replica, 11)[1:] if isinstance(i, TierTokens)]
+    batches = [i for i in _items(replica, 11) if isinstance(i, TierTokens)]
     # the first item is whatever was ready when the first token came: usually just it
     assert 1 <= len(batches[0].token_ids) < 4 or len(batches) == 1
     assert all(len(b.token_ids) >= 4 for b in batches[1:-1])
@@ -73,3 +74,42 @@ def test_bad_request_is_rejected_before_acceptance(replica: TierReplica) -> None
 def test_stream_interval_must_be_positive(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="stream_interval=0"):
         TierReplica("t", model_dir, EngineConfig(num_blocks=8), stream_interval=0)
+
+
+def test_stream_interval_for_grows_with_the_open_streams() -> None:
+    assert stream_interval_for(1, 1, 4) == 1
+    assert stream_interval_for(4, 1, 4) == 1
+    assert stream_interval_for(5, 1, 4) == 2
+    assert stream_interval_for(32, 1, 4) == 8
+    assert stream_interval_for(32, 16, 4) == 16  # never below the tier's stream_interval
+    assert stream_interval_for(32, 2, 0) == 2  # 0: no adaptation
+
+
+def test_concurrent_streams_get_bigger_items_and_every_token(model_dir: Path) -> None:
+    replica = TierReplica("t", model_dir, EngineConfig(num_blocks=64), stream_items_per_step=1)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+
+    async def collect(i: int) -> list[TierItem]:
+        request = TierRequest(f"r{i}", params, token_ids=PROMPT)
+        return [item async for item in replica.generate(request)]
+
+    async def run() -> list[list[TierItem]]:
+        return list(await asyncio.gather(*(collect(i) for i in range(4))))
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        replica.shutdown()
+    assert replica.num_streams == 0
+    for items in results:
+        batches = [i for i in items if isinstance(i, TierTokens)]
+        assert sum(len(b.token_ids) for b in batches) == 12
+        assert batches[-1].finish_reason == "length"
+        # 4 streams, 1 item per step: the middle items hold up to 4 tokens each, so a
+        # stream sends fewer items than tokens
+        assert len(batches) < 12, [len(b.token_ids) for b in batches]
+
+
+def test_stream_items_per_step_must_not_be_negative(model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="stream_items_per_step=-1"):
+        TierReplica("t", model_dir, EngineConfig(num_blocks=8), stream_items_per_step=-1)
