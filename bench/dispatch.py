@@ -16,18 +16,18 @@ odd ones on ``s1``).
      ``torch_dist`` data plane (``cluster/data_plane.py``: gloo point-to-point channels opened
      once, no Ray task per layer);
    - ``RemoteExperts.forward`` over two *no-op* actors that return zeros of the right shape at
-     once: the same plan, gather, payloads and combine, with no expert compute;
+     once: the same split, payloads and combine, with no expert compute;
    - both of those again over the ``ray`` data plane (one actor call per shard, numpy arrays),
      on the same actors, for comparison;
-   - a step-by-step copy of ``RemoteExperts.forward`` (the same ``plan_dispatch``,
-     ``gather_shard_inputs``, ``ExpertPool.compute_async`` / ``wait`` and ``combine`` calls),
+   - a step-by-step copy of ``RemoteExperts.forward`` (the same ``RemoteExperts.split``,
+     ``ExpertPool.compute_async`` / ``wait`` and ``combine`` calls),
      timed phase by phase, against two instrumented shard actors (``ShardActorImpl``
      subclassed to time ``compute`` inside the actor). ``wire`` = submit + wait - the slowest
      shard's in-actor compute: the transport's own share of the critical path.
 
    Overhead = median(remote) - median(colocated). Medians and p90 over the repetitions (after
    ``--warmup`` untimed ones) are reported. The overhead mixes two things: the data plane
-   (plan, gather, Ray round trip, combine) and a compute difference (two 1-thread shards in
+   (split, round trip, combine) and a compute difference (two 1-thread shards in
    parallel vs one 2-thread process); the no-op run and the breakdown separate them.
    Remote and colocated outputs are compared. With two experts per token the partial sums add
    up exactly, so any difference comes from the matmuls themselves: on this CPU build a GEMM
@@ -95,12 +95,11 @@ from cluster.remote_experts import RemoteExperts
 from deploy.demo_model import build_demo_model, is_demo_model
 from experts.backend import ColocatedExperts
 from experts.checkpoint import CheckpointReader
-from experts.dispatch_tensors import combine, gather_shard_inputs
+from experts.dispatch_tensors import combine
 from experts.gate import route
 from experts.model import MoEModel
 from experts.sampling import SamplingParams
-from router.dispatch import plan_dispatch
-from router.routing_table import RoutingTable, round_robin
+from router.routing_table import round_robin
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / ".demo-models" / "bench"
@@ -449,8 +448,7 @@ def make_layer_inputs(num_tokens: int, count: int, seed: int) -> list[Triple]:
 class Breakdown:
     """Per repetition, seconds of each phase of one remote layer (driver side unless noted)."""
 
-    plan: list[float] = field(default_factory=list)
-    gather: list[float] = field(default_factory=list)
+    split: list[float] = field(default_factory=list)  # which shard gets what, and gather
     submit: list[float] = field(default_factory=list)
     wait: list[float] = field(default_factory=list)
     combine: list[float] = field(default_factory=list)
@@ -460,22 +458,15 @@ class Breakdown:
     shard_compute_sum: list[float] = field(default_factory=list)
     payload_bytes: list[int] = field(default_factory=list)  # sent + received, all shards
 
-    def step(self, pool: ExpertPool, table: RoutingTable, x: Triple) -> torch.Tensor:
+    def step(self, remote: RemoteExperts, pool: ExpertPool, x: Triple) -> torch.Tensor:
         """``RemoteExperts.forward``, phase by phase, with the same calls in the same order."""
         hidden, expert_ids, weights = x
         t0 = time.perf_counter()
-        plan = plan_dispatch(LAYER, expert_ids.tolist(), table)
-        t1 = time.perf_counter()
-        sends, rows = [], []
-        for work in plan.per_shard.values():
-            sends.append(
-                gather_shard_inputs(work.token_index, work.pairs, hidden.cpu(), weights.cpu())
-            )
-            rows.append(work.token_index)
+        shards, rows, sends, _ = remote.split(remote.table, LAYER, hidden, expert_ids, weights)
         t2 = time.perf_counter()
         pending = [
             pool.compute_async(shard, LAYER, *sent)
-            for shard, sent in zip(plan.per_shard, sends, strict=True)
+            for shard, sent in zip(shards, sends, strict=True)
         ]
         t3 = time.perf_counter()
         outputs = pool.wait(pending)
@@ -488,13 +479,12 @@ class Breakdown:
             device=hidden.device,
         )
         t5 = time.perf_counter()
-        self.plan.append(t1 - t0)
-        self.gather.append(t2 - t1)
+        self.split.append(t2 - t0)
         self.submit.append(t3 - t2)
         self.wait.append(t4 - t3)
         self.combine.append(t5 - t4)
         self.total.append(t5 - t0)
-        self.shards_called.append(list(plan.per_shard))
+        self.shards_called.append(shards)
         sent_bytes = sum(t.numel() * t.element_size() for s in sends for t in s)
         self.payload_bytes.append(sent_bytes + sum(o.numel() * o.element_size() for o in outputs))
         return out
@@ -518,13 +508,9 @@ class Breakdown:
                 cut(self.submit), cut(self.wait), cut(self.shard_compute_max), strict=True
             )
         ]
-        dispatch_s = [
-            p + g + c
-            for p, g, c in zip(cut(self.plan), cut(self.gather), cut(self.combine), strict=True)
-        ]
+        dispatch_s = [p + c for p, c in zip(cut(self.split), cut(self.combine), strict=True)]
         return {
-            "plan": summary_ms(cut(self.plan)),
-            "gather": summary_ms(cut(self.gather)),
+            "split": summary_ms(cut(self.split)),
             "submit": summary_ms(cut(self.submit)),
             "wait": summary_ms(cut(self.wait)),
             "combine": summary_ms(cut(self.combine)),
@@ -532,7 +518,7 @@ class Breakdown:
             "shard_compute_slowest_in_actor": summary_ms(cut(self.shard_compute_max)),
             "shard_compute_sum_in_actor": summary_ms(cut(self.shard_compute_sum)),
             "transport_round_trip_excl_compute": summary_ms(ray_s),
-            "driver_plan_gather_combine": summary_ms(dispatch_s),
+            "driver_split_combine": summary_ms(dispatch_s),
             "mean_shards_per_call": round(
                 statistics.fmean(len(c) for c in self.shards_called[skip:]), 3
             ),
@@ -678,7 +664,9 @@ def bench_layer(
                 "noop": lambda x: noop.forward(LAYER, *x),
                 "remote_ray": lambda x: remote_ray.forward(LAYER, *x),
                 "noop_ray": lambda x: noop_ray.forward(LAYER, *x),
-                "breakdown": functools.partial(breakdown.step, timed_pool, table),
+                "breakdown": functools.partial(
+                    breakdown.step, RemoteExperts(timed_pool, table), timed_pool
+                ),
             }
             names = list(calls)
             max_diff, exact = 0.0, True
@@ -932,7 +920,7 @@ def format_tables(layers: Sequence[LayerResult], engine: dict[str, Any]) -> str:
             f"{summary_ms(r.noop_ray_s)['median_ms']:>10.3f} | {r.max_abs_diff:>10.1e}"
         )
     head = (
-        f"{'tokens':>6} | {'plan':>6} | {'gather':>6} | {'submit':>6} | {'wait':>7} | "
+        f"{'tokens':>6} | {'split':>6} | {'submit':>6} | {'wait':>7} | "
         f"{'combine':>7} | {'shard compute':>13} | {'wire':>6} | {'KiB':>6}"
     )
     lines += [
@@ -944,7 +932,7 @@ def format_tables(layers: Sequence[LayerResult], engine: dict[str, Any]) -> str:
     for r in layers:
         b = r.breakdown
         lines.append(
-            f"{r.num_tokens:>6} | {b['plan']['median_ms']:>6.3f} | {b['gather']['median_ms']:>6.3f}"
+            f"{r.num_tokens:>6} | {b['split']['median_ms']:>6.3f}"
             f" | {b['submit']['median_ms']:>6.3f} | {b['wait']['median_ms']:>7.3f} | "
             f"{b['combine']['median_ms']:>7.3f} | "
             f"{b['shard_compute_slowest_in_actor']['median_ms']:>13.3f} | "
@@ -1037,7 +1025,7 @@ def data_plane_note(layers: Sequence[LayerResult], facts: dict[str, Any]) -> dic
         noop32 = statistics.median(r32.noop_s) * 1e3
         coloc32 = statistics.median(r32.colocated_s) * 1e3
         shard32 = b["shard_compute_slowest_in_actor"]["median_ms"]
-        driver32 = b["driver_plan_gather_combine"]["median_ms"]
+        driver32 = b["driver_split_combine"]["median_ms"]
         compute_word = (
             "the shards' parallelism hides part of the data-plane cost"
             if shard32 < coloc32
@@ -1051,7 +1039,7 @@ def data_plane_note(layers: Sequence[LayerResult], facts: dict[str, Any]) -> dic
         )
         note["bound"] = (
             f"At 32 tokens the overhead (remote - colocated, torch_dist) is "
-            f"{r32.overhead_ms:.2f} ms (median). Driver-side plan + gather + combine take "
+            f"{r32.overhead_ms:.2f} ms (median). Driver-side split (plan + gather) + combine take "
             f"{driver32:.2f} ms; the wire (submit + wait beyond the slowest shard's compute) "
             f"{b['transport_round_trip_excl_compute']['median_ms']:.2f} ms "
             f"({b['mean_payload_kib_per_layer']:.0f} KiB moved); a layer with free compute "

@@ -15,6 +15,7 @@ Legend: T tokens, K experts per token, H hidden, N tokens sent to one shard.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import torch
 from opentelemetry import trace
@@ -22,9 +23,11 @@ from opentelemetry import trace
 from cluster.expert_pool import ShardCaller
 from cluster.step_trace import current_step_trace
 from cluster.telemetry import Telemetry, context_from_traceparent, get_telemetry, traceparent_of
-from experts.dispatch_tensors import combine, gather_shard_inputs
+from experts.dispatch_tensors import combine, gather_shard_inputs, split_by_owner
 from router.dispatch import plan_dispatch
 from router.routing_table import RoutingTable
+
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden [N, H], ids [N, K'], w [N, K']
 
 
 class RemoteExperts:
@@ -33,6 +36,7 @@ class RemoteExperts:
         self._table = table
         self.tier = tier  # for metric attributes
         self._spans_made: dict[str, int] = {}  # dispatch spans per traced request (traceparent)
+        self._owners: dict[tuple[int, int], tuple[list[str], torch.Tensor] | None] = {}
         self._lock = threading.Lock()
         self.num_shard_calls = 0
         self.last_fan_out: list[int] = []  # shards each token touched, last layer computed
@@ -59,18 +63,13 @@ class RemoteExperts:
     ) -> torch.Tensor:  # [T, H]
         with self._lock:
             table = self._table
-        plan = plan_dispatch(layer, expert_ids.tolist(), table)
+        shards, rows, sends, fan_out = self.split(table, layer, hidden, expert_ids, weights)
         telemetry = get_telemetry()
-        span, traceparent = self._dispatch_span(
-            telemetry, layer, hidden.shape[0], len(plan.per_shard)
-        )
-        pending, rows, shards = [], [], []
-        for shard, work in plan.per_shard.items():
-            # gathered where the step runs; the pool moves only these rows to the host
-            sent = gather_shard_inputs(work.token_index, work.pairs, hidden, weights)
-            pending.append(self._pool.compute_async(shard, layer, *sent, traceparent=traceparent))
-            rows.append(work.token_index)  # [N] each
-            shards.append(shard)
+        span, traceparent = self._dispatch_span(telemetry, layer, hidden.shape[0], len(shards))
+        pending = [
+            self._pool.compute_async(shard, layer, *sent, traceparent=traceparent)
+            for shard, sent in zip(shards, sends, strict=True)
+        ]
         if telemetry.metrics_enabled:  # per-shard round trips, as each shard answers
             timed = self._pool.wait_timed(pending)
             outputs = [out for out, _ in timed]
@@ -81,7 +80,7 @@ class RemoteExperts:
         if span is not None:
             span.end()
         self.num_shard_calls += len(pending)
-        self.last_fan_out = plan.fan_out
+        self.last_fan_out = fan_out
         outputs = [out.to(hidden.device) for out in outputs]  # shards answer in host memory
         return combine(
             hidden.shape[0],
@@ -90,6 +89,61 @@ class RemoteExperts:
             dtype=hidden.dtype,
             device=hidden.device,
         )
+
+    def split(
+        self,
+        table: RoutingTable,
+        layer: int,
+        hidden: torch.Tensor,  # [T, H]
+        expert_ids: torch.Tensor,  # [T, K]
+        weights: torch.Tensor,  # [T, K]
+    ) -> tuple[list[str], list[Sequence[int] | torch.Tensor], list[Inputs], list[int]]:
+        """The shards called, their rows, their inputs, and the shards each token touches.
+
+        Gathered on the step's device (the pool moves only these rows to the host). When
+        every expert of the layer has one shard, whole-tensor ops do it; otherwise the
+        plan (``router.dispatch``) chooses among replicas pair by pair.
+        """
+        owners = self._owner_map(table, layer)
+        if owners is not None and expert_ids.numel() and int(expert_ids.max()) < len(owners[1]):
+            shard_ids, owner = owners
+            parts = split_by_owner(
+                owner.to(expert_ids.device), len(shard_ids), hidden, expert_ids, weights
+            )
+            kept = [(sid, part) for sid, part in zip(shard_ids, parts, strict=True) if part]
+            fan_out = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+            for _, (token_index, *_) in kept:
+                fan_out[token_index] += 1
+            return (
+                [sid for sid, _ in kept],
+                [token_index for _, (token_index, *_) in kept],
+                [(h, ids, w) for _, (_, h, ids, w) in kept],
+                fan_out.tolist(),
+            )
+        plan = plan_dispatch(layer, expert_ids.tolist(), table)
+        sends = [
+            gather_shard_inputs(work.token_index, work.pairs, hidden, weights)
+            for work in plan.per_shard.values()
+        ]
+        rows = [work.token_index for work in plan.per_shard.values()]
+        return list(plan.per_shard), list(rows), sends, plan.fan_out
+
+    def _owner_map(self, table: RoutingTable, layer: int) -> tuple[list[str], torch.Tensor] | None:
+        """(shard ids, [E] shard index per expert) when each expert of ``layer`` has one shard."""
+        key = (table.version, layer)
+        if key not in self._owners:
+            placed = {e: shards for (lyr, e), shards in table.placement.items() if lyr == layer}
+            owners = None
+            if placed and all(len(s) == 1 for s in placed.values()):
+                if sorted(placed) == list(range(len(placed))):  # every expert placed
+                    shard_ids = sorted({s[0] for s in placed.values()})
+                    index = {sid: i for i, sid in enumerate(shard_ids)}
+                    owner = torch.tensor([index[placed[e][0]] for e in range(len(placed))])
+                    owners = (shard_ids, owner)
+            if len(self._owners) > 1024:
+                self._owners.clear()
+            self._owners[key] = owners
+        return self._owners[key]
 
     def _dispatch_span(
         self, telemetry: Telemetry, layer: int, num_tokens: int, num_shards: int

@@ -43,7 +43,7 @@ def gather_shard_inputs(
 def combine(
     num_tokens: int,
     hidden_size: int,
-    partials: Sequence[tuple[Sequence[int], torch.Tensor]],  # (token_index [N], out [N, H])
+    partials: Sequence[tuple[Sequence[int] | torch.Tensor, torch.Tensor]],  # ([N], [N, H])
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:  # [T, H]
@@ -66,4 +66,33 @@ def combine(
         rows = torch.as_tensor(token_index, dtype=torch.long, device=out.device)  # [N]
         # rows are unique within a partial; index_put_ is far cheaper than index_add_ on CPU
         out.index_put_((rows,), part, accumulate=True)
+    return out
+
+
+def split_by_owner(
+    owner: torch.Tensor,  # [E] long: the shard index holding each expert (one replica each)
+    num_shards: int,
+    hidden: torch.Tensor,  # [T, H]
+    expert_ids: torch.Tensor,  # [T, K] long
+    weights: torch.Tensor,  # [T, K] fp32
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """Each shard's rows and ``ExpertShard.compute`` inputs, with whole-tensor ops only.
+
+    The fast path of dispatch when every expert has exactly one shard: no per-pair Python.
+    Per shard: the tokens with at least one pair on it ``[N]``, their hidden rows, and all K
+    pair slots with those of other shards padded (``PAD_EXPERT``, weight 0), which the shard
+    skips: the same sums as ``gather_shard_inputs``, K' = K. ``None`` for a shard with no work.
+    """
+    shard_of_pair = owner[expert_ids]  # [T, K]
+    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
+    for s in range(num_shards):
+        mine = shard_of_pair == s  # [T, K]
+        rows = mine.any(dim=1).nonzero().squeeze(1)  # [N]
+        if rows.numel() == 0:
+            out.append(None)
+            continue
+        mine = mine[rows]  # [N, K]
+        ids = expert_ids[rows].masked_fill(~mine, PAD_EXPERT)  # [N, K]
+        shard_weights = weights[rows].masked_fill(~mine, 0.0)  # [N, K]
+        out.append((rows, hidden[rows], ids, shard_weights))
     return out
