@@ -20,12 +20,12 @@ Legend: N tokens sent to one shard, K' (expert, weight) pairs per token on it, H
 
 from __future__ import annotations
 
-import datetime
 import logging
 import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ TAG_HEADER, TAG_PAYLOAD, TAG_REPLY, TAG_ERROR_LEN, TAG_ERROR = range(5)
 HEADER_LEN = 10  # op, layer, N, H, K', dtype, trace id hi, trace id lo, span id, flags
 NO_TRACE = -1  # the flags field of a header without trace context
 STATUS_OK, STATUS_FAILED = 0.0, 1.0
-IDLE_WAIT = datetime.timedelta(days=30)  # how long a shard waits for a live backbone's next layer
+IDLE_WAIT = timedelta(days=30)  # how long a shard waits for a live backbone's next layer
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # compute(layer, hidden [N, H], expert_ids [N, K'], weights [N, K'], traceparent) -> [N, H]
@@ -61,7 +61,7 @@ def _group(store: dist.Store, prefix: str, rank: int, host: str, timeout_s: floa
     # the options object is private, but the public constructor binds to whatever the host
     # name resolves to, which need not be the Ray node's address
     options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
-    options._timeout = datetime.timedelta(seconds=timeout_s)
+    options._timeout = timedelta(seconds=timeout_s)
     options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
     return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, 2, options)
 
@@ -147,37 +147,24 @@ def serve_channel(
     name: str = "",
 ) -> threading.Thread:
     """Serve one backbone's channel on a daemon thread of this (shard) process."""
-    thread = threading.Thread(
-        target=_serve,
-        args=(compute, store_host, store_port, prefix, bind_host, timeout_s, name),
-        name=f"data-plane-{prefix}",
-        daemon=True,
-    )
+
+    def serve() -> None:
+        try:
+            store = dist.TCPStore(
+                store_host, store_port, is_master=False, timeout=timedelta(seconds=timeout_s)
+            )
+            group = _group(store, prefix, 1, bind_host, timeout_s)
+        except Exception:
+            logger.exception("shard %s: could not join data-plane channel %s", name, prefix)
+            return
+        try:
+            _serve_loop(group, compute, name)
+        except RuntimeError as err:  # the backbone went away, or closed: nothing left to serve
+            logger.info("shard %s: channel %s closed (%s)", name, prefix, str(err).split("\n")[0])
+
+    thread = threading.Thread(target=serve, name=f"data-plane-{prefix}", daemon=True)
     thread.start()
     return thread
-
-
-def _serve(
-    compute: Compute,
-    store_host: str,
-    store_port: int,
-    prefix: str,
-    bind_host: str,
-    timeout_s: float,
-    name: str,
-) -> None:
-    try:
-        store = dist.TCPStore(
-            store_host, store_port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s)
-        )
-        group = _group(store, prefix, 1, bind_host, timeout_s)
-    except Exception:
-        logger.exception("shard %s: could not join data-plane channel %s", name, prefix)
-        return
-    try:
-        _serve_loop(group, compute, name)
-    except RuntimeError as err:  # the backbone went away mid-message or closed: nothing to serve
-        logger.info("shard %s: channel %s closed (%s)", name, prefix, str(err).split("\n")[0])
 
 
 def _serve_loop(group: Group, compute: Compute, name: str) -> None:
@@ -225,7 +212,7 @@ class PendingReply:
     keep: tuple[torch.Tensor, ...]  # the sent buffers, alive until the sends complete
 
     def result(self) -> torch.Tensor:  # [N, H]
-        timeout = datetime.timedelta(seconds=self.channel.timeout_s)
+        timeout = timedelta(seconds=self.channel.timeout_s)
         try:
             for work in self.works:
                 work.wait(timeout)
@@ -263,7 +250,7 @@ class Channel:
             0,
             is_master=True,
             wait_for_workers=False,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timedelta(seconds=timeout_s),
         )
         channel_id = uuid.uuid4().hex[:12]
         prefixes = {sid: f"{channel_id}/{sid}" for sid in shard_ids}
@@ -293,11 +280,18 @@ class Channel:
         header, payload = pack(layer, hidden, expert_ids, weights, traceparent)
         n, h = hidden.shape
         reply = torch.empty(n * h + 1, dtype=hidden.dtype)
-        works = [
-            group.send([header], 1, TAG_HEADER),
-            group.send([payload], 1, TAG_PAYLOAD),
-            group.recv([reply], 1, TAG_REPLY),
-        ]
+        try:  # a connection already known to be closed fails here rather than in wait
+            works = [
+                group.send([header], 1, TAG_HEADER),
+                group.send([payload], 1, TAG_PAYLOAD),
+                group.recv([reply], 1, TAG_REPLY),
+            ]
+        except RuntimeError as err:
+            self.broken = True
+            raise DataPlaneError(
+                f"expert shard {shard_id!r} cannot be reached for layer {layer} over the data "
+                f"plane ({str(err).splitlines()[0]}); the shard may have died or be restarting"
+            ) from err
         return PendingReply(self, shard_id, layer, (n, h), reply, works, (header, payload))
 
     def error_message(self, shard_id: str) -> str:
@@ -314,7 +308,7 @@ class Channel:
         for group in self.groups.values():
             if not self.broken:
                 try:
-                    group.send([stop], 1, TAG_HEADER).wait(datetime.timedelta(seconds=5))
+                    group.send([stop], 1, TAG_HEADER).wait(timedelta(seconds=5))
                 except RuntimeError as err:  # the shard is gone already: nothing to stop
                     logger.debug("data plane: stop not delivered to %s (%s)", group, err)
         self.groups.clear()

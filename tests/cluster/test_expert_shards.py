@@ -114,7 +114,9 @@ def test_a_dead_shard_fails_the_layer_then_the_pool_reconnects(
     expected = _greedy(colocated)
     assert _greedy(remote) == expected  # this thread's channel is open
     ray.kill(expert_pool.handles["s1"], no_restart=False)
-    with pytest.raises(DataPlaneError, match=r"expert shard 's1' gave no answer for layer"):
+    with pytest.raises(
+        DataPlaneError, match=r"expert shard .s1. (gave no answer|cannot be reached)"
+    ):
         _greedy(remote)
     deadline = time.monotonic() + 120
     while True:  # until the restarted shard answers (it refuses calls while restarting)
