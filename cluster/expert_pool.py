@@ -316,7 +316,10 @@ class ExpertPool:
                 self._channels.remove(channel)
 
     def close_channels(self) -> None:
-        """Stop every data-plane channel this pool opened (the shards' threads end)."""
+        """Stop every data-plane channel this pool opened (the shards' threads end).
+
+        For shutdown: call it while no layer is in flight on any of them.
+        """
         with self._channels_lock:
             channels, self._channels = self._channels, []
         for channel in channels:
