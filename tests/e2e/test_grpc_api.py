@@ -251,17 +251,26 @@ def test_deadline_is_honoured_and_frees_blocks(cluster: Cluster) -> None:
 
 
 def test_cancel_stops_generation_and_frees_blocks(cluster: Cluster) -> None:
-    aborted = cluster.wait_idle("open", "strong").num_aborted
-    request = pb.GenerateRequest(
-        prompt="cancel me", tier="strong", max_tokens=3000, ignore_eos=True
-    )
-    call = cluster.stub.Generate(request, metadata=OPEN, timeout=RPC_TIMEOUT)
-    stream = iter(call)
+    """The replica aborts the request (not finishing it) and frees its blocks.
+
+    Ray Serve 2.60's gRPC proxy can drop a cancel that arrives while it hands a chunk to
+    gRPC (README, status codes): the gateway is never told, and the request runs on to
+    ``max_tokens`` and finishes normally. Such an attempt is told apart by the abort count,
+    and the test tries again.
+    """
+    request = pb.GenerateRequest(prompt="cancel me", tier="strong", max_tokens=400, ignore_eos=True)
     for _ in range(3):
-        next(stream)
-    call.cancel()
-    stats = cluster.wait_idle("open", "strong")
-    assert stats.num_aborted == aborted + 1
+        aborted = cluster.wait_idle("open", "strong", timeout=60).num_aborted
+        call = cluster.stub.Generate(request, metadata=OPEN, timeout=RPC_TIMEOUT)
+        stream = iter(call)
+        for _ in range(3):
+            next(stream)
+        call.cancel()
+        stats = cluster.wait_idle("open", "strong", timeout=60)  # idle: no blocks held
+        if stats.num_aborted == aborted + 1:
+            return
+        assert stats.num_aborted == aborted, stats  # the cancel was lost: it ran to the end
+    pytest.fail("in 3 attempts, the cancel never reached the replica")
 
 
 def test_list_tiers_and_health(cluster: Cluster) -> None:
