@@ -5,7 +5,8 @@ the per-layer tensors go over ``torch.distributed`` instead, with no Ray task pe
 32-token round trip to two shards: ~1.4 ms against ~13 ms for numpy over Ray actor calls,
 ``bench/data_plane.py``). A *channel* is one calling thread's set of two-rank gloo process
 groups, one per shard (rank 0 the backbone, rank 1 the shard). Pairs, not one world, so that
-several backbone replicas can share a pool, and a shard restart breaks only its own pairs.
+several backbone replicas can share a pool and no shard needs to know the others; a broken
+channel (a shard died) is dropped whole and reopened on the next layer.
 
 Per layer and shard, the backbone sends a fixed-size header (op, layer, sizes, dtype, the
 dispatching span's trace context) and one packed byte payload (hidden, expert ids, gate
