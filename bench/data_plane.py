@@ -108,6 +108,8 @@ import ray
 import torch
 import torch.distributed as dist
 
+from bench.machine import wait_for_quiet
+
 # Legend: N tokens sent to a shard, H hidden size, K experts per token, W packed row width.
 HIDDEN = 1024
 TOP_K = 2
@@ -493,37 +495,11 @@ def stats(samples: Sequence[float]) -> dict[str, float]:
     }
 
 
-def cpu_busy_fraction(interval_s: float) -> float:
-    """Share of all CPUs busy over ``interval_s`` (NaN without /proc/stat); called while this
-    run's actors are idle, so it measures other work."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        return sum(fields[:8]), fields[3] + fields[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(interval_s)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-    total = total1 - total0
-    return 1.0 - (idle1 - idle0) / total if total > 0 else float("nan")
-
-
-def wait_for_quiet(max_wait_s: float, threshold: float) -> dict[str, float]:
-    """Wait (up to ``max_wait_s``) until other work uses under ``threshold`` of the CPUs.
-
-    Ray workers run at niceness 15, so any busy process at normal priority starves the actors
-    and a block measured during someone else's burst measures the burst.
-    """
-    start = time.perf_counter()
-    while True:
-        busy = cpu_busy_fraction(0.3)
-        waited = time.perf_counter() - start
-        if not busy >= threshold or waited >= max_wait_s:  # NaN: do not wait
-            return {"others_cpu_busy": round(busy, 3), "waited_s": round(waited, 1)}
+def quiet_facts(max_wait_s: float, threshold: float) -> dict[str, float]:
+    """``bench.machine.wait_for_quiet`` for this run (Ray workers run at niceness 15, so a
+    busy process at normal priority starves the actors), as JSON."""
+    busy, waited = wait_for_quiet(max_wait_s, threshold, interval_s=0.3)
+    return {"others_cpu_busy": round(busy, 3), "waited_s": round(waited, 1)}
 
 
 def free_port() -> int:
@@ -701,7 +677,7 @@ def run_all(cfg: BenchConfig) -> dict[str, Any]:
     for rnd in range(cfg.rounds):
         say(f"round {rnd + 1}/{cfg.rounds}")
         for n, reps in zip(cfg.token_counts, cfg.reps_per_round, strict=True):
-            quiet.append(wait_for_quiet(cfg.quiet_wait_s, cfg.quiet_threshold))
+            quiet.append(quiet_facts(cfg.quiet_wait_s, cfg.quiet_threshold))
             for path, (group_name, _) in PATHS.items():
                 if path in errors:
                     continue
@@ -788,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: Path = args.out or (QUICK_OUT if cfg.quick else DEFAULT_OUT)
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    start_quiet = wait_for_quiet(cfg.start_wait_s, cfg.quiet_threshold)
+    start_quiet = quiet_facts(cfg.start_wait_s, cfg.quiet_threshold)
     say(f"others' CPU use {start_quiet['others_cpu_busy']:.2f} after {start_quiet['waited_s']}s")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -88,6 +88,7 @@ import ray
 import torch
 import transformers
 
+from bench.machine import load_average, wait_for_quiet
 from cluster.data_plane import serve_channel
 from cluster.engine import EngineConfig, EngineRequest, LLMEngine
 from cluster.expert_pool import ExpertPool, ShardActorImpl, ShardSpec
@@ -255,32 +256,6 @@ def summary_ms(seconds: Sequence[float]) -> dict[str, float]:
     }
 
 
-def load_average() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
-def cpu_busy_fraction(interval_s: float = 0.5) -> float:
-    """Share of all CPUs busy over ``interval_s`` (NaN without /proc/stat).
-
-    Called while this process and its actors are idle, so it measures other work.
-    """
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]), idle
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(interval_s)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-    total = total1 - total0
-    return 1.0 - (idle1 - idle0) / total if total > 0 else float("nan")
-
-
 @dataclass(frozen=True)
 class Quiet:
     """What the machine looked like just before a measured phase."""
@@ -297,19 +272,15 @@ class Quiet:
         }
 
 
-def wait_for_quiet(cfg: BenchConfig) -> Quiet:
-    """Wait (up to ``cfg.quiet_wait_s``) until other work uses under the threshold of the CPUs.
+def wait_until_quiet(cfg: BenchConfig) -> Quiet:
+    """``bench.machine.wait_for_quiet`` with this run's limits, and what it saw.
 
     Torch's 2-thread (OpenMP) ops in this process slow down many times when another process
     takes a core, and the shard actors run at Ray's worker niceness (15), so any other busy
     process skews the comparison; a phase started during a burst measures the burst.
     """
-    start = time.perf_counter()
-    while True:
-        busy = cpu_busy_fraction()
-        waited = time.perf_counter() - start
-        if not busy >= cfg.quiet_threshold or waited >= cfg.quiet_wait_s:  # NaN: do not wait
-            return Quiet(busy, waited, load_average())
+    busy, waited = wait_for_quiet(cfg.quiet_wait_s, cfg.quiet_threshold)
+    return Quiet(busy, waited, load_average())
 
 
 def wait_for_load(max_load: float, max_wait_s: float) -> dict[str, Any]:
@@ -670,7 +641,7 @@ def bench_layer(
             }
             names = list(calls)
             max_diff, exact = 0.0, True
-            quiet = wait_for_quiet(cfg)
+            quiet = wait_until_quiet(cfg)
             with torch.inference_mode():
                 for rep in range(cfg.warmup + reps):
                     x = inputs[rep % len(inputs)]
@@ -823,7 +794,7 @@ def bench_engine(cfg: BenchConfig, model_dir: Path) -> dict[str, Any]:
         for rep in range(cfg.repeats):
             order = list(models)[rep % len(models) :] + list(models)[: rep % len(models)]
             for name in order:
-                quiet = wait_for_quiet(cfg)
+                quiet = wait_until_quiet(cfg)
                 run = run_engine(models[name], engine_config, prompts, cfg.new_tokens, quiet)
                 if runs[name]:
                     assert run.tokens == runs[name][0].tokens, f"{name} is not deterministic"

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import transformers
 
+from bench.machine import load_average, wait_for_quiet
 from cluster.generator import generate
 from deploy.demo_model import build_demo_model, is_demo_model
 from experts.model import MoEModel
@@ -226,48 +227,6 @@ def timed(fn: Callable[[], list[list[int]]]) -> tuple[float, list[list[int]]]:
     start = time.perf_counter()
     tokens = fn()
     return time.perf_counter() - start, tokens
-
-
-def cpu_busy_fraction(interval_s: float = 0.5) -> float:
-    """Share of all CPUs busy (steal included) over ``interval_s``; NaN without /proc/stat.
-
-    Called while this process is idle, so it measures other work competing for the cores.
-    """
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]), idle
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(interval_s)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-    total = total1 - total0
-    return 1.0 - (idle1 - idle0) / total if total > 0 else float("nan")
-
-
-def wait_for_quiet(max_wait_s: float, threshold: float) -> tuple[float, float]:
-    """Wait (up to ``max_wait_s``) until other work uses under ``threshold`` of the CPUs.
-
-    On a small shared machine another busy process makes torch's spinning worker threads
-    many times slower, so a timed run started during a burst measures the burst, not the code.
-    Returns (busy share seen last, seconds waited).
-    """
-    start = time.perf_counter()
-    while True:
-        busy = cpu_busy_fraction()
-        waited = time.perf_counter() - start
-        if not busy >= threshold or waited >= max_wait_s:  # NaN: no /proc/stat, do not wait
-            return busy, waited
-
-
-def load_average() -> float:
-    """1-minute load average (NaN where the OS has none): other work competing for the cores."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def first_mismatch(a: Sequence[int], b: Sequence[int]) -> int | None:
