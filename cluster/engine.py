@@ -263,7 +263,9 @@ class LLMEngine:
             seq.first_token_time = now
         reason = finish_reason(self.model.spec.eos_token_ids, seq.params, seq.output_ids)
         detok = self._detok.get(seq.request_id)
-        text = detok.push(token) if detok is not None else ""
+        text = ""
+        if detok is not None:
+            text = detok.push(token) + (detok.flush() if reason is not None else "")
         event = TokenEvent(
             request_id=seq.request_id,
             token_id=token,

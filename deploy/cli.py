@@ -190,7 +190,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             shown = text if text is not None else " ".join(map(str, res.token_ids))
             print(f"--- [{i}] {res.finish_reason}, {len(res.token_ids)} tokens\n{shown}")
     if stream:
-        print()
+        print(detok.flush() if detok is not None else "")
     print(
         f"[generate] {len(results)} prompt(s), {total} tokens in {elapsed:.2f}s "
         f"({total / max(elapsed, 1e-9):.1f} tokens/s)",

