@@ -229,7 +229,15 @@ def test_full_queue_is_resource_exhausted(cluster: Cluster) -> None:
     running = cluster.stub.Generate(request, metadata=good, timeout=RPC_TIMEOUT)
     next(running)  # it holds the replica's only seat
     queued = cluster.stub.Generate(request, metadata=good, timeout=RPC_TIMEOUT)
-    waiter = threading.Thread(target=lambda: next(queued, None), daemon=True)
+    queued_codes: list[grpc.StatusCode] = []
+
+    def wait_in_queue() -> None:
+        try:
+            next(queued, None)
+        except grpc.RpcError as err:  # the cancel below ends it
+            queued_codes.append(err.code())
+
+    waiter = threading.Thread(target=wait_in_queue, daemon=True)
     waiter.start()  # it waits in the queue of one
     time.sleep(1.0)
     err = _error(cluster, good, prompt="one too many", max_tokens=2)
@@ -237,6 +245,7 @@ def test_full_queue_is_resource_exhausted(cluster: Cluster) -> None:
     running.cancel()
     queued.cancel()
     waiter.join(timeout=30)
+    assert queued_codes == [grpc.StatusCode.CANCELLED]
     cluster.wait_idle("secured", "fast")
 
 
