@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any, Protocol
 
-from cluster.tier_messages import TierInfo, TierItem, TierRequest, TierStats
+from cluster.tier_messages import (
+    TierInfo,
+    TierItem,
+    TierRejected,
+    TierRequest,
+    TierStats,
+    TierTokens,
+)
 
 
 class TierBusyError(RuntimeError):
@@ -27,6 +34,13 @@ class TierClient(Protocol):
     async def info(self, tier: str) -> TierInfo: ...
 
     async def stats(self, tier: str) -> TierStats: ...
+
+
+def is_last(item: TierItem) -> bool:
+    """Whether the replica sends nothing after this item (a refusal, or the finishing tokens)."""
+    return isinstance(item, TierRejected) or (
+        isinstance(item, TierTokens) and item.finish_reason is not None
+    )
 
 
 class ServeTierClient:
@@ -59,6 +73,10 @@ class ServeTierClient:
         done = refused = False
         try:
             async for item in response:
+                # after the replica's last item the request is over there: a caller that
+                # stops reading at it must not cost a cancel (an RPC to the replica, which
+                # then raises and logs a cancellation for a request that already finished)
+                done = is_last(item)
                 yield item
             done = True
         except BackPressureError as err:
