@@ -250,13 +250,23 @@ def test_full_queue_is_resource_exhausted(cluster: Cluster) -> None:
 
 
 def test_deadline_is_honoured_and_frees_blocks(cluster: Cluster) -> None:
-    aborted = cluster.wait_idle("open", "fast").num_aborted
-    request = pb.GenerateRequest(prompt="slow", tier="fast", max_tokens=3000, ignore_eos=True)
-    with pytest.raises(grpc.RpcError) as info:
-        list(cluster.stub.Generate(request, metadata=OPEN, timeout=1.5))
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    stats = cluster.wait_idle("open", "fast")
-    assert stats.num_aborted == aborted + 1
+    """The client sees DEADLINE_EXCEEDED; the replica aborts the request and frees its blocks.
+
+    A deadline reaches Serve's gRPC proxy as a cancel, so the proxy race that can lose a
+    cancel (see the cancel test) can lose it too: such an attempt runs to ``max_tokens``
+    and finishes normally, and the test tries again.
+    """
+    request = pb.GenerateRequest(prompt="slow", tier="fast", max_tokens=1000, ignore_eos=True)
+    for _ in range(3):
+        aborted = cluster.wait_idle("open", "fast", timeout=90).num_aborted
+        with pytest.raises(grpc.RpcError) as info:
+            list(cluster.stub.Generate(request, metadata=OPEN, timeout=1.5))
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        stats = cluster.wait_idle("open", "fast", timeout=90)  # idle: no blocks held
+        if stats.num_aborted == aborted + 1:
+            return
+        assert stats.num_aborted == aborted, stats  # the cancel was lost: it ran to the end
+    pytest.fail("in 3 attempts, the deadline's cancel never reached the replica")
 
 
 def test_cancel_stops_generation_and_frees_blocks(cluster: Cluster) -> None:
