@@ -74,8 +74,8 @@ class ServeTierClient:
         try:
             async for item in response:
                 # after the replica's last item the request is over there: a caller that
-                # stops reading at it must not cost a cancel (an RPC to the replica, which
-                # then raises and logs a cancellation for a request that already finished)
+                # stops reading at it must not cost a cancel (a Ray cancel, and a cancelled
+                # task on the replica, for a request that already finished)
                 done = is_last(item)
                 yield item
             done = True
