@@ -108,7 +108,9 @@ import ray
 import torch
 import torch.distributed as dist
 
-from bench.machine import wait_for_quiet
+# run as `python bench/data_plane.py`, the script's folder is on the path, not the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.machine import load_average, wait_for_quiet
 
 # Legend: N tokens sent to a shard, H hidden size, K experts per token, W packed row width.
 HIDDEN = 1024
@@ -763,7 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = make_config(args)
     out: Path = args.out or (QUICK_OUT if cfg.quick else DEFAULT_OUT)
     started = time.perf_counter()
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     start_quiet = quiet_facts(cfg.start_wait_s, cfg.quiet_threshold)
     say(f"others' CPU use {start_quiet['others_cpu_busy']:.2f} after {start_quiet['waited_s']}s")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -818,7 +820,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
             "load_1m_before": round(load_before, 2),
             "quiet_at_start": start_quiet,
-            "load_1m_after": round(os.getloadavg()[0], 2),
+            "load_1m_after": round(load_average(), 2),
             "wall_s": round(time.perf_counter() - started, 1),
         },
         **result,

@@ -88,6 +88,8 @@ import ray
 import torch
 import transformers
 
+# run as `python bench/dispatch.py`, the script's folder is on the path, not the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine import load_average, wait_for_quiet
 from cluster.data_plane import serve_channel
 from cluster.engine import EngineConfig, EngineRequest, LLMEngine

@@ -39,6 +39,8 @@ from typing import Any
 import torch
 import transformers
 
+# run as `python bench/model_core.py`, the script's folder is on the path, not the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine import load_average, wait_for_quiet
 from cluster.generator import generate
 from deploy.demo_model import build_demo_model, is_demo_model

@@ -29,12 +29,17 @@ import os
 import platform
 import random
 import socket
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# run as `python bench/serve_load.py`, the script's folder is on the path, not the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.machine import load_average
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO / ".demo-models"
@@ -345,7 +350,7 @@ def main() -> None:
     )
     if args.ray_niceness is not None:
         os.environ["RAY_worker_niceness"] = str(args.ray_niceness)
-    load_start = os.getloadavg()[0]
+    load_start = load_average()
     local = InProcess(Path(tier.model), tier.to_engine_config())
     top = max(concurrency)
     alone = LevelResult("in-process, no Ray", top, 0, 0, 0.0, 0)
