@@ -202,9 +202,7 @@ class ExpertPool:
         self._channels_lock = threading.Lock()
 
     @classmethod
-    def start(
-        cls, model_dir: str, specs: Iterable[ShardSpec], data_plane: DataPlane = "torch_dist"
-    ) -> ExpertPool:
+    def start(cls, model_dir: str, specs: Iterable[ShardSpec]) -> ExpertPool:
         """Start one actor per spec, pinned to its node when asked; wait until loaded."""
         from ray.util.scheduling_strategies import (
             NodeAffinitySchedulingStrategy,
@@ -232,7 +230,7 @@ class ExpertPool:
             handles[spec.shard_id] = ShardActor.options(**options).remote(
                 model_dir, spec.device, list(spec.slots), spec.shard_id, spec.telemetry
             )
-        pool = cls(handles, data_plane)
+        pool = cls(handles)
         pool.node_ids()  # waits for every shard to finish loading; raises if one failed
         return pool
 

@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 DEFAULT_DEMO_DIR = Path(".demo-models")
 _TIER_NAME = re.compile(r"[a-z0-9_-]{1,32}")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
-# Streamed items per engine step a tier replica aims at under load (stream_items_per_step).
-STREAM_ITEMS_PER_STEP = 2
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -139,7 +137,7 @@ class TierConfig(_Model):
     # under load, items grow so that a replica streams about this many items per engine step
     # across all its requests (an item per request per step would cost more CPU than the
     # step at high concurrency); 0 = always stream_interval
-    stream_items_per_step: int = Field(default=STREAM_ITEMS_PER_STEP, ge=0, le=4096)
+    stream_items_per_step: int = Field(default=2, ge=0, le=4096)
     # torch intra-op threads in each replica; None: Ray's OMP_NUM_THREADS (the replica's
     # num_cpus rounded up, at least 1). Set it for CPU serving with more than one core.
     torch_threads: int | None = Field(default=None, ge=1, le=1024)
