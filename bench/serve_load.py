@@ -5,9 +5,9 @@ the same run, on the same fixed-seed workload:
 
 - in-process: ``AsyncEngine`` in this process, ``C`` asyncio clients in a closed loop;
 - gRPC: the Serve application on its own local Ray instance (gateway + tier deployment,
-  one replica, the same engine settings), ``C`` ``grpc.aio`` clients in a closed loop on
-  one event loop (as the in-process clients are), each streaming ``Generate`` with the
-  tier named explicitly (no cascade).
+  one replica unless ``--tier-replicas``, the same engine settings), ``C`` ``grpc.aio``
+  clients in a closed loop on one event loop (as the in-process clients are), each
+  streaming ``Generate`` with the tier named explicitly (no cascade).
 
 Both run side by side: each level runs ``--rounds`` times, the modes alternating, so
 the machine's background load falls on both alike; figures pool the rounds. For each
@@ -76,6 +76,7 @@ class LevelResult:
     output_tokens: int
     chunks: int = 0  # streamed items the clients received (gRPC only)
     samples: list[Sample] = field(default_factory=list, repr=False)
+    round_tokens_per_s: list[float] = field(default_factory=list)  # each round on its own
 
     @property
     def tokens_per_s(self) -> float:
@@ -97,6 +98,7 @@ class LevelResult:
             "ttft_s": percentiles(ttft),
             "tpot_s": percentiles(tpot),
             "e2e_s": percentiles(e2e),
+            "rounds_tokens_per_s": [round(r, 1) for r in self.round_tokens_per_s],
         }
 
 
@@ -273,7 +275,12 @@ def run_levels(
         for i in range(rounds):
             runs: list[tuple[InProcess | Grpc, LevelResult]] = [(local, mine), (remote, theirs)]
             for mode, result in runs if i % 2 == 0 else runs[::-1]:
+                tokens, wall = result.output_tokens, result.wall_s
                 mode.level(concurrency, requests, result)
+                rate = (result.output_tokens - tokens) / (result.wall_s - wall)
+                result.round_tokens_per_s.append(rate)
+                line = f"    c{concurrency} round {i + 1} {result.mode}: {rate:.1f} tok/s"
+                print(line, flush=True)
         local_results.append(mine)
         remote_results.append(theirs)
         print(
@@ -315,6 +322,13 @@ def main() -> None:
         default=None,
         help="niceness of the Ray workers (default: this process's; Ray's own default is 15)",
     )
+    parser.add_argument(
+        "--tier-replicas",
+        type=int,
+        default=None,
+        help="replicas of the measured tier (default: the config's, 1); each runs its own "
+        "engine, so this is no longer one engine against one",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="rounds per level (default 3)")
     args = parser.parse_args()
 
@@ -334,7 +348,14 @@ def main() -> None:
         update["stream_interval"] = args.stream_interval
     if args.stream_items_per_step is not None:
         update["stream_items_per_step"] = args.stream_items_per_step
-    tiers = tuple(t.model_copy(update=update) for t in config.tiers)
+    tiers = tuple(
+        t.model_copy(
+            update=update
+            if args.tier_replicas is None or t.name != args.tier
+            else {**update, "replicas": args.tier_replicas}
+        )
+        for t in config.tiers
+    )
     config = config.model_copy(update={"tiers": tiers})
     tier = config.tier(args.tier)
     concurrency = (1, 4) if args.quick else (1, 8, 32)
@@ -345,7 +366,8 @@ def main() -> None:
     print(
         f"tier {tier.name} ({tier.model}), {max_tokens} tokens per request, {rounds} rounds, "
         f"stream_interval {tier.stream_interval}, stream_items_per_step "
-        f"{tier.stream_items_per_step}, torch threads {tier.torch_threads}",
+        f"{tier.stream_items_per_step}, torch threads {tier.torch_threads}, "
+        f"{tier.replicas} replica(s)",
         flush=True,
     )
     if args.ray_niceness is not None:
@@ -384,7 +406,17 @@ def main() -> None:
     by_level = {(r.mode, r.concurrency): r for r in local_results + remote_results}
     ratio = by_level[("grpc", top)].tokens_per_s / by_level[("in-process", top)].tokens_per_s
     ratio_alone = by_level[("grpc", top)].tokens_per_s / alone.tokens_per_s
+    # each round's pair ran back to back: their spread shows how far the machine's noise reaches
+    round_ratios = [
+        round(g / i, 3)
+        for g, i in zip(
+            by_level[("grpc", top)].round_tokens_per_s,
+            by_level[("in-process", top)].round_tokens_per_s,
+            strict=True,
+        )
+    ]
     print(f"gRPC / in-process throughput at concurrency {top}: {ratio:.2f} (goal >= {RATIO_GOAL})")
+    print(f"  round by round: {', '.join(f'{r:.2f}' for r in round_ratios)}")
     print(f"gRPC / in-process before Ray started, at concurrency {top}: {ratio_alone:.2f}")
     result = {
         "benchmark": "serve_load",
@@ -396,6 +428,7 @@ def main() -> None:
         "stream_interval": tier.stream_interval,
         "stream_items_per_step": tier.stream_items_per_step,
         "rounds": rounds,
+        "tier_replicas": tier.replicas,
         "niceness": {
             "driver": os.nice(0),
             "ray_workers": int(os.environ.get("RAY_worker_niceness", "15")),
@@ -412,6 +445,7 @@ def main() -> None:
         # its rounds run in one block, not alternated, so it is the noisier figure
         "in_process_before_ray": alone.summary(),
         f"grpc_vs_inprocess_before_ray_c{top}": round(ratio_alone, 3),
+        f"grpc_vs_inprocess_c{top}_by_round": round_ratios,
         "targets": {
             f"grpc_vs_inprocess_c{top}": {
                 "value": round(ratio, 3),
@@ -435,6 +469,7 @@ def main() -> None:
             ("items", args.stream_items_per_step),
             ("threads", args.tier_torch_threads),
             ("nice", args.ray_niceness),
+            ("replicas", args.tier_replicas),
         )
         if value is not None
     )
