@@ -453,6 +453,14 @@ def main() -> None:
                 "met": ratio >= RATIO_GOAL,
             }
         },
+        # options that differ from the deployed defaults: a variant file is not the target's run
+        "options": {
+            "stream_interval": args.stream_interval,
+            "stream_items_per_step": args.stream_items_per_step,
+            "tier_torch_threads": args.tier_torch_threads,
+            "ray_niceness": args.ray_niceness,
+            "tier_replicas": args.tier_replicas,
+        },
         "machine": {
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
