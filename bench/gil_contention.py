@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
-import platform
 import sys
 import threading
 import time
@@ -33,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` when run as a script
 
-from bench.machine import load_average
+from bench.machine import load_average, machine_summary
 from bench.serve_load import DEMO_DIR, InProcess, LevelResult, workload
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -144,13 +142,7 @@ def main() -> None:
         "burst_s": BURST_S,
         "rows": rows,
         "targets": {},  # no target: a diagnosis of where a replica's throughput goes
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "load_average_at_start": round(load_start, 2),
-        },
+        "machine": machine_summary(load_start),
     }
     OUT.mkdir(parents=True, exist_ok=True)
     name = f"gil_contention{'.quick' if args.quick else ''}.json"

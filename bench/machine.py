@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import platform
 import time
+from typing import Any
 
 
 def cpu_busy_fraction(interval_s: float = 0.5) -> float:
@@ -48,3 +50,16 @@ def wait_for_quiet(
         waited = time.perf_counter() - start
         if not busy >= threshold or waited >= max_wait_s:  # NaN: no /proc/stat, do not wait
             return busy, waited
+
+
+def machine_summary(load_start: float) -> dict[str, Any]:
+    """CPU count, torch version and threads, Python, and the load average when the run began."""
+    import torch
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "load_average_at_start": round(load_start, 2),
+    }

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import socket
 import sys
@@ -39,7 +38,7 @@ import torch
 
 # run as `python bench/serve_load.py`, the script's folder is on the path, not the repo root
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.machine import load_average
+from bench.machine import load_average, machine_summary
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO / ".demo-models"
@@ -461,13 +460,7 @@ def main() -> None:
             "ray_niceness": args.ray_niceness,
             "tier_replicas": args.tier_replicas,
         },
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "load_average_at_start": round(load_start, 2),
-        },
+        "machine": machine_summary(load_start),
     }
     OUT.mkdir(parents=True, exist_ok=True)
     variant = "".join(
