@@ -330,6 +330,8 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=None, help="rounds per level (default 3)")
     args = parser.parse_args()
+    if args.tier_replicas is not None and args.tier_replicas < 1:
+        parser.error(f"--tier-replicas {args.tier_replicas} must be at least 1")
 
     from deploy.config import default_config
     from deploy.up import ensure_demo_models
