@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,47 +249,55 @@ def test_full_queue_is_resource_exhausted(cluster: Cluster) -> None:
     cluster.wait_idle("secured", "fast")
 
 
-def test_deadline_is_honoured_and_frees_blocks(cluster: Cluster) -> None:
-    """The client sees DEADLINE_EXCEEDED; the replica aborts the request and frees its blocks.
-
-    A deadline reaches Serve's gRPC proxy as a cancel, so the proxy race that can lose a
-    cancel (see the cancel test) can lose it too: such an attempt runs to ``max_tokens``
-    and finishes normally, and the test tries again.
-    """
-    request = pb.GenerateRequest(prompt="slow", tier="fast", max_tokens=1000, ignore_eos=True)
-    for _ in range(3):
-        aborted = cluster.wait_idle("open", "fast", timeout=90).num_aborted
-        with pytest.raises(grpc.RpcError) as info:
-            list(cluster.stub.Generate(request, metadata=OPEN, timeout=1.5))
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        stats = cluster.wait_idle("open", "fast", timeout=90)  # idle: no blocks held
-        if stats.num_aborted == aborted + 1:
-            return
-        assert stats.num_aborted == aborted, stats  # the cancel was lost: it ran to the end
-    pytest.fail("in 3 attempts, the deadline's cancel never reached the replica")
-
-
-def test_cancel_stops_generation_and_frees_blocks(cluster: Cluster) -> None:
-    """The replica aborts the request (not finishing it) and frees its blocks.
+def _until_aborted(
+    cluster: Cluster, tier: str, end_early: Callable[[], None], what: str, timeout: float
+) -> None:
+    """Run ``end_early`` (a call the client ends before it finishes) until the replica aborts.
 
     Ray Serve 2.60's gRPC proxy can drop a cancel that arrives while it hands a chunk to
     gRPC (README, status codes): the gateway is never told, and the request runs on to
     ``max_tokens`` and finishes normally. Such an attempt is told apart by the abort count,
-    and the test tries again.
+    and is tried again. Each attempt must leave the tier idle (no blocks held) within
+    ``timeout`` seconds.
     """
-    request = pb.GenerateRequest(prompt="cancel me", tier="strong", max_tokens=400, ignore_eos=True)
     for _ in range(3):
-        aborted = cluster.wait_idle("open", "strong", timeout=60).num_aborted
+        aborted = cluster.wait_idle("open", tier, timeout=timeout).num_aborted
+        end_early()
+        stats = cluster.wait_idle("open", tier, timeout=timeout)  # idle: no blocks held
+        if stats.num_aborted == aborted + 1:
+            return
+        assert stats.num_aborted == aborted, stats  # the cancel was lost: it ran to the end
+    pytest.fail(f"in 3 attempts, the {what} never reached the replica")
+
+
+def test_deadline_is_honoured_and_frees_blocks(cluster: Cluster) -> None:
+    """The client sees DEADLINE_EXCEEDED; the replica aborts the request and frees its blocks.
+
+    A deadline reaches Serve's gRPC proxy as a cancel, so the proxy can lose it as it can
+    lose a cancel (see ``_until_aborted``).
+    """
+    request = pb.GenerateRequest(prompt="slow", tier="fast", max_tokens=1000, ignore_eos=True)
+
+    def past_the_deadline() -> None:
+        with pytest.raises(grpc.RpcError) as info:
+            list(cluster.stub.Generate(request, metadata=OPEN, timeout=1.5))
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    _until_aborted(cluster, "fast", past_the_deadline, "deadline's cancel", timeout=90)
+
+
+def test_cancel_stops_generation_and_frees_blocks(cluster: Cluster) -> None:
+    """The replica aborts the request (not finishing it) and frees its blocks."""
+    request = pb.GenerateRequest(prompt="cancel me", tier="strong", max_tokens=400, ignore_eos=True)
+
+    def cancel_after_three_chunks() -> None:
         call = cluster.stub.Generate(request, metadata=OPEN, timeout=RPC_TIMEOUT)
         stream = iter(call)
         for _ in range(3):
             next(stream)
         call.cancel()
-        stats = cluster.wait_idle("open", "strong", timeout=60)  # idle: no blocks held
-        if stats.num_aborted == aborted + 1:
-            return
-        assert stats.num_aborted == aborted, stats  # the cancel was lost: it ran to the end
-    pytest.fail("in 3 attempts, the cancel never reached the replica")
+
+    _until_aborted(cluster, "strong", cancel_after_three_chunks, "cancel", timeout=60)
 
 
 def test_list_tiers_and_health(cluster: Cluster) -> None:
