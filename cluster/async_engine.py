@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from cluster.engine import EngineRequest, LLMEngine, TokenEvent
+from cluster.engine import EngineCounters, EngineRequest, LLMEngine, TokenEvent
+from experts.spec import ModelSpec
 
 
 class EngineStoppedError(RuntimeError):
@@ -35,6 +37,43 @@ class _Stream:
         except RuntimeError:  # raised by a closed event loop
             return False
         return True
+
+
+async def stream_events(stream: _Stream, abort: Callable[[], None]) -> AsyncIterator[TokenEvent]:
+    """A request's events as they arrive on its stream; leaving before the end calls ``abort``."""
+    finished = False
+    try:
+        while True:
+            item = await stream.events.get()
+            if isinstance(item, BaseException):
+                finished = True
+                raise item
+            finished = item.finish_reason is not None
+            yield item
+            if finished:
+                return
+    finally:
+        if not finished:
+            abort()
+
+
+class EngineCore(Protocol):
+    """What a tier replica needs of an engine, wherever it runs (this process or its own)."""
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    def validate(self, request: EngineRequest) -> None: ...
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[TokenEvent]: ...
+
+    def counters(self) -> EngineCounters: ...
+
+    def take_routed_counts(self) -> dict[tuple[int, int], int]: ...
+
+    def is_alive(self) -> bool: ...
+
+    def shutdown(self, timeout: float = 30.0) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -66,20 +105,22 @@ class AsyncEngine:
             raise EngineStoppedError("the engine is shut down")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._post(_Add(request, stream))
-        finished = False
-        try:
-            while True:
-                item = await stream.events.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finish_reason is not None
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request.request_id)
+        async for event in stream_events(stream, lambda: self.abort(request.request_id)):
+            yield event
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.engine.model.spec
+
+    def validate(self, request: EngineRequest) -> None:
+        self.engine.validate(request)
+
+    def counters(self) -> EngineCounters:
+        """Read from the caller's thread while the loop steps: a moment's figures, not exact."""
+        return self.engine.counters()
+
+    def take_routed_counts(self) -> dict[tuple[int, int], int]:
+        return self.engine.runner.take_routed_counts()
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()

@@ -23,11 +23,12 @@ from cache.kv_policy import KVPolicy
 from cache.kv_pool import KVPool
 from cache.prefix_hash import hash_block
 from cluster.model_runner import ModelRunner, StepInput
-from cluster.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from cluster.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, check_fits
 from cluster.sequence import Sequence as Seq
 from cluster.step_trace import step_trace
 from experts.model import MoEModel
 from experts.sampling import SamplingParams, sample_batch
+from experts.spec import ModelSpec
 from experts.tokenizer import IncrementalDetokenizer
 
 
@@ -103,6 +104,20 @@ class TokenEvent:
     routing: Routing | None = None  # the gate's choices at the position that produced it
     scheduled_time: float | None = None  # when the request was first scheduled (end of queue)
     attention: AttentionStats | None = None  # at the position that produced it, when asked
+
+
+@dataclass(frozen=True)
+class EngineCounters:
+    """An engine's queue and KV figures and its running totals, at one moment."""
+
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_blocks_held: int
+    num_prompt_tokens_computed: int
+    num_steps: int
+    num_preemptions: int
+    num_evictions: int
 
 
 class LLMEngine:
@@ -316,37 +331,54 @@ class LLMEngine:
 
     def validate(self, request: EngineRequest) -> None:
         """Raise ``ValueError`` saying what is wrong with a request for this engine."""
-        spec = self.model.spec
-        prompt, params, policy = request.prompt_ids, request.params, request.kv_policy
-        if not prompt:
-            raise ValueError("prompt is empty: give at least one token")
-        first = request.attention_first_tokens
-        if not 0 <= first <= MAX_ATTENTION_FIRST_TOKENS:
+        validate_request(request, self.model.spec, self.config.block_size, self.blocks.num_blocks)
+
+    def counters(self) -> EngineCounters:
+        return EngineCounters(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_blocks=self.blocks.num_blocks,
+            num_blocks_held=self.blocks.num_held,
+            num_prompt_tokens_computed=self.num_prompt_tokens_computed,
+            num_steps=self.num_steps,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_evictions=self.blocks.num_evictions,
+        )
+
+
+def validate_request(
+    request: EngineRequest, spec: ModelSpec, block_size: int, num_blocks: int
+) -> None:
+    """Raise ``ValueError`` saying what is wrong with a request for an engine of this model,
+    block size and pool (no engine needed: a tier replica checks before it sends)."""
+    prompt, params, policy = request.prompt_ids, request.params, request.kv_policy
+    if not prompt:
+        raise ValueError("prompt is empty: give at least one token")
+    first = request.attention_first_tokens
+    if not 0 <= first <= MAX_ATTENTION_FIRST_TOKENS:
+        raise ValueError(
+            f"attention_first_tokens={first} must be in [0, {MAX_ATTENTION_FIRST_TOKENS}] "
+            "(0: no attention diagnostics)"
+        )
+    bad = [t for t in prompt if not 0 <= t < spec.vocab_size]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {spec.vocab_size})")
+    if policy.is_window:
+        least = policy.min_window(block_size)
+        if policy.window < least:
             raise ValueError(
-                f"attention_first_tokens={first} must be in [0, {MAX_ATTENTION_FIRST_TOKENS}] "
-                "(0: no attention diagnostics)"
+                f"window={policy.window} is too small for sinks={policy.sinks} and "
+                f"{len(policy.anchors)} anchor span(s) with block size "
+                f"{block_size}: allowed >= {least}"
             )
-        bad = [t for t in prompt if not 0 <= t < spec.vocab_size]
-        if bad:
-            raise ValueError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {spec.vocab_size})"
-            )
-        if policy.is_window:
-            least = policy.min_window(self.config.block_size)
-            if policy.window < least:
-                raise ValueError(
-                    f"window={policy.window} is too small for sinks={policy.sinks} and "
-                    f"{len(policy.anchors)} anchor span(s) with block size "
-                    f"{self.config.block_size}: allowed >= {least}"
-                )
-        elif len(prompt) + params.max_tokens > spec.max_position_embeddings:
-            raise ValueError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = "
-                f"{len(prompt) + params.max_tokens} exceeds the model's context of "
-                f"{spec.max_position_embeddings} tokens; shorten the prompt or max_tokens, "
-                "or use kv_policy 'window'"
-            )
-        self.scheduler.check_fits(request.request_id, len(prompt), params.max_tokens, policy)
+    elif len(prompt) + params.max_tokens > spec.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = "
+            f"{len(prompt) + params.max_tokens} exceeds the model's context of "
+            f"{spec.max_position_embeddings} tokens; shorten the prompt or max_tokens, "
+            "or use kv_policy 'window'"
+        )
+    check_fits(request.request_id, len(prompt), params.max_tokens, policy, block_size, num_blocks)
 
 
 def finish_reason(

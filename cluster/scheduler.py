@@ -68,6 +68,32 @@ class SchedulerOutput:
         return sum(c.num_tokens for c in self.chunks)
 
 
+def max_blocks(num_tokens: int, max_new_tokens: int, policy: KVPolicy, block_size: int) -> int:
+    """Most blocks a request can ever hold at once."""
+    most_keys = num_tokens + max_new_tokens
+    if policy.is_window:  # kept keys (<= window) plus one chunk (<= window)
+        most_keys = min(most_keys, 2 * policy.window)
+    return blocks_for(most_keys, block_size)
+
+
+def check_fits(
+    request_id: str,
+    num_tokens: int,
+    max_new: int,
+    policy: KVPolicy,
+    block_size: int,
+    num_blocks: int,
+) -> None:
+    """Refuse a request that could never fit in a pool of ``num_blocks`` on its own."""
+    need = max_blocks(num_tokens, max_new, policy, block_size)
+    if need > num_blocks:
+        raise ValueError(
+            f"request {request_id!r} needs up to {need} KV blocks but the pool has "
+            f"{num_blocks}; shorten the prompt or max_tokens, use a window "
+            "kv_policy, or give the engine more KV memory"
+        )
+
+
 class Scheduler:
     """Waiting and running queues over a ``BlockManager``."""
 
@@ -93,20 +119,11 @@ class Scheduler:
 
     def max_blocks(self, num_tokens: int, max_new_tokens: int, policy: KVPolicy) -> int:
         """Most blocks a request can ever hold at once."""
-        most_keys = num_tokens + max_new_tokens
-        if policy.is_window:  # kept keys (<= window) plus one chunk (<= window)
-            most_keys = min(most_keys, 2 * policy.window)
-        return blocks_for(most_keys, self.block_size)
+        return max_blocks(num_tokens, max_new_tokens, policy, self.block_size)
 
     def check_fits(self, request_id: str, num_tokens: int, max_new: int, policy: KVPolicy) -> None:
         """Refuse a request that could never fit in the pool on its own."""
-        need = self.max_blocks(num_tokens, max_new, policy)
-        if need > self.blocks.num_blocks:
-            raise ValueError(
-                f"request {request_id!r} needs up to {need} KV blocks but the pool has "
-                f"{self.blocks.num_blocks}; shorten the prompt or max_tokens, use a window "
-                "kv_policy, or give the engine more KV memory"
-            )
+        check_fits(request_id, num_tokens, max_new, policy, self.block_size, self.blocks.num_blocks)
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; refuse one that could never fit in the pool on its own."""

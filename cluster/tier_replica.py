@@ -1,9 +1,12 @@
 """A model tier's replica: one engine behind the gateway channel, no Ray in sight.
 
-The Serve deployment in ``deploy/app.py`` only wraps this class. It loads the
-checkpoint, runs an ``AsyncEngine``, turns text prompts into ids, and streams
-``TierItem``s: events produced while the caller was busy are sent as one
-batch, which keeps the per-item transport cost off the decode loop.
+The Serve deployment in ``deploy/app.py`` only wraps this class. It runs the
+engine, in a process of its own (``cluster.engine_process``, where the replica's
+own Python threads cannot take its GIL) or in this one (``cluster.async_engine``,
+needed when the experts live in a shard pool), checks requests, turns text
+prompts into ids, and streams ``TierItem``s: events produced while the caller
+was busy are sent as one batch, which keeps the per-item transport cost off
+the decode loop.
 
 Each streamed item costs CPU in every process it crosses (this replica, the
 gateway, Serve's gRPC proxy, the client), whatever it carries, while the engine's
@@ -18,8 +21,9 @@ from collections.abc import AsyncGenerator
 from dataclasses import replace
 from pathlib import Path
 
-from cluster.async_engine import AsyncEngine
+from cluster.async_engine import AsyncEngine, EngineCore
 from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
+from cluster.engine_process import EngineLaunch, EngineProcess
 from cluster.request_trace import RequestTrace, ShardOf
 from cluster.telemetry import get_telemetry
 from cluster.tier_messages import (
@@ -46,6 +50,7 @@ class TierReplica:
         experts: ExpertBackend | None = None,
         stream_interval: int = 1,
         stream_items_per_step: int = 0,
+        engine_process: bool = False,
     ) -> None:
         if stream_interval < 1:
             raise ValueError(f"stream_interval={stream_interval} must be >= 1")
@@ -55,36 +60,56 @@ class TierReplica:
         self.stream_interval = stream_interval
         self.stream_items_per_step = stream_items_per_step
         self.num_streams = 0  # requests streaming tokens now; touched on the event loop only
+        if engine_process and experts is not None:
+            raise ValueError(
+                f"tier {name!r}: an engine process cannot reach a shard pool's experts; "
+                "run the engine in the replica's process (engine_process off)"
+            )
         self.model_dir = str(model_dir)
-        model = MoEModel.from_checkpoint(model_dir, device=device, experts=experts)
         self.tokenizer = load_tokenizer(model_dir)
-        self.engine = LLMEngine(model, engine_config, self.tokenizer)
-        self.async_engine = AsyncEngine(self.engine)
+        telemetry = get_telemetry()
+        self.engine: EngineCore
+        if engine_process:
+            import torch
+
+            launch = EngineLaunch(
+                self.model_dir,
+                engine_config,
+                device,
+                torch_threads=torch.get_num_threads(),  # as this process has them
+                count_routing=telemetry.metrics_enabled,
+            )
+            self.engine = EngineProcess(launch)
+        else:
+            model = MoEModel.from_checkpoint(model_dir, device=device, experts=experts)
+            engine = LLMEngine(model, engine_config, self.tokenizer)
+            engine.runner.count_routing = telemetry.metrics_enabled and model.spec.is_moe
+            self.engine = AsyncEngine(engine)
         self.num_aborted = 0
         self.experts = experts
-        telemetry = get_telemetry()
-        self.engine.runner.count_routing = telemetry.metrics_enabled and model.spec.is_moe
-        telemetry.metrics.add_kv_source(
-            name, lambda: (self.engine.blocks.num_held, self.engine.blocks.num_blocks)
-        )
+        telemetry.metrics.add_kv_source(name, self._kv_usage)
         self._evictions_seen = 0
 
+    def _kv_usage(self) -> tuple[int, int]:
+        counters = self.engine.counters()
+        return counters.num_blocks_held, counters.num_blocks
+
     def info(self) -> TierInfo:
-        spec = self.engine.model.spec
+        spec = self.engine.spec
         return TierInfo(
             self.name, self.model_dir, spec.family.name, spec.is_moe, spec.max_position_embeddings
         )
 
     def stats(self) -> TierStats:
-        engine = self.engine
+        counters = self.engine.counters()
         return TierStats(
-            num_running=len(engine.scheduler.running),
-            num_waiting=len(engine.scheduler.waiting),
-            num_blocks=engine.blocks.num_blocks,
-            num_blocks_held=engine.blocks.num_held,
-            num_prompt_tokens_computed=engine.num_prompt_tokens_computed,
-            num_steps=engine.num_steps,
-            num_preemptions=engine.scheduler.num_preemptions,
+            num_running=counters.num_running,
+            num_waiting=counters.num_waiting,
+            num_blocks=counters.num_blocks,
+            num_blocks_held=counters.num_blocks_held,
+            num_prompt_tokens_computed=counters.num_prompt_tokens_computed,
+            num_steps=counters.num_steps,
+            num_preemptions=counters.num_preemptions,
             num_aborted=self.num_aborted,
         )
 
@@ -172,9 +197,8 @@ class TierReplica:
     def _flush_metrics(self) -> None:
         """Engine-wide counters since the last request ended, into the metrics."""
         metrics = get_telemetry().metrics
-        if self.engine.runner.count_routing:
-            metrics.record_routing(self.name, self.engine.runner.take_routed_counts())
-        evictions = self.engine.blocks.num_evictions
+        metrics.record_routing(self.name, self.engine.take_routed_counts())
+        evictions = self.engine.counters().num_evictions
         metrics.record_evictions(self.name, evictions - self._evictions_seen)
         self._evictions_seen = evictions
 
@@ -182,13 +206,13 @@ class TierReplica:
         self, request: EngineRequest, events: asyncio.Queue[TokenEvent | BaseException | None]
     ) -> None:
         try:
-            async for event in self.async_engine.generate(request):
+            async for event in self.engine.generate(request):
                 events.put_nowait(event)
         except ValueError as err:  # refused by the scheduler (e.g. too big for the pool)
             events.put_nowait(err)
 
     def shutdown(self) -> None:
-        self.async_engine.shutdown()
+        self.engine.shutdown()
 
 
 def stream_interval_for(num_streams: int, minimum: int, items_per_step: int) -> int:

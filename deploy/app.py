@@ -115,6 +115,7 @@ class TierHost:
             experts,
             stream_interval=tier.stream_interval,
             stream_items_per_step=tier.stream_items_per_step,
+            engine_process=tier.runs_engine_process,
         )
 
     async def generate(self, request: TierRequest) -> AsyncGenerator[TierItem, None]:
@@ -128,9 +129,9 @@ class TierHost:
         return self.replica.stats()
 
     def check_health(self) -> None:
-        """Serve restarts a replica whose engine loop died."""
-        if not self.replica.async_engine.is_alive():
-            raise RuntimeError(f"tier {self.replica.name!r}: the engine loop is not running")
+        """Serve restarts a replica whose engine loop (or engine process) died."""
+        if not self.replica.engine.is_alive():
+            raise RuntimeError(f"tier {self.replica.name!r}: the engine is not running")
 
     def __del__(self) -> None:
         replica = getattr(self, "replica", None)

@@ -141,6 +141,10 @@ class TierConfig(_Model):
     # torch intra-op threads in each replica; None: Ray's OMP_NUM_THREADS (the replica's
     # num_cpus rounded up, at least 1). Set it for CPU serving with more than one core.
     torch_threads: int | None = Field(default=None, ge=1, le=1024)
+    # the engine in a child process of each replica, away from the replica's Python threads
+    # (they share a GIL with an in-process engine); None: yes unless the experts are sharded,
+    # whose Ray actor handles only a Ray worker can use
+    engine_process: bool | None = None
 
     @field_validator("name")
     @classmethod
@@ -166,6 +170,23 @@ class TierConfig(_Model):
                 "set device: cuda, or num_gpus: 0 to run on CPU"
             )
         return device
+
+    @field_validator("engine_process")
+    @classmethod
+    def _engine_process(cls, engine_process: bool | None, info: Info) -> bool | None:
+        experts = info.data.get("experts")
+        if engine_process and experts is not None and experts.placement == "sharded":
+            raise ValueError(
+                "engine_process: true cannot reach sharded experts (their Ray actor handles "
+                "need the engine in the replica's own process); leave it unset or false"
+            )
+        return engine_process
+
+    @property
+    def runs_engine_process(self) -> bool:
+        if self.engine_process is not None:
+            return self.engine_process
+        return self.experts.placement != "sharded"
 
     def to_engine_config(self) -> EngineConfig:
         return self.engine.to_engine_config()

@@ -221,6 +221,18 @@ def test_gpus_on_a_cpu_device_explains_the_mismatch(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, with_tier(num_gpus=0.5, device="cuda:1"))).tiers[1].device
 
 
+def test_engine_process_by_default_unless_the_experts_are_sharded(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, with_tier()))
+    assert cfg.tiers[1].engine_process is None and cfg.tiers[1].runs_engine_process
+    sharded = {"placement": "sharded"}
+    cfg = load_config(write(tmp_path, with_tier(experts=sharded)))
+    assert not cfg.tiers[1].runs_engine_process
+    cfg = load_config(write(tmp_path, with_tier(engine_process=False)))
+    assert not cfg.tiers[1].runs_engine_process
+    (line,) = problems(tmp_path, with_tier(experts=sharded, engine_process=True))
+    assert line.startswith("tiers.1.engine_process: engine_process: true cannot reach sharded")
+
+
 def test_all_problems_are_listed_together(tmp_path: Path) -> None:
     found = problems(tmp_path, {**with_tier(replicas=0, device="tpu"), "grpc": {"port": 0}})
     assert len(found) == 3, found

@@ -25,8 +25,16 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def replica(model_dir: Path, request: pytest.FixtureRequest) -> Iterator[TierReplica]:
-    interval = getattr(request, "param", 1)
-    replica = TierReplica("t", model_dir, EngineConfig(num_blocks=32), stream_interval=interval)
+    # param: stream_interval, or (stream_interval, engine_process)
+    param = getattr(request, "param", 1)
+    interval, engine_process = param if isinstance(param, tuple) else (param, False)
+    replica = TierReplica(
+        "t",
+        model_dir,
+        EngineConfig(num_blocks=32),
+        stream_interval=interval,
+        engine_process=engine_process,
+    )
     yield replica
     replica.shutdown()
 
@@ -42,7 +50,7 @@ def _items(replica: TierReplica, max_tokens: int, **fields: object) -> list[Tier
     return asyncio.run(collect())
 
 
-@pytest.mark.parametrize("replica", [1, 4], indirect=True)
+@pytest.mark.parametrize("replica", [1, 4, (1, True)], indirect=True)
 def test_items_carry_every_token_once_in_order(replica: TierReplica) -> None:
     items = _items(replica, 11)
     batches = [i for i in items if isinstance(i, TierTokens)]
@@ -65,6 +73,7 @@ def test_stream_interval_sends_the_first_token_at_once_then_groups(
     assert len(batches) <= 1 + -(-10 // 4)
 
 
+@pytest.mark.parametrize("replica", [1, (1, True)], indirect=True)
 def test_bad_request_is_rejected_before_acceptance(replica: TierReplica) -> None:
     items = _items(replica, 1, token_ids=(10**6,))
     assert isinstance(items[0], TierRejected) and items[0].code == "invalid_argument"
@@ -85,8 +94,17 @@ def test_stream_interval_for_grows_with_the_open_streams() -> None:
     assert stream_interval_for(32, 2, 0) == 2  # 0: no adaptation
 
 
-def test_concurrent_streams_get_bigger_items_and_every_token(model_dir: Path) -> None:
-    replica = TierReplica("t", model_dir, EngineConfig(num_blocks=64), stream_items_per_step=1)
+@pytest.mark.parametrize("engine_process", [False, True])
+def test_concurrent_streams_get_bigger_items_and_every_token(
+    model_dir: Path, engine_process: bool
+) -> None:
+    replica = TierReplica(
+        "t",
+        model_dir,
+        EngineConfig(num_blocks=64),
+        stream_items_per_step=1,
+        engine_process=engine_process,
+    )
     params = SamplingParams(max_tokens=12, ignore_eos=True)
 
     async def collect(i: int) -> list[TierItem]:
@@ -98,9 +116,12 @@ def test_concurrent_streams_get_bigger_items_and_every_token(model_dir: Path) ->
 
     try:
         results = asyncio.run(run())
+        stats = replica.stats()
     finally:
         replica.shutdown()
     assert replica.num_streams == 0
+    assert stats.num_blocks == 64 and stats.num_steps >= 12
+    assert stats.num_prompt_tokens_computed >= len(PROMPT)
     for items in results:
         batches = [i for i in items if isinstance(i, TierTokens)]
         assert sum(len(b.token_ids) for b in batches) == 12
@@ -113,3 +134,10 @@ def test_concurrent_streams_get_bigger_items_and_every_token(model_dir: Path) ->
 def test_stream_items_per_step_must_not_be_negative(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="stream_items_per_step=-1"):
         TierReplica("t", model_dir, EngineConfig(num_blocks=8), stream_items_per_step=-1)
+
+
+def test_an_engine_process_cannot_use_a_shard_pool(model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="cannot reach a shard pool"):
+        TierReplica(
+            "t", model_dir, EngineConfig(num_blocks=8), experts=object(), engine_process=True
+        )  # type: ignore[arg-type]

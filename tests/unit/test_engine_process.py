@@ -1,0 +1,185 @@
+"""The engine in its own process: the same tokens as in-process, rejection, abort, routing
+counts, and what callers see when the child dies, fails to load, or is shut down."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.async_engine import AsyncEngine, EngineStoppedError
+from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
+from cluster.engine_process import EngineLaunch, EngineProcess
+from experts.model import MoEModel
+from experts.sampling import SamplingParams
+from tests.checkpoints import build_family_checkpoint
+
+CONFIG = EngineConfig(num_blocks=64)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_family_checkpoint("mixtral", tmp_path_factory.mktemp("proc") / "m", seed=4)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path) -> Iterator[EngineProcess]:
+    """One child for the module's tests that leave it healthy (each starts one otherwise)."""
+    process = EngineProcess(EngineLaunch(str(model_dir), CONFIG, count_routing=True))
+    yield process
+    process.shutdown()
+
+
+def _request(rid: str, n: int = 12, length: int = 20) -> EngineRequest:
+    prompt = torch.randint(3, 256, (length,), generator=torch.Generator().manual_seed(len(rid)))
+    return EngineRequest(rid, prompt.tolist(), SamplingParams(max_tokens=n, ignore_eos=True))
+
+
+async def _collect(engine: EngineProcess | AsyncEngine, request: EngineRequest) -> list[TokenEvent]:
+    return [event async for event in engine.generate(request)]
+
+
+def _wait_idle(engine: EngineProcess, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        counters = engine.counters()
+        if not (counters.num_running or counters.num_waiting or counters.num_blocks_held):
+            return
+        assert time.monotonic() < deadline, f"the engine did not go idle: {counters}"
+        time.sleep(0.01)
+
+
+def test_streams_match_the_in_process_engine(engine: EngineProcess, model_dir: Path) -> None:
+    requests = [_request("m" * (i + 1), n=6 + i) for i in range(5)]
+
+    async def main(core: EngineProcess | AsyncEngine) -> list[list[TokenEvent]]:
+        return await asyncio.gather(*(_collect(core, r) for r in requests))
+
+    theirs = asyncio.run(main(engine))
+    local = AsyncEngine(LLMEngine(MoEModel.from_checkpoint(model_dir), CONFIG))
+    try:
+        ours = asyncio.run(main(local))
+    finally:
+        local.shutdown()
+    for got, want in zip(theirs, ours, strict=True):
+        assert [e.token_id for e in got] == [e.token_id for e in want]
+        assert [e.logprob for e in got] == pytest.approx([e.logprob for e in want], abs=1e-5)
+        assert [e.index for e in got] == list(range(len(got)))
+        assert got[-1].finish_reason == "length"
+    assert engine.spec.architecture == MoEModel.from_checkpoint(model_dir).spec.architecture
+    _wait_idle(engine)
+    counters = engine.counters()
+    assert counters.num_blocks == 64 and counters.num_steps > 0
+
+
+def test_streams_on_two_event_loops_at_once(engine: EngineProcess) -> None:
+    results: dict[str, list[TokenEvent]] = {}
+
+    def caller(rid: str) -> None:
+        results[rid] = asyncio.run(_collect(engine, _request(rid, n=10)))
+
+    threads = [threading.Thread(target=caller, args=(rid,)) for rid in ("loop-a", "loop-b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert {rid: len(events) for rid, events in results.items()} == {"loop-a": 10, "loop-b": 10}
+
+
+def test_routing_counts_cross_over(engine: EngineProcess, model_dir: Path) -> None:
+    engine.take_routed_counts()  # start afresh
+    request = _request("routed", n=5, length=11)
+    asyncio.run(_collect(engine, request))
+    model = MoEModel.from_checkpoint(model_dir)
+    local = LLMEngine(model, CONFIG)
+    local.runner.count_routing = True
+    local.add_request(request)
+    while local.has_unfinished():
+        local.step()
+    want = local.runner.take_routed_counts()
+    assert want and engine.take_routed_counts() == want
+    assert engine.take_routed_counts() == {}
+
+
+def test_a_request_the_child_refuses_raises_value_error(engine: EngineProcess) -> None:
+    too_long = EngineRequest("long", [5] * 10, SamplingParams(max_tokens=10**6))
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        engine.validate(too_long)  # the replica checks before it sends...
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="exceeds the model's context"):
+            await _collect(engine, too_long)  # ...and the child checks again
+
+    asyncio.run(main())
+
+
+def test_leaving_early_aborts_in_the_child_and_frees_blocks(engine: EngineProcess) -> None:
+    async def main() -> int:
+        seen = 0
+        async for _ in engine.generate(_request("leaver", n=300)):
+            seen += 1
+            if seen == 3:
+                break
+        return seen
+
+    assert asyncio.run(main()) == 3
+    _wait_idle(engine)
+
+
+def test_a_duplicate_request_id_is_refused(engine: EngineProcess) -> None:
+    async def main() -> None:
+        stream = engine.generate(_request("twice", n=300))
+        await anext(stream)
+        with pytest.raises(ValueError, match="already in use"):
+            await _collect(engine, _request("twice"))
+        await stream.aclose()
+
+    asyncio.run(main())
+    _wait_idle(engine)
+
+
+def test_a_killed_child_fails_its_streams_and_refuses_new_ones(model_dir: Path) -> None:
+    process = EngineProcess(EngineLaunch(str(model_dir), CONFIG))
+    try:
+
+        async def main() -> None:
+            stream = process.generate(_request("orphan", n=400, length=8))
+            await anext(stream)
+            os.kill(process.pid, signal.SIGKILL)
+            with pytest.raises(EngineStoppedError, match="exited"):
+                async for _ in stream:
+                    pass
+            with pytest.raises(EngineStoppedError):
+                await _collect(process, _request("late"))
+
+        asyncio.run(main())
+        assert not process.is_alive()
+    finally:
+        process.shutdown()
+
+
+def test_shutdown_fails_pending_streams(model_dir: Path) -> None:
+    process = EngineProcess(EngineLaunch(str(model_dir), CONFIG))
+
+    async def main() -> None:
+        stream = process.generate(_request("long", n=400, length=8))
+        assert (await anext(stream)).index == 0
+        await asyncio.to_thread(process.shutdown)
+        with pytest.raises(EngineStoppedError, match="shut down"):
+            async for _ in stream:
+                pass
+
+    asyncio.run(main())
+    assert not process.is_alive()
+
+
+def test_a_checkpoint_that_does_not_load_says_which(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=f"could not load {tmp_path}"):
+        EngineProcess(EngineLaunch(str(tmp_path), CONFIG))
