@@ -328,6 +328,12 @@ def main() -> None:
         help="replicas of the measured tier (default: the config's, 1); each runs its own "
         "engine, so this is no longer one engine against one",
     )
+    parser.add_argument(
+        "--engine-in-replica",
+        action="store_true",
+        help="run the tier's engine in the replica's process, as before engine processes "
+        "(default: the config's, a child process of the replica)",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="rounds per level (default 3)")
     args = parser.parse_args()
     if args.tier_replicas is not None and args.tier_replicas < 1:
@@ -349,6 +355,8 @@ def main() -> None:
         update["stream_interval"] = args.stream_interval
     if args.stream_items_per_step is not None:
         update["stream_items_per_step"] = args.stream_items_per_step
+    if args.engine_in_replica:
+        update["engine_process"] = False
     tiers = tuple(
         t.model_copy(
             update=update
@@ -368,7 +376,8 @@ def main() -> None:
         f"tier {tier.name} ({tier.model}), {max_tokens} tokens per request, {rounds} rounds, "
         f"stream_interval {tier.stream_interval}, stream_items_per_step "
         f"{tier.stream_items_per_step}, torch threads {tier.torch_threads}, "
-        f"{tier.replicas} replica(s)",
+        f"{tier.replicas} replica(s), engine in "
+        f"{'a child process' if tier.runs_engine_process else 'the replica process'}",
         flush=True,
     )
     if args.ray_niceness is not None:
@@ -430,6 +439,7 @@ def main() -> None:
         "stream_items_per_step": tier.stream_items_per_step,
         "rounds": rounds,
         "tier_replicas": tier.replicas,
+        "engine_process": tier.runs_engine_process,
         "niceness": {
             "driver": os.nice(0),
             "ray_workers": int(os.environ.get("RAY_worker_niceness", "15")),
@@ -461,6 +471,7 @@ def main() -> None:
             "tier_torch_threads": args.tier_torch_threads,
             "ray_niceness": args.ray_niceness,
             "tier_replicas": args.tier_replicas,
+            "engine_in_replica": args.engine_in_replica or None,
         },
         "machine": machine_summary(load_start),
     }
@@ -473,6 +484,7 @@ def main() -> None:
             ("threads", args.tier_torch_threads),
             ("nice", args.ray_niceness),
             ("replicas", args.tier_replicas),
+            ("in-replica", "" if args.engine_in_replica else None),
         )
         if value is not None
     )

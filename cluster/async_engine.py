@@ -6,6 +6,10 @@ engine directly: additions and aborts go through an inbox the loop drains
 between steps, and token events come back to each caller's event loop through
 its own ``asyncio.Queue``. Leaving the stream early (break, ``aclose``, task
 cancellation) aborts the request and frees its KV blocks.
+
+``EngineCore`` is what a tier replica asks of an engine; ``AsyncEngine`` is
+one, ``cluster.engine_process.EngineProcess`` (the engine in a child process)
+the other.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ class EngineStoppedError(RuntimeError):
 
 
 @dataclass
-class _Stream:
+class EventStream:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[TokenEvent | BaseException]
 
@@ -39,7 +43,9 @@ class _Stream:
         return True
 
 
-async def stream_events(stream: _Stream, abort: Callable[[], None]) -> AsyncIterator[TokenEvent]:
+async def stream_events(
+    stream: EventStream, abort: Callable[[], None]
+) -> AsyncIterator[TokenEvent]:
     """A request's events as they arrive on its stream; leaving before the end calls ``abort``."""
     finished = False
     try:
@@ -79,7 +85,7 @@ class EngineCore(Protocol):
 @dataclass(frozen=True)
 class _Add:
     request: EngineRequest
-    stream: _Stream
+    stream: EventStream
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, EventStream] = {}
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
@@ -103,7 +109,7 @@ class AsyncEngine:
         """Stream the request's tokens; bad input raises ``ValueError`` on first iteration."""
         if self._stopping:
             raise EngineStoppedError("the engine is shut down")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = EventStream(asyncio.get_running_loop(), asyncio.Queue())
         self._post(_Add(request, stream))
         async for event in stream_events(stream, lambda: self.abort(request.request_id)):
             yield event

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,7 +47,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from cluster.async_engine import EngineStoppedError, _Stream, stream_events
+from cluster.async_engine import EngineStoppedError, EventStream, stream_events
 from cluster.engine import (
     EngineConfig,
     EngineCounters,
@@ -57,6 +58,7 @@ from cluster.engine import (
 )
 from experts.spec import ModelSpec
 
+_Delivery = tuple[EventStream, TokenEvent | BaseException]
 START_TIMEOUT_S = 600.0  # loading a large checkpoint onto a device can take minutes
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -91,7 +93,7 @@ class EngineProcess:
         self._conn = Connection(ours.detach())
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # guards _streams and _routed
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, EventStream] = {}
         self._routed: Counter[tuple[int, int]] = Counter()
         self._stopping = False
         self._stopped_because = ""  # set once the child is gone; new requests are refused
@@ -121,7 +123,7 @@ class EngineProcess:
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
         """Stream the request's tokens; bad input raises ``ValueError`` on first iteration."""
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = EventStream(asyncio.get_running_loop(), asyncio.Queue())
         request_id = request.request_id
         with self._lock:
             if self._stopping or self._stopped_because:
@@ -215,6 +217,9 @@ class EngineProcess:
                 self._deliver(events, rejected, routed)
         except (EOFError, OSError):
             pass
+        except Exception as err:  # a message that does not unpickle: trust nothing after it
+            reason = f"the engine process channel broke: {err!r}"
+            self._kill()
         if self._stopping:
             reason = "the engine was shut down"
         with self._lock:
@@ -229,8 +234,7 @@ class EngineProcess:
         rejected: list[tuple[str, str]],
         routed: dict[tuple[int, int], int],
     ) -> None:
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, TokenEvent | BaseException]]]
-        batches = {}
+        batches: dict[asyncio.AbstractEventLoop, list[_Delivery]] = {}
         with self._lock:
             self._routed.update(routed)
             for request_id, error in rejected:
@@ -254,7 +258,7 @@ class EngineProcess:
                         self.abort(item.request_id)
 
 
-def _put_all(items: list[tuple[_Stream, TokenEvent | BaseException]]) -> None:
+def _put_all(items: list[_Delivery]) -> None:
     for stream, item in items:
         stream.events.put_nowait(item)
 
@@ -313,6 +317,8 @@ def _load(launch: EngineLaunch) -> LLMEngine:
 
 
 def main(fd: int) -> int:
+    # Ctrl-C in a terminal reaches the whole process group; this process ends with its replica
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(fd)
     try:
         _, launch = conn.recv()

@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import replace
 from pathlib import Path
 
-from cluster.async_engine import AsyncEngine, EngineCore
+from cluster.async_engine import AsyncEngine, EngineCore, EngineStoppedError
 from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
 from cluster.engine_process import EngineLaunch, EngineProcess
 from cluster.request_trace import RequestTrace, ShardOf
@@ -157,6 +157,11 @@ class TierReplica:
                 while not events.empty():
                     batch.append(events.get_nowait())
                 for item in batch:
+                    if isinstance(item, EngineStoppedError):  # the engine died or shut down
+                        error = str(item)
+                        message = f"tier {self.name!r} stopped generating ({item}); retry"
+                        yield TierRejected("unavailable", message)
+                        return
                     if isinstance(item, BaseException):
                         error = str(item)
                         raise item
@@ -208,7 +213,7 @@ class TierReplica:
         try:
             async for event in self.engine.generate(request):
                 events.put_nowait(event)
-        except ValueError as err:  # refused by the scheduler (e.g. too big for the pool)
+        except Exception as err:  # refused (ValueError), or the engine stopped: pass it on
             events.put_nowait(err)
 
     def shutdown(self) -> None:

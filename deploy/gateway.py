@@ -384,11 +384,15 @@ class Gateway:
 async def _tokens_only(
     tier: str, first: object, stream: AsyncGenerator[object, None]
 ) -> AsyncGenerator[TierTokens, None]:
-    """The token batches from the first on; a tier lost mid-stream becomes UNAVAILABLE."""
+    """The token batches from the first on; a tier lost or stopped mid-stream becomes
+    UNAVAILABLE."""
     try:
         assert isinstance(first, TierTokens), f"unexpected first item {type(first).__name__}"
         yield first
         async for item in stream:
+            if isinstance(item, TierRejected):  # the replica's engine stopped mid-stream
+                code = _REJECTION_CODES.get(item.code, grpc.StatusCode.UNAVAILABLE)
+                raise ApiError(code, item.message)
             assert isinstance(item, TierTokens), f"unexpected {type(item).__name__} mid-stream"
             yield item
     except (TierBusyError, TierUnavailableError) as err:

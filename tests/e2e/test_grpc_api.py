@@ -7,11 +7,14 @@ queue of one, to reach RESOURCE_EXHAUSTED).
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -315,3 +318,48 @@ def test_list_tiers_and_health(cluster: Cluster) -> None:
     assert tiers["fast"].role == "cascade start" and tiers["strong"].role == "escalation target"
     health = cluster.stub.Health(pb.HealthRequest(), metadata=OPEN, timeout=60)
     assert health.serving and "2 tier(s) ready" in health.detail
+
+
+def _engine_process_of(app: str, tier: str) -> int:
+    """The pid of the engine child of the tier's replica (Linux ``/proc``)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            parent_command = Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "cluster.engine_process" in command and f"ServeReplica:{app}:tier-{tier}" in (
+            parent_command
+        ):
+            return int(entry.name)
+    raise AssertionError(f"no engine process under the {app}/{tier} replica")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_dead_engine_process_gives_unavailable_and_serve_replaces_the_replica(
+    cluster: Cluster,
+) -> None:
+    """Runs last: the tier is unavailable until Serve's health check replaces its replica."""
+    request = pb.GenerateRequest(prompt="doomed", tier="fast", max_tokens=400, ignore_eos=True)
+    call = cluster.stub.Generate(request, metadata=OPEN, timeout=RPC_TIMEOUT)
+    stream = iter(call)
+    next(stream)
+    os.kill(_engine_process_of("open", "fast"), signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in stream:
+            pass
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+    assert "stopped generating" in info.value.details()
+    deadline = time.monotonic() + 180
+    while True:  # UNAVAILABLE until the health check fails and a new replica is up
+        try:
+            chunks = _generate(cluster, prompt="again", tier="fast", max_tokens=3)
+            break
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+            assert time.monotonic() < deadline, "Serve never replaced the replica"
+            time.sleep(1)
+    assert chunks[-1].usage.completion_tokens == 3

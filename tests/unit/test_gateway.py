@@ -695,6 +695,15 @@ def test_tier_unavailable_mid_stream_becomes_unavailable() -> None:
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
 
 
+def test_a_tier_whose_engine_stopped_mid_stream_gives_unavailable() -> None:
+    """A replica whose engine process died ends its stream with a ``TierRejected``."""
+    message = "tier 'strong' stopped generating (the engine process exited); retry"
+    script = Script([batch([1]), TierRejected("unavailable", message)])
+    gateway = Gateway(make_config(), FakeTierClient({"strong": script}))
+    err = api_error(gateway, pb.GenerateRequest(prompt="hi", tier="strong"))
+    assert err.code == grpc.StatusCode.UNAVAILABLE and err.message == message
+
+
 def test_unknown_tier() -> None:
     fake = FakeTierClient({})
     err = api_error(Gateway(make_config(), fake), pb.GenerateRequest(prompt="hi", tier="huge"))

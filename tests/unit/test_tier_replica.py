@@ -4,12 +4,15 @@ adaptation to the number of open streams."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cluster.engine import EngineConfig
+from cluster.engine_process import EngineProcess
 from cluster.tier_messages import TierItem, TierRejected, TierRequest, TierTokens
 from cluster.tier_replica import TierReplica, stream_interval_for
 from experts.sampling import SamplingParams
@@ -141,3 +144,36 @@ def test_an_engine_process_cannot_use_a_shard_pool(model_dir: Path) -> None:
         TierReplica(
             "t", model_dir, EngineConfig(num_blocks=8), experts=object(), engine_process=True
         )  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("engine_process", [False, True])
+def test_an_engine_that_stops_ends_streams_with_unavailable(
+    model_dir: Path, engine_process: bool
+) -> None:
+    """Mid-stream and for later requests: a refusal the gateway maps to UNAVAILABLE, never
+    a hang or a bare exception."""
+    replica = TierReplica(
+        "t", model_dir, EngineConfig(num_blocks=64), engine_process=engine_process
+    )
+    params = SamplingParams(max_tokens=400, ignore_eos=True)
+
+    async def main() -> tuple[TierItem, list[TierItem]]:
+        stream = replica.generate(TierRequest("long", params, token_ids=PROMPT))
+        assert isinstance(await anext(stream), TierTokens)
+        engine = replica.engine
+        if isinstance(engine, EngineProcess):
+            os.kill(engine.pid, signal.SIGKILL)  # the child dies
+        else:
+            await asyncio.to_thread(engine.shutdown)
+        last = [item async for item in stream][-1]
+        later = TierRequest("later", params, token_ids=PROMPT)
+        return last, [item async for item in replica.generate(later)]
+
+    try:
+        last, later = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        replica.shutdown()
+    for item in (last, *later):
+        assert isinstance(item, TierRejected) and item.code == "unavailable", item
+        assert "stopped generating" in item.message
+    assert len(later) == 1 and replica.num_aborted == 2
