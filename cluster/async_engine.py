@@ -31,6 +31,8 @@ class EngineStoppedError(RuntimeError):
 
 @dataclass
 class EventStream:
+    """One request's events, delivered from the engine's thread to the caller's event loop."""
+
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[TokenEvent | BaseException]
 

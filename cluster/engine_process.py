@@ -102,6 +102,7 @@ class EngineProcess:
             self._spec, self._counters = self._wait_ready(start_timeout_s)
         except BaseException:
             self._kill()
+            self._conn.close()
             raise
         self._reader = threading.Thread(target=self._read, name="engine-process-reader")
         self._reader.daemon = True
@@ -118,8 +119,8 @@ class EngineProcess:
         return self._process.pid
 
     def validate(self, request: EngineRequest) -> None:
-        counters = self._counters
-        validate_request(request, self._spec, self.launch.config.block_size, counters.num_blocks)
+        num_blocks = self._counters.num_blocks
+        validate_request(request, self._spec, self.launch.config.block_size, num_blocks)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
         """Stream the request's tokens; bad input raises ``ValueError`` on first iteration."""
