@@ -69,7 +69,8 @@ def gateway(
     pool = InProcessPool.start(str(model_dir), {sid: table.experts_on(sid) for sid in shard_ids})
     engine = EngineConfig(num_blocks=64, max_num_seqs=4)
     replicas = {
-        "fast": TierReplica("fast", model_dir, engine),
+        # colocated experts, the engine in a child process (as a deployed replica runs it)
+        "fast": TierReplica("fast", model_dir, engine, engine_process=True),
         "strong": TierReplica(
             "strong", model_dir, engine, experts=RemoteExperts(pool, table, "strong")
         ),
@@ -245,3 +246,27 @@ def test_dispatch_spans_are_bounded_per_request(
     # 40 steps x 3 MoE layers = 120 dispatches; only the first dispatch_spans are recorded
     assert len(_by_name(spans, "moe.expert_dispatch")) == TelemetrySettings().dispatch_spans
     assert len(_one(spans, "moe.decode").events) == 4  # token_events=4
+
+
+def test_an_engine_process_replica_traces_and_counts_the_same(
+    gateway: Gateway, exporter: InMemorySpanExporter, reader: InMemoryMetricReader
+) -> None:
+    """Runs last (the metrics are cumulative): the ``fast`` replica's engine is a child
+    process; its token events' times and routing cross over, so the spans and metrics match."""
+    exporter.clear()
+    _run(gateway, _request(tier="fast"), {"traceparent": TRACEPARENT})
+    spans = exporter.get_finished_spans()
+    tier = _one(spans, "moe.tier_request fast")
+    queue, prefill, decode = (_one(spans, n) for n in ("moe.queue", "moe.prefill", "moe.decode"))
+    for span in (queue, prefill, decode):
+        assert _parent(span) == tier.context.span_id
+    assert tier.start_time <= queue.start_time <= queue.end_time <= prefill.end_time
+    assert prefill.end_time <= decode.end_time <= tier.end_time
+    events = [e for e in decode.events if e.name == "moe.token"]
+    assert len(events) == 3
+    for event in events:
+        e = event.attributes or {}
+        assert e["moe.token.experts"] >= 1 and e["moe.token.shards"] == 0  # colocated
+    routed = [a for name, a in _raw_points(reader) if name == "moe.routed_tokens"]
+    assert "fast" in {a["moe.tier"] for a in routed}
+    assert ("moe.kv.blocks_in_use", "fast") in _points(reader)
