@@ -214,8 +214,8 @@ class EngineProcess:
                     reason = message[1]
                     break
                 _, events, rejected, counters, routed = message
-                self._counters = counters
                 self._deliver(events, rejected, routed)
+                self._counters = counters  # after the routed counts: idle means all are here
         except (EOFError, OSError):
             pass
         except Exception as err:  # a message that does not unpickle: trust nothing after it
@@ -283,8 +283,9 @@ def _serve(conn: Connection, engine: LLMEngine) -> None:
             except Exception as err:
                 conn.send(("failed", f"engine step failed: {err!r}"))
                 raise
-        routed = {}
-        if engine.runner.count_routing and any(e.finish_reason for e in events):
+        routed = {}  # handed over when a request ends (the replica records them then) or at idle
+        done = any(e.finish_reason for e in events) or not engine.has_unfinished()
+        if engine.runner.count_routing and done:
             routed = engine.runner.take_routed_counts()
         conn.send(("step", events, rejected, engine.counters(), routed))
 

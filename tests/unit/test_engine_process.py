@@ -121,6 +121,8 @@ def test_a_request_the_child_refuses_raises_value_error(engine: EngineProcess) -
 
 
 def test_leaving_early_aborts_in_the_child_and_frees_blocks(engine: EngineProcess) -> None:
+    engine.take_routed_counts()  # start afresh
+
     async def main() -> int:
         seen = 0
         async for _ in engine.generate(_request("leaver", n=300)):
@@ -131,6 +133,7 @@ def test_leaving_early_aborts_in_the_child_and_frees_blocks(engine: EngineProces
 
     assert asyncio.run(main()) == 3
     _wait_idle(engine)
+    assert engine.take_routed_counts()  # an aborted request's routing is counted too
 
 
 def test_a_duplicate_request_id_is_refused(engine: EngineProcess) -> None:
