@@ -117,18 +117,17 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def max_blocks(self, num_tokens: int, max_new_tokens: int, policy: KVPolicy) -> int:
-        """Most blocks a request can ever hold at once."""
-        return max_blocks(num_tokens, max_new_tokens, policy, self.block_size)
-
-    def check_fits(self, request_id: str, num_tokens: int, max_new: int, policy: KVPolicy) -> None:
-        """Refuse a request that could never fit in the pool on its own."""
-        check_fits(request_id, num_tokens, max_new, policy, self.block_size, self.blocks.num_blocks)
-
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; refuse one that could never fit in the pool on its own."""
         max_new = seq.params.max_tokens - len(seq.output_ids)
-        self.check_fits(seq.request_id, seq.num_tokens, max_new, seq.kv_policy)
+        check_fits(
+            seq.request_id,
+            seq.num_tokens,
+            max_new,
+            seq.kv_policy,
+            self.block_size,
+            self.blocks.num_blocks,
+        )
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
