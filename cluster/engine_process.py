@@ -214,8 +214,7 @@ class EngineProcess:
                     reason = message[1]
                     break
                 _, events, rejected, counters, routed = message
-                self._deliver(events, rejected, routed)
-                self._counters = counters  # after the routed counts: idle means all are here
+                self._deliver(events, rejected, counters, routed)
         except (EOFError, OSError):
             pass
         except Exception as err:  # a message that does not unpickle: trust nothing after it
@@ -233,11 +232,15 @@ class EngineProcess:
         self,
         events: list[TokenEvent],
         rejected: list[tuple[str, str]],
+        counters: EngineCounters,
         routed: dict[tuple[int, int], int],
     ) -> None:
         batches: dict[asyncio.AbstractEventLoop, list[_Delivery]] = {}
         with self._lock:
             self._routed.update(routed)
+            # after the routed counts (idle counters mean every count is here) and before
+            # the events: a caller whose stream just ended reads this step's counters
+            self._counters = counters
             for request_id, error in rejected:
                 stream = self._streams.pop(request_id, None)
                 if stream is not None:

@@ -79,6 +79,14 @@ def test_streams_match_the_in_process_engine(engine: EngineProcess, model_dir: P
     assert counters.num_blocks == 64 and counters.num_steps > 0
 
 
+def test_counters_are_current_when_the_last_stream_ends(engine: EngineProcess) -> None:
+    # the step's counters land before its events: no wait for the reader thread
+    for i in range(20):
+        asyncio.run(_collect(engine, _request(f"c{i}", n=2)))
+        counters = engine.counters()
+        assert (counters.num_running, counters.num_waiting, counters.num_blocks_held) == (0, 0, 0)
+
+
 def test_streams_on_two_event_loops_at_once(engine: EngineProcess) -> None:
     results: dict[str, list[TokenEvent]] = {}
 
