@@ -23,12 +23,12 @@ from pydantic_core import ErrorDetails
 
 from deploy.audit import AuditSettings
 from deploy.expert_config import ExpertsSettings
-from router.shadow import ShadowConfig
-from router.tier_policy import CascadeConfig, TierPolicyConfig
+from deploy.policy_config import PolicyConfig
 
 if TYPE_CHECKING:
     from cluster.engine import EngineConfig
     from cluster.telemetry import TelemetrySettings
+    from router.tier_policy import TierPolicyConfig
 
 DEFAULT_DEMO_DIR = Path(".demo-models")
 _TIER_NAME = re.compile(r"[a-z0-9_-]{1,32}")
@@ -190,79 +190,6 @@ class TierConfig(_Model):
 
     def to_engine_config(self) -> EngineConfig:
         return self.engine.to_engine_config()
-
-
-class CascadeSettings(_Model):
-    """Mirrors :class:`router.tier_policy.CascadeConfig`."""
-
-    enabled: bool = True
-    from_tier: str = "fast"
-    to_tier: str = Field(default="strong", validate_default=True)
-    probe_tokens: int = Field(default=8, ge=1)
-    min_mean_logprob: float = Field(default=-2.5, le=0)
-    min_retrieval_confidence: float = Field(default=0.5, ge=0, le=1)
-
-    @field_validator("to_tier")
-    @classmethod
-    def _distinct(cls, to_tier: str, info: Info) -> str:
-        if info.data.get("enabled") and to_tier == info.data.get("from_tier"):
-            raise ValueError("to_tier must differ from from_tier")
-        return to_tier
-
-
-class ShadowSettings(_Model):
-    """Mirrors :class:`router.shadow.ShadowConfig`."""
-
-    enabled: bool = False
-    candidate_tier: str = "strong"
-    primary_tier: str = Field(default="fast", validate_default=True)
-    share: float = Field(default=0.0, ge=0, le=1)
-    probe_tokens: int = Field(default=16, ge=1)
-    max_divergence: float = Field(default=0.25, ge=0, le=1)
-    min_samples: int = Field(default=20, ge=1)
-    promote: bool = False
-    window: int = Field(default=200, ge=1, validate_default=True)
-
-    @field_validator("primary_tier")
-    @classmethod
-    def _distinct(cls, primary: str, info: Info) -> str:
-        if info.data.get("enabled") and primary == info.data.get("candidate_tier"):
-            raise ValueError("primary_tier must differ from candidate_tier")
-        return primary
-
-    @field_validator("promote")
-    @classmethod
-    def _needs_shadow(cls, promote: bool, info: Info) -> bool:
-        if promote and not info.data.get("enabled"):
-            raise ValueError("promote needs enabled: true (a promotion is earned from samples)")
-        return promote
-
-    @field_validator("window")
-    @classmethod
-    def _holds_min_samples(cls, window: int, info: Info) -> int:
-        min_samples = info.data.get("min_samples", 1)
-        if window < min_samples:
-            raise ValueError(f"window must be >= min_samples={min_samples}")
-        return window
-
-
-class PolicyConfig(_Model):
-    """Tier policy settings; ``default_tier`` None means the first tier listed."""
-
-    default_tier: str | None = None
-    cascade: CascadeSettings = CascadeSettings()
-    shadow: ShadowSettings = ShadowSettings()
-
-    def to_policy_config(self, tier_names: Sequence[str]) -> TierPolicyConfig:
-        """The frozen dataclass the router uses; raises ValueError on an unknown tier name."""
-        if not tier_names:
-            raise ValueError("tier_names=[] must name at least one tier")
-        return TierPolicyConfig(
-            tiers=tuple(tier_names),
-            default_tier=self.default_tier or tier_names[0],
-            cascade=CascadeConfig(**self.cascade.model_dump()),
-            shadow=ShadowConfig(**self.shadow.model_dump()),
-        )
 
 
 class TelemetryConfig(_Model):

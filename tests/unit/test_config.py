@@ -18,12 +18,12 @@ from deploy.config import (
     ClusterConfig,
     ConfigError,
     EngineSettings,
-    PolicyConfig,
     TierConfig,
     default_config,
     load_config,
     parse_config,
 )
+from deploy.policy_config import PolicyConfig
 from router.shadow import ShadowConfig
 from router.tier_policy import CascadeConfig, TierPolicyConfig
 
