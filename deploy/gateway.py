@@ -38,6 +38,7 @@ from deploy.audit import (
 from deploy.config import ClusterConfig
 from deploy.gateway_trace import GatewayTrace
 from deploy.proto import moecluster_v1_pb2 as pb
+from deploy.tier_listing import health_of, list_tiers
 from experts.stop_strings import StopStringMatcher
 from router.tier_policy import TierDecision, TierPolicy
 
@@ -351,34 +352,10 @@ class Gateway:
         task.add_done_callback(self._background.discard)
 
     async def list_tiers(self) -> pb.ListTiersResponse:
-        cascade = self.config.policy.cascade
-        shadow = self.config.policy.shadow
-        tiers = []
-        for tier in self.config.tiers:
-            roles = []
-            if cascade.enabled and tier.name == cascade.from_tier:
-                roles.append("cascade start")
-            if cascade.enabled and tier.name == cascade.to_tier:
-                roles.append("escalation target")
-            if shadow.enabled and tier.name == shadow.candidate_tier:
-                roles.append(f"shadow candidate ({self.policy.promotion_state()})")
-            entry = pb.Tier(name=tier.name, model=tier.model, replicas=tier.replicas)
-            entry.role = ", ".join(roles) or "direct"
-            try:
-                info = await asyncio.wait_for(self.tiers.info(tier.name), timeout=10.0)
-            except (TimeoutError, TierUnavailableError) as err:
-                entry.state = f"unavailable: {str(err) or 'no answer within 10 s'}"
-            else:
-                entry.state, entry.family, entry.moe = "ready", info.family, info.moe
-            tiers.append(entry)
-        return pb.ListTiersResponse(tiers=tiers)
+        return await list_tiers(self.config, self.tiers, self.policy.promotion_state())
 
     async def health(self) -> pb.HealthResponse:
-        listing = await self.list_tiers()
-        down = [t.name for t in listing.tiers if t.state != "ready"]
-        if down:
-            return pb.HealthResponse(serving=False, detail=f"tiers not ready: {', '.join(down)}")
-        return pb.HealthResponse(serving=True, detail=f"{len(listing.tiers)} tier(s) ready")
+        return health_of(await self.list_tiers())
 
 
 async def _tokens_only(
