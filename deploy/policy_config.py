@@ -15,6 +15,12 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+def _differs_when_enabled(tier: str, other: str, info: Info) -> str:
+    if info.data.get("enabled") and tier == info.data.get(other):
+        raise ValueError(f"{info.field_name} must differ from {other}")
+    return tier
+
+
 class CascadeSettings(_Model):
     """Mirrors :class:`router.tier_policy.CascadeConfig`."""
 
@@ -28,9 +34,7 @@ class CascadeSettings(_Model):
     @field_validator("to_tier")
     @classmethod
     def _distinct(cls, to_tier: str, info: Info) -> str:
-        if info.data.get("enabled") and to_tier == info.data.get("from_tier"):
-            raise ValueError("to_tier must differ from from_tier")
-        return to_tier
+        return _differs_when_enabled(to_tier, "from_tier", info)
 
 
 class ShadowSettings(_Model):
@@ -49,9 +53,7 @@ class ShadowSettings(_Model):
     @field_validator("primary_tier")
     @classmethod
     def _distinct(cls, primary: str, info: Info) -> str:
-        if info.data.get("enabled") and primary == info.data.get("candidate_tier"):
-            raise ValueError("primary_tier must differ from candidate_tier")
-        return primary
+        return _differs_when_enabled(primary, "candidate_tier", info)
 
     @field_validator("promote")
     @classmethod

@@ -187,6 +187,11 @@ def test_unknown_tier_lookup_lists_known() -> None:
             "policy.cascade.to_tier: to_tier must differ from from_tier (got 'fast')",
         ),
         (
+            {"tiers": TWO_TIERS, "policy": {"shadow": {"enabled": True, "primary_tier": "strong"}}},
+            "policy.shadow.primary_tier: primary_tier must differ from candidate_tier (got "
+            "'strong')",
+        ),
+        (
             {"tiers": TWO_TIERS, "policy": {"shadow": {"share": 2}}},
             "policy.shadow.share: Input should be less than or equal to 1 (got 2)",
         ),
