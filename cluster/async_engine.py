@@ -21,7 +21,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from cluster.engine import EngineCounters, EngineRequest, LLMEngine, TokenEvent
+from cluster.engine import EngineRequest, LLMEngine, TokenEvent
+from cluster.engine_counters import EngineCounters
 from experts.spec import ModelSpec
 
 

@@ -22,6 +22,7 @@ from cache.block_manager import BlockManager
 from cache.kv_policy import KVPolicy
 from cache.kv_pool import KVPool
 from cache.prefix_hash import hash_block
+from cluster.engine_counters import EngineCounters
 from cluster.model_runner import ModelRunner, StepInput
 from cluster.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, check_fits
 from cluster.sequence import Sequence as Seq
@@ -104,20 +105,6 @@ class TokenEvent:
     routing: Routing | None = None  # the gate's choices at the position that produced it
     scheduled_time: float | None = None  # when the request was first scheduled (end of queue)
     attention: AttentionStats | None = None  # at the position that produced it, when asked
-
-
-@dataclass(frozen=True)
-class EngineCounters:
-    """An engine's queue and KV figures and its running totals, at one moment."""
-
-    num_running: int
-    num_waiting: int
-    num_blocks: int
-    num_blocks_held: int
-    num_prompt_tokens_computed: int
-    num_steps: int
-    num_preemptions: int
-    num_evictions: int
 
 
 class LLMEngine:

@@ -48,14 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster.async_engine import EngineStoppedError, EventStream, stream_events
-from cluster.engine import (
-    EngineConfig,
-    EngineCounters,
-    EngineRequest,
-    LLMEngine,
-    TokenEvent,
-    validate_request,
-)
+from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent, validate_request
+from cluster.engine_counters import EngineCounters
 from experts.spec import ModelSpec
 
 _Delivery = tuple[EventStream, TokenEvent | BaseException]

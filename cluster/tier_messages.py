@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cache.kv_policy import KVPolicy
+from cluster.engine_counters import EngineCounters
 from experts.sampling import SamplingParams
 
 
@@ -67,12 +68,7 @@ class TierInfo:
 
 
 @dataclass(frozen=True)
-class TierStats:
-    num_running: int
-    num_waiting: int
-    num_blocks: int
-    num_blocks_held: int
-    num_prompt_tokens_computed: int
-    num_steps: int
-    num_preemptions: int
+class TierStats(EngineCounters):
+    """The replica's engine counters, and the requests it saw aborted."""
+
     num_aborted: int

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from cluster.async_engine import AsyncEngine, EngineCore, EngineStoppedError
@@ -101,17 +101,7 @@ class TierReplica:
         )
 
     def stats(self) -> TierStats:
-        counters = self.engine.counters()
-        return TierStats(
-            num_running=counters.num_running,
-            num_waiting=counters.num_waiting,
-            num_blocks=counters.num_blocks,
-            num_blocks_held=counters.num_blocks_held,
-            num_prompt_tokens_computed=counters.num_prompt_tokens_computed,
-            num_steps=counters.num_steps,
-            num_preemptions=counters.num_preemptions,
-            num_aborted=self.num_aborted,
-        )
+        return TierStats(**asdict(self.engine.counters()), num_aborted=self.num_aborted)
 
     def _prompt_ids(self, request: TierRequest) -> list[int]:
         if request.token_ids is not None:

@@ -136,7 +136,7 @@ class FakeTierClient:
         return found
 
     async def stats(self, tier: str) -> TierStats:
-        return TierStats(0, 0, 64, 0, 0, 0, 0, 0)
+        return TierStats(0, 0, 64, 0, 0, 0, 0, 0, num_aborted=0)
 
 
 # --- configs and drivers -----------------------------------------------------------------------
