@@ -86,7 +86,7 @@ class EngineProcess:
         theirs.close()
         self._conn = Connection(ours.detach())
         self._send_lock = threading.Lock()
-        self._lock = threading.Lock()  # guards _streams and _routed
+        self._lock = threading.Lock()  # guards _streams, _routed and _counters
         self._streams: dict[str, EventStream] = {}
         self._routed: Counter[tuple[int, int]] = Counter()
         self._stopping = False
