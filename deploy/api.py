@@ -1,12 +1,15 @@
 """The gRPC request at the edge: validation into internal types, and API errors.
 
 Every problem with a request becomes an ``ApiError`` carrying the gRPC status
-and a message meant for the caller (the field, the value, what is allowed).
+and a message meant for the caller (the field, the value, what is allowed). Sizes come first:
+every string and repeated field is measured against ``RequestLimits`` before anything is
+converted, and a message never quotes an unbounded value (only its count or size), because
+messages go back to the client and into logs and trace spans.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import grpc
 
@@ -38,6 +41,34 @@ MAX_ATTENTION_FIRST_TOKENS = 1_000_000
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on every string and repeated field of a Generate request, checked at the edge.
+
+    Each bound keeps one request from costing the others: stop strings are matched on the
+    gateway's event loop at every streamed batch, stop token ids are checked by the engine
+    at every step, and all of them go into the audit record. Sizes of strings are in bytes
+    of UTF-8 (what travels); ``max_tokens_limit`` is the largest of the tiers' own limits.
+    """
+
+    max_tokens_limit: int = 4096  # max_tokens, as TierConfig.max_tokens_limit
+    max_prompt_bytes: int = 2**20  # prompt text
+    max_prompt_tokens: int = 131_072  # token_ids: at most the largest tier's context
+    max_stop: int = 16  # stop strings per request
+    max_stop_bytes: int = 256  # each stop string
+    max_stop_token_ids: int = 64
+    max_session_id_bytes: int = 256
+    max_anchors: int = 64  # kv_policy.anchors spans
+    max_top_k: int = 1_000_000  # beyond any vocabulary; top_k >= vocab is simply "off"
+    max_name_bytes: int = 64  # tier and kv_policy.kind: names looked up in a short list
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value < 1:
+                raise ValueError(f"RequestLimits.{f.name}={value} must be >= 1")
+
+
+@dataclass(frozen=True)
 class GenerateArgs:
     """A validated Generate request."""
 
@@ -53,15 +84,26 @@ class GenerateArgs:
     attention_first_tokens: int = 0  # attention diagnostics; 0 = off
 
 
-def parse_generate(r: pb.GenerateRequest, max_tokens_limit: int) -> GenerateArgs:
-    """Check a ``moecluster.v1.GenerateRequest``; raise ``ApiError`` naming the bad field."""
-    prompt: str = r.prompt
+def parse_generate(r: pb.GenerateRequest, limits: RequestLimits | int) -> GenerateArgs:
+    """Check a ``moecluster.v1.GenerateRequest``; raise ``ApiError`` naming the bad field.
+
+    ``limits`` as a bare int is ``RequestLimits(max_tokens_limit=limits)``. Token ids are
+    uint32 on the wire and strings valid UTF-8 (protobuf refuses anything else while
+    parsing); whether an id is inside a model's vocabulary is the engine's check.
+    """
+    if isinstance(limits, int):
+        limits = RequestLimits(max_tokens_limit=limits)
+    prompt: str = r.prompt  # read once: each read of a string field builds a new str
+    _check_sizes(r, prompt, limits)
     token_ids = tuple(int(t) for t in r.token_ids)
     if bool(prompt) == bool(token_ids):
         raise invalid("give exactly one of 'prompt' (text) or 'token_ids'")
+    max_tokens_limit = limits.max_tokens_limit
     max_tokens = r.max_tokens or min(DEFAULT_MAX_TOKENS, max_tokens_limit)
     if max_tokens > max_tokens_limit:
         raise invalid(f"max_tokens={max_tokens} is out of range: allowed [1, {max_tokens_limit}]")
+    if r.top_k > limits.max_top_k:
+        raise invalid(f"top_k={r.top_k} is out of range: allowed [0, {limits.max_top_k}] (0 = off)")
     try:
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -88,8 +130,6 @@ def parse_generate(r: pb.GenerateRequest, max_tokens_limit: int) -> GenerateArgs
     if confidence is not None and not 0.0 <= confidence <= 1.0:
         raise invalid(f"retrieval_confidence={confidence:g} is out of range: allowed [0, 1]")
     stops = tuple(r.stop)
-    if any(not s for s in stops):
-        raise invalid(f"stop={list(stops)!r}: stop strings must not be empty")
     first = r.attention_first_tokens
     if first > MAX_ATTENTION_FIRST_TOKENS:
         raise invalid(
@@ -108,3 +148,40 @@ def parse_generate(r: pb.GenerateRequest, max_tokens_limit: int) -> GenerateArgs
         return_routing=r.return_routing,
         attention_first_tokens=first,
     )
+
+
+def _check_sizes(r: pb.GenerateRequest, prompt: str, limits: RequestLimits) -> None:
+    """Refuse any string or repeated field over its limit, before any of them is copied."""
+    _check_count("token_ids", len(r.token_ids), limits.max_prompt_tokens, "token ids")
+    _check_bytes("prompt", prompt, limits.max_prompt_bytes)
+    _check_count("stop", len(r.stop), limits.max_stop, "stop strings")
+    for index, stop in enumerate(r.stop):
+        if not stop:
+            raise invalid(f"stop[{index}] is empty: stop strings must not be empty")
+        _check_bytes(f"stop[{index}]", stop, limits.max_stop_bytes)
+    _check_count("stop_token_ids", len(r.stop_token_ids), limits.max_stop_token_ids, "ids")
+    session_id = r.session_id
+    _check_bytes("session_id", session_id, limits.max_session_id_bytes)
+    if not session_id.isprintable():
+        bad = next(i for i, c in enumerate(session_id) if not c.isprintable())
+        raise invalid(
+            f"session_id has the non-printable character {session_id[bad]!r} at {bad}: "
+            "a session id is printable text"
+        )
+    _check_bytes("tier", r.tier, limits.max_name_bytes)
+    _check_bytes("kv_policy.kind", r.kv_policy.kind, limits.max_name_bytes)
+    _check_count("kv_policy.anchors", len(r.kv_policy.anchors), limits.max_anchors, "spans")
+
+
+def _check_count(name: str, count: int, limit: int, items: str) -> None:
+    if count > limit:
+        raise invalid(f"{name} has {count} {items}: allowed at most {limit}")
+
+
+def _check_bytes(name: str, value: str, limit: int) -> None:
+    # a character is 1 to 4 bytes: a string short enough in characters is encoded to count
+    # its bytes, one far too long is reported in characters rather than copied
+    if len(value) <= limit and len(value.encode()) <= limit:
+        return
+    size = f"{len(value.encode())} bytes" if len(value) <= 4 * limit else f"{len(value)} characters"
+    raise invalid(f"{name} is {size}: allowed at most {limit} bytes of UTF-8")

@@ -7,6 +7,13 @@ of the expert routing. Prompt and output text are kept only with ``record_text``
 they may hold personal data. ``moe-cluster replay`` (``deploy/replay.py``) reads records
 back with :func:`find`.
 
+A record never holds an unbounded value. Lists and short strings that come from the request
+are cut to ``MAX_ITEMS`` items and ``MAX_CHARS`` characters (the edge, ``deploy.api``'s
+``RequestLimits``, already bounds them far lower; ``cut_fields`` names what was cut, with
+its original length). A whole line is at most ``AuditSettings.max_record_bytes``: a record
+over it is written with its largest free-form fields (text, stop strings, routing) left
+out, largest first, until it fits; ``omitted_fields`` gives each one's size in bytes.
+
 The log rotates by size like ``logging.handlers.RotatingFileHandler`` (``requests.jsonl``,
 then ``requests.jsonl.1`` … ``.N``, oldest last). It is written by hand rather than through
 ``logging`` so that sizes are counted in bytes of whole lines, nothing is formatted twice,
@@ -40,6 +47,14 @@ logger = logging.getLogger(__name__)
 
 WARNING_INTERVAL_S = 60.0
 TEXT_FIELDS = ("prompt", "prompt_token_ids", "output_text", "output_token_ids")
+# fields left out, largest first, when a record does not fit max_record_bytes
+OMITTABLE_FIELDS = (*TEXT_FIELDS, "stop", "routing")
+# defensive caps on what a request puts into a record (the edge's defaults are 16 stop
+# strings of 256 bytes, 64 stop token ids, 64 anchors): a list keeps its first MAX_ITEMS
+# items, a stop string or identifier its first MAX_CHARS characters
+MAX_ITEMS = 128
+MAX_CHARS = 1024
+SHORT_STRING_FIELDS = ("request_id", "trace_id", "tier", "model", "reason", "finish_reason")
 # per generated token: ((layer, (expert, ...)), ...), as in cluster.tier_messages.TierTokens
 TokenRouting = Sequence[tuple[int, Sequence[int]]]
 
@@ -49,9 +64,10 @@ class AuditSettings(BaseModel):
 
     ``enabled``: write a record per finished request (off by default: it is disk I/O on the
     serving path). ``path``: the JSON-lines file. ``max_bytes``: rotate once the file would
-    grow past this. ``backups``: rotated files kept (0 = the file is simply restarted).
-    ``record_text``: also keep prompt/output text and token ids; needed by
-    ``moe-cluster replay``, off by default because prompts may hold personal data.
+    grow past this; one record takes at most ``max_record_bytes`` of it. ``backups``:
+    rotated files kept (0 = the file is simply restarted). ``record_text``: also keep
+    prompt/output text and token ids; needed by ``moe-cluster replay``, off by default
+    because prompts may hold personal data.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -61,6 +77,14 @@ class AuditSettings(BaseModel):
     max_bytes: int = Field(default=64 * 2**20, ge=1024)
     backups: int = Field(default=5, ge=0)
     record_text: bool = False
+
+    @property
+    def max_record_bytes(self) -> int:
+        """The largest line: a quarter of ``max_bytes``, and at least 1 KiB.
+
+        A file then holds at least four records, unless ``max_bytes`` is under 4 KiB.
+        """
+        return max(self.max_bytes // 4, 1024)
 
 
 @dataclass(frozen=True)
@@ -84,6 +108,11 @@ class AuditRecord:
     cached_prompt_tokens: int = 0
     truncated_tokens: int = 0
     routing: dict[str, Any] | None = None  # see routing_summary()
+    # field (dotted inside sampling/kv_policy) -> original length, for each value cut to
+    # MAX_ITEMS items or MAX_CHARS characters; see capped()
+    cut_fields: dict[str, int] = field(default_factory=dict)
+    # field -> its size in bytes of JSON, for each left out to fit max_record_bytes
+    omitted_fields: dict[str, int] = field(default_factory=dict)
     # only with AuditSettings.record_text:
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
@@ -91,10 +120,13 @@ class AuditRecord:
     output_token_ids: list[int] | None = None
 
     def to_json(self) -> str:
-        """One line of JSON; absent text fields are left out rather than written as null."""
+        """One line of JSON; absent text fields and empty notes are left out."""
         data = dataclasses.asdict(self)
         for name in TEXT_FIELDS:
             if data[name] is None:
+                del data[name]
+        for name in ("cut_fields", "omitted_fields"):
+            if not data[name]:
                 del data[name]
         return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
@@ -128,6 +160,63 @@ class AuditRecord:
         """Whether the record can be replayed: a prompt and the output token ids."""
         prompt = self.prompt_token_ids is not None or self.prompt is not None
         return prompt and self.output_token_ids is not None
+
+
+def capped(record: AuditRecord) -> AuditRecord:
+    """``record`` with request-given lists cut to ``MAX_ITEMS`` and strings to ``MAX_CHARS``.
+
+    Covers the stop strings, ``sampling.stop_token_ids``, ``kv_policy.anchors`` and the
+    identifiers; each cut field is named in ``cut_fields`` with its original length. Text
+    fields are left whole: they are bounded by the edge and by :func:`fitted`.
+    """
+    cut: dict[str, int] = {}
+    changes: dict[str, Any] = {}
+    stop = record.stop
+    if len(stop) > MAX_ITEMS or any(len(s) > MAX_CHARS for s in stop):
+        cut["stop"] = len(stop)
+        changes["stop"] = [s[:MAX_CHARS] for s in stop[:MAX_ITEMS]]
+    for name, key in (("sampling", "stop_token_ids"), ("kv_policy", "anchors")):
+        values = getattr(record, name).get(key)
+        if isinstance(values, list) and len(values) > MAX_ITEMS:
+            cut[f"{name}.{key}"] = len(values)
+            changes[name] = {**getattr(record, name), key: values[:MAX_ITEMS]}
+    for name in SHORT_STRING_FIELDS:
+        value = getattr(record, name)
+        if len(value) > MAX_CHARS:
+            cut[name] = len(value)
+            changes[name] = value[:MAX_CHARS]
+    if not cut:
+        return record
+    return dataclasses.replace(record, cut_fields={**record.cut_fields, **cut}, **changes)
+
+
+def fitted(record: AuditRecord, max_bytes: int) -> bytes:
+    """``record`` as one line of at most ``max_bytes`` bytes, newline included.
+
+    A record over the limit loses its largest free-form fields (``OMITTABLE_FIELDS``) one
+    at a time, each noted in ``omitted_fields`` with its size, until it fits. Raises
+    ``ValueError`` when it does not fit even without them.
+    """
+    line = (record.to_json() + "\n").encode()
+    if len(line) <= max_bytes:
+        return line
+    sizes = {
+        name: len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+        for name in OMITTABLE_FIELDS
+        if (value := getattr(record, name))
+    }
+    omitted = dict(record.omitted_fields)
+    for name in sorted(sizes, key=lambda n: -sizes[n]):
+        omitted[name] = sizes[name]
+        empty: Any = [] if name == "stop" else None
+        record = dataclasses.replace(record, **{name: empty}, omitted_fields=dict(omitted))
+        line = (record.to_json() + "\n").encode()
+        if len(line) <= max_bytes:
+            return line
+    raise ValueError(
+        f"the record is {len(line)} bytes even without {', '.join(omitted) or 'its text'}: "
+        f"over the limit of {max_bytes} bytes per record"
+    )
 
 
 def utc_timestamp(now: float | None = None) -> str:
@@ -217,7 +306,7 @@ class AuditLog:
         if not self.settings.record_text:
             record = record.without_text()
         try:
-            line = (record.to_json() + "\n").encode()
+            line = fitted(capped(record), self.settings.max_record_bytes)
             with self._lock:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._rotate_if_needed(len(line))
@@ -254,7 +343,7 @@ class AuditLog:
             "audit log %s: could not write request %s (%s: %s); %d write error(s) so far, "
             "serving continues",
             self.path,
-            request_id,
+            request_id[:64],  # identifiers are capped in records, and so in the log
             type(err).__name__,
             err,
             count,

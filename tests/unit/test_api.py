@@ -14,17 +14,24 @@ import grpc
 import pytest
 
 from cache.kv_policy import KVPolicy
-from deploy.api import DEFAULT_MAX_TOKENS, ApiError, GenerateArgs, invalid, parse_generate
+from deploy.api import (
+    DEFAULT_MAX_TOKENS,
+    ApiError,
+    GenerateArgs,
+    RequestLimits,
+    invalid,
+    parse_generate,
+)
 from deploy.proto import moecluster_v1_pb2 as pb
 
 LIMIT = 4096
 
 
-def parse(request: pb.GenerateRequest, limit: int = LIMIT) -> GenerateArgs:
+def parse(request: pb.GenerateRequest, limit: int | RequestLimits = LIMIT) -> GenerateArgs:
     return parse_generate(request, limit)
 
 
-def rejection(request: pb.GenerateRequest, limit: int = LIMIT) -> str:
+def rejection(request: pb.GenerateRequest, limit: int | RequestLimits = LIMIT) -> str:
     """The INVALID_ARGUMENT message ``parse_generate`` raises for ``request``."""
     with pytest.raises(ApiError) as info:
         parse_generate(request, limit)
@@ -136,11 +143,16 @@ def test_top_p_out_of_range(value: float) -> None:
 
 
 def test_top_k_cannot_be_negative_on_the_wire() -> None:
-    """top_k is uint32: the proto refuses a negative value, so any value that arrives is valid."""
+    """top_k is uint32: the proto refuses a negative value."""
     with pytest.raises(ValueError):
         pb.GenerateRequest(prompt="x", top_k=-1)
-    big = 2**32 - 1
-    assert parse(pb.GenerateRequest(prompt="x", top_k=big)).params.top_k == big
+
+
+def test_top_k_is_bounded() -> None:
+    limit = RequestLimits().max_top_k
+    assert parse(pb.GenerateRequest(prompt="x", top_k=limit)).params.top_k == limit
+    message = rejection(pb.GenerateRequest(prompt="x", top_k=2**32 - 1))
+    assert f"top_k=4294967295 is out of range: allowed [0, {limit}]" in message
 
 
 @pytest.mark.parametrize("value", [2**63, 2**64 - 1])
@@ -169,7 +181,16 @@ def test_retrieval_confidence_bounds_are_accepted(value: float) -> None:
 
 def test_empty_stop_string() -> None:
     message = rejection(pb.GenerateRequest(prompt="x", stop=["ok", ""]))
+    assert "stop[1] is empty" in message
     assert "stop strings must not be empty" in message
+
+
+def test_empty_stop_string_message_does_not_echo_the_others() -> None:
+    """The message once quoted the whole list: 15 stop strings of 256 bytes made it 4 KB."""
+    stops = ["s" * 256] * 15 + [""]
+    message = rejection(pb.GenerateRequest(prompt="x", stop=stops))
+    assert "stop[15] is empty" in message
+    assert "sss" not in message and len(message) < 100
 
 
 # --- kv_policy -------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Audit records: JSON round trip, rotation, lookup across rotated files, error handling."""
+"""Audit records: JSON round trip, rotation, lookup across rotated files, error handling,
+and bounded records (capped request fields, no line over its share of the file)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ from pydantic import ValidationError
 
 from cache.kv_policy import KVPolicy
 from deploy.audit import (
+    MAX_CHARS,
+    MAX_ITEMS,
     AuditLog,
     AuditRecord,
     AuditSettings,
+    capped,
     find,
+    fitted,
     kv_policy_record,
     log_files,
     routing_summary,
@@ -213,3 +218,120 @@ def test_routing_summary() -> None:
 def test_record_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         make_record().tier = "other"  # type: ignore[misc]
+
+
+# --- bounded records ---------------------------------------------------------------------------
+
+
+def test_settings_max_record_bytes() -> None:
+    assert AuditSettings().max_record_bytes == 16 * 2**20  # a quarter of 64 MiB
+    assert AuditSettings(max_bytes=8192).max_record_bytes == 2048
+    assert AuditSettings(max_bytes=1024).max_record_bytes == 1024  # never under 1 KiB
+
+
+def test_100k_stop_strings_do_not_make_a_1mb_line(tmp_path: Path) -> None:
+    """Issue 13: 100k stop strings went whole into the record, a 1 MB line in a 1 KB log."""
+    log = AuditLog(settings(tmp_path, max_bytes=1024))
+    stops = [f"stop-{i}" for i in range(100_000)]
+    log.append(make_record("big", stop=stops))
+    assert log.num_errors == 0
+    assert log.path.stat().st_size <= 1024
+    found = find(log.path, "big")
+    assert found is not None
+    assert found.stop == []  # capped to 128 strings, still over 1 KiB: left out
+    assert found.cut_fields == {"stop": 100_000}
+    assert set(found.omitted_fields) == {"stop"} and found.omitted_fields["stop"] > 1024
+
+
+def test_capped_cuts_request_lists_and_strings() -> None:
+    record = make_record(
+        "r" * 5000,
+        stop=["x" * 5000, *(["ab"] * 1000)],
+        sampling={**make_record().sampling, "stop_token_ids": list(range(2_000_000))},
+        kv_policy={"kind": "window", "window": 64, "sinks": 0, "anchors": [[0, 1]] * 500},
+        model="m" * 2000,
+    )
+    cut = capped(record)
+    assert len(cut.stop) == MAX_ITEMS and cut.stop[0] == "x" * MAX_CHARS
+    assert cut.sampling["stop_token_ids"] == list(range(MAX_ITEMS))
+    assert cut.sampling["seed"] == 42  # the rest of the field is kept
+    assert cut.kv_policy["anchors"] == [[0, 1]] * MAX_ITEMS and cut.kv_policy["window"] == 64
+    assert cut.request_id == "r" * MAX_CHARS and cut.model == "m" * MAX_CHARS
+    assert cut.cut_fields == {
+        "stop": 1001,
+        "sampling.stop_token_ids": 2_000_000,
+        "kv_policy.anchors": 500,
+        "request_id": 5000,
+        "model": 2000,
+    }
+    assert len(cut.to_json()) < 200_000
+
+
+def test_capped_leaves_a_bounded_record_alone() -> None:
+    record = make_record(stop=["s" * MAX_CHARS] * MAX_ITEMS)
+    assert capped(record) is record
+    assert "cut_fields" not in record.to_json() and "omitted_fields" not in record.to_json()
+
+
+def test_2m_stop_token_ids_are_capped_in_the_log(tmp_path: Path) -> None:
+    log = AuditLog(settings(tmp_path))
+    params = SamplingParams(max_tokens=8, stop_token_ids=tuple(range(2_000_000)))
+    log.append(make_record("ids", sampling=sampling_record(params)))
+    assert log.path.stat().st_size < 4096
+    found = find(log.path, "ids")
+    assert found is not None and len(found.sampling["stop_token_ids"]) == MAX_ITEMS
+    assert found.cut_fields == {"sampling.stop_token_ids": 2_000_000}
+
+
+def test_oversized_record_loses_its_largest_fields_first(tmp_path: Path) -> None:
+    """A large prompt is left out (with its size); the smaller output text still fits."""
+    log = AuditLog(settings(tmp_path, max_bytes=4096, record_text=True))
+    prompt = "p" * 3000
+    log.append(make_record("a", prompt=prompt))
+    assert log.num_errors == 0
+    line = log.path.read_bytes()
+    assert len(line) <= log.settings.max_record_bytes
+    found = find(log.path, "a")
+    assert found is not None
+    assert found.prompt is None and found.omitted_fields == {"prompt": len(json.dumps(prompt))}
+    assert found.output_text == "abcd" and found.prompt_token_ids == [1, 2, 3]
+    assert found.stop == ["\n\n"]
+
+
+def test_fitted_leaves_out_fields_until_the_record_fits() -> None:
+    record = make_record(prompt="p" * 600, output_text="o" * 500, stop=["s" * 200])
+    line = fitted(record, 1024)
+    assert len(line) <= 1024
+    data = json.loads(line)
+    assert set(data["omitted_fields"]) == {"prompt", "output_text"}  # the stop string still fits
+    assert data["stop"] == ["s" * 200]
+    assert fitted(make_record(), 1024) == (make_record().to_json() + "\n").encode()
+
+
+def test_record_that_cannot_fit_is_counted_not_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = AuditLog(settings(tmp_path, max_bytes=1024))
+    with caplog.at_level(logging.WARNING, logger="deploy.audit"):
+        log.append(make_record("q" * 3000, model="m" * 1000))
+    assert log.num_errors == 1 and not log.path.exists()
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "deploy.audit"]
+    assert "over the limit of 1024 bytes per record" in warning
+    assert "q" * 65 not in warning  # the request id is cut in the log too
+
+
+def test_files_stay_under_max_bytes_with_huge_requests(tmp_path: Path) -> None:
+    log = AuditLog(settings(tmp_path, max_bytes=2048, backups=2, record_text=True))
+    for i in range(20):
+        log.append(make_record(f"r{i}", prompt="p" * 10_000, stop=["s"] * 10_000))
+    assert log.num_errors == 0
+    assert all(f.stat().st_size <= 2048 for f in log_files(log.path))
+    found = find(log.path, "r19")
+    assert found is not None and found.cut_fields == {"stop": 10_000}
+    assert found.prompt is None and set(found.omitted_fields) == {"prompt", "stop"}
+    assert found.has_text  # still replayable: by its prompt token ids
+
+
+def test_notes_round_trip() -> None:
+    record = make_record(cut_fields={"stop": 5}, omitted_fields={"prompt": 100})
+    assert AuditRecord.from_json(record.to_json()) == record

@@ -154,3 +154,19 @@ def test_nested_stop_strings_do_not_depend_on_where_deltas_break() -> None:
     """
     results = {tuple(d): output(["bc", "abcd"], d) for d in splits("abcd")}
     assert len(set(results.values())) == 1, results
+
+
+def test_held_back_text_is_the_longest_suffix_that_could_start_a_stop() -> None:
+    """Exhaustively over short texts: a push emits all but the longest suffix of the text that
+    is a proper prefix of the stop string (found from where the stop's first character occurs,
+    not by trying every suffix length)."""
+
+    def held(text: str, stop: str) -> int:
+        sizes = range(min(len(text), len(stop) - 1), 0, -1)
+        return next((n for n in sizes if text.endswith(stop[:n])), 0)
+
+    words = ["".join(w) for n in range(7) for w in itertools.product("ab", repeat=n)]
+    for stop in (w for w in words if w):
+        for text in (w for w in words if stop not in w):
+            emitted = StopStringMatcher([stop]).push(text)
+            assert emitted == text[: len(text) - held(text, stop)], (text, stop)
