@@ -180,9 +180,8 @@ class Grpc:
         import grpc
         import ray
         from ray import serve
-        from ray.serve.config import gRPCOptions
 
-        from deploy.app import GRPC_SERVICER, build_app
+        from deploy.app import build_app
         from deploy.proto import moecluster_v1_pb2 as pb
         from deploy.proto import moecluster_v1_pb2_grpc as pb_grpc
 
@@ -200,11 +199,10 @@ class Grpc:
             log_to_driver=False,
         )
         port = _free_port()
-        serve.start(
-            grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]),
-            http_options={"host": "127.0.0.1", "port": _free_port()},
-        )
-        serve.run(build_app(config), name="bench", route_prefix="/")
+        # the gateway serves gRPC itself (deploy/front_door.py); Serve runs no proxy
+        config = config.serving_on(port)
+        serve.start(proxy_location="Disabled")
+        serve.run(build_app(config), name="bench", route_prefix=None)
         self.tier = tier
         self.pb = pb
         self.pb_grpc = pb_grpc

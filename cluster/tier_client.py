@@ -93,12 +93,28 @@ class ServeTierClient:
                 response.cancel()
 
     async def info(self, tier: str) -> TierInfo:
-        result: TierInfo = await self._handle(tier, "info").remote()
+        result: TierInfo = await self._call(tier, "info")
         return result
 
     async def stats(self, tier: str) -> TierStats:
-        result: TierStats = await self._handle(tier, "stats").remote()
+        result: TierStats = await self._call(tier, "stats")
         return result
+
+    async def _call(self, tier: str, method: str) -> Any:
+        """A unary call; a full queue (these calls queue behind generation) is
+        ``TierBusyError``, a lost tier ``TierUnavailableError``."""
+        from ray.serve.exceptions import (
+            BackPressureError,
+            DeploymentUnavailableError,
+            ReplicaUnavailableError,
+        )
+
+        try:
+            return await self._handle(tier, method).remote()
+        except BackPressureError as err:
+            raise TierBusyError(f"tier {tier!r} is at capacity: {err}") from None
+        except (DeploymentUnavailableError, ReplicaUnavailableError) as err:
+            raise TierUnavailableError(f"tier {tier!r} is unavailable: {err}") from None
 
 
 class TierHandler(Protocol):

@@ -7,13 +7,13 @@ lives in ``cluster.tier_replica`` and the request logic in ``deploy.gateway``.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncGenerator
+import sys
+from collections.abc import AsyncGenerator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import grpc
+from pydantic import SecretStr
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -23,19 +23,16 @@ from cluster.telemetry import TelemetrySettings, setup_telemetry
 from cluster.tier_client import ServeTierClient
 from cluster.tier_messages import TierInfo, TierItem, TierRequest, TierStats
 from cluster.tier_replica import TierReplica
-from deploy.api import ApiError
 from deploy.audit import AuditLog
 from deploy.config import ClusterConfig, TierConfig, load_config
+from deploy.edge_config import check_exposure
 from deploy.expert_config import MIN_BUNDLE_CPU
+from deploy.front_door import GRACE_S, start_server
 from deploy.gateway import Gateway
-from deploy.proto import moecluster_v1_pb2 as pb
 from experts.checkpoint import CheckpointReader
 from router.routing_table import RoutingTable, round_robin
 
-GRPC_SERVICER = "deploy.proto.moecluster_v1_pb2_grpc.add_MoEClusterServicer_to_server"
 APP_NAME = "moe-cluster"
-
-logger = logging.getLogger("moe_cluster.app")
 
 
 class ExpertPoolHost:
@@ -140,47 +137,27 @@ class TierHost:
 
 
 class GatewayHost:
-    """The gRPC ingress: method names match the ``moecluster.v1.MoECluster`` RPCs."""
+    """The gRPC ingress: serves ``moecluster.v1.MoECluster`` itself (``deploy.front_door``)
+    on ``grpc.host:grpc.port`` of its node; Serve starts, places and restarts it."""
 
-    def __init__(self, config: ClusterConfig, tiers: dict[str, DeploymentHandle]) -> None:
+    # Serve awaits an async constructor on the replica's event loop, where the server runs
+    async def __init__(  # type: ignore[misc]
+        self, config: ClusterConfig, tiers: dict[str, DeploymentHandle]
+    ) -> None:
         setup_telemetry(
             config.telemetry.settings(), role="gateway", attributes=_replica_attributes("")
         )
         audit = AuditLog(config.audit) if config.audit.enabled else None
         self.gateway = Gateway(config, ServeTierClient(tiers), audit)
+        # keys are read here, where the gateway runs: refuse to expose an open door
+        state = check_exposure(config.grpc, config.auth, self.gateway.api_keys)
+        print(f"[gateway] {state}", file=sys.stderr, flush=True)
+        self.server = await start_server(self.gateway, config.grpc)
 
-    async def Generate(
-        self, request: pb.GenerateRequest, grpc_context: Any
-    ) -> AsyncGenerator[pb.GenerateChunk, None]:
-        metadata = dict(grpc_context.invocation_metadata())
-        serve_request_id = grpc_context.request_id()
-        if serve_request_id:
-            metadata.setdefault("request_id", str(serve_request_id))
-        try:
-            async for chunk in self.gateway.generate(request, metadata):
-                yield chunk
-        except ApiError as err:
-            # Serve sends the status set on the context when the method raises.
-            grpc_context.set_code(err.code)
-            grpc_context.set_details(err.message)
-            raise
-        except Exception as err:
-            request_id = metadata.get("request_id", "unknown")
-            logger.exception("Generate failed (request id %s)", request_id)
-            grpc_context.set_code(grpc.StatusCode.INTERNAL)
-            grpc_context.set_details(
-                f"internal error ({type(err).__name__}); the server log has details "
-                f"(request id {request_id})"
-            )
-            raise
-
-    async def ListTiers(
-        self, request: pb.ListTiersRequest, grpc_context: Any
-    ) -> pb.ListTiersResponse:
-        return await self.gateway.list_tiers()
-
-    async def Health(self, request: pb.HealthRequest, grpc_context: Any) -> pb.HealthResponse:
-        return await self.gateway.health()
+    async def __del__(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            await server.stop(GRACE_S)
 
 
 TierDeployment = serve.deployment()(TierHost)
@@ -227,13 +204,24 @@ def build_app(config: ClusterConfig) -> Any:
             max_queued_requests=tier.max_queued_requests,
         ).bind(tier, pool, telemetry)
     return GatewayDeployment.options(
-        name="gateway",
-        num_replicas=config.grpc.gateway_replicas,
-        max_ongoing_requests=config.grpc.max_concurrent_streams,
+        name="gateway", num_replicas=config.grpc.gateway_replicas
     ).bind(config, tiers)
+
+
+def with_driver_keys(
+    config: ClusterConfig, environ: Mapping[str, str] | None = None
+) -> ClusterConfig:
+    """The config with the API keys this process (the driver) sees in ``auth.api_keys_env``
+    added to the file's, so that they reach a gateway on a node whose environment lacks
+    them; the gateway still adds its own environment's."""
+    keys = config.auth.resolve_api_keys(environ)
+    if not keys:
+        return config
+    secrets = tuple(SecretStr(k) for k in sorted(keys))
+    return config.model_copy(update={"auth": config.auth.model_copy(update={"api_keys": secrets})})
 
 
 def app_builder(args: dict[str, Any]) -> Any:
     """``serve run`` entry point; ``args.config`` is a cluster config file (else the demo)."""
     path = args.get("config")
-    return build_app(load_config(Path(path) if path else None))
+    return build_app(with_driver_keys(load_config(Path(path) if path else None)))

@@ -10,6 +10,7 @@ dumps or error messages.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Hashable, Mapping, Sequence
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic import ValidationInfo as Info
 from pydantic_core import ErrorDetails
 
 from deploy.audit import AuditSettings
+from deploy.edge_config import AuthConfig, GrpcConfig
 from deploy.expert_config import ExpertsSettings
 from deploy.policy_config import PolicyConfig
 
@@ -33,7 +35,6 @@ if TYPE_CHECKING:
 DEFAULT_DEMO_DIR = Path(".demo-models")
 _TIER_NAME = re.compile(r"[a-z0-9_-]{1,32}")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ConfigError(ValueError):
@@ -58,46 +59,6 @@ def _resolve_path(value: str, info: Info) -> str:
     if base is None or os.path.isabs(value):
         return value
     return os.path.normpath(os.path.join(base, value))
-
-
-class GrpcConfig(_Model):
-    host: str = Field(default="127.0.0.1", min_length=1)
-    port: int = Field(default=9000, ge=1, le=65535)
-    # streams one gateway replica serves at once (Serve's own default, 5, would cap the whole
-    # cluster at 5 concurrent requests per gateway replica); the tiers queue the rest
-    max_concurrent_streams: int = Field(default=1024, ge=1)
-    gateway_replicas: int = Field(default=1, ge=1)
-
-
-class AuthConfig(_Model):
-    """API keys from the file plus a comma-separated environment variable; none = no auth."""
-
-    api_keys: tuple[SecretStr, ...] = ()
-    api_keys_env: str | None = "MOE_CLUSTER_API_KEYS"
-
-    @field_validator("api_keys")
-    @classmethod
-    def _no_blank_keys(cls, keys: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
-        blank = [i for i, k in enumerate(keys) if not k.get_secret_value().strip()]
-        if blank:
-            raise ValueError(f"api keys at positions {blank} are blank")
-        return keys
-
-    @field_validator("api_keys_env")
-    @classmethod
-    def _env_name(cls, name: str | None) -> str | None:
-        if name is not None and not _ENV_NAME.fullmatch(name):
-            raise ValueError("must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
-        return name
-
-    def resolve_api_keys(self, environ: Mapping[str, str] | None = None) -> frozenset[str]:
-        """The accepted keys: the file's plus the env var's (read now from ``environ``)."""
-        env = os.environ if environ is None else environ
-        keys = {k.get_secret_value().strip() for k in self.api_keys}
-        if self.api_keys_env is not None:
-            keys.update(k.strip() for k in env.get(self.api_keys_env, "").split(","))
-        keys.discard("")
-        return frozenset(keys)
 
 
 class EngineSettings(_Model):
@@ -190,6 +151,11 @@ class TierConfig(_Model):
 
     def to_engine_config(self) -> EngineConfig:
         return self.engine.to_engine_config()
+
+    @property
+    def model_name(self) -> str:
+        """The checkpoint directory's name: what clients see (never the absolute path)."""
+        return os.path.basename(os.path.normpath(self.model)) or self.name
 
 
 class TelemetryConfig(_Model):
@@ -303,18 +269,51 @@ class ClusterConfig(_Model):
     def policy_config(self) -> TierPolicyConfig:
         return self.policy.to_policy_config(self.tier_names)
 
+    def serving_on(self, port: int) -> ClusterConfig:
+        """The same cluster with its gRPC front door on ``port`` (tests and benchmarks)."""
+        return self.model_copy(update={"grpc": self.grpc.model_copy(update={"port": port})})
+
+
+def largest_context(config: ClusterConfig) -> int | None:
+    """The longest context (``max_position_embeddings``) among the tiers' checkpoints that
+    this process can read (the gateway may run on a node without them): a bound for a
+    request's prompt tokens. None when none can be read."""
+    contexts = []
+    for tier in config.tiers:
+        try:
+            with open(os.path.join(tier.model, "config.json"), encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
+        context = text.get("max_position_embeddings") if isinstance(text, dict) else None
+        if isinstance(context, int) and context > 0:
+            contexts.append(context)
+    return max(contexts, default=None)
+
 
 def format_error(err: ErrorDetails) -> str:
     """``loc.path: message (got value)``; the value is left out when it is a whole section."""
     loc = ".".join(str(part) for part in err["loc"]) or "<top level>"
     msg = err["msg"].removeprefix("Value error, ")
-    if err["loc"][:2] == ("auth", "api_keys"):
+    if _may_hold_a_secret(err["loc"]):
         return f"{loc}: {msg} (got <redacted>)"
     value = err.get("input")
     if err["type"] == "missing" or isinstance(value, Mapping | list | tuple | BaseModel):
         return f"{loc}: {msg}"
     shown = repr(value)
     return f"{loc}: {msg} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
+
+
+_SECRET_NAME = re.compile(
+    r"(^|_)(api_?)?(keys?|secrets?|passw(or)?ds?|credentials?|bearer)($|_)", re.I
+)
+
+
+def _may_hold_a_secret(loc: tuple[int | str, ...]) -> bool:
+    """Anything under ``auth``, or a field named like a secret anywhere (a key put in the
+    wrong place is still a key): its value never reaches an error message."""
+    return bool(loc) and (loc[0] == "auth" or any(_SECRET_NAME.search(str(p)) for p in loc))
 
 
 def parse_config(

@@ -26,7 +26,7 @@ from cluster.engine import Routing
 from cluster.telemetry import get_telemetry, traceparent_of
 from cluster.tier_client import TierBusyError, TierClient, TierUnavailableError
 from cluster.tier_messages import TierRejected, TierRequest, TierTokens
-from deploy.api import ApiError, GenerateArgs, invalid, parse_generate
+from deploy.api import ApiError, GenerateArgs, RequestLimits, invalid, parse_generate
 from deploy.audit import (
     AuditLog,
     AuditRecord,
@@ -35,7 +35,8 @@ from deploy.audit import (
     sampling_record,
     utc_timestamp,
 )
-from deploy.config import ClusterConfig
+from deploy.config import ClusterConfig, largest_context
+from deploy.edge_config import tenant_of
 from deploy.gateway_trace import GatewayTrace
 from deploy.proto import moecluster_v1_pb2 as pb
 from deploy.tier_listing import health_of, list_tiers
@@ -70,12 +71,17 @@ class Gateway:
         self.tiers = tiers
         self.audit = audit
         self.policy = TierPolicy(config.policy_config())
-        self._api_keys = config.auth.resolve_api_keys()
+        self.api_keys = config.auth.resolve_api_keys()  # here: in the gateway's own process
         self._background: set[asyncio.Task[None]] = set()
+        self.limits = RequestLimits(
+            max_tokens_limit=max(t.max_tokens_limit for t in config.tiers),
+            max_prompt_tokens=largest_context(config) or RequestLimits.max_prompt_tokens,
+        )
 
-    def authenticate(self, metadata: Mapping[str, str]) -> None:
-        if not self._api_keys:
-            return
+    def authenticate(self, metadata: Mapping[str, str]) -> str:
+        """Check the API key; return the caller's tenant id ("" with authentication off)."""
+        if not self.api_keys:
+            return ""
         header = metadata.get("authorization", "")
         if not header:
             raise ApiError(
@@ -83,18 +89,22 @@ class Gateway:
                 "missing API key: send metadata 'authorization: Bearer <key>'",
             )
         scheme, _, key = header.partition(" ")
-        valid = scheme.lower() == "bearer" and any(
-            hmac.compare_digest(key.encode(), known.encode()) for known in self._api_keys
-        )
-        if not valid:
+        # every known key is compared (no early exit), so the time taken says nothing
+        matches = [hmac.compare_digest(key.encode(), known.encode()) for known in self.api_keys]
+        if scheme.lower() != "bearer" or not any(matches):
             raise ApiError(grpc.StatusCode.UNAUTHENTICATED, "invalid API key")
+        return tenant_of(key)
 
     async def generate(
-        self, request: pb.GenerateRequest, metadata: Mapping[str, str]
+        self,
+        request: pb.GenerateRequest,
+        metadata: Mapping[str, str],
+        request_id: str | None = None,
     ) -> AsyncIterator[pb.GenerateChunk]:
-        """Stream chunks for one request; problems raise ``ApiError``."""
+        """Stream chunks for one request; problems raise ``ApiError``. The request id is the
+        server's (``request_id``, or a new one): never a client-sent value."""
         traced = GatewayTrace(get_telemetry(), metadata)
-        chunks = self._generate(request, metadata, traced)
+        chunks = self._generate(request, metadata, traced, request_id or uuid.uuid4().hex)
         error: BaseException | None = None
         try:
             async for chunk in chunks:
@@ -109,21 +119,25 @@ class Gateway:
             traced.close(error)
 
     async def _generate(
-        self, request: pb.GenerateRequest, metadata: Mapping[str, str], traced: GatewayTrace
+        self,
+        request: pb.GenerateRequest,
+        metadata: Mapping[str, str],
+        traced: GatewayTrace,
+        request_id: str,
     ) -> AsyncGenerator[pb.GenerateChunk, None]:
-        self.authenticate(metadata)
-        tier_limit = max(t.max_tokens_limit for t in self.config.tiers)
-        args = parse_generate(request, tier_limit)
+        tenant = self.authenticate(metadata)
+        args = parse_generate(request, self.limits)
         if args.params.seed is None:  # an explicit seed makes every request replayable
             args = replace(args, params=replace(args.params, seed=secrets.randbits(63)))
-        request_id = metadata.get("request_id") or uuid.uuid4().hex
         trace_id = traced.trace_id or _trace_id(metadata.get("traceparent", ""))
         try:
             decision = self.policy.choose(args.tier, args.retrieval_confidence)
         except ValueError as err:
             raise invalid(str(err)) from None
         first_tier = decision.tier
-        traced.request(request_id, args.params, args.prompt, self.config.tier(decision.tier).model)
+        traced.request(
+            request_id, args.params, args.prompt, self.config.tier(decision.tier).model_name
+        )
         traced.deciding(decision)
         reachable = [decision.tier]
         if decision.probe_tokens:  # the cascade may hand the request to its target
@@ -145,6 +159,7 @@ class Gateway:
             return_routing=args.return_routing,
             traceparent=traced.traceparent,
             attention_first_tokens=args.attention_first_tokens,
+            cache_salt=tenant,  # tenants never share (or time) each other's cached blocks
         )
         stream = await self._open(decision.tier, tier_request)
         held: list[TierTokens] = []
@@ -196,7 +211,7 @@ class Gateway:
         chunk: pb.GenerateChunk,
     ) -> None:
         """The finished request's span attributes, latency metrics and audit record."""
-        model = self.config.tier(decision.tier).model
+        model = self.config.tier(decision.tier).model_name
         usage = {
             "prompt_tokens": chunk.usage.prompt_tokens,
             "cached_prompt_tokens": chunk.usage.cached_prompt_tokens,
@@ -293,7 +308,7 @@ class Gateway:
         )
         info = pb.TierInfo(
             name=decision.tier,
-            model=self.config.tier(decision.tier).model,
+            model=self.config.tier(decision.tier).model_name,
             reason=decision.reason,
             escalated=decision.escalated,
         )

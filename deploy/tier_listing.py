@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from cluster.tier_client import TierClient, TierUnavailableError
+from cluster.tier_client import TierBusyError, TierClient, TierUnavailableError
 from deploy.config import ClusterConfig
 from deploy.proto import moecluster_v1_pb2 as pb
 
@@ -28,10 +28,12 @@ async def list_tiers(
             roles.append("escalation target")
         if shadow.enabled and tier.name == shadow.candidate_tier:
             roles.append(f"shadow candidate ({promotion_state})")
-        entry = pb.Tier(name=tier.name, model=tier.model, replicas=tier.replicas)
+        entry = pb.Tier(name=tier.name, model=tier.model_name, replicas=tier.replicas)
         entry.role = ", ".join(roles) or "direct"
         try:
             info = await asyncio.wait_for(tiers.info(tier.name), timeout=INFO_TIMEOUT_S)
+        except TierBusyError:
+            entry.state = "busy: its queue is full"
         except (TimeoutError, TierUnavailableError) as err:
             entry.state = f"unavailable: {str(err) or f'no answer within {INFO_TIMEOUT_S:g} s'}"
         else:
@@ -41,8 +43,8 @@ async def list_tiers(
 
 
 def health_of(listing: pb.ListTiersResponse) -> pb.HealthResponse:
-    """Serving only when every tier is ready; the detail names the ones that are not."""
-    down = [t.name for t in listing.tiers if t.state != "ready"]
-    if down:
-        return pb.HealthResponse(serving=False, detail=f"tiers not ready: {', '.join(down)}")
-    return pb.HealthResponse(serving=True, detail=f"{len(listing.tiers)} tier(s) ready")
+    """Serving only when every tier is ready. Anyone may ask (no API key, for load
+    balancers), so it says no more than that: ``ListTiers``, which needs a key, says which."""
+    if any(t.state != "ready" for t in listing.tiers):
+        return pb.HealthResponse(serving=False, detail="not serving")
+    return pb.HealthResponse(serving=True, detail="serving")

@@ -49,9 +49,8 @@ def start(
     """Connect to (or start) Ray, start Serve with gRPC and deploy the application."""
     import ray
     from ray import serve
-    from ray.serve.config import gRPCOptions
 
-    from deploy.app import APP_NAME, GRPC_SERVICER, build_app
+    from deploy.app import APP_NAME, build_app, with_driver_keys
 
     cpus = num_cpus if num_cpus is not None else config.ray.num_cpus
     if address is None and cpus is None:
@@ -66,14 +65,20 @@ def start(
         include_dashboard=False,
         log_to_driver=verbose,
         runtime_env={"env_vars": otel} if otel else None,
+        # a local instance: Ray's own servers on loopback too
+        _node_ip_address="127.0.0.1" if address is None else None,
     )
-    serve.start(
-        grpc_options=gRPCOptions(port=config.grpc.port, grpc_servicer_functions=[GRPC_SERVICER]),
-        http_options={"host": "127.0.0.1", "port": 0 if address is None else 8000},
+    # the gateway serves gRPC itself (deploy/front_door.py): no Serve proxy listens anywhere
+    serve.start(proxy_location="Disabled")
+    config = with_driver_keys(config)  # keys in this environment reach the gateway too
+    keys = len(config.auth.resolve_api_keys({}))
+    say(
+        f"auth: {f'{keys} API key(s)' if keys else 'no API key'} from the config and this "
+        "environment (the gateway adds its own environment's)"
     )
     say(f"deploying tiers: {', '.join(config.tier_names)}")
     began = time.monotonic()
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(config), name=APP_NAME, route_prefix=None)
     say(f"ready in {time.monotonic() - began:.1f}s")
 
 

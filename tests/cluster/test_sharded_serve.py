@@ -20,11 +20,10 @@ import pytest
 import ray
 from ray import serve
 from ray.cluster_utils import Cluster
-from ray.serve.config import gRPCOptions
 
 from cluster.generator import generate
 from cluster.trace_file import SpanRecord, read_spans
-from deploy.app import GRPC_SERVICER, build_app
+from deploy.app import build_app
 from deploy.audit import find
 from deploy.cli import main as cli_main
 from deploy.config import parse_config
@@ -65,6 +64,7 @@ def served(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     cluster.add_node(num_cpus=1, resources={"expert_node_b": 1})
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     cluster.wait_for_nodes()
+    port = _free_port()
     config = parse_config(
         {
             "tiers": [
@@ -84,16 +84,13 @@ def served(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             "auth": {"api_keys": [], "api_keys_env": None},
             "telemetry": {"traces_exporter": "file", "file_path": str(out / "spans.jsonl")},
             "audit": {"enabled": True, "path": str(out / "audit.jsonl"), "record_text": True},
+            "grpc": {"port": port},
         },
         base_dir=model_dir,
     )
-    port = _free_port()
-    serve.start(
-        grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]),
-        http_options={"host": "127.0.0.1", "port": _free_port()},
-    )
+    serve.start(proxy_location="Disabled")  # the gateway serves gRPC itself
     try:
-        serve.run(build_app(config), name="sharded", route_prefix="/")
+        serve.run(build_app(config), name="sharded", route_prefix=None)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         yield Served(
             pb_grpc.MoEClusterStub(channel),

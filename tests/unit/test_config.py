@@ -20,6 +20,7 @@ from deploy.config import (
     EngineSettings,
     TierConfig,
     default_config,
+    largest_context,
     load_config,
     parse_config,
 )
@@ -374,6 +375,21 @@ def test_api_keys_never_show(tmp_path: Path) -> None:
     assert line.startswith("auth.api_keys_env: must be an environment variable name")
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"auth": {"api_key": "sk-misplaced-1"}},  # a typo of api_keys
+        {"grpc": {"api_keys": ["sk-misplaced-1"]}},  # the right name in the wrong section
+        {"telemetry": {"otlp_secret": "sk-misplaced-1"}},
+        {"auth": {"allow_unauthenticated": "sk-misplaced-1"}},
+    ],
+)
+def test_misplaced_secrets_are_redacted_in_errors(tmp_path: Path, data: dict[str, Any]) -> None:
+    found = problems(tmp_path, {"tiers": TWO_TIERS, **data})
+    assert found and all("sk-misplaced-1" not in p for p in found), found
+    assert any("<redacted>" in p for p in found), found
+
+
 # --- conversions --------------------------------------------------------------------------------
 
 
@@ -414,3 +430,13 @@ def test_parse_config_without_a_file() -> None:
     with pytest.raises(ConfigError, match=r"invalid config \(1 problem\(s\)\)"):
         parse_config({"tiers": []}, base_dir=Path("."))
     assert isinstance(parse_config({"tiers": TWO_TIERS}, base_dir=Path("/x")), ClusterConfig)
+
+
+def test_largest_context_reads_the_checkpoints_it_can(tmp_path: Path) -> None:
+    for name, context in (("a", 512), ("b", 4096)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(f'{{"max_position_embeddings": {context}}}')
+    tiers = [{"name": n, "model": n} for n in ("a", "b", "missing")]
+    data = {"tiers": tiers, "policy": {"cascade": {"enabled": False}}}
+    assert largest_context(parse_config(data, base_dir=tmp_path)) == 4096
+    assert largest_context(parse_config({**data, "tiers": tiers[2:]}, base_dir=tmp_path)) is None
