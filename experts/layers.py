@@ -17,26 +17,51 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """Precomputed cos/sin tables for the default (unscaled) RoPE, indexed by position."""
+    """Precomputed cos/sin tables for the default (unscaled) RoPE, indexed by position.
 
-    def __init__(self, head_dim: int, theta: float, max_positions: int, device: torch.device):
+    The tables start at ``max_positions`` (the trained context) and double when a
+    windowed sequence runs past them, up to ``limit``: a few rebuilds over the model's
+    life, never one per step. Admission refuses positions past ``limit``.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        theta: float,
+        max_positions: int,
+        device: torch.device,
+        limit: int | None = None,
+    ):
         exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
         self._inv_freq = 1.0 / (theta**exponent)  # [D/2]
         self._device = device
+        self.limit = max(max_positions, limit or 0)
         self.max_positions = 0
+        self.num_builds = 0
         self.cos = self.sin = torch.empty(0)
-        self.ensure(max_positions)
+        self._build(max_positions)
 
-    def ensure(self, max_positions: int) -> None:
-        """Grow the tables to cover ``max_positions`` (windowed sequences can run past them)."""
-        if max_positions <= self.max_positions:
+    def ensure(self, num_positions: int) -> None:
+        """Cover positions [0, ``num_positions``): double the tables until they do."""
+        if num_positions <= self.max_positions:
             return
-        positions = torch.arange(max_positions, dtype=torch.float32)
+        assert num_positions <= self.limit, (
+            f"position {num_positions - 1} is past the rotary limit of {self.limit} "
+            "positions: admission should have refused it"
+        )
+        size = max(self.max_positions, 1)
+        while size < num_positions:
+            size *= 2
+        self._build(min(size, self.limit))
+
+    def _build(self, num_positions: int) -> None:
+        positions = torch.arange(num_positions, dtype=torch.float32)
         freqs = torch.outer(positions, self._inv_freq)  # [P, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
         self.cos = emb.cos().to(self._device)
         self.sin = emb.sin().to(self._device)
-        self.max_positions = max_positions
+        self.max_positions = num_positions
+        self.num_builds += 1
 
     def apply(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor

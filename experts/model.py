@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from cache.kv_policy import window_position_limit
 from experts.attention import AttentionBatch, paged_attention
 from experts.backend import ColocatedExperts, ExpertBackend
 from experts.checkpoint import CheckpointReader
@@ -54,8 +55,11 @@ class MoEModel:
         self.weights = weights
         self.experts = experts
         self.device = torch.device(device)
+        # positions past the context are a windowed sequence's, up to the limit that
+        # admission enforces (cache.kv_policy): the tables grow by doubling to cover them
+        context = spec.max_position_embeddings
         self.rope = RotaryEmbedding(
-            spec.head_dim, spec.rope_theta, spec.max_position_embeddings, self.device
+            spec.head_dim, spec.rope_theta, context, self.device, window_position_limit(context)
         )
         self.scale = spec.head_dim**-0.5
         self.route_observer: RouteObserver | None = None

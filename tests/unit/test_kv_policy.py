@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import random
+import tracemalloc
 
 import pytest
 
-from cache.kv_policy import KV_POLICIES, KVPolicy
+from cache.kv_policy import (
+    KV_POLICIES,
+    MAX_ANCHORS,
+    MAX_POSITIONS,
+    WINDOW_CONTEXT_FACTOR,
+    KVPolicy,
+    window_position_limit,
+)
 
 BS = 4
 
@@ -59,6 +67,111 @@ def test_window_arguments_are_refused_with_full(kwargs: dict[str, object]) -> No
     for name, value in kwargs.items():
         shown = list(value) if isinstance(value, tuple) else value
         assert f"{name}={shown}" in str(info.value)
+
+
+def test_unknown_kind_message_does_not_echo_a_long_name() -> None:
+    with pytest.raises(ValueError, match=r"^kv_policy 'xxxx") as info:
+        KVPolicy("x" * 100_000)
+    assert len(str(info.value)) < 100
+
+
+# --- hard bounds: whatever the model, no span makes a policy costly ------------------------------
+
+
+def test_too_many_anchors_are_refused_by_count() -> None:
+    """10k anchors were accepted; the message names the count and the limit, not the list."""
+    anchors = tuple((i, i + 1) for i in range(10_000))
+    with pytest.raises(
+        ValueError, match=r"^anchors: 10000 spans is too many: allowed at most 64$"
+    ):
+        KVPolicy("window", window=64, anchors=anchors)
+    assert MAX_ANCHORS == 64
+
+
+def test_anchor_count_is_checked_before_the_kind_specific_rules() -> None:
+    """A ``full`` policy with 10k anchors once quoted them all in its message."""
+    anchors = tuple((i, i + 1) for i in range(10_000))
+    with pytest.raises(ValueError, match=r"10000 spans is too many") as info:
+        KVPolicy("full", anchors=anchors)
+    assert len(str(info.value)) < 100
+
+
+def test_as_many_anchors_as_allowed_are_accepted() -> None:
+    anchors = tuple((2 * i, 2 * i + 1) for i in range(MAX_ANCHORS))
+    assert len(KVPolicy("window", window=64, anchors=anchors).anchors) == MAX_ANCHORS
+
+
+def test_full_policy_message_quotes_a_few_anchors_only() -> None:
+    anchors = tuple((i, i + 1) for i in range(MAX_ANCHORS))
+    with pytest.raises(
+        ValueError, match=r"anchors=64 spans, first \[\(0, 1\), \(1, 2\), \(2, 3\)\]"
+    ):
+        KVPolicy("full", anchors=anchors)
+
+
+@pytest.mark.parametrize("sinks", [MAX_POSITIONS + 1, 2**31, 2**32 - 1])
+def test_huge_sinks_are_refused(sinks: int) -> None:
+    message = rf"^sinks={sinks} is out of range: allowed \[0, {MAX_POSITIONS}\]$"
+    with pytest.raises(ValueError, match=message):
+        KVPolicy("window", window=64, sinks=sinks)
+
+
+@pytest.mark.parametrize("window", [MAX_POSITIONS + 1, 2**32 - 1])
+def test_huge_windows_are_refused(window: int) -> None:
+    with pytest.raises(
+        ValueError, match=rf"^window={window} is out of range: allowed \[1, {MAX_POSITIONS}\]$"
+    ):
+        KVPolicy("window", window=window)
+
+
+@pytest.mark.parametrize(("start", "end"), [(0, MAX_POSITIONS + 1), (2**32 - 2, 2**32 - 1)])
+def test_anchors_ending_past_every_position_are_refused(start: int, end: int) -> None:
+    message = (
+        rf"^anchor span \[{start}, {end}\) ends past position {MAX_POSITIONS}, which no sequence"
+    )
+    with pytest.raises(ValueError, match=message):
+        KVPolicy("window", window=64, anchors=((0, 4), (start, end)))
+
+
+def test_bounds_themselves_are_accepted() -> None:
+    policy = KVPolicy(
+        "window", window=MAX_POSITIONS, sinks=MAX_POSITIONS, anchors=((0, MAX_POSITIONS),)
+    )
+    assert policy.min_window(1) == (MAX_POSITIONS + 2) * 1
+
+
+def test_pinned_computations_do_not_grow_with_the_spans() -> None:
+    """Every pinned block once went into a set: 1M sinks at block size 1 held 1M ints. Merged
+    intervals need memory for the spans only (measured as allocations, not time)."""
+    anchors = tuple((i * 16_384, i * 16_384 + 16_000) for i in range(MAX_ANCHORS))
+    policy = KVPolicy("window", window=64, sinks=MAX_POSITIONS, anchors=anchors)
+    tracemalloc.start()
+    try:
+        least = policy.min_window(1)
+        pinned = [policy.protected(b, 1) for b in (0, MAX_POSITIONS - 1, MAX_POSITIONS)]
+        drop = policy.blocks_to_evict([0, 1, MAX_POSITIONS, MAX_POSITIONS + 1], 10**9, 1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert least == (MAX_POSITIONS + 2) * 1
+    assert pinned == [True, True, False]
+    assert drop == [2]
+    assert peak < 64 * 1024, f"{peak} bytes allocated"
+
+
+@pytest.mark.parametrize(
+    ("context", "limit"),
+    [
+        (512, 512 * WINDOW_CONTEXT_FACTOR),
+        (4096, 32_768),
+        (MAX_POSITIONS // WINDOW_CONTEXT_FACTOR, MAX_POSITIONS),
+        (MAX_POSITIONS // 2, MAX_POSITIONS),  # capped
+        (2 * MAX_POSITIONS, 2 * MAX_POSITIONS),  # never below the context itself
+    ],
+)
+def test_window_position_limit(context: int, limit: int) -> None:
+    assert WINDOW_CONTEXT_FACTOR == 8 and MAX_POSITIONS == 2**20
+    assert window_position_limit(context) == limit
 
 
 # --- protected blocks ---------------------------------------------------------------------------
@@ -209,3 +322,37 @@ def test_min_window_counts_pinned_blocks_plus_two(
 ) -> None:
     policy = KVPolicy("window", window=1, sinks=sinks, anchors=anchors)
     assert policy.min_window(BS) == expected_blocks * BS
+
+
+# --- merged intervals against the per-block sets they replaced -----------------------------------
+
+
+def _pinned_blocks_by_set(policy: KVPolicy, block_size: int) -> set[int]:
+    """The original rule: every block of the sinks and of each anchor, one by one."""
+    pinned = set(range(-(-policy.sinks // block_size)))
+    for start, end in policy.anchors:
+        pinned.update(range(start // block_size, -(-end // block_size)))
+    return pinned
+
+
+def _protected_by_scan(policy: KVPolicy, block: int, block_size: int) -> bool:
+    lo, hi = block * block_size, (block + 1) * block_size
+    return lo < policy.sinks or any(s < hi and lo < e for s, e in policy.anchors)
+
+
+def test_merged_intervals_agree_with_the_set_based_rule() -> None:
+    rng = random.Random(13)
+    for _ in range(2_000):
+        block_size = rng.choice([1, 2, 3, 4, 16])
+        sinks = rng.choice([0, 0, rng.randint(1, 40)])
+        anchors = []
+        for _span in range(rng.randint(0, 8)):
+            start = rng.randint(0, 80)
+            anchors.append((start, start + rng.randint(1, 20)))
+        policy = KVPolicy("window", window=1, sinks=sinks, anchors=tuple(anchors))
+        pinned = _pinned_blocks_by_set(policy, block_size)
+        assert policy.min_window(block_size) == (len(pinned) + 2) * block_size, policy
+        for block in range(110 // block_size + 2):
+            want = _protected_by_scan(policy, block, block_size)
+            assert want == (block in pinned)
+            assert policy.protected(block, block_size) == want, (policy, block_size, block)

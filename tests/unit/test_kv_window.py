@@ -22,8 +22,8 @@ import pytest
 import torch
 import transformers
 
-from cache.kv_policy import KVPolicy
-from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
+from cache.kv_policy import KVPolicy, window_position_limit
+from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent, validate_request
 from experts.model import MoEModel
 from experts.sampling import SamplingParams
 from tests.checkpoints import build_family_checkpoint
@@ -384,3 +384,87 @@ def test_window_prompt_larger_than_the_pool_is_refused_or_served(model: MoEModel
     assert len(events) == 4, (
         f"accepted, then produced {len(events)} of 4 tokens in 200 steps: the request starves"
     )
+
+
+# --- a window against the context: the prompt and the pins fit it, generation runs on a while ---
+
+
+POSITION_LIMIT = 8 * MAX_POSITIONS  # window_position_limit of the test checkpoint
+
+
+def window_request(
+    prompt_len: int, max_tokens: int = 4, window: int = 16, sinks: int = 0, anchors: Any = ()
+) -> EngineRequest:
+    policy = KVPolicy(kind="window", window=window, sinks=sinks, anchors=anchors)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return EngineRequest("w", [5] * prompt_len, params, policy)
+
+
+def test_window_prompt_past_the_context_is_refused(model: MoEModel) -> None:
+    """A 200k-token prompt with window=64 on a 512-context model was admitted."""
+    engine = LLMEngine(model, EngineConfig(block_size=BLOCK, num_blocks=64))
+    message = (
+        r"^prompt \(200000 tokens\) exceeds the model's context of 512 tokens: even with "
+        r"kv_policy 'window' the prompt must fit the context"
+    )
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(window_request(200_000, window=64))
+    assert not engine.has_unfinished() and engine.num_requests == 0
+
+
+def test_window_prompt_fits_the_context_exactly(model: MoEModel) -> None:
+    validate_request(window_request(MAX_POSITIONS), model.spec, BLOCK, 64)
+    with pytest.raises(ValueError, match=r"prompt \(513 tokens\) exceeds the model's context"):
+        validate_request(window_request(MAX_POSITIONS + 1), model.spec, BLOCK, 64)
+
+
+def test_window_generation_stops_at_the_position_limit(model: MoEModel) -> None:
+    assert window_position_limit(MAX_POSITIONS) == POSITION_LIMIT == 4096
+    validate_request(window_request(100, POSITION_LIMIT - 100), model.spec, BLOCK, 64)
+    message = (
+        r"^prompt \(100 tokens\) \+ max_tokens \(3997\) = 4097 exceeds 4096 positions, "
+        r"the most a windowed sequence may reach on this model \(context 512\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        validate_request(window_request(100, POSITION_LIMIT - 99), model.spec, BLOCK, 64)
+
+
+def test_window_larger_than_the_context_is_refused(model: MoEModel) -> None:
+    validate_request(window_request(10, window=MAX_POSITIONS), model.spec, BLOCK, 10**6)
+    message = r"^window=1024 exceeds the model's context of 512 tokens: allowed <= 512$"
+    with pytest.raises(ValueError, match=message):
+        validate_request(window_request(10, window=1024), model.spec, BLOCK, 10**6)
+
+
+def test_sinks_past_the_context_are_refused(model: MoEModel) -> None:
+    message = r"^sinks=600 exceeds the model's context of 512 tokens: allowed <= 512$"
+    with pytest.raises(ValueError, match=message):
+        validate_request(window_request(10, window=512, sinks=600), model.spec, BLOCK, 10**6)
+
+
+def test_anchor_past_the_context_is_refused(model: MoEModel) -> None:
+    request = window_request(10, window=512, anchors=((0, 4), (100, 600)))
+    message = r"^anchor span \[100, 600\) ends past the model's context of 512 tokens"
+    with pytest.raises(ValueError, match=message):
+        validate_request(request, model.spec, BLOCK, 10**6)
+    # ending exactly at the context is fine
+    validate_request(window_request(10, window=512, anchors=((100, 512),)), model.spec, BLOCK, 64)
+
+
+def test_rotary_tables_double_once_past_the_context(checkpoint: Path) -> None:
+    """Past the context the tables were rebuilt at the exact size on every step: count them."""
+    fresh = MoEModel.from_checkpoint(checkpoint)
+    assert fresh.rope.max_positions == MAX_POSITIONS
+    engine = LLMEngine(fresh, EngineConfig(block_size=BLOCK, num_blocks=32))
+    engine.add_request(window_request(500, max_tokens=40, window=16, sinks=4))
+    tables = [fresh.rope.cos]  # held, so that no rebuilt table can reuse an id
+    for _ in range(200):
+        if not engine.has_unfinished():
+            break
+        engine.step()
+        if fresh.rope.cos is not tables[-1]:
+            tables.append(fresh.rope.cos)
+    assert not engine.has_unfinished()
+    assert len(tables) == 2, f"the rotary tables were rebuilt {len(tables) - 1} times"
+    assert fresh.rope.max_positions == 2 * MAX_POSITIONS and fresh.rope.num_builds == 2
+    assert fresh.rope.limit == POSITION_LIMIT
