@@ -6,9 +6,10 @@ the actor handles of a pool and makes every Ray call for this actor type:
 starting shards on chosen nodes, loading and dropping slots, health, and the
 per-layer compute fan-out. That fan-out takes one of two data planes:
 ``torch_dist`` (the default): ``torch.distributed`` point-to-point channels
-(``cluster.data_plane``), Ray only opening them; ``ray``: one actor call per shard
-per layer, numpy arrays on the wire. Backbones (tier replicas) depend on the
-``ShardCaller`` Protocol; tests can pass a fake.
+(``cluster.data_plane``), Ray only opening them: each channel's ticket and key reach
+the shards through the ``open_channel`` actor call, never over the data plane itself;
+``ray``: one actor call per shard per layer, numpy arrays on the wire. Backbones (tier
+replicas) depend on the ``ShardCaller`` Protocol; tests can pass a fake.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import ray
 import torch
 
-from cluster.data_plane import Channel, serve_channel
+from cluster.data_plane import Channel, ChannelTicket, PayloadLimits, serve_channel
 from cluster.telemetry import (
     TelemetrySettings,
     context_from_traceparent,
@@ -70,6 +71,8 @@ class ShardActorImpl:
         self.shard = ExpertShard(model_dir, device=device, slots=slots)
         self.device = device
         self.shard_id = shard_id
+        spec = self.shard.reader.spec  # what a data-plane header may ask of this shard
+        self.limits = PayloadLimits(spec.hidden_size, max(spec.num_experts, 1))
         if telemetry is not None:  # its own process: its own providers, same exporters
             setup_telemetry(telemetry, role="expert_shard", attributes={"moe.shard": shard_id})
 
@@ -89,11 +92,14 @@ class ShardActorImpl:
         self.shard.drop(slots)
         return list(self.shard.slots)
 
-    def open_channel(self, host: str, port: int, prefix: str, timeout_s: float) -> None:
-        """Serve a backbone's data-plane channel on a thread of this actor (returns at once)."""
-        bind_host = ray.util.get_node_ip_address()
+    def open_channel(self, ticket: ChannelTicket, timeout_s: float) -> None:
+        """Serve a backbone's data-plane channel on a thread of this actor (returns at once).
+
+        The ticket (with the channel's key) comes only through this Ray call.
+        """
+        bind_host = ray.util.get_node_ip_address()  # this node's cluster address, not 0.0.0.0
         serve_channel(
-            self._compute_tensors, host, port, prefix, bind_host, timeout_s, self.shard_id
+            self._compute_tensors, ticket, bind_host, timeout_s, self.limits, self.shard_id
         )
 
     def _compute_tensors(
@@ -304,8 +310,8 @@ class ExpertPool:
             self._channels.append(channel)
         return channel
 
-    def _start_peer(self, shard_id: str, host: str, port: int, prefix: str) -> None:
-        ray.get(self.handles[shard_id].open_channel.remote(host, port, prefix, self.timeout_s))
+    def _start_peer(self, shard_id: str, ticket: ChannelTicket) -> None:
+        ray.get(self.handles[shard_id].open_channel.remote(ticket, self.timeout_s))
 
     def _forget(self, channel: Channel) -> None:
         channel.close()

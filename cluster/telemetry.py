@@ -11,7 +11,9 @@ OpenTelemetry SDK, so an SRE can redirect or silence a deployment without editin
 ``OTEL_TRACES_EXPORTER`` (otlp, console, none, and our ``file``), ``OTEL_METRICS_EXPORTER``
 (otlp, prometheus, none), ``OTEL_EXPORTER_OTLP[_TRACES|_METRICS]_ENDPOINT`` and ``_PROTOCOL``,
 ``OTEL_TRACES_SAMPLER`` with ``OTEL_TRACES_SAMPLER_ARG``, ``OTEL_EXPORTER_PROMETHEUS_HOST`` and
-``_PORT``, and the SDK's own ``OTEL_BSP_*`` / ``OTEL_METRIC_EXPORT_*`` tuning variables.
+``_PORT``, and the SDK's own ``OTEL_BSP_*`` / ``OTEL_METRIC_EXPORT_*`` tuning variables. The
+Prometheus endpoint listens on 127.0.0.1 unless ``prometheus_host`` (or the variable) says
+otherwise.
 
 The providers are kept here and never installed as the API's global providers: the API lets a
 process set those only once, which would pin tests (and any re-setup) to the first provider.
@@ -95,7 +97,9 @@ class TelemetrySettings:
     sampler: str = "parentbased_traceidratio"
     sample_ratio: float = 1.0  # fraction of new traces kept by the ratio samplers
     metrics_exporter: str = "none"  # prometheus | otlp | none, or a comma-separated list
-    prometheus_host: str = "0.0.0.0"  # scraped from other nodes, so not only loopback
+    # this node only unless configured: a scraper on another node needs the node's address
+    # (or 0.0.0.0, every interface); /metrics has no authentication
+    prometheus_host: str = "127.0.0.1"
     prometheus_port: int = 9464  # first port tried; taken ports are skipped, up to +32
     record_text: bool = False  # put prompt and completion text on spans
     token_events: int = 256  # most per-token span events per request; 0 = none
@@ -120,6 +124,11 @@ class TelemetrySettings:
             raise ValueError(f"sampler={self.sampler!r}; allowed: {tuple(SAMPLERS)}")
         if not 0.0 <= self.sample_ratio <= 1.0:
             raise ValueError(f"sample_ratio={self.sample_ratio!r} must be in [0, 1]")
+        if not self.prometheus_host.strip():  # "" would bind every interface
+            raise ValueError(
+                f"prometheus_host={self.prometheus_host!r} must name an address "
+                "(127.0.0.1: this node only; 0.0.0.0: every interface)"
+            )
         if not 0 <= self.prometheus_port <= 65535:
             raise ValueError(f"prometheus_port={self.prometheus_port!r} must be in [0, 65535]")
         if self.token_events < 0:
@@ -184,6 +193,11 @@ class Telemetry:
     def prometheus_port(self) -> int | None:
         """The port actually serving /metrics (the configured one may have been taken)."""
         return self._prometheus.port if self._prometheus else None
+
+    @property
+    def prometheus_address(self) -> tuple[str, int] | None:
+        """(host, port) that /metrics listens on, read from the bound socket."""
+        return self._prometheus.address if self._prometheus else None
 
     @property
     def resource(self) -> Resource | None:

@@ -7,6 +7,7 @@ HTTP stacks cost start-up time in every actor that does not export.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -157,6 +158,12 @@ class PrometheusEndpoint:
     server: WSGIServer
     port: int
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of the listening socket, as the kernel reports it."""
+        host, port = self.server.socket.getsockname()[:2]
+        return str(host), int(port)
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -204,6 +211,19 @@ def start_prometheus_server(host: str, port: int, registry: Any) -> PrometheusEn
         bound = server.server_address[1]
         note = "" if candidate == port else f" ({port}..{candidate - 1} taken)"
         logger.info("Prometheus metrics on http://%s:%d/metrics%s", host, bound, note)
+        if not _is_loopback(host):
+            logger.warning(
+                "Prometheus /metrics on %s is reachable beyond this node, without "
+                "authentication; set prometheus_host to 127.0.0.1 to keep it local",
+                host,
+            )
         return PrometheusEndpoint(server=server, port=bound)
     logger.error("no free Prometheus port in %s:%d..%d; metrics not exported", host, port, last)
     return None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: "localhost" is the only one known to stay local
+        return host == "localhost"

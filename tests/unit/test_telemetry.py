@@ -34,6 +34,7 @@ from cluster.telemetry import (
     traceparent_of,
 )
 from cluster.telemetry_metrics import TTFT_BUCKETS
+from tests import listening_sockets
 
 
 @pytest.fixture(autouse=True)
@@ -121,6 +122,7 @@ def test_bad_env_values_name_the_variable(env: dict[str, str], message: str) -> 
         ({"prometheus_port": 70000}, "prometheus_port=70000"),
         ({"token_events": -1}, "token_events=-1"),
         ({"service_name": ""}, "service_name"),
+        ({"prometheus_host": ""}, "prometheus_host='' must name an address"),
     ],
 )
 def test_invalid_settings_explain_themselves(kwargs: dict[str, Any], message: str) -> None:
@@ -355,6 +357,32 @@ def test_prometheus_skips_a_taken_port() -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             body = response.read().decode()
     assert 'moe_escalations_total{moe_from_tier="fast",moe_to_tier="strong"' in body
+
+
+@pytest.mark.skipif(not listening_sockets.available(), reason="needs Linux /proc")
+def test_prometheus_listens_on_loopback_unless_configured() -> None:
+    assert TelemetrySettings().prometheus_host == "127.0.0.1"
+    settings = TelemetrySettings(metrics_exporter="prometheus", prometheus_port=0)
+    telemetry = setup_telemetry(settings, role="tier")
+    port = telemetry.prometheus_port
+    assert port is not None and telemetry.prometheus_address == ("127.0.0.1", port)
+    assert {a for a, p in listening_sockets.listening() if p == port} == {"127.0.0.1"}
+
+
+@pytest.mark.skipif(not listening_sockets.available(), reason="needs Linux /proc")
+def test_prometheus_host_is_taken_from_the_settings_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = TelemetrySettings(
+        metrics_exporter="prometheus", prometheus_host="127.0.0.2", prometheus_port=0
+    )
+    address = setup_telemetry(settings, role="tier").prometheus_address
+    assert address is not None and address[0] == "127.0.0.2"
+    assert ("127.0.0.2", address[1]) in listening_sockets.listening()
+    reset_telemetry()
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_HOST", "127.0.0.3")
+    address = setup_telemetry(settings, role="tier").prometheus_address
+    assert address is not None and address[0] == "127.0.0.3"
 
 
 # --- propagation --------------------------------------------------------------------------------
