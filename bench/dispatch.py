@@ -91,7 +91,7 @@ import transformers
 # run as `python bench/dispatch.py`, the script's folder is on the path, not the repo root
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine import load_average, wait_for_quiet
-from cluster.data_plane import serve_channel
+from cluster.data_plane import ChannelTicket, PayloadLimits, serve_channel
 from cluster.engine import EngineConfig, EngineRequest, LLMEngine
 from cluster.expert_pool import ExpertPool, ShardActorImpl, ShardSpec
 from cluster.remote_experts import RemoteExperts
@@ -362,13 +362,14 @@ class NoopShardImpl:
             return np.zeros_like(hidden)
         return torch.zeros_like(hidden)
 
-    def open_channel(self, host: str, port: int, prefix: str, timeout_s: float) -> None:
+    def open_channel(self, ticket: ChannelTicket, timeout_s: float) -> None:
         """The real shard's data-plane channel, serving zeros."""
 
         def zeros(layer: int, hidden: torch.Tensor, *_: Any) -> torch.Tensor:
             return torch.zeros_like(hidden)
 
-        serve_channel(zeros, host, port, prefix, ray.util.get_node_ip_address(), timeout_s)
+        limits = PayloadLimits(LAYER_MODEL["hidden_size"], LAYER_MODEL["num_local_experts"])
+        serve_channel(zeros, ticket, ray.util.get_node_ip_address(), timeout_s, limits)
 
 
 TimedShard = ray.remote(TimedShardImpl)

@@ -173,6 +173,7 @@ class TelemetryConfig(_Model):
     sample_ratio: float = Field(default=1.0, ge=0, le=1)
     metrics_exporter: Literal["none", "prometheus", "otlp"] = "none"
     prometheus_port: int = Field(default=9464, ge=1, le=65535)
+    prometheus_host: str = Field(default="127.0.0.1", min_length=1)  # 0.0.0.0: every interface
     record_text: bool = False  # put prompt/completion text on spans (off: may hold user data)
     token_events: int = Field(default=256, ge=0, le=1_000_000)  # per-token events per request
     # expert-dispatch spans (one per MoE layer call, each with its shards' spans) per request:
@@ -198,6 +199,7 @@ class TelemetryConfig(_Model):
             sample_ratio=self.sample_ratio,
             metrics_exporter=self.metrics_exporter,
             prometheus_port=self.prometheus_port,
+            prometheus_host=self.prometheus_host,
             record_text=self.record_text,
             token_events=self.token_events,
             dispatch_spans=self.dispatch_spans,

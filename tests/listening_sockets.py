@@ -1,16 +1,33 @@
-"""Which TCP addresses this process listens on, read from Linux's /proc (no psutil)."""
+"""Which TCP addresses are listening, read from Linux's /proc (no psutil)."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 LISTEN = "0A"  # the TCP_LISTEN state in /proc/net/tcp*
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def available() -> bool:
     return Path("/proc/net/tcp").exists() and Path("/proc/self/fd").exists()
+
+
+def _listening_rows() -> Iterator[tuple[Address, int, str]]:
+    """(address, port, socket inode) of every listening TCP socket on this machine."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != LISTEN:
+                continue
+            hex_address, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_address)  # 32-bit words, each in host (little-endian) order
+            packed = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            yield ipaddress.ip_address(packed), int(hex_port, 16), fields[9]
 
 
 def listening() -> set[tuple[str, int]]:
@@ -23,16 +40,16 @@ def listening() -> set[tuple[str, int]]:
             continue
         if target.startswith("socket:["):
             inodes.add(target[len("socket:[") : -1])
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not Path(table).exists():
-            continue
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] != LISTEN or fields[9] not in inodes:
-                continue
-            hex_address, hex_port = fields[1].split(":")
-            raw = bytes.fromhex(hex_address)  # 32-bit words, each in host (little-endian) order
-            packed = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-            found.add((str(ipaddress.ip_address(packed)), int(hex_port, 16)))
-    return found
+    return {(str(a), port) for a, port, inode in _listening_rows() if inode in inodes}
+
+
+def listening_on(port: int) -> set[Address]:
+    """Addresses listening on ``port``, in any process."""
+    return {address for address, p, _ in _listening_rows() if p == port}
+
+
+def is_loopback_address(address: Address) -> bool:
+    """Loopback, counting IPv4-mapped IPv6 (gRPC binds 127.0.0.1 as ::ffff:127.0.0.1)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback

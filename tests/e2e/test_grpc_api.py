@@ -29,7 +29,7 @@ from deploy.config import parse_config
 from deploy.demo_model import build_demo_model
 from deploy.proto import moecluster_v1_pb2 as pb
 from deploy.proto import moecluster_v1_pb2_grpc as pb_grpc
-from tests.sockets import is_loopback_address, listening_addresses
+from tests.listening_sockets import is_loopback_address, listening_on
 
 API_KEY = "s3cret-key"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -358,7 +358,7 @@ def test_nothing_of_the_app_listens_beyond_loopback(cluster: Cluster) -> None:
     from ray.serve.context import _get_global_client
 
     port = int(cluster.address["open"].rsplit(":", 1)[1])
-    found = listening_addresses(port)
+    found = listening_on(port)
     assert found and all(is_loopback_address(a) for a in found), found
     assert not _get_global_client().get_serve_details().get("proxies"), "a Serve proxy runs"
 

@@ -22,7 +22,7 @@ from deploy.front_door import start_server
 from deploy.gateway import Gateway
 from deploy.proto import moecluster_v1_pb2 as pb
 from deploy.proto import moecluster_v1_pb2_grpc as pb_grpc
-from tests.sockets import is_loopback_address, listening_addresses
+from tests.listening_sockets import is_loopback_address, listening_on
 
 KEY = "front-door-key"
 
@@ -249,7 +249,7 @@ def test_the_front_door_listens_on_loopback_only() -> None:
     config = make_config()
 
     async def body(stub: pb_grpc.MoEClusterStub, tier: PacedTier) -> None:
-        found = listening_addresses(config.grpc.port)
+        found = listening_on(config.grpc.port)
         assert found and all(is_loopback_address(a) for a in found), found
 
     serve(body, config)
