@@ -8,11 +8,13 @@ free list: it stays cached and evictable, least recently used first, and is
 only reclaimed when a fresh block is needed and the free list is empty.
 
 A sequence's partly filled last block can be kept the same way, as a partial entry
-under the hash of the full blocks before it (``release_partial``). It is never held
+under the hash of the full blocks before it, or the chain's root when there are none
+(``release_partial``). It is never held
 again: a later sequence whose cached chain ends at that hash finds it
 (``match_partial``) and copies the slots it can use into a fresh block of its own
 (the copy is the engine's), so a cached block is never written. Partial and full
-cached blocks share one LRU order.
+cached blocks share one LRU order. Every chain starts at its tenant's root
+(``prefix_hash.root_hash``), so tenants never share or time each other's blocks.
 """
 
 from __future__ import annotations
@@ -82,16 +84,17 @@ class BlockManager:
         return self.allocator.allocate(count)
 
     def match_prefix(
-        self, token_ids: Sequence[int], max_blocks: int
+        self, token_ids: Sequence[int], max_blocks: int, root: int | None = None
     ) -> tuple[list[int], list[int]]:
-        """(blocks, hashes) of the longest cached prefix of full blocks, at most ``max_blocks``.
+        """(blocks, hashes) of the longest cached prefix of full blocks, at most ``max_blocks``,
+        in the hash chain that starts at ``root`` (``root_hash`` of the tenant's salt).
 
         Nothing is acquired; pass the blocks to ``acquire`` to hold them.
         """
         if not self.enable_prefix_caching:
             return [], []
         blocks: list[int] = []
-        hashes = hash_blocks(token_ids, self.block_size, max_blocks)
+        hashes = hash_blocks(token_ids, self.block_size, max_blocks, root)
         for block_hash in hashes:
             block = self._block_of.get(block_hash)
             if block is None:
@@ -113,9 +116,10 @@ class BlockManager:
     def match_partial(
         self, parent_hash: int | None, token_ids: Sequence[int], max_tokens: int
     ) -> tuple[int, int] | None:
-        """(block, m): the cached partial block after the prefix ``parent_hash`` names (None:
-        the start) that holds the K/V of the longest prefix of ``token_ids``, m tokens with
-        1 <= m <= ``max_tokens``; None if there is none.
+        """(block, m): the cached partial block after the prefix ``parent_hash`` names (at
+        the start: the chain's root, ``root_hash`` of the tenant's salt) that holds the K/V
+        of the longest prefix of ``token_ids``, m tokens with 1 <= m <= ``max_tokens``; None
+        if there is none.
 
         Nothing is held: copy its first m slots into a block of your own before anything
         writes to the pool, and call ``touch`` first so allocation evicts it last.

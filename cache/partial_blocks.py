@@ -1,7 +1,8 @@
 """An index of cached partial blocks: the KV of 1..block_size-1 tokens after a full-block prefix.
 
 An entry names a block whose first ``len(tokens)`` slots hold the K/V of ``tokens``, computed
-after the prefix that ``parent`` (a chained full-block hash, None at the start) names. A
+after the prefix that ``parent`` names: a chained full-block hash, or at the start the chain's
+root (``prefix_hash.root_hash`` of the tenant's salt), so tenants never share an entry. A
 slot's K/V depends only on the tokens up to it, so a sequence whose cached full blocks end at
 ``parent`` can reuse the first m slots of any entry there whose tokens agree with its next m
 tokens. Entries are found by (parent, first token), then by the longest common prefix.

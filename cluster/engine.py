@@ -76,9 +76,19 @@ class EngineRequest:
     return_routing: bool = False  # per-token experts on each TokenEvent
     trace_parent: str = ""  # W3C traceparent: expert-shard work in its steps joins this trace
     attention_first_tokens: int = 0  # N > 0: attention diagnostics on each TokenEvent
+    # the tenant's prefix-cache salt: only requests with the same salt share cached blocks
+    cache_salt: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.cache_salt) > MAX_CACHE_SALT_CHARS:
+            raise ValueError(
+                f"cache_salt of {len(self.cache_salt)} characters is too long: "
+                f"allowed <= {MAX_CACHE_SALT_CHARS}"
+            )
 
 
 MAX_ATTENTION_FIRST_TOKENS = 1_000_000
+MAX_CACHE_SALT_CHARS = 128
 
 
 Routing = tuple[tuple[int, tuple[int, ...]], ...]  # per MoE layer: (layer, chosen experts)
@@ -158,6 +168,7 @@ class LLMEngine:
             request.return_routing,
             request.trace_parent,
             request.attention_first_tokens,
+            cache_salt=request.cache_salt,
         )
         self.scheduler.add(seq)
         self._seqs[seq.request_id] = seq
@@ -296,7 +307,7 @@ class LLMEngine:
         size = self.config.block_size
         ids = seq.all_ids
         for j in range(len(seq.block_hashes), seq.num_computed // size):
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.root_hash
             block_hash = hash_block(parent, ids[j * size : (j + 1) * size])
             self.blocks.register(seq.block_table[j], block_hash)
             seq.block_hashes.append(block_hash)

@@ -196,12 +196,12 @@ class Scheduler:
         max_hits = (len(ids) - 1) // self.block_size
         if seq.kv_policy.is_window:  # beyond the window its own KV would differ (evictions)
             max_hits = min(max_hits, seq.kv_policy.window // self.block_size)
-        hits, hashes = self.blocks.match_prefix(ids, max_hits)
+        hits, hashes = self.blocks.match_prefix(ids, max_hits, seq.root_hash)
         cached = len(hits) * self.block_size
         partial = None
         if not seq.kv_policy.is_window:  # a windowed sequence's blocks are never shared
             room = min(self.block_size - 1, len(ids) - 1 - cached)
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else seq.root_hash  # per tenant from the start
             partial = self.blocks.match_partial(parent, ids[cached : cached + room], room)
         copied = partial[1] if partial is not None else 0
         count = min(len(ids) - cached - copied, self._chunk_limit(seq, budget))
@@ -230,7 +230,8 @@ class Scheduler:
 
         ``num_computed`` tokens have K/V (a just sampled token has none yet), so the block
         holding position ``num_computed`` keeps ``num_computed % block_size`` computed slots.
-        Its parent is the hash of the full blocks before it, all registered by now.
+        Its parent is the hash of the full blocks before it, all registered by now (or the
+        sequence's root: its tenant's partial entries are its own from the first block).
         """
         table, size = seq.block_table, self.block_size
         tail, slots = divmod(seq.num_computed, size)
@@ -243,7 +244,7 @@ class Scheduler:
             self.blocks.free(table)
             return
         self.blocks.free(table[tail + 1 :])  # allocated, nothing computed yet
-        parent = seq.block_hashes[-1] if tail else None
+        parent = seq.block_hashes[-1] if tail else seq.root_hash
         computed = seq.all_ids[tail * size : seq.num_computed]
         self.blocks.release_partial(table[tail], parent, computed)
         self.blocks.free(table[:tail])  # after the tail: the tail is evicted first

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from cache import prefix_hash
 from cache.kv_policy import KVPolicy
 from experts.sampling import Sampler, SamplingParams
 
@@ -22,7 +23,8 @@ class Sequence:
     ``num_computed`` counts tokens whose K/V have been computed (they are
     positions 0..num_computed-1). ``num_dropped`` of them were evicted by a
     window policy, so the cache holds ``num_keys`` keys in ``block_table``,
-    whose entries are the logical blocks listed in ``logical_blocks``.
+    whose entries are the logical blocks listed in ``logical_blocks``. Its block hashes
+    chain from ``root_hash``, its tenant's root, so only its tenant can reuse its blocks.
     """
 
     request_id: str
@@ -33,7 +35,9 @@ class Sequence:
     return_routing: bool = False
     trace_parent: str = ""  # W3C traceparent of the request's span; "" when not traced
     attention_first_tokens: int = 0  # N of the attention diagnostics asked for; 0: none
+    cache_salt: str = ""  # the tenant's prefix-cache salt; "" : the default tenant
     sampler: Sampler = field(init=False)
+    root_hash: int | None = field(init=False)  # where its chain of block hashes starts
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
@@ -51,6 +55,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.params)
+        self.root_hash = prefix_hash.root_hash(self.cache_salt)
 
     @property
     def all_ids(self) -> list[int]:

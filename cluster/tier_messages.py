@@ -26,6 +26,9 @@ class TierRequest:
     return_routing: bool = False
     traceparent: str = ""  # W3C context of the gateway's request span ("" : not traced)
     attention_first_tokens: int = 0  # attention diagnostics over the first N tokens; 0 = off
+    # the tenant's prefix-cache salt, set by the gateway from the caller's identity (a hash of
+    # the API key, never the key): requests share cached blocks only with the same salt
+    cache_salt: str = ""
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,7 @@ class TierReplica:
                 request.kv_policy,
                 return_routing=request.return_routing,
                 attention_first_tokens=request.attention_first_tokens,
+                cache_salt=request.cache_salt,
             )
             self.engine.validate(engine_request)
         except ValueError as err:

@@ -150,7 +150,7 @@ class Harness:
         seq.num_computed += chunk.num_tokens
         if seq.num_dropped == 0 and self.blocks.enable_prefix_caching:
             for j in range(len(seq.block_hashes), seq.num_computed // BS):
-                parent = seq.block_hashes[-1] if seq.block_hashes else None
+                parent = seq.block_hashes[-1] if seq.block_hashes else seq.root_hash
                 block_hash = hash_block(parent, ids[j * BS : (j + 1) * BS])
                 self.blocks.register(seq.block_table[j], block_hash)
                 seq.block_hashes.append(block_hash)
