@@ -5,7 +5,9 @@ any request is unfinished and sleeps otherwise. Callers never touch the
 engine directly: additions and aborts go through an inbox the loop drains
 between steps, and token events come back to each caller's event loop through
 its own ``asyncio.Queue``. Leaving the stream early (break, ``aclose``, task
-cancellation) aborts the request and frees its KV blocks.
+cancellation) aborts the request and frees its KV blocks. A request the engine
+fails alone ends with ``RequestFailedError``; once the loop stops (shut down, or a
+step raised) every request, present or new, gets ``EngineStoppedError`` at once.
 
 ``EngineCore`` is what a tier replica asks of an engine; ``AsyncEngine`` is
 one, ``cluster.engine_process.EngineProcess`` (the engine in a child process)
@@ -21,13 +23,27 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from cluster.engine import EngineRequest, LLMEngine, TokenEvent
+from cluster.engine import EngineRequest, LLMEngine, RequestFailure, TokenEvent
 from cluster.engine_counters import EngineCounters
 from experts.spec import ModelSpec
 
 
 class EngineStoppedError(RuntimeError):
-    """The engine loop stopped (shut down, or a step failed) before the request finished."""
+    """The engine stopped generating the request: its loop stopped (shut down, or a step
+    failed), or (``RequestFailedError``) it failed this request alone."""
+
+
+class RequestFailedError(EngineStoppedError):
+    """The engine could not go on with this one request (its row could not be sampled); it
+    freed its blocks and went on with the others."""
+
+
+_MAX_ERROR_CHARS = 200  # of an exception's repr quoted in a stopped engine's reason
+
+
+def describe_step_error(err: BaseException) -> str:
+    """Why an engine stopped, after a step raised ``err`` (bounded: never a whole input)."""
+    return f"engine step failed: {err!r}"[:_MAX_ERROR_CHARS]
 
 
 @dataclass
@@ -105,15 +121,21 @@ class AsyncEngine:
         self._streams: dict[str, EventStream] = {}
         self._wake = threading.Event()
         self._stopping = False
+        # set once by the loop as it ends; under _lock with every _Add posted, so an _Add is
+        # either refused here or in the inbox the loop drains after setting it
+        self._stopped_because = ""
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
-        """Stream the request's tokens; bad input raises ``ValueError`` on first iteration."""
-        if self._stopping:
-            raise EngineStoppedError("the engine is shut down")
+        """Stream the request's tokens; bad input raises ``ValueError`` on first iteration,
+        a stopped engine ``EngineStoppedError`` (at once)."""
         stream = EventStream(asyncio.get_running_loop(), asyncio.Queue())
-        self._post(_Add(request, stream))
+        with self._lock:
+            if self._stopping or self._stopped_because:
+                raise EngineStoppedError(self._stopped_because or "the engine was shut down")
+            self._post(_Add(request, stream))
         async for event in stream_events(stream, lambda: self.abort(request.request_id)):
             yield event
 
@@ -132,7 +154,7 @@ class AsyncEngine:
         return self.engine.runner.take_routed_counts()
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return not self._stopped_because and self._thread.is_alive()
 
     def abort(self, request_id: str) -> None:
         self._post(_Abort(request_id))
@@ -165,17 +187,21 @@ class AsyncEngine:
                 self._streams.pop(message.request_id, None)
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except Exception as err:  # a broken step must not hang any caller, now or later
+            self._stop(describe_step_error(err), engine_usable=False)
+            raise  # the thread's excepthook logs the traceback
+        self._stop("the engine was shut down", engine_usable=True)
+
+    def _run(self) -> None:
         while not self._stopping:
             self._drain_inbox()
             if not self.engine.has_unfinished():
                 self._wake.wait()
                 self._wake.clear()
                 continue
-            try:
-                events = self.engine.step()
-            except Exception as err:  # a broken step must not hang every caller
-                self._fail_all(EngineStoppedError(f"engine step failed: {err!r}"))
-                raise
+            events = self.engine.step()
             for event in events:
                 stream = self._streams.get(event.request_id)
                 if stream is not None and not stream.send(event):
@@ -183,11 +209,34 @@ class AsyncEngine:
                     self._streams.pop(event.request_id)
                 elif event.finish_reason is not None:
                     self._streams.pop(event.request_id, None)
-        self._drain_inbox()
-        self._fail_all(EngineStoppedError("the engine was shut down"))
+            for failure in self.engine.failures:
+                self._fail_one(failure)
 
-    def _fail_all(self, error: EngineStoppedError) -> None:
+    def _fail_one(self, failure: RequestFailure) -> None:
+        stream = self._streams.pop(failure.request_id, None)
+        if stream is not None:
+            stream.send(RequestFailedError(failure.reason))
+
+    def _stop(self, reason: str, engine_usable: bool) -> None:
+        """Refuse new requests, then fail every request the loop had or was sent.
+
+        After a failed step the engine's state is unknown: nothing more is asked of it."""
+        with self._lock:
+            self._stopped_because = reason
+        error = EngineStoppedError(reason)
+        while True:  # no _Add can arrive any more: each one posted is here
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(message, _Add):
+                message.stream.send(error)
+                continue
+            if engine_usable:
+                self.engine.abort(message.request_id)
+            self._streams.pop(message.request_id, None)  # its caller left: nothing to send
         for request_id, stream in list(self._streams.items()):
-            self.engine.abort(request_id)
+            if engine_usable:
+                self.engine.abort(request_id)  # frees its blocks
             stream.send(error)
         self._streams.clear()

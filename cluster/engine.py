@@ -4,7 +4,8 @@ A step is three parts: the scheduler picks sequences and token counts (and
 which cached partial blocks' K/V to copy into newcomers' fresh blocks; the
 pool copies them first), the model runner computes them in one forward pass,
 and post-processing samples, streams, registers full blocks for reuse, applies
-KV policies and retires finished requests. The engine is synchronous and
+KV policies and retires finished requests (a request whose row cannot be
+sampled fails alone: see ``RequestFailure``). The engine is synchronous and
 single-threaded; the async API (``cluster.async_engine``) drives it from a
 background thread.
 """
@@ -28,7 +29,7 @@ from cluster.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, check_
 from cluster.sequence import Sequence as Seq
 from cluster.step_trace import step_trace
 from experts.model import MoEModel
-from experts.sampling import SamplingParams, sample_batch
+from experts.sampling import SampledBatch, SamplingParams, sample_batch
 from experts.spec import ModelSpec
 from experts.tokenizer import IncrementalDetokenizer
 
@@ -117,6 +118,15 @@ class TokenEvent:
     attention: AttentionStats | None = None  # at the position that produced it, when asked
 
 
+@dataclass(frozen=True)
+class RequestFailure:
+    """A request the engine stopped on its own (its row could not be sampled); its blocks
+    are freed, and the rest of its batch went on as if it had not been there."""
+
+    request_id: str
+    reason: str
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -153,6 +163,7 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.num_steps = 0
         self.num_prompt_tokens_computed = 0
+        self.failures: list[RequestFailure] = []  # requests that failed in the last step
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request; bad input raises ``ValueError`` saying what is wrong."""
@@ -189,7 +200,9 @@ class LLMEngine:
         return len(self._seqs)
 
     def step(self) -> list[TokenEvent]:
-        """Schedule, run the model, post-process. Returns the tokens generated this step."""
+        """Schedule, run the model, post-process. Returns the tokens generated this step;
+        requests that failed in it alone are finished and listed in ``failures``."""
+        self.failures = []
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
@@ -224,31 +237,65 @@ class LLMEngine:
         return StepInput(ids, seq.block_table, seq.num_keys, start, first_keys)
 
     def _postprocess(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[TokenEvent]:
-        rows, samplers = [], []
+        # a chunk that reaches the end of its sequence gives a token from its logits
+        rows = [r for r, c in enumerate(chunks) if c.seq.num_uncomputed == c.num_tokens]
+        sampled = None
+        if rows:
+            sampled = sample_batch(logits[rows], [chunks[r].seq.sampler for r in rows])
+        failed = {rows[i]: reason for i, reason in sampled.failed.items()} if sampled else {}
         for row, chunk in enumerate(chunks):
+            if row in failed:  # its K/V from this step may be what failed: never cached
+                continue
             seq = chunk.seq
             prompt_left = max(0, len(seq.prompt_ids) - seq.num_computed)
             self.num_prompt_tokens_computed += min(chunk.num_tokens, prompt_left)
             seq.num_computed += chunk.num_tokens
             self._register_full_blocks(seq)
-            if seq.num_computed == seq.num_tokens:  # caught up: its logits give a new token
-                rows.append(row)
-                samplers.append(seq.sampler)
-        events: list[TokenEvent] = []
-        if rows:
-            tokens, logprobs = sample_batch(logits[rows], samplers)
-            now = self.clock()
-            chosen = self._routing_rows()
-            for row, token, logprob in zip(rows, tokens, logprobs, strict=True):
-                seq = chunks[row].seq
-                routing = chosen[row] if seq.return_routing and chosen is not None else None
-                layers = self.runner.attention.get(row) if seq.attention_first_tokens else None
-                attention = tuple(layers) if layers is not None else None
-                events.append(self._emit(seq, token, logprob, now, routing, attention))
+        events = self._emit_rows(chunks, rows, sampled) if sampled else []
+        for row, reason in failed.items():
+            self.failures.append(self._fail(chunks[row], reason))
         for chunk in chunks:
             if not chunk.seq.is_finished:
                 self._apply_kv_policy(chunk.seq)
         return events
+
+    def _emit_rows(
+        self, chunks: list[ScheduledChunk], rows: list[int], sampled: SampledBatch
+    ) -> list[TokenEvent]:
+        """A token event for each sampled row that did not fail."""
+        events = []
+        now = self.clock()
+        chosen = self._routing_rows()
+        for i, (row, token) in enumerate(zip(rows, sampled.tokens, strict=True)):
+            if i in sampled.failed:
+                continue
+            seq = chunks[row].seq
+            routing = chosen[row] if seq.return_routing and chosen is not None else None
+            layers = self.runner.attention.get(row) if seq.attention_first_tokens else None
+            attention = tuple(layers) if layers is not None else None
+            events.append(self._emit(seq, token, sampled.logprobs[i], now, routing, attention))
+        return events
+
+    def _fail(self, chunk: ScheduledChunk, reason: str) -> RequestFailure:
+        """Finish a request whose row could not be sampled: zero the K/V its chunk wrote this
+        step, then free its blocks.
+
+        NaN K/V left in the pool would reach other requests: attention reads pool slot 0 as
+        every sequence's key padding, and a masked key's NaN value still turns the output
+        NaN (0 * NaN). A NaN token's K/V is NaN, and within the chunk it leaks into earlier
+        positions' outputs the same way, so the chunk's first key (maybe slot 0) is too.
+        Keys of earlier steps are finite: that step's logits were.
+        """
+        seq, size = chunk.seq, self.config.block_size
+        keys = range(seq.num_keys, seq.num_keys + chunk.num_tokens)  # not counted: it failed
+        slots = [seq.block_table[k // size] * size + k % size for k in keys]
+        index = torch.tensor(slots, dtype=torch.long, device=self.pool.key(0).device)
+        for layer in range(self.model.spec.num_layers):
+            self.pool.key(layer).index_fill_(0, index, 0.0)
+            self.pool.value(layer).index_fill_(0, index, 0.0)
+        self.scheduler.finish(seq, "error")
+        self._forget(seq.request_id)
+        return RequestFailure(seq.request_id, f"the engine could not go on with it: {reason}")
 
     def _routing_rows(self) -> list[Routing] | None:
         """Per step row, the experts each MoE layer chose (one device-to-host copy a step)."""

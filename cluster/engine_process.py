@@ -15,16 +15,18 @@ one message per engine step however many requests it served::
     to the child     ("start", EngineLaunch) once, then ("add", EngineRequest),
                      ("abort", request_id), ("stop",)
     from the child   ("ready", ModelSpec, EngineCounters) or ("error", message) once,
-                     then ("step", events, rejected, counters, routed) after each step
-                     or batch of commands, and ("failed", message) if a step raised
+                     then ("step", events, rejected, failed, counters, routed) after each
+                     step or batch of commands, and ("failed", message) if a step raised
 
 The child is started with ``python -m cluster.engine_process``, not
 ``multiprocessing``'s spawn (which would re-run a Ray worker's ``__main__``). It
 inherits the replica's environment, so its GPU is the one Ray gave the replica.
 It exits when told to, when a step fails, or when the replica's end of the
 socket closes (the replica died). Requests it had then fail with
-``EngineStoppedError``, and ``is_alive`` turns false (Serve's health check then
-replaces the replica).
+``EngineStoppedError``, new ones are refused with it at once, and ``is_alive``
+turns false (Serve's health check then replaces the replica). A request the
+engine fails alone (``failed``: its row could not be sampled) ends with
+``RequestFailedError`` while the others go on.
 
 Experts in a shard pool (Ray actor handles) need the engine in a Ray worker:
 such a tier keeps its engine in the replica's process (``cluster.async_engine``).
@@ -47,7 +49,13 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from cluster.async_engine import EngineStoppedError, EventStream, stream_events
+from cluster.async_engine import (
+    EngineStoppedError,
+    EventStream,
+    RequestFailedError,
+    describe_step_error,
+    stream_events,
+)
 from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent, validate_request
 from cluster.engine_counters import EngineCounters
 from experts.spec import ModelSpec
@@ -207,8 +215,8 @@ class EngineProcess:
                 if message[0] == "failed":
                     reason = message[1]
                     break
-                _, events, rejected, counters, routed = message
-                self._deliver(events, rejected, counters, routed)
+                _, events, rejected, failed, counters, routed = message
+                self._deliver(events, rejected, failed, counters, routed)
         except (EOFError, OSError):
             pass
         except Exception as err:  # a message that does not unpickle: trust nothing after it
@@ -226,6 +234,7 @@ class EngineProcess:
         self,
         events: list[TokenEvent],
         rejected: list[tuple[str, str]],
+        failed: list[tuple[str, str]],
         counters: EngineCounters,
         routed: dict[tuple[int, int], int],
     ) -> None:
@@ -235,10 +244,12 @@ class EngineProcess:
             # after the routed counts (idle counters mean every count is here) and before
             # the events: a caller whose stream just ended reads this step's counters
             self._counters = counters
-            for request_id, error in rejected:
+            ended: list[tuple[str, Exception]] = [(r, ValueError(why)) for r, why in rejected]
+            ended += [(r, RequestFailedError(why)) for r, why in failed]
+            for request_id, error in ended:
                 stream = self._streams.pop(request_id, None)
                 if stream is not None:
-                    batches.setdefault(stream.loop, []).append((stream, ValueError(error)))
+                    batches.setdefault(stream.loop, []).append((stream, error))
             for event in events:
                 stream = self._streams.get(event.request_id)
                 if stream is None:
@@ -274,17 +285,19 @@ def _serve(conn: Connection, engine: LLMEngine) -> None:
             if not _apply(conn.recv(), engine, rejected):
                 return
         events: list[TokenEvent] = []
+        failed: list[tuple[str, str]] = []
         if engine.has_unfinished():
             try:
                 events = engine.step()
             except Exception as err:
-                conn.send(("failed", f"engine step failed: {err!r}"))
+                conn.send(("failed", describe_step_error(err)))
                 raise
+            failed = [(f.request_id, f.reason) for f in engine.failures]
         routed = {}  # handed over when a request ends (the replica records them then) or at idle
-        done = any(e.finish_reason for e in events) or not engine.has_unfinished()
+        done = failed or any(e.finish_reason for e in events) or not engine.has_unfinished()
         if engine.runner.count_routing and done:
             routed = engine.runner.take_routed_counts()
-        conn.send(("step", events, rejected, engine.counters(), routed))
+        conn.send(("step", events, rejected, failed, engine.counters(), routed))
 
 
 def _apply(message: tuple[Any, ...], engine: LLMEngine, rejected: list[tuple[str, str]]) -> bool:

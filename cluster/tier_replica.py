@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from cluster.async_engine import AsyncEngine, EngineCore, EngineStoppedError
+from cluster.async_engine import AsyncEngine, EngineCore, EngineStoppedError, RequestFailedError
 from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
 from cluster.engine_process import EngineLaunch, EngineProcess
 from cluster.request_trace import RequestTrace, ShardOf
@@ -148,9 +148,16 @@ class TierReplica:
                 while not events.empty():
                     batch.append(events.get_nowait())
                 for item in batch:
-                    if isinstance(item, EngineStoppedError):  # the engine died or shut down
+                    # the engine died or shut down (new requests are refused at once), or
+                    # failed this request alone
+                    if isinstance(item, EngineStoppedError):
                         error = str(item)
-                        message = f"tier {self.name!r} stopped generating ({item}); retry"
+                        what = (
+                            "failed this request"
+                            if isinstance(item, RequestFailedError)
+                            else "stopped generating"
+                        )
+                        message = f"tier {self.name!r} {what} ({item}); retry"
                         yield TierRejected("unavailable", message)
                         return
                     if isinstance(item, BaseException):

@@ -4,16 +4,32 @@ Each request owns its ``torch.Generator``, so a seeded request samples the same
 tokens whatever else shares its batch. Log-probabilities are taken from the
 unmodified distribution (the model's own confidence, used by the tier policy).
 
+Every accepted parameter value is numerically safe: a temperature below
+``GREEDY_TEMPERATURE_FLOOR`` is greedy, and the rest divide logits already shifted so
+the largest is 0 (no overflow, no NaN). A row that cannot be sampled (non-finite
+logits, or its sampler raised) fails alone: ``sample_batch`` names it and samples
+the others as if it were not there.
+
 Legend: B sequences, V vocab.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+# Below this temperature sampling is greedy (argmax). At T = 1e-5 a logit gap g leaves the
+# lower token a weight of exp(-g / T), under exp(-100) for any gap above 1e-3: a lower
+# temperature changes nothing but the handling of near-exact ties, while dividing by one is
+# what broke (below ~3e-39, 1 / T overflows fp32; 5e-324 even rounds to 0 in fp32).
+GREEDY_TEMPERATURE_FLOOR = 1e-5
+
+NON_FINITE_LOGITS = "its next-token logits are not finite (NaN or inf)"
+_MAX_ERROR_CHARS = 200  # of a sampler's exception text quoted in a row's failure
 
 
 @dataclass(frozen=True)
@@ -21,7 +37,7 @@ class SamplingParams:
     """Per-request generation settings; invalid values raise ``ValueError`` naming the field."""
 
     max_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # below GREEDY_TEMPERATURE_FLOOR (0 included): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None
@@ -43,7 +59,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE_FLOOR
 
 
 class Sampler:
@@ -60,9 +76,17 @@ class Sampler:
         return self._generator
 
     def pick(self, logits: torch.Tensor) -> int:
-        """Sample from one row of logits [V] (fp32) after temperature, top-k and top-p."""
+        """Sample from one row of logits [V] (fp32) after temperature, top-k and top-p.
+
+        The row must have a finite maximum (``sample_batch`` checks); -inf entries are
+        tokens never drawn. Shifting the row so its maximum is 0 before dividing keeps
+        every scaled logit in [-inf, 0] with the top token at 0, and top-k and top-p both
+        keep the top token, so the softmax below always has a finite, non-zero sum.
+        """
         p = self.params
-        scaled = logits / p.temperature  # [V]
+        if p.greedy:
+            return int(torch.argmax(logits).item())
+        scaled = (logits - logits.max()) / p.temperature  # [V] <= 0, 0 at the top token
         if p.top_k and p.top_k < scaled.shape[-1]:
             kth = torch.topk(scaled, p.top_k).values[-1]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -76,17 +100,39 @@ class Sampler:
         return int(torch.multinomial(probs, 1, generator=self._gen(logits.device)).item())
 
 
+@dataclass(frozen=True)
+class SampledBatch:
+    """Each row's next token and its log-probability; a row in ``failed`` (row -> why it
+    could not be sampled) has token -1 and log-probability NaN."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    failed: dict[int, str]
+
+
 def sample_batch(
     logits: torch.Tensor,  # [B, V] fp32
     samplers: Sequence[Sampler],
-) -> tuple[list[int], list[float]]:
-    """Next token and its log-probability for each row."""
+) -> SampledBatch:
+    """Next token and its log-probability for each row; a row that cannot be sampled fails
+    alone (its logits are not finite, or its sampler raised), the others are unaffected."""
     assert logits.shape[0] == len(samplers), f"{logits.shape[0]} rows vs {len(samplers)} samplers"
-    tokens = torch.argmax(logits, dim=-1)  # [B]
-    picked = tokens.tolist()
+    # max propagates NaN, so a row with NaN, +inf, or nothing but -inf has a non-finite best
+    best, tokens = logits.max(dim=-1)  # [B] largest logit, [B] greedy token
+    picked = torch.where(torch.isfinite(best), tokens, -1).tolist()  # one device sync
+    failed: dict[int, str] = {}
     for row, sampler in enumerate(samplers):
-        if not sampler.params.greedy:
-            picked[row] = sampler.pick(logits[row])
+        if picked[row] < 0:
+            failed[row] = NON_FINITE_LOGITS
+        elif not sampler.params.greedy:
+            try:
+                picked[row] = sampler.pick(logits[row])
+            except Exception as err:  # handled: this row's request fails, the batch goes on
+                failed[row] = f"sampling raised {type(err).__name__}: {err}"[:_MAX_ERROR_CHARS]
+                picked[row] = -1
+                continue
             tokens[row] = picked[row]
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]  # [B]
-    return picked, logprobs.tolist()
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0].tolist()  # [B]
+    for row in failed:
+        logprobs[row] = math.nan
+    return SampledBatch(picked, logprobs, failed)

@@ -1,4 +1,5 @@
-"""The async API: concurrent streams, cancellation, errors, shutdown."""
+"""The async API: concurrent streams, cancellation, errors, a request failing alone,
+shutdown, and a crashed loop refusing new requests at once."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from cluster.async_engine import AsyncEngine, EngineStoppedError
+from cluster.async_engine import AsyncEngine, EngineStoppedError, RequestFailedError
 from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
 from experts.model import MoEModel
 from experts.sampling import SamplingParams
 from tests.checkpoints import build_family_checkpoint
+from tests.failing_rows import fail_row
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +118,67 @@ def test_shutdown_fails_pending_streams(model: MoEModel) -> None:
 
     asyncio.run(main())
     assert async_engine.engine.blocks.num_held == 0
+
+
+def _solo(model: MoEModel, request: EngineRequest) -> list[int]:
+    engine = LLMEngine(model, EngineConfig(num_blocks=64))
+    engine.add_request(request)
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [e.token_id for e in engine.step()]
+    return tokens
+
+
+@pytest.mark.parametrize("how", ["nan", "raise"])
+def test_a_failing_row_fails_its_stream_alone(
+    engine: AsyncEngine, model: MoEModel, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    others = [_request("p" * (i + 1), n=10 + i) for i in range(3)]
+    params = SamplingParams(max_tokens=50, temperature=0.9, seed=3, ignore_eos=True)
+    bad = EngineRequest("bad", [9] * 25, params)
+    fail_row(engine.engine, monkeypatch, "bad", after=3, how=how)
+
+    async def failing() -> list[TokenEvent]:
+        seen: list[TokenEvent] = []
+        with pytest.raises(RequestFailedError, match=r"not finite|raised RuntimeError"):
+            async for event in engine.generate(bad):
+                seen.append(event)
+        return seen
+
+    async def main() -> tuple[list[TokenEvent], list[list[TokenEvent]]]:
+        streams = [_collect(engine, r) for r in others]
+        seen, *rest = await asyncio.gather(failing(), *streams)
+        return seen, rest
+
+    seen, rest = asyncio.run(asyncio.wait_for(main(), 60))
+    assert [e.index for e in seen] == [0, 1, 2]
+    for request, events in zip(others, rest, strict=True):
+        assert [e.token_id for e in events] == _solo(model, request)
+    assert engine.is_alive()
+    assert len(asyncio.run(_collect(engine, _request("after", n=4)))) == 4
+    _wait_idle(engine)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_crashed_loop_refuses_new_requests_at_once(
+    model: MoEModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async_engine = AsyncEngine(LLMEngine(model, EngineConfig(num_blocks=64)))
+
+    def broken_step() -> list[TokenEvent]:
+        raise RuntimeError("injected step failure")
+
+    monkeypatch.setattr(async_engine.engine, "step", broken_step)
+
+    async def main() -> None:
+        with pytest.raises(EngineStoppedError, match="injected step failure"):
+            await _collect(async_engine, _request("first"))
+        for i in range(3):  # a hang guard, not a timing assertion: each is refused at once
+            with pytest.raises(EngineStoppedError, match="injected step failure"):
+                await asyncio.wait_for(_collect(async_engine, _request(f"later{i}")), 10)
+
+    try:
+        asyncio.run(main())
+        assert not async_engine.is_alive()
+    finally:
+        async_engine.shutdown()

@@ -1,4 +1,5 @@
-"""The engine: continuous batching, prefix reuse, preemption and abort on a real model."""
+"""The engine: continuous batching, prefix reuse, preemption and abort on a real model, and
+requests that fail alone."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
+from cluster.engine import EngineConfig, EngineRequest, LLMEngine, RequestFailure, TokenEvent
 from experts.model import MoEModel
 from experts.sampling import SamplingParams
 from tests.checkpoints import build_family_checkpoint
+from tests.failing_rows import POISONED_TOKEN, fail_row, poison_token_embedding
 from tests.reference import reference_greedy, reference_model
 
 LENGTHS = (5, 40, 17, 90, 33, 64, 1, 48)
@@ -216,3 +218,101 @@ def test_text_deltas_add_up_to_the_decode_of_the_output(model: MoEModel) -> None
     for stream in events.values():
         text = tokenizer.decode(_tokens(stream), skip_special_tokens=True)
         assert "".join(e.text for e in stream) == text
+
+
+def _sampled(n: int, seed: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.9, seed=seed, ignore_eos=True)
+
+
+@pytest.mark.parametrize("how", ["nan", "raise"])
+def test_a_row_that_cannot_be_sampled_fails_its_request_alone(
+    model: MoEModel, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    prompts = _prompts(seed=9, lengths=(20, 35, 12, 50))
+    params = [_greedy(12), _sampled(10, seed=3), _greedy(8), _sampled(30, seed=4)]
+    requests = _requests(prompts, params)  # "3" fails at its fifth token
+    # chunked prefill beside decodes: "3" fails in a mixed batch
+    engine = LLMEngine(model, EngineConfig(num_blocks=64, max_num_batched_tokens=32))
+    for request in requests:
+        engine.add_request(request)
+    fail_row(engine, monkeypatch, "3", after=4, how=how)
+    events: dict[str, list[TokenEvent]] = {r.request_id: [] for r in requests}
+    failures: list[RequestFailure] = []
+    while engine.has_unfinished():
+        for event in engine.step():
+            events[event.request_id].append(event)
+        failures += engine.failures
+    assert [f.request_id for f in failures] == ["3"]
+    assert ("not finite" if how == "nan" else "raised RuntimeError") in failures[0].reason
+    assert [e.finish_reason for e in events["3"]] == [None] * 4
+    assert engine.blocks.num_held == 0 and engine.num_requests == 0
+    for request in requests[:3]:  # the others: what they produce alone
+        alone = _run(LLMEngine(model, EngineConfig(num_blocks=64)), [request])
+        assert _tokens(events[request.request_id]) == _tokens(alone[request.request_id])
+        assert events[request.request_id][-1].finish_reason == "length"
+
+
+def test_a_failed_rows_new_kv_is_not_cached(
+    model: MoEModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The K/V computed in the step where a row failed may be what failed (NaN from the
+    model): it is not registered for reuse, so a later request computes it afresh."""
+    prompt = _prompts(seed=11, lengths=(40,))[0]
+    engine = LLMEngine(model, EngineConfig(num_blocks=32, block_size=16))
+    engine.add_request(EngineRequest("bad", prompt, _greedy(5)))
+    fail_row(engine, monkeypatch, "bad", after=0, how="nan")
+    assert engine.step() == [] and [f.request_id for f in engine.failures] == ["bad"]
+    assert engine.blocks.num_held == 0 and not engine.has_unfinished()
+    monkeypatch.undo()
+    again = _run(engine, [EngineRequest("again", prompt, _greedy(5))])
+    assert again["again"][0].num_cached_prompt_tokens == 0
+    assert engine.failures == []
+
+
+def test_nan_kv_of_a_failed_row_never_reaches_other_requests(tmp_path: Path) -> None:
+    """NaN logits from the model itself (a poisoned prompt token): the row's K/V is NaN too,
+    leaking within its chunk into its first slot, here pool slot 0, which attention reads as
+    every sequence's key padding. The engine zeroes it: later requests, joining one per step
+    (so decodes share groups with unequal key counts), produce what they do alone."""
+    model_dir = build_family_checkpoint("mixtral", tmp_path / "m", seed=2)
+    poison_token_embedding(model_dir)
+    model = MoEModel.from_checkpoint(model_dir)
+    engine = LLMEngine(model, EngineConfig(num_blocks=16))
+    engine.add_request(EngineRequest("bad", [5, POISONED_TOKEN, 7], _greedy(4)))
+    assert engine.step() == [] and [f.request_id for f in engine.failures] == ["bad"]
+    prompts = _prompts(seed=12, lengths=(5, 9, 3, 14))
+    pending = [EngineRequest(str(i), p, _greedy(8)) for i, p in enumerate(prompts)]
+    alone = {
+        r.request_id: _tokens(
+            _run(LLMEngine(model, EngineConfig(num_blocks=16)), [r])[r.request_id]
+        )
+        for r in pending
+    }
+    events: dict[str, list[int]] = {r.request_id: [] for r in pending}
+    failures: list[RequestFailure] = []
+    while pending or engine.has_unfinished():
+        if pending:
+            engine.add_request(pending.pop(0))
+        for event in engine.step():
+            events[event.request_id].append(event.token_id)
+        failures += engine.failures
+    assert failures == [] and events == alone
+
+
+def test_tiny_temperatures_run_greedy_beside_the_others(model: MoEModel) -> None:
+    """Subnormal temperatures are accepted and used to stop the engine (inf/NaN probabilities
+    raised in its step); now they sample greedily, and the batch goes on."""
+    prompts = _prompts(seed=10, lengths=(15, 22, 9, 30))
+    tiny = [1e-38, 1e-45, 5e-324]
+    params = [
+        SamplingParams(max_tokens=10, temperature=t, top_k=5, top_p=0.9, seed=1, ignore_eos=True)
+        for t in tiny
+    ] + [_sampled(10, seed=2)]
+    engine = LLMEngine(model, EngineConfig(num_blocks=64))
+    events = _run(engine, _requests(prompts, params))
+    assert engine.failures == []
+    for i, prompt in enumerate(prompts[:3]):
+        alone = EngineRequest("g", prompt, _greedy(10))
+        greedy = _run(LLMEngine(model, EngineConfig(num_blocks=64)), [alone])
+        assert _tokens(events[str(i)]) == _tokens(greedy["g"])
+    assert [len(v) for v in events.values()] == [10] * 4

@@ -1,5 +1,6 @@
 """The engine in its own process: the same tokens as in-process, rejection, abort, routing
-counts, and what callers see when the child dies, fails to load, or is shut down."""
+counts, a request failing alone, and what callers see when the child dies, fails to load,
+or is shut down."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.async_engine import AsyncEngine, EngineStoppedError
+from cluster.async_engine import AsyncEngine, EngineStoppedError, RequestFailedError
 from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
 from cluster.engine_process import EngineLaunch, EngineProcess
 from experts.model import MoEModel
 from experts.sampling import SamplingParams
 from tests.checkpoints import build_family_checkpoint
+from tests.failing_rows import POISONED_TOKEN, poison_token_embedding
 
 CONFIG = EngineConfig(num_blocks=64)
 
@@ -194,3 +196,53 @@ def test_shutdown_fails_pending_streams(model_dir: Path) -> None:
 def test_a_checkpoint_that_does_not_load_says_which(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=f"could not load {tmp_path}"):
         EngineProcess(EngineLaunch(str(tmp_path), CONFIG))
+
+
+def test_tiny_temperatures_do_not_stop_the_child(engine: EngineProcess) -> None:
+    """A subnormal temperature used to raise in the child's step, which then exited."""
+    prompt = _request("tiny").prompt_ids
+
+    def request(rid: str, temperature: float) -> EngineRequest:
+        params = SamplingParams(max_tokens=8, temperature=temperature, seed=1, ignore_eos=True)
+        return EngineRequest(rid, prompt, params)
+
+    async def main() -> list[list[TokenEvent]]:
+        streams = [_collect(engine, request(f"t{t}", t)) for t in (1e-38, 1e-45, 5e-324)]
+        streams.append(_collect(engine, _request("beside", n=8)))
+        return list(await asyncio.wait_for(asyncio.gather(*streams), 60))
+
+    *tiny, beside = asyncio.run(main())
+    greedy = asyncio.run(_collect(engine, request("greedy", 0.0)))
+    for events in tiny:
+        assert [e.token_id for e in events] == [e.token_id for e in greedy]
+    assert len(beside) == 8 and engine.is_alive()
+    _wait_idle(engine)
+
+
+def test_a_request_the_child_fails_ends_alone(tmp_path: Path) -> None:
+    """NaN logits from the model for one request (a poisoned token in its prompt): that
+    stream ends with ``RequestFailedError``; the others, in the same steps, are unaffected."""
+    model_dir = build_family_checkpoint("mixtral", tmp_path / "m", seed=4)
+    poison_token_embedding(model_dir)
+    process = EngineProcess(EngineLaunch(str(model_dir), CONFIG))
+    others = [_request("o" * (i + 1), n=8 + i) for i in range(3)]
+    bad = EngineRequest("bad", [5, 6, POISONED_TOKEN, 7], SamplingParams(max_tokens=20))
+
+    async def together() -> list[list[TokenEvent] | BaseException]:
+        streams = [_collect(process, r) for r in [bad, *others]]
+        return list(await asyncio.gather(*streams, return_exceptions=True))
+
+    def alone(request: EngineRequest) -> list[int]:
+        solo = EngineRequest(f"solo-{request.request_id}", request.prompt_ids, request.params)
+        return [e.token_id for e in asyncio.run(_collect(process, solo))]
+
+    try:
+        failure, *results = asyncio.run(asyncio.wait_for(together(), 60))
+        assert isinstance(failure, RequestFailedError) and "not finite" in str(failure)
+        for request, events in zip(others, results, strict=True):
+            assert not isinstance(events, BaseException)
+            assert [e.token_id for e in events] == alone(request)
+        assert process.is_alive()
+        _wait_idle(process)
+    finally:
+        process.shutdown()

@@ -1,5 +1,6 @@
 """The tier replica without Ray: acceptance, streamed token items, stream_interval and its
-adaptation to the number of open streams."""
+adaptation to the number of open streams, and refusals when its engine stops or fails one
+request."""
 
 from __future__ import annotations
 
@@ -7,16 +8,19 @@ import asyncio
 import os
 import signal
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from cluster.engine import EngineConfig
+from cluster.async_engine import AsyncEngine
+from cluster.engine import EngineConfig, TokenEvent
 from cluster.engine_process import EngineProcess
 from cluster.tier_messages import TierItem, TierRejected, TierRequest, TierTokens
 from cluster.tier_replica import TierReplica, stream_interval_for
 from experts.sampling import SamplingParams
 from tests.checkpoints import build_family_checkpoint
+from tests.failing_rows import POISONED_TOKEN, poison_token_embedding
 
 PROMPT = (5, 6, 7, 8, 9)
 
@@ -177,3 +181,84 @@ def test_an_engine_that_stops_ends_streams_with_unavailable(
         assert isinstance(item, TierRejected) and item.code == "unavailable", item
         assert "stopped generating" in item.message
     assert len(later) == 1 and replica.num_aborted == 2
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_crashed_in_process_engine_refuses_new_requests_at_once(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    replica = TierReplica("t", model_dir, EngineConfig(num_blocks=32))
+    assert isinstance(replica.engine, AsyncEngine)
+
+    def broken_step() -> list[TokenEvent]:
+        raise RuntimeError("injected step failure")
+
+    monkeypatch.setattr(replica.engine.engine, "step", broken_step)
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+
+    async def collect(rid: str) -> list[TierItem]:
+        request = TierRequest(rid, params, token_ids=PROMPT)
+        return [item async for item in replica.generate(request)]
+
+    async def main() -> list[list[TierItem]]:
+        first = await asyncio.wait_for(collect("first"), 30)  # its step raised
+        # a hang guard, not a timing assertion: later requests are refused at once
+        return [first] + [await asyncio.wait_for(collect(f"later{i}"), 10) for i in range(3)]
+
+    try:
+        results = asyncio.run(main())
+        assert not replica.engine.is_alive()
+    finally:
+        replica.shutdown()
+    for items in results:
+        assert len(items) == 1 and isinstance(items[0], TierRejected), items
+        assert items[0].code == "unavailable" and "injected step failure" in items[0].message
+
+
+@pytest.fixture(scope="module")
+def poisoned_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = build_family_checkpoint("mixtral", tmp_path_factory.mktemp("poisoned") / "m", seed=5)
+    poison_token_embedding(path)
+    return path
+
+
+@pytest.mark.parametrize("engine_process", [False, True])
+def test_a_request_the_engine_fails_is_refused_alone(
+    poisoned_dir: Path, engine_process: bool
+) -> None:
+    """NaN logits for one request (a poisoned token in its prompt), subnormal temperatures for
+    others: the first is refused with UNAVAILABLE, the rest finish, and the tier serves on."""
+    replica = TierReplica(
+        "t", poisoned_dir, EngineConfig(num_blocks=64), engine_process=engine_process
+    )
+    greedy = SamplingParams(max_tokens=9, ignore_eos=True)
+    requests = [
+        TierRequest("bad", greedy, token_ids=(5, POISONED_TOKEN, 7)),
+        TierRequest("greedy", greedy, token_ids=PROMPT),
+        *(
+            TierRequest(f"tiny{t}", replace(greedy, temperature=t, seed=2), token_ids=PROMPT)
+            for t in (1e-38, 1e-45, 5e-324)
+        ),
+    ]
+
+    async def collect(request: TierRequest) -> list[TierItem]:
+        return [item async for item in replica.generate(request)]
+
+    async def main() -> list[list[TierItem]]:
+        return list(await asyncio.wait_for(asyncio.gather(*map(collect, requests)), 60))
+
+    def tokens(items: list[TierItem]) -> list[int]:
+        return [t for item in items if isinstance(item, TierTokens) for t in item.token_ids]
+
+    try:
+        bad, *rest = asyncio.run(main())
+        again = asyncio.run(main())  # the tier serves on, the same way
+    finally:
+        replica.shutdown()
+    assert len(bad) == 1 and isinstance(bad[0], TierRejected) and bad[0].code == "unavailable"
+    assert "failed this request" in bad[0].message and "not finite" in bad[0].message
+    greedy_tokens = tokens(rest[0])
+    assert len(greedy_tokens) == 9
+    assert all(tokens(items) == greedy_tokens for items in rest), rest  # tiny: greedy
+    assert again[0] == bad
+    assert [tokens(items) for items in again[1:]] == [greedy_tokens] * 4, again
