@@ -29,7 +29,7 @@ class ApiError(Exception):
         self.message = message
 
     def __reduce__(self) -> tuple[type[ApiError], tuple[grpc.StatusCode, str]]:
-        # crosses from the gateway replica to Serve's proxy: keep both fields
+        # may cross processes (pickled): keep both fields
         return (ApiError, (self.code, self.message))
 
 

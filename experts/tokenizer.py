@@ -14,6 +14,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer | None:
     return Tokenizer.from_file(str(file)) if file.is_file() else None
 
 
+def max_token_bytes(tokenizer: Tokenizer) -> int:
+    """An upper bound on the text bytes one token stands for: the longest vocabulary entry
+    in UTF-8 (byte-level and sentencepiece markers spell a byte in 1 to 6 bytes, never
+    fewer than they stand for). A text longer than context x this cannot fit the context,
+    which a replica can tell without tokenizing it."""
+    return max((len(t.encode()) for t in tokenizer.get_vocab(with_added_tokens=True)), default=1)
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, in constant time per token.
 

@@ -221,7 +221,7 @@ def test_low_retrieval_confidence_goes_straight_to_strong(cluster: Cluster) -> N
         ({"prompt": "x", "token_ids": [5]}, "exactly one of 'prompt'"),
         ({"prompt": "x", "tier": "huge"}, "unknown tier 'huge'"),
         ({"prompt": "x", "max_tokens": 100000}, "max_tokens=100000"),
-        ({"token_ids": [5] * 4000, "tier": "fast"}, "exceeds the model's context of 4096"),
+        ({"token_ids": [5] * 4090, "tier": "fast"}, "exceeds the model's context of 4096"),
         (
             {"token_ids": [5] * 5000, "tier": "fast"},
             "token_ids has 5000 token ids: allowed at most",

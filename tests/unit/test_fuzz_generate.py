@@ -24,9 +24,9 @@ both engines must be alive and settle to no KV block held and nothing running or
 every ``CANARY_EVERY`` cases a fixed greedy request runs alongside the case and must give the
 tokens recorded at start.
 
-Left out on purpose: prompts just under ``max_prompt_bytes`` (1 MiB), which pass the edge and
-are tokenized on the replica's event loop for 1 to 5 s each; prompts of 2 and 5 MB (refused
-by size at the gateway and at the message limit) are in.
+Prompts of 1 MiB + 1, 2 and 5 MB (refused by size at the gateway and at the message limit)
+and one just under the edge's 1 MiB (refused by the replica's context bound, untokenized)
+are in.
 """
 
 from __future__ import annotations
@@ -304,7 +304,7 @@ tame_ids: st.SearchStrategy[Ids] = weighted(
 wild_prompt: st.SearchStrategy[Text] = weighted(
     (3, any_text),
     (1, odd_text),
-    (1, of_bytes([2**20 + 1, 2 * 2**20, 5 * 2**20, 8000])),
+    (1, of_bytes([2**20 - 1, 2**20 + 1, 2 * 2**20, 5 * 2**20, 8000])),
 )
 
 

@@ -81,9 +81,7 @@ def test_unknown_kind_message_does_not_echo_a_long_name() -> None:
 def test_too_many_anchors_are_refused_by_count() -> None:
     """10k anchors were accepted; the message names the count and the limit, not the list."""
     anchors = tuple((i, i + 1) for i in range(10_000))
-    with pytest.raises(
-        ValueError, match=r"^anchors: 10000 spans is too many: allowed at most 64$"
-    ):
+    with pytest.raises(ValueError, match=r"^anchors: 10000 spans is too many: allowed at most 64$"):
         KVPolicy("window", window=64, anchors=anchors)
     assert MAX_ANCHORS == 64
 

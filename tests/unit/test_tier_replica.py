@@ -262,3 +262,55 @@ def test_a_request_the_engine_fails_is_refused_alone(
     assert all(tokens(items) == greedy_tokens for items in rest), rest  # tiny: greedy
     assert again[0] == bad
     assert [tokens(items) for items in again[1:]] == [greedy_tokens] * 4, again
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from deploy.demo_model import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("demo") / "fast", "fast")
+
+
+def _prompt_items(replica: TierReplica, prompt: str) -> list[TierItem]:
+    request = TierRequest("p", SamplingParams(max_tokens=1), prompt=prompt)
+
+    async def collect() -> list[TierItem]:
+        return [item async for item in replica.generate(request)]
+
+    return asyncio.run(collect())
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_untokenized(
+    demo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1 MiB prompt took 1-5 s to tokenize on the replica's event loop before the context
+    check refused it; now its size alone refuses it."""
+    replica = TierReplica("t", demo_dir, EngineConfig(num_blocks=32))
+    try:
+        assert replica.tokenizer is not None
+        bound = replica.max_prompt_bytes
+        assert bound >= replica.engine.spec.max_position_embeddings
+        calls: list[str] = []
+        tokenizer = replica.tokenizer
+
+        class Spy:
+            def encode(self, text: str) -> object:
+                calls.append("encode")
+                return tokenizer.encode(text)
+
+            def encode_batch(self, texts: list[str]) -> object:
+                calls.append("encode_batch")
+                return tokenizer.encode_batch(texts)
+
+        monkeypatch.setattr(replica, "tokenizer", Spy())
+        for prompt in ("x" * 2**20, "é" * (bound // 2 + 1)):  # over in characters, in bytes
+            [item] = _prompt_items(replica, prompt)
+            assert isinstance(item, TierRejected) and item.code == "invalid_argument"
+            assert f"over {bound} bytes" in item.message and len(item.message) < 200
+        assert calls == []  # never tokenized
+        # a long prompt within the bound is tokenized off the event loop (GIL released)
+        [item] = _prompt_items(replica, "ab " * (bound // 3))
+        assert calls == ["encode_batch"]
+        assert isinstance(item, TierRejected) and "context" in item.message
+    finally:
+        replica.shutdown()
