@@ -69,7 +69,7 @@ class MoEClusterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Health(self, request, context):
-        """Whether the cluster can serve (every tier has a live replica).
+        """Whether the cluster can serve (every tier has a live replica); needs no API key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -5,7 +5,9 @@ until ``max_tokens`` (no Ray, no model)."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import subprocess
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -286,3 +288,48 @@ def test_keys_in_the_drivers_environment_reach_the_gateways_config() -> None:
     assert carried.auth.resolve_api_keys({}) == {"a", "b"}  # without the environment
     assert "'a'" not in repr(carried) and "'b'" not in repr(carried)
     assert with_driver_keys(config, {}) is config
+
+
+def test_gateway_replicas_on_one_node_share_the_port() -> None:
+    config = make_config()
+
+    async def main() -> None:
+        first = await start_server(Gateway(config, PacedTier()), config.grpc)
+        second = await start_server(Gateway(config, PacedTier()), config.grpc)  # SO_REUSEPORT
+        await first.stop(None)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{config.grpc.port}") as channel:
+            chunks = [c async for c in pb_grpc.MoEClusterStub(channel).Generate(request())]
+        assert chunks[-1].finish_reason == "length"  # the second one serves
+        await second.stop(None)
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls_serves_only_clients_that_speak_it(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    command = "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost -addext"
+    names = "subjectAltName=DNS:localhost,IP:127.0.0.1"
+    subprocess.run(
+        ["openssl", *command.split(), names, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    config = make_config(tls={"cert_file": str(cert), "key_file": str(key)})
+    address = f"localhost:{config.grpc.port}"
+
+    async def main() -> None:
+        server = await start_server(Gateway(config, PacedTier()), config.grpc)
+        try:
+            credentials = grpc.ssl_channel_credentials(cert.read_bytes())
+            async with grpc.aio.secure_channel(address, credentials) as channel:
+                chunks = [c async for c in pb_grpc.MoEClusterStub(channel).Generate(request())]
+            assert chunks[-1].finish_reason == "length"
+            async with grpc.aio.insecure_channel(address) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await pb_grpc.MoEClusterStub(channel).Health(pb.HealthRequest(), timeout=5)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())

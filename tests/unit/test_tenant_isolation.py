@@ -237,3 +237,46 @@ def test_a_tier_replica_passes_the_salt_to_its_engine(replica: TierReplica) -> N
     rejected = _generate(replica, "c", PROMPT_A, "s" * (MAX_CACHE_SALT_CHARS + 1))
     assert isinstance(rejected, TierRejected) and rejected.code == "invalid_argument"
     assert "cache_salt" in rejected.message
+
+
+# --- through the gateway, with two API keys ----------------------------------------------------
+
+
+def test_two_api_keys_are_two_tenants_through_the_gateway(tmp_path: Path) -> None:
+    """The gateway salts each request with its key's tenant id: other keys learn nothing from
+    the cache of key A's prompt, while A's own repeats are served from it."""
+    from cluster.tier_client import InProcessTierClient
+    from deploy.config import parse_config
+    from deploy.gateway import Gateway
+    from deploy.proto import moecluster_v1_pb2 as pb
+
+    model_dir = build_family_checkpoint("llama", tmp_path / "m", seed=3)
+    config = parse_config(
+        {
+            "auth": {"api_keys": ["key-a", *(f"key-{p}" for p in PROBES)], "api_keys_env": None},
+            "tiers": [{"name": "t", "model": str(model_dir)}],
+            "policy": {"default_tier": "t", "cascade": {"enabled": False}},
+        },
+        base_dir=tmp_path,
+    )
+    replica = TierReplica("t", model_dir, EngineConfig(block_size=BS, num_blocks=64))
+    gateway = Gateway(config, InProcessTierClient({"t": replica}))
+
+    def cached(key: str, ids: list[int]) -> int:
+        request = pb.GenerateRequest(token_ids=ids, max_tokens=2, ignore_eos=True)
+        metadata = {"authorization": f"Bearer {key}"}
+
+        async def run() -> int:
+            chunks = [c async for c in gateway.generate(request, metadata)]
+            return int(chunks[-1].usage.cached_prompt_tokens)
+
+        return asyncio.run(run())
+
+    try:
+        assert cached("key-a", PROMPT_A) == 0
+        for probe, (ids, _) in PROBES.items():  # a tenant per probe: none sees its own
+            assert cached(f"key-{probe}", ids) == 0  # the oracle gives nothing
+        for ids, expected in PROBES.values():
+            assert cached("key-a", ids) == expected  # A's own cache still serves A
+    finally:
+        replica.shutdown()
