@@ -65,7 +65,8 @@ def start(
         include_dashboard=False,
         log_to_driver=verbose,
         runtime_env={"env_vars": otel} if otel else None,
-        # a local instance: Ray's own servers on loopback too
+        # a local instance advertises loopback (Ray still binds its own servers to every
+        # interface, guarded by its token authentication: README, Security)
         _node_ip_address="127.0.0.1" if address is None else None,
     )
     # the gateway serves gRPC itself (deploy/front_door.py): no Serve proxy listens anywhere
