@@ -1,13 +1,15 @@
 """Overload: open-loop arrivals at 2x one tier's measured capacity, through the gRPC front door.
 
 One tier (the demo ``fast`` model) behind the gateway on a local Ray instance, its admission
-bounded by ``max_ongoing_requests`` (what the replica's engine batches) and
-``max_queued_requests`` (Serve's queue before it; full: RESOURCE_EXHAUSTED). The defaults,
-4 and 4, are the operator's trade: a queue of one batch keeps the batch full through Poisson
-gaps (throughput) at the cost of waiting up to about one batch's service time S (latency: an
-admitted request takes about S x (1 + queued/ongoing)); a shorter queue waits less and refuses
-more. Each round, with fixed-length requests (random prompt ids, fixed ``max_tokens``,
-``ignore_eos``, the tier named), runs in turn:
+bounded by ``max_ongoing_requests`` (what the replica's engine batches), ``max_queued_requests``
+(Serve's queue before it; full: RESOURCE_EXHAUSTED) and ``max_queue_wait_s`` (a request that
+waited longer for a replica is refused on arrival). The defaults, 4, 4 and 0.1 s, are the
+operator's trade: a queue of one batch keeps the batch full through Poisson gaps (throughput),
+and the wait budget sheds what would be served late (without it an admitted request takes
+about S x (1 + queued/ongoing), S a full batch's service time: 4.4x the unloaded p99 here);
+0.1 s is the latency budget left for queueing once a full batch of 4 (1.6-2x one request's
+time on 2 cores) is inside 2x. Each round, with fixed-length requests (random prompt ids,
+fixed ``max_tokens``, ``ignore_eos``, the tier named), runs in turn:
 
 1. unloaded: one closed-loop client; its p99 end-to-end latency is the baseline;
 2. capacity: ``max_ongoing_requests`` closed-loop clients; completed requests/s;
@@ -58,6 +60,7 @@ APP, TIER = "overload", "fast"
 PROMPT_TOKENS, MAX_TOKENS = 32, 32
 DEADLINE_S = 30.0  # client deadline per request: far above any admitted request's latency
 IDLE_WAIT_S = 10.0  # after the last answer, the tier must be idle within this
+DEFAULT_QUEUE_WAIT_S = 0.1  # the tier's max_queue_wait_s (see the docstring; 0: not set)
 P99_GOAL, RECOVERY_GOAL, LOAD_FACTOR = 2.0, 1.2, 2.0
 HEADER = "round cap/s offer/s admit/s refused other p99_unl p99_adm p99_rec idle_s".split()
 HEADER += ["MB_rep", "MB_eng", "MB_gw"]  # peak RSS (VmHWM) so far
@@ -274,6 +277,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one short round (smoke run)")
     parser.add_argument("--max-ongoing", type=int, default=4, help="max_ongoing_requests")
     parser.add_argument("--max-queued", type=int, default=4, help="max_queued_requests")
+    parser.add_argument(
+        "--max-queue-wait",
+        type=float,
+        default=DEFAULT_QUEUE_WAIT_S,
+        help="max_queue_wait_s (0: off)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rounds = 1 if args.quick else 3
@@ -283,6 +292,8 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="overload-")
     tier = {"name": TIER, "max_ongoing_requests": args.max_ongoing}
     tier["max_queued_requests"] = args.max_queued
+    if args.max_queue_wait > 0:
+        tier["max_queue_wait_s"] = args.max_queue_wait
     model = build_demo_model(Path(tmp.name) / TIER, TIER)
     policy = {"default_tier": TIER, "cascade": {"enabled": False}}
     auth: dict[str, Any] = {"api_keys": [], "api_keys_env": None}
@@ -353,6 +364,7 @@ def main() -> None:
     options = (
         ("ongoing", args.max_ongoing, 4),
         ("queued", args.max_queued, 4),
+        ("wait", args.max_queue_wait, DEFAULT_QUEUE_WAIT_S),
         ("seed", args.seed, 0),
     )
     variant = "".join(f".{label}{value}" for label, value, default in options if value != default)

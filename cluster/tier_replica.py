@@ -17,6 +17,7 @@ go out in bigger items: see ``stream_interval_for``.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -55,12 +56,14 @@ class TierReplica:
         stream_interval: int = 1,
         stream_items_per_step: int = 0,
         engine_process: bool = False,
+        max_queue_wait_s: float | None = None,
     ) -> None:
         if stream_interval < 1:
             raise ValueError(f"stream_interval={stream_interval} must be >= 1")
         if stream_items_per_step < 0:
             raise ValueError(f"stream_items_per_step={stream_items_per_step} must be >= 0")
         self.name = name
+        self.max_queue_wait_s = max_queue_wait_s
         self.stream_interval = stream_interval
         self.stream_items_per_step = stream_items_per_step
         self.num_streams = 0  # requests streaming tokens now; touched on the event loop only
@@ -110,6 +113,14 @@ class TierReplica:
     def stats(self) -> TierStats:
         return TierStats(**asdict(self.engine.counters()), num_aborted=self.num_aborted)
 
+    def queue_wait_s(self, request: TierRequest) -> float | None:
+        """How long the request waited for this replica, when that is over
+        ``max_queue_wait_s`` (wall clocks: the gateway's and this node's); else None."""
+        if self.max_queue_wait_s is None or request.sent_at <= 0:
+            return None
+        waited = time.time() - request.sent_at
+        return waited if waited > self.max_queue_wait_s else None
+
     def _prompt_ids(self, request: TierRequest) -> list[int]:
         if request.token_ids is not None:
             return list(request.token_ids)
@@ -132,6 +143,14 @@ class TierReplica:
         return list(self.tokenizer.encode_batch([prompt])[0].ids)
 
     async def generate(self, request: TierRequest) -> AsyncGenerator[TierItem, None]:
+        waited = self.queue_wait_s(request)
+        if waited is not None:  # shed: answering it now could not be fast any more
+            yield TierRejected(
+                "resource_exhausted",
+                f"tier {self.name!r} is at capacity: the request waited {waited:.3g} s for a "
+                f"replica (max_queue_wait_s {self.max_queue_wait_s:g}); retry later",
+            )
+            return
         try:
             if len(request.prompt or "") > TOKENIZE_INLINE_CHARS:  # off the event loop
                 ids = await asyncio.to_thread(self._prompt_ids, request)

@@ -113,6 +113,7 @@ class TierHost:
             stream_interval=tier.stream_interval,
             stream_items_per_step=tier.stream_items_per_step,
             engine_process=tier.runs_engine_process,
+            max_queue_wait_s=tier.max_queue_wait_s,
         )
 
     async def generate(self, request: TierRequest) -> AsyncGenerator[TierItem, None]:

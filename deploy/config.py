@@ -88,6 +88,9 @@ class TierConfig(_Model):
     num_cpus: float = Field(default=0.5, ge=0)
     device: str = Field(default="cpu", validate_default=True)
     max_queued_requests: int = Field(default=64, ge=1)
+    # a request that waited longer than this for a replica (in the queue above) is refused
+    # with RESOURCE_EXHAUSTED when it reaches one, instead of being served late; None: never
+    max_queue_wait_s: float | None = Field(default=None, gt=0, le=3600)
     max_ongoing_requests: int = Field(default=32, ge=1)
     engine: EngineSettings = EngineSettings()
     experts: ExpertsSettings = ExpertsSettings()

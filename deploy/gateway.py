@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import re
 import secrets
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -250,7 +251,8 @@ class Gateway:
 
     async def _open(self, tier: str, request: TierRequest) -> AsyncGenerator[TierTokens, None]:
         """Start generation on a tier; the replica's refusal becomes an ``ApiError``."""
-        stream = self.tiers.generate(tier, request)
+        # stamped at each call (an escalation or a shadow run is a new wait in a new queue)
+        stream = self.tiers.generate(tier, replace(request, sent_at=time.time()))
         try:
             first = await anext(stream)
         except TierBusyError:

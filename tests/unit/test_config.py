@@ -440,3 +440,13 @@ def test_largest_context_reads_the_checkpoints_it_can(tmp_path: Path) -> None:
     data = {"tiers": tiers, "policy": {"cascade": {"enabled": False}}}
     assert largest_context(parse_config(data, base_dir=tmp_path)) == 4096
     assert largest_context(parse_config({**data, "tiers": tiers[2:]}, base_dir=tmp_path)) is None
+
+
+def test_max_queue_wait_s_is_off_by_default_and_positive(tmp_path: Path) -> None:
+    tier = {"name": "fast", "model": "m"}
+    data = {"tiers": [tier], "policy": {"cascade": {"enabled": False}}}
+    assert parse_config(data, base_dir=tmp_path).tiers[0].max_queue_wait_s is None
+    set_ = {**data, "tiers": [{**tier, "max_queue_wait_s": 0.5}]}
+    assert parse_config(set_, base_dir=tmp_path).tiers[0].max_queue_wait_s == 0.5
+    (line,) = problems(tmp_path, {**data, "tiers": [{**tier, "max_queue_wait_s": 0}]})
+    assert line.startswith("tiers.0.max_queue_wait_s: Input should be greater than 0")

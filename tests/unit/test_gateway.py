@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -469,7 +469,10 @@ def test_cascade_unconfident_fast_tier_escalates_to_strong_from_scratch() -> Non
     assert (fast_call.tier, strong_call.tier) == ("fast", "strong")
     assert fast_call.cancelled  # the fast stream was closed mid-way
     assert fast_call.handed_out == 2  # the two probe batches, nothing more
-    assert strong_call.request == fast_call.request  # the same request, from scratch
+    # the same request, from scratch; stamped anew, as its wait in the strong tier's queue
+    # starts now
+    assert replace(strong_call.request, sent_at=0) == replace(fast_call.request, sent_at=0)
+    assert 0 < fast_call.request.sent_at <= strong_call.request.sent_at
     assert not strong_call.cancelled
     assert gateway.policy.num_escalations == 1
     assert_all_closed(fake)

@@ -314,3 +314,30 @@ def test_a_prompt_too_long_for_the_context_is_refused_untokenized(
         assert isinstance(item, TierRejected) and "context" in item.message
     finally:
         replica.shutdown()
+
+
+def test_a_request_that_waited_too_long_for_the_replica_is_shed(model_dir: Path) -> None:
+    """Under overload a request that sat in the tier's queue past ``max_queue_wait_s`` is
+    refused on arrival (RESOURCE_EXHAUSTED), so admitted requests are never served late."""
+    import time
+
+    replica = TierReplica("t", model_dir, EngineConfig(num_blocks=32), max_queue_wait_s=1.0)
+    try:
+        params = SamplingParams(max_tokens=2, ignore_eos=True)
+
+        def first(sent_at: float) -> TierItem:
+            request = TierRequest("w", params, token_ids=PROMPT, sent_at=sent_at)
+
+            async def collect() -> list[TierItem]:
+                return [item async for item in replica.generate(request)]
+
+            return asyncio.run(collect())[0]
+
+        stale = first(time.time() - 5.0)
+        assert isinstance(stale, TierRejected) and stale.code == "resource_exhausted"
+        assert "max_queue_wait_s 1" in stale.message
+        assert isinstance(first(time.time()), TierTokens)  # fresh
+        assert isinstance(first(0.0), TierTokens)  # no stamp: never shed
+        assert replica.stats().num_blocks_held == 0
+    finally:
+        replica.shutdown()
