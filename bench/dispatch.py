@@ -1,9 +1,10 @@
 """Remote-expert dispatch: per-MoE-layer dispatch + combine overhead, and its end-to-end cost.
 
 Both parts run in one process, on one local Ray instance (``ray.init(num_cpus=2)``), with the
-experts split over two shard actors (``cluster.expert_pool.ShardActor`` via ``ExpertPool.start``,
-``num_cpus=0``, experts assigned by ``router.routing_table.round_robin``: even experts on ``s0``,
-odd ones on ``s1``).
+experts split over two shard actors
+(``cluster.expert_parallel.expert_pool.ShardActor`` via ``ExpertPool.start``, ``num_cpus=0``,
+experts assigned by ``router.routing_table.round_robin``: even experts on ``s0``, odd ones on
+``s1``).
 
 1. **One MoE layer** (Mixtral-style: hidden 1024, 8 experts top-2, intermediate 2048; a one-layer
    random checkpoint written with transformers into a temporary directory). For 1, 32 and 256
@@ -13,8 +14,8 @@ odd ones on ``s1``).
 
    - ``ColocatedExperts.forward`` (all experts in this process, torch's default threads);
    - ``RemoteExperts.forward`` over the two shard actors (one thread each), on the default
-     ``torch_dist`` data plane (``cluster/data_plane.py``: gloo point-to-point channels opened
-     once, no Ray task per layer);
+     ``torch_dist`` data plane (``cluster/expert_parallel/data_plane.py``: gloo point-to-point
+     channels opened once, no Ray task per layer);
    - ``RemoteExperts.forward`` over two *no-op* actors that return zeros of the right shape at
      once: the same split, payloads and combine, with no expert compute;
    - both of those again over the ``ray`` data plane (one actor call per shard, numpy arrays),
@@ -91,17 +92,19 @@ import transformers
 # run as `python bench/dispatch.py`, the script's folder is on the path, not the repo root
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine import load_average, wait_for_quiet
-from cluster.data_plane import ChannelTicket, PayloadLimits, serve_channel
-from cluster.engine import EngineConfig, EngineRequest, LLMEngine
-from cluster.expert_pool import ExpertPool, ShardActorImpl, ShardSpec
-from cluster.remote_experts import RemoteExperts
+from cluster.engine.config import EngineConfig
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.requests import EngineRequest
+from cluster.expert_parallel.data_plane import ChannelTicket, PayloadLimits, serve_channel
+from cluster.expert_parallel.expert_pool import ExpertPool, ShardActorImpl, ShardSpec
+from cluster.expert_parallel.remote_experts import RemoteExperts
 from deploy.demo_model import build_demo_model, is_demo_model
 from experts.backend import ColocatedExperts
 from experts.checkpoint import CheckpointReader
 from experts.dispatch_tensors import combine
 from experts.gate import route
 from experts.model import MoEModel
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 from router.routing_table import round_robin
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -939,8 +942,9 @@ def data_plane_note(layers: Sequence[LayerResult], facts: dict[str, Any]) -> dic
     empty = facts["empty_two_actor_call"]["median_ms"]
     zero_copy = os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "unset")
     note: dict[str, Any] = {
-        "transport": "torch_dist (the default, cluster/data_plane.py): per backbone thread, one "
-        "two-rank gloo process group per shard, opened once through a Ray call; per MoE layer "
+        "transport": "torch_dist (the default, cluster/expert_parallel/data_plane.py): "
+        "per backbone thread, one two-rank gloo process group per shard, opened once "
+        "through a Ray call; per MoE layer "
         "RemoteExperts.forward sends each shard touched a 10-int64 header and one packed byte "
         "payload (hidden, ids, weights) with isend and posts an irecv for its [N * H + 1] "
         "reply, all shards before waiting. No Ray task per layer. For comparison the same "

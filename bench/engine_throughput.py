@@ -59,10 +59,12 @@ import torch
 import transformers
 
 from cache.block_allocator import blocks_for
-from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
+from cluster.engine.config import EngineConfig
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.requests import EngineRequest, TokenEvent
 from deploy.demo_model import PAD_ID, build_demo_model, is_demo_model
 from experts.model import MoEModel
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / ".demo-models" / "bench"

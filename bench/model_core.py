@@ -42,10 +42,10 @@ import transformers
 # run as `python bench/model_core.py`, the script's folder is on the path, not the repo root
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine import load_average, wait_for_quiet
-from cluster.generator import generate
+from cluster.engine.generator import generate
 from deploy.demo_model import build_demo_model, is_demo_model
 from experts.model import MoEModel
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / ".demo-models" / "bench"
@@ -350,7 +350,7 @@ def to_json(
     hf_cfg = hf.config
     return {
         "benchmark": "model_core",
-        "description": "greedy generation tok/s: ours (cluster.generator.generate) vs "
+        "description": "greedy generation tok/s: ours (cluster.engine.generator.generate) vs "
         "transformers generate, same prompts, same checkpoint, same process",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": {

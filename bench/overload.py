@@ -313,7 +313,7 @@ def main() -> None:
         replica = find_pid(f"ServeReplica:{APP}:tier-{TIER}")
         pids = {
             "replica": replica,
-            "engine": find_pid("cluster.engine_process", parent=replica),
+            "engine": find_pid("cluster.engine.engine_process", parent=replica),
             "gateway": find_pid(f"ServeReplica:{APP}:gateway"),
         }
         starts = {name: started_at(pid) for name, pid in pids.items()}

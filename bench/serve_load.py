@@ -126,8 +126,8 @@ class InProcess:
     text deltas."""
 
     def __init__(self, model_dir: Path, engine_config: Any) -> None:
-        from cluster.async_engine import AsyncEngine
-        from cluster.engine import LLMEngine
+        from cluster.engine.async_engine import AsyncEngine
+        from cluster.engine.llm_engine import LLMEngine
         from experts.model import MoEModel
         from experts.tokenizer import load_tokenizer
 
@@ -136,8 +136,8 @@ class InProcess:
         self.counter = iter(range(10**9))
 
     def level(self, concurrency: int, requests: list[Request], result: LevelResult) -> None:
-        from cluster.engine import EngineRequest
-        from experts.sampling import SamplingParams
+        from cluster.engine.requests import EngineRequest
+        from experts.sampling_params import SamplingParams
 
         async def client(todo: list[Request]) -> None:
             while todo:

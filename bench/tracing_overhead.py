@@ -38,13 +38,13 @@ from pathlib import Path
 import torch
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from cluster.engine import EngineConfig
-from cluster.expert_pool import InProcessPool
-from cluster.remote_experts import RemoteExperts
-from cluster.telemetry import TelemetrySettings, reset_telemetry, setup_telemetry
-from cluster.tier_client import InProcessTierClient
-from cluster.tier_replica import TierReplica
-from cluster.trace_file import read_spans
+from cluster.engine.config import EngineConfig
+from cluster.expert_parallel.expert_pool import InProcessPool
+from cluster.expert_parallel.remote_experts import RemoteExperts
+from cluster.serving.tier_client import InProcessTierClient
+from cluster.serving.tier_replica import TierReplica
+from cluster.telemetry.setup import TelemetrySettings, reset_telemetry, setup_telemetry
+from cluster.telemetry.trace_file import read_spans
 from deploy.config import parse_config
 from deploy.demo_model import build_demo_model, is_demo_model
 from deploy.gateway import Gateway

@@ -16,7 +16,7 @@ its prompt, window, sinks and anchors must fit the context (the model was
 trained to attend that far, no further), and prompt plus generated tokens
 must stay within ``window_position_limit(context)`` positions, so the
 rotary tables that cover them stay bounded. The engine checks this at
-admission (``cluster.engine.validate_request``); a policy on its own is held
+admission (``cluster.engine.llm_engine.validate_request``); a policy on its own is held
 to the hard bounds below whatever the model, so that no computation here
 depends on the size of a span.
 """

@@ -15,7 +15,7 @@ import grpc
 
 from cache.kv_policy import KVPolicy
 from deploy.proto import moecluster_v1_pb2 as pb
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 
 DEFAULT_MAX_TOKENS = 64
 

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:  # the gateway writes records and must not load torch
     from cache.kv_policy import KVPolicy
-    from experts.sampling import SamplingParams
+    from experts.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ OMITTABLE_FIELDS = (*TEXT_FIELDS, "stop", "routing")
 MAX_ITEMS = 128
 MAX_CHARS = 1024
 SHORT_STRING_FIELDS = ("request_id", "trace_id", "tier", "model", "reason", "finish_reason")
-# per generated token: ((layer, (expert, ...)), ...), as in cluster.tier_messages.TierTokens
+# per generated token: ((layer, (expert, ...)), ...), as in cluster.serving.tier_messages.TierTokens
 TokenRouting = Sequence[tuple[int, Sequence[int]]]
 
 

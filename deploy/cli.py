@@ -130,7 +130,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     def sample(address: str) -> None:
         from deploy.client import ClientOptions, run_prompts
         from deploy.prompts import PromptRequest
-        from experts.sampling import SamplingParams
+        from experts.sampling_params import SamplingParams
 
         print(f"[up] sample: {args.sample!r}", file=sys.stderr, flush=True)
         prompt = PromptRequest(SamplingParams(max_tokens=48), text=args.sample)
@@ -149,7 +149,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     if args.server is not None:
         return _generate_remote(args)
-    from cluster.generator import generate
+    from cluster.engine.generator import generate
     from experts.model import MoEModel
     from experts.tokenizer import IncrementalDetokenizer, load_tokenizer
 

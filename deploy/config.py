@@ -28,8 +28,8 @@ from deploy.expert_config import ExpertsSettings
 from deploy.policy_config import PolicyConfig
 
 if TYPE_CHECKING:
-    from cluster.engine import EngineConfig
-    from cluster.telemetry import TelemetrySettings
+    from cluster.engine.config import EngineConfig
+    from cluster.telemetry.setup import TelemetrySettings
     from router.tier_policy import TierPolicyConfig
 
 DEFAULT_DEMO_DIR = Path(".demo-models")
@@ -73,7 +73,7 @@ class EngineSettings(_Model):
 
     def to_engine_config(self) -> EngineConfig:
         # Imported here so reading a config does not load torch (the gateway never needs it).
-        from cluster.engine import EngineConfig
+        from cluster.engine.config import EngineConfig
 
         return EngineConfig(**self.model_dump())
 
@@ -192,7 +192,7 @@ class TelemetryConfig(_Model):
         return _resolve_path(path, info) if path else path
 
     def settings(self) -> TelemetrySettings:
-        from cluster.telemetry import TelemetrySettings
+        from cluster.telemetry.setup import TelemetrySettings
 
         return TelemetrySettings(
             service_name=self.service_name,

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field, replace
 import grpc
 from opentelemetry import trace
 
-from cluster.engine import Routing
-from cluster.telemetry import get_telemetry, traceparent_of
-from cluster.tier_client import TierBusyError, TierClient, TierUnavailableError
-from cluster.tier_messages import TierRejected, TierRequest, TierTokens
+from cluster.engine.requests import Routing
+from cluster.serving.tier_client import TierBusyError, TierClient, TierUnavailableError
+from cluster.serving.tier_messages import TierRejected, TierRequest, TierTokens
+from cluster.telemetry.setup import get_telemetry, traceparent_of
 from deploy.api import ApiError, GenerateArgs, RequestLimits, invalid, parse_generate
 from deploy.audit import (
     AuditLog,

@@ -21,8 +21,8 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 
-from cluster.telemetry import Telemetry, context_from_traceparent, traceparent_of
-from experts.sampling import SamplingParams
+from cluster.telemetry.setup import Telemetry, context_from_traceparent, traceparent_of
+from experts.sampling_params import SamplingParams
 from router.tier_policy import TierDecision
 
 PROVIDER = "moe-cluster"

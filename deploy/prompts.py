@@ -10,7 +10,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")
 _FIELDS = {"prompt", "token_ids", *_SAMPLING_FIELDS}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from cluster.tier_client import TierBusyError, TierClient, TierUnavailableError
+from cluster.serving.tier_client import TierBusyError, TierClient, TierUnavailableError
 from deploy.config import ClusterConfig
 from deploy.proto import moecluster_v1_pb2 as pb
 

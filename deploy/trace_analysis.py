@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.trace_file import SpanEvent, SpanRecord
+from cluster.telemetry.trace_file import SpanEvent, SpanRecord
 
 OPERATION = "text_completion"
 TOKEN_EVENT = "moe.token"

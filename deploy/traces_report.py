@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster.trace_file import SpanRecord, TraceFileStats, read_spans
+from cluster.telemetry.trace_file import SpanRecord, TraceFileStats, read_spans
 from deploy.trace_analysis import (
     FanOut,
     Percentiles,

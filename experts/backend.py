@@ -31,6 +31,13 @@ class ExpertBackend(Protocol):
         ...
 
 
+class ExpertBackendFactory(Protocol):
+    """A picklable recipe for an expert backend, built where the engine runs (for example in
+    an engine process, which cannot receive a live backend: it holds channels and threads)."""
+
+    def build(self) -> ExpertBackend: ...
+
+
 class ColocatedExperts:
     """Every routed expert of the model, in this process, on one device."""
 

@@ -10,8 +10,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from cluster.engine import LLMEngine
-from cluster.model_runner import StepInput
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.model_runner import StepInput
 
 
 def fail_row(

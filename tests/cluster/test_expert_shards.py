@@ -12,12 +12,12 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from cluster.data_plane import DataPlaneError
-from cluster.expert_pool import ExpertPool, ShardSpec
-from cluster.generator import generate
-from cluster.remote_experts import RemoteExperts
+from cluster.engine.generator import generate
+from cluster.expert_parallel.data_plane import DataPlaneError
+from cluster.expert_parallel.expert_pool import ExpertPool, ShardSpec
+from cluster.expert_parallel.remote_experts import RemoteExperts
 from experts.model import MoEModel
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 from router.routing_table import round_robin
 from tests.checkpoints import build_family_checkpoint
 from tests.reference import reference_greedy, reference_model

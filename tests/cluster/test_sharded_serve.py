@@ -21,8 +21,8 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 
-from cluster.generator import generate
-from cluster.trace_file import SpanRecord, read_spans
+from cluster.engine.generator import generate
+from cluster.telemetry.trace_file import SpanRecord, read_spans
 from deploy.app import build_app
 from deploy.audit import find
 from deploy.cli import main as cli_main
@@ -31,7 +31,7 @@ from deploy.demo_model import build_demo_model
 from deploy.proto import moecluster_v1_pb2 as pb
 from deploy.proto import moecluster_v1_pb2_grpc as pb_grpc
 from experts.model import MoEModel
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 
 T = TypeVar("T")
 PROMPTS = ([5, 17, 300, 42, 99, 1024, 7, 8, 9, 10, 11, 12, 13], [1500, 3, 4], list(range(40, 80)))

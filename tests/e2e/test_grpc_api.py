@@ -23,7 +23,7 @@ import pytest
 import ray
 from ray import serve
 
-from cluster.tier_messages import TierStats
+from cluster.serving.tier_messages import TierStats
 from deploy.app import build_app
 from deploy.config import parse_config
 from deploy.demo_model import build_demo_model
@@ -400,7 +400,7 @@ def _engine_process_of(app: str, tier: str) -> int:
             parent_command = Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if "cluster.engine_process" in command and f"ServeReplica:{app}:tier-{tier}" in (
+        if "cluster.engine.engine_process" in command and f"ServeReplica:{app}:tier-{tier}" in (
             parent_command
         ):
             return int(entry.name)

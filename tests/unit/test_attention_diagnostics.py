@@ -18,10 +18,12 @@ import torch
 import transformers
 
 from cache.kv_policy import KVPolicy
-from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
-from cluster.sequence import Sequence as Seq
+from cluster.engine.config import EngineConfig
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.requests import EngineRequest, TokenEvent
+from cluster.engine.sequence import Sequence as Seq
 from experts.model import MoEModel
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 from tests.checkpoints import build_family_checkpoint
 from tests.unit.test_kv_window import simulate_window, visibility_mask
 

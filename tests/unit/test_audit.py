@@ -28,7 +28,7 @@ from deploy.audit import (
     sampling_record,
     utc_timestamp,
 )
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 
 
 def make_record(request_id: str = "req-1", **overrides: Any) -> AuditRecord:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.engine import EngineConfig
+from cluster.engine.config import EngineConfig
 from deploy.config import (
     AuthConfig,
     ClusterConfig,

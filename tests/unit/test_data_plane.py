@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from cluster import data_plane as dp
+from cluster.expert_parallel import data_plane as dp
 from tests import listening_sockets
 
 HOST = "127.0.0.1"

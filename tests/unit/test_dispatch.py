@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from cache.kv_pool import KVPool
-from cluster.generator import generate
+from cluster.engine.generator import generate
 from experts.attention import AttentionBatch, SequenceChunk
 from experts.backend import ColocatedExperts
 from experts.checkpoint import CheckpointReader
 from experts.dispatch_tensors import combine, gather_shard_inputs, split_by_owner
 from experts.model import MoEModel
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 from experts.shard import ExpertShard
 from experts.weights import load_backbone
 from router.dispatch import DispatchPlan, ShardWork, plan_dispatch

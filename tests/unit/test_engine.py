@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.engine import EngineConfig, EngineRequest, LLMEngine, RequestFailure, TokenEvent
+from cluster.engine.config import EngineConfig
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.requests import EngineRequest, RequestFailure, TokenEvent
 from experts.model import MoEModel
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 from tests.checkpoints import build_family_checkpoint
 from tests.failing_rows import POISONED_TOKEN, fail_row, poison_token_embedding
 from tests.reference import reference_greedy, reference_model

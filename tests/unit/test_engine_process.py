@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.async_engine import AsyncEngine, EngineStoppedError, RequestFailedError
-from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
-from cluster.engine_process import EngineLaunch, EngineProcess
+from cluster.engine.async_engine import AsyncEngine, EngineStoppedError, RequestFailedError
+from cluster.engine.config import EngineConfig
+from cluster.engine.engine_process import EngineLaunch, EngineProcess
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.requests import EngineRequest, TokenEvent
 from experts.model import MoEModel
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 from tests.checkpoints import build_family_checkpoint
 from tests.failing_rows import POISONED_TOKEN, poison_token_embedding
 

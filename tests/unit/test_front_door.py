@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 import pytest
 
-from cluster.tier_client import TierBusyError
-from cluster.tier_messages import TierInfo, TierItem, TierRequest, TierStats, TierTokens
+from cluster.serving.tier_client import TierBusyError
+from cluster.serving.tier_messages import TierInfo, TierItem, TierRequest, TierStats, TierTokens
 from deploy.app import with_driver_keys
 from deploy.config import ClusterConfig, parse_config
 from deploy.edge_config import ExposureError, GrpcConfig, check_exposure, is_loopback, tenant_of

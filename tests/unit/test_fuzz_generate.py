@@ -45,8 +45,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from cluster.tier_client import InProcessTierClient
-from cluster.tier_replica import TierReplica
+from cluster.serving.tier_client import InProcessTierClient
+from cluster.serving.tier_replica import TierReplica
 from deploy.config import ClusterConfig, parse_config
 from deploy.demo_model import build_demo_model
 from deploy.front_door import start_server

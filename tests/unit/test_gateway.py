@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from cluster.tier_client import TierBusyError, TierUnavailableError
-from cluster.tier_messages import (
+from cluster.serving.tier_client import TierBusyError, TierUnavailableError
+from cluster.serving.tier_messages import (
     TierInfo,
     TierItem,
     TierRejected,
@@ -966,7 +966,7 @@ def test_tier_info_timeout_says_so() -> None:
 
 
 def test_fake_satisfies_the_protocol() -> None:
-    from cluster.tier_client import TierClient
+    from cluster.serving.tier_client import TierClient
 
     client: TierClient = FakeTierClient()
     assert run_async(lambda: client.stats("fast")).num_blocks == 64

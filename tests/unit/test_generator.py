@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from cache.kv_pool import KVPool
-from cluster.generator import generate
-from cluster.model_runner import ModelRunner, StepInput
+from cluster.engine.generator import generate
+from cluster.engine.model_runner import ModelRunner, StepInput
 from experts.model import MoEModel
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 from tests.checkpoints import build_family_checkpoint
 
 PROMPT = [5, 17, 42, 99, 3, 8, 250, 11, 64, 7, 33, 21, 90, 180, 4, 6, 77, 12, 9, 101]

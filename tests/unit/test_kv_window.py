@@ -23,9 +23,12 @@ import torch
 import transformers
 
 from cache.kv_policy import KVPolicy, window_position_limit
-from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent, validate_request
+from cluster.engine.admission import validate_request
+from cluster.engine.config import EngineConfig
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.requests import EngineRequest, TokenEvent
 from experts.model import MoEModel
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 from tests.checkpoints import build_family_checkpoint
 
 BLOCK = 4

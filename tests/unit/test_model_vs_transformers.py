@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from cache.kv_pool import KVPool
-from cluster.generator import generate
+from cluster.engine.generator import generate
 from experts.attention import AttentionBatch, SequenceChunk
 from experts.backend import ColocatedExperts
 from experts.checkpoint import CheckpointReader
 from experts.model import MoEModel
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 from experts.weights import expert_tensor_names, load_backbone
 from tests.checkpoints import FAMILIES, build_family_checkpoint
 from tests.reference import reference_greedy, reference_model

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from cache.kv_pool import KVPool
-from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
+from cluster.engine.config import EngineConfig
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.requests import EngineRequest, TokenEvent
 from experts.model import MoEModel
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 from tests.checkpoints import build_family_checkpoint
 from tests.unit.test_block_manager import check_partition
 

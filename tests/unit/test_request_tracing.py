@@ -20,12 +20,12 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from cluster.engine import EngineConfig
-from cluster.expert_pool import InProcessPool
-from cluster.remote_experts import RemoteExperts
-from cluster.telemetry import TelemetrySettings, reset_telemetry, setup_telemetry
-from cluster.tier_client import InProcessTierClient
-from cluster.tier_replica import TierReplica
+from cluster.engine.config import EngineConfig
+from cluster.expert_parallel.expert_pool import InProcessPool
+from cluster.expert_parallel.remote_experts import RemoteExperts
+from cluster.serving.tier_client import InProcessTierClient
+from cluster.serving.tier_replica import TierReplica
+from cluster.telemetry.setup import TelemetrySettings, reset_telemetry, setup_telemetry
 from deploy.api import ApiError
 from deploy.config import ClusterConfig, parse_config
 from deploy.gateway import Gateway

@@ -8,13 +8,8 @@ import math
 import pytest
 import torch
 
-from experts.sampling import (
-    GREEDY_TEMPERATURE_FLOOR,
-    NON_FINITE_LOGITS,
-    Sampler,
-    SamplingParams,
-    sample_batch,
-)
+from experts.sampling import NON_FINITE_LOGITS, Sampler, sample_batch
+from experts.sampling_params import GREEDY_TEMPERATURE_FLOOR, SamplingParams
 
 
 @pytest.mark.parametrize(

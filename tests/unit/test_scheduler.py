@@ -19,15 +19,15 @@ from cache.block_allocator import blocks_for
 from cache.block_manager import BlockManager
 from cache.kv_policy import KVPolicy
 from cache.prefix_hash import hash_block
-from cluster.scheduler import (
+from cluster.engine.scheduler import (
     ScheduledChunk,
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
     SlotCopy,
 )
-from cluster.sequence import Sequence, SequenceStatus
-from experts.sampling import SamplingParams
+from cluster.engine.sequence import Sequence, SequenceStatus
+from experts.sampling_params import SamplingParams
 
 BS = 4
 

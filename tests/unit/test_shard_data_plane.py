@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster import data_plane as dp
-from cluster.expert_pool import ShardActorImpl
+from cluster.expert_parallel import data_plane as dp
+from cluster.expert_parallel.expert_pool import ShardActorImpl
 from experts.checkpoint import CheckpointReader
 from router.routing_table import round_robin
 from tests.checkpoints import build_family_checkpoint

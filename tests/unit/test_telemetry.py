@@ -1,4 +1,4 @@
-"""cluster.telemetry: settings and OTEL_* overrides, exporters (memory, file, OTLP/gRPC,
+"""cluster.telemetry.setup: settings and OTEL_* overrides, exporters (memory, file, OTLP/gRPC,
 Prometheus), metric instruments and W3C context propagation. No Ray, no torch."""
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from cluster.telemetry import (
+from cluster.telemetry.metrics import TTFT_BUCKETS
+from cluster.telemetry.setup import (
     TelemetrySettings,
     TraceFileStats,
     context_from_traceparent,
@@ -33,7 +34,6 @@ from cluster.telemetry import (
     setup_telemetry,
     traceparent_of,
 )
-from cluster.telemetry_metrics import TTFT_BUCKETS
 from tests import listening_sockets
 
 

@@ -14,12 +14,14 @@ from cache.block_manager import BlockManager
 from cache.kv_policy import KVPolicy
 from cache.partial_blocks import PartialBlocks
 from cache.prefix_hash import hash_block, hash_blocks, root_hash
-from cluster.engine import MAX_CACHE_SALT_CHARS, EngineConfig, EngineRequest, LLMEngine, TokenEvent
-from cluster.sequence import Sequence
-from cluster.tier_messages import TierItem, TierRejected, TierRequest, TierTokens
-from cluster.tier_replica import TierReplica
+from cluster.engine.config import EngineConfig
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.requests import MAX_CACHE_SALT_CHARS, EngineRequest, TokenEvent
+from cluster.engine.sequence import Sequence
+from cluster.serving.tier_messages import TierItem, TierRejected, TierRequest, TierTokens
+from cluster.serving.tier_replica import TierReplica
 from experts.model import MoEModel
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 from tests.checkpoints import build_family_checkpoint
 from tests.unit.test_block_manager import check_partition
 from tests.unit.test_scheduler import BS as HARNESS_BS
@@ -245,7 +247,7 @@ def test_a_tier_replica_passes_the_salt_to_its_engine(replica: TierReplica) -> N
 def test_two_api_keys_are_two_tenants_through_the_gateway(tmp_path: Path) -> None:
     """The gateway salts each request with its key's tenant id: other keys learn nothing from
     the cache of key A's prompt, while A's own repeats are served from it."""
-    from cluster.tier_client import InProcessTierClient
+    from cluster.serving.tier_client import InProcessTierClient
     from deploy.config import parse_config
     from deploy.gateway import Gateway
     from deploy.proto import moecluster_v1_pb2 as pb

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from cluster.tier_client import ServeTierClient, is_last
-from cluster.tier_messages import TierItem, TierRejected, TierRequest, TierTokens
-from experts.sampling import SamplingParams
+from cluster.serving.tier_client import ServeTierClient, is_last
+from cluster.serving.tier_messages import TierItem, TierRejected, TierRequest, TierTokens
+from experts.sampling_params import SamplingParams
 
 
 def _tokens(ids: list[int], finish: str | None = None) -> TierTokens:

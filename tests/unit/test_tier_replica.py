@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from cluster.async_engine import AsyncEngine
-from cluster.engine import EngineConfig, TokenEvent
-from cluster.engine_process import EngineProcess
-from cluster.tier_messages import TierItem, TierRejected, TierRequest, TierTokens
-from cluster.tier_replica import TierReplica, stream_interval_for
-from experts.sampling import SamplingParams
+from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.config import EngineConfig
+from cluster.engine.engine_process import EngineProcess
+from cluster.engine.requests import TokenEvent
+from cluster.serving.tier_messages import TierItem, TierRejected, TierRequest, TierTokens
+from cluster.serving.tier_replica import TierReplica, stream_interval_for
+from experts.sampling_params import SamplingParams
 from tests.checkpoints import build_family_checkpoint
 from tests.failing_rows import POISONED_TOKEN, poison_token_embedding
 

@@ -14,7 +14,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from cluster.telemetry import JsonLinesSpanExporter, read_spans
+from cluster.telemetry.setup import JsonLinesSpanExporter, read_spans
 from deploy.cli import main
 from deploy.trace_analysis import Bucket, analyze, percentile
 

@@ -20,9 +20,14 @@ from collections.abc import Sequence
 import torch
 from opentelemetry import trace
 
-from cluster.expert_pool import ShardCaller
-from cluster.step_trace import current_step_trace
-from cluster.telemetry import Telemetry, context_from_traceparent, get_telemetry, traceparent_of
+from cluster.expert_parallel.expert_pool import ShardCaller
+from cluster.telemetry.setup import (
+    Telemetry,
+    context_from_traceparent,
+    get_telemetry,
+    traceparent_of,
+)
+from cluster.telemetry.step_trace import current_step_trace
 from experts.dispatch_tensors import combine, gather_shard_inputs, split_by_owner
 from router.dispatch import plan_dispatch
 from router.routing_table import RoutingTable

@@ -10,7 +10,7 @@ fails alone ends with ``RequestFailedError``; once the loop stops (shut down, or
 step raised) every request, present or new, gets ``EngineStoppedError`` at once.
 
 ``EngineCore`` is what a tier replica asks of an engine; ``AsyncEngine`` is
-one, ``cluster.engine_process.EngineProcess`` (the engine in a child process)
+one, ``cluster.engine.engine_process.EngineProcess`` (the engine in a child process)
 the other.
 """
 
@@ -23,8 +23,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from cluster.engine import EngineRequest, LLMEngine, RequestFailure, TokenEvent
-from cluster.engine_counters import EngineCounters
+from cluster.engine.counters import EngineCounters
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.requests import EngineRequest, RequestFailure, TokenEvent
 from experts.spec import ModelSpec
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from cache.block_allocator import blocks_for
 from cache.block_manager import BlockManager
 from cache.kv_policy import KVPolicy
-from cluster.sequence import Sequence, SequenceStatus
+from cluster.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)

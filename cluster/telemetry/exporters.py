@@ -26,10 +26,10 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 
-from cluster.trace_file import JsonLinesSpanExporter
+from cluster.telemetry.trace_file import JsonLinesSpanExporter
 
 if TYPE_CHECKING:
-    from cluster.telemetry import TelemetrySettings
+    from cluster.telemetry.setup import TelemetrySettings
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ one message per engine step however many requests it served::
                      then ("step", events, rejected, failed, counters, routed) after each
                      step or batch of commands, and ("failed", message) if a step raised
 
-The child is started with ``python -m cluster.engine_process``, not
+The child is started with ``python -m cluster.engine.engine_process``, not
 ``multiprocessing``'s spawn (which would re-run a Ray worker's ``__main__``). It
 inherits the replica's environment, so its GPU is the one Ray gave the replica.
 It exits when told to, when a step fails, or when the replica's end of the
@@ -29,7 +29,7 @@ engine fails alone (``failed``: its row could not be sampled) ends with
 ``RequestFailedError`` while the others go on.
 
 Experts in a shard pool (Ray actor handles) need the engine in a Ray worker:
-such a tier keeps its engine in the replica's process (``cluster.async_engine``).
+such a tier keeps its engine in the replica's process (``cluster.engine.async_engine``).
 """
 
 from __future__ import annotations
@@ -47,22 +47,28 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cluster.async_engine import (
+from cluster.engine.admission import validate_request
+from cluster.engine.async_engine import (
     EngineStoppedError,
     EventStream,
     RequestFailedError,
     describe_step_error,
     stream_events,
 )
-from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent, validate_request
-from cluster.engine_counters import EngineCounters
+from cluster.engine.config import EngineConfig
+from cluster.engine.counters import EngineCounters
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.requests import EngineRequest, TokenEvent
 from experts.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from experts.backend import ExpertBackendFactory
 
 _Delivery = tuple[EventStream, TokenEvent | BaseException]
 START_TIMEOUT_S = 600.0  # loading a large checkpoint onto a device can take minutes
-_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,8 @@ class EngineLaunch:
     device: str = "cpu"
     torch_threads: int | None = None  # None: torch's default in the child
     count_routing: bool = False  # keep per-(layer, expert) counts for the metrics
+    # where the experts live when not in the child itself (a shard pool); built in the child
+    experts: ExpertBackendFactory | None = None
 
 
 class EngineProcess:
@@ -87,7 +95,7 @@ class EngineProcess:
             p for p in (_PROJECT_ROOT, env.get("PYTHONPATH", "")) if p
         )
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "cluster.engine_process", str(theirs.fileno())],
+            [sys.executable, "-m", "cluster.engine.engine_process", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),),
             env=env,
         )
@@ -322,7 +330,8 @@ def _load(launch: EngineLaunch) -> LLMEngine:
 
     if launch.torch_threads is not None:
         torch.set_num_threads(launch.torch_threads)
-    model = MoEModel.from_checkpoint(launch.model_dir, device=launch.device)
+    experts = launch.experts.build() if launch.experts is not None else None
+    model = MoEModel.from_checkpoint(launch.model_dir, device=launch.device, experts=experts)
     engine = LLMEngine(model, launch.config, load_tokenizer(launch.model_dir))
     engine.runner.count_routing = launch.count_routing and model.spec.is_moe
     return engine

@@ -1,7 +1,7 @@
 """Which trace the engine step now running belongs to, for work done deep inside it.
 
 A step computes many requests at once; when one of them is traced, the
-expert-shard calls the step makes (``cluster.remote_experts``) are recorded
+expert-shard calls the step makes (``cluster.expert_parallel.remote_experts``) are recorded
 under that request's trace. The engine sets the W3C ``traceparent`` around the
 forward pass; backends read it without the model code having to pass it on.
 A context variable keeps concurrent engines (threads) apart.

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 from cache.block_allocator import blocks_for
 from cache.kv_policy import KVPolicy
-from cluster.engine import EngineConfig, EngineRequest, LLMEngine
+from cluster.engine.config import EngineConfig
+from cluster.engine.llm_engine import LLMEngine, kv_bytes_per_block
+from cluster.engine.requests import EngineRequest
 from experts.model import MoEModel
-from experts.sampling import SamplingParams
+from experts.sampling_params import SamplingParams
 
 
 @dataclass
@@ -46,7 +48,9 @@ def generate(
         blocks_for(len(pr) + p.max_tokens, block_size)
         for pr, p in zip(prompts, params, strict=True)
     ]
-    budget = EngineConfig(block_size=block_size).resolve_num_blocks(model)
+    budget = EngineConfig(block_size=block_size).resolve_num_blocks(
+        kv_bytes_per_block(model, block_size)
+    )
     num_blocks = max(max(need, default=1), min(sum(need), budget))
     engine = LLMEngine(model, EngineConfig(block_size=block_size, num_blocks=num_blocks))
     requests = [

@@ -6,7 +6,7 @@ pool copies them first), the model runner computes them in one forward pass,
 and post-processing samples, streams, registers full blocks for reuse, applies
 KV policies and retires finished requests (a request whose row cannot be
 sampled fails alone: see ``RequestFailure``). The engine is synchronous and
-single-threaded; the async API (``cluster.async_engine``) drives it from a
+single-threaded; the async API (``cluster.engine.async_engine``) drives it from a
 background thread.
 """
 
@@ -14,117 +14,39 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from tokenizers import Tokenizer
 
 from cache.block_manager import BlockManager
-from cache.kv_policy import KVPolicy, window_position_limit
 from cache.kv_pool import KVPool
 from cache.prefix_hash import hash_block
-from cluster.engine_counters import EngineCounters
-from cluster.model_runner import ModelRunner, StepInput
-from cluster.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, check_fits
-from cluster.sequence import Sequence as Seq
-from cluster.step_trace import step_trace
+from cluster.engine.admission import validate_request
+from cluster.engine.config import EngineConfig
+from cluster.engine.counters import EngineCounters
+from cluster.engine.model_runner import ModelRunner, StepInput
+from cluster.engine.requests import (
+    AttentionStats,
+    EngineRequest,
+    RequestFailure,
+    Routing,
+    TokenEvent,
+)
+from cluster.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from cluster.engine.sequence import Sequence as Seq
+from cluster.telemetry.step_trace import step_trace
 from experts.model import MoEModel
-from experts.sampling import SampledBatch, SamplingParams, sample_batch
-from experts.spec import ModelSpec
+from experts.sampling import SampledBatch, sample_batch
+from experts.sampling_params import SamplingParams
 from experts.tokenizer import IncrementalDetokenizer
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """KV memory and batching limits of one engine."""
-
-    block_size: int = 16
-    num_blocks: int | None = None  # None: as many as kv_cache_bytes holds
-    kv_cache_bytes: int = 256 * 2**20
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    enable_prefix_caching: bool = True
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.block_size <= 1024:
-            raise ValueError(f"block_size={self.block_size} must be in [1, 1024]")
-        if self.num_blocks is not None and self.num_blocks <= 0:
-            raise ValueError(f"num_blocks={self.num_blocks} must be > 0")
-        if self.kv_cache_bytes <= 0:
-            raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes} must be > 0")
-
-    def resolve_num_blocks(self, model: MoEModel) -> int:
-        if self.num_blocks is not None:
-            return self.num_blocks
-        spec = model.spec
-        per_block = KVPool.bytes_per_block(
-            spec.num_layers, self.block_size, spec.num_kv_heads, spec.head_dim, model.dtype
-        )
-        blocks = self.kv_cache_bytes // per_block
-        if blocks <= 0:
-            raise ValueError(
-                f"kv_cache_bytes={self.kv_cache_bytes} holds no block of {per_block} bytes"
-            )
-        return int(blocks)
-
-
-@dataclass(frozen=True)
-class EngineRequest:
-    request_id: str
-    prompt_ids: Sequence[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    kv_policy: KVPolicy = field(default_factory=KVPolicy)
-    return_routing: bool = False  # per-token experts on each TokenEvent
-    trace_parent: str = ""  # W3C traceparent: expert-shard work in its steps joins this trace
-    attention_first_tokens: int = 0  # N > 0: attention diagnostics on each TokenEvent
-    # the tenant's prefix-cache salt: only requests with the same salt share cached blocks
-    cache_salt: str = ""
-
-    def __post_init__(self) -> None:
-        if len(self.cache_salt) > MAX_CACHE_SALT_CHARS:
-            raise ValueError(
-                f"cache_salt of {len(self.cache_salt)} characters is too long: "
-                f"allowed <= {MAX_CACHE_SALT_CHARS}"
-            )
-
-
-MAX_ATTENTION_FIRST_TOKENS = 1_000_000
-MAX_CACHE_SALT_CHARS = 128
-
-
-Routing = tuple[tuple[int, tuple[int, ...]], ...]  # per MoE layer: (layer, chosen experts)
-# per layer, in model order: (attention entropy in nats, attention mass on the first N tokens),
-# averaged over query heads
-AttentionStats = tuple[tuple[float, float], ...]
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token of one request, with the request's usage so far."""
-
-    request_id: str
-    token_id: int
-    index: int  # position among the generated tokens
-    logprob: float
-    text: str  # detokenised delta ("" without a tokenizer)
-    finish_reason: str | None  # "stop" | "length" on the last token
-    num_prompt_tokens: int
-    num_cached_prompt_tokens: int
-    num_truncated_tokens: int  # tokens evicted by a window policy
-    arrival_time: float
-    time: float
-    routing: Routing | None = None  # the gate's choices at the position that produced it
-    scheduled_time: float | None = None  # when the request was first scheduled (end of queue)
-    attention: AttentionStats | None = None  # at the position that produced it, when asked
-
-
-@dataclass(frozen=True)
-class RequestFailure:
-    """A request the engine stopped on its own (its row could not be sampled); its blocks
-    are freed, and the rest of its batch went on as if it had not been there."""
-
-    request_id: str
-    reason: str
+def kv_bytes_per_block(model: MoEModel, block_size: int) -> int:
+    """Bytes one KV block of ``block_size`` tokens takes for this model (all layers)."""
+    spec = model.spec
+    return KVPool.bytes_per_block(
+        spec.num_layers, block_size, spec.num_kv_heads, spec.head_dim, model.dtype
+    )
 
 
 class LLMEngine:
@@ -140,7 +62,9 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.clock = clock
         spec = model.spec
-        num_blocks = self.config.resolve_num_blocks(model)
+        num_blocks = self.config.resolve_num_blocks(
+            kv_bytes_per_block(model, self.config.block_size)
+        )
         self.pool = KVPool(
             spec.num_layers,
             num_blocks,
@@ -388,77 +312,6 @@ class LLMEngine:
             num_steps=self.num_steps,
             num_preemptions=self.scheduler.num_preemptions,
             num_evictions=self.blocks.num_evictions,
-        )
-
-
-def validate_request(
-    request: EngineRequest, spec: ModelSpec, block_size: int, num_blocks: int
-) -> None:
-    """Raise ``ValueError`` saying what is wrong with a request for an engine of this model,
-    block size and pool (no engine needed: a tier replica checks before it sends)."""
-    prompt, params, policy = request.prompt_ids, request.params, request.kv_policy
-    if not prompt:
-        raise ValueError("prompt is empty: give at least one token")
-    first = request.attention_first_tokens
-    if not 0 <= first <= MAX_ATTENTION_FIRST_TOKENS:
-        raise ValueError(
-            f"attention_first_tokens={first} must be in [0, {MAX_ATTENTION_FIRST_TOKENS}] "
-            "(0: no attention diagnostics)"
-        )
-    if policy.is_window:
-        _check_window(len(prompt), params.max_tokens, policy, spec.max_position_embeddings)
-        least = policy.min_window(block_size)
-        if policy.window < least:
-            raise ValueError(
-                f"window={policy.window} is too small for sinks={policy.sinks} and "
-                f"{len(policy.anchors)} anchor span(s) with block size "
-                f"{block_size}: allowed >= {least}"
-            )
-    elif len(prompt) + params.max_tokens > spec.max_position_embeddings:
-        raise ValueError(
-            f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = "
-            f"{len(prompt) + params.max_tokens} exceeds the model's context of "
-            f"{spec.max_position_embeddings} tokens; shorten the prompt or max_tokens, "
-            "or use kv_policy 'window'"
-        )
-    bad = [t for t in prompt if not 0 <= t < spec.vocab_size]
-    if bad:
-        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {spec.vocab_size})")
-    check_fits(request.request_id, len(prompt), params.max_tokens, policy, block_size, num_blocks)
-
-
-def _check_window(num_prompt: int, max_tokens: int, policy: KVPolicy, context: int) -> None:
-    """A windowed request against the model's context (see ``cache.kv_policy``): the
-    prompt, window, sinks and anchors fit the context; generation may run on past it,
-    to at most ``window_position_limit(context)`` positions."""
-    if policy.window > context:
-        raise ValueError(
-            f"window={policy.window} exceeds the model's context of {context} tokens: "
-            f"allowed <= {context}"
-        )
-    if policy.sinks > context:
-        raise ValueError(
-            f"sinks={policy.sinks} exceeds the model's context of {context} tokens: "
-            f"allowed <= {context}"
-        )
-    for start, end in policy.anchors:
-        if end > context:
-            raise ValueError(
-                f"anchor span [{start}, {end}) ends past the model's context of {context} "
-                f"tokens: anchors must end <= {context}"
-            )
-    if num_prompt > context:
-        raise ValueError(
-            f"prompt ({num_prompt} tokens) exceeds the model's context of {context} tokens: "
-            "even with kv_policy 'window' the prompt must fit the context (generation may "
-            "run past it)"
-        )
-    limit = window_position_limit(context)
-    if num_prompt + max_tokens > limit:
-        raise ValueError(
-            f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) = "
-            f"{num_prompt + max_tokens} exceeds {limit} positions, the most a windowed "
-            f"sequence may reach on this model (context {context}); shorten max_tokens"
         )
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from cache import prefix_hash
 from cache.kv_policy import KVPolicy
-from experts.sampling import Sampler, SamplingParams
+from experts.sampling import Sampler
+from experts.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any, Protocol
 
-from cluster.tier_messages import (
+from cluster.serving.tier_messages import (
     TierInfo,
     TierItem,
     TierRejected,
@@ -118,7 +118,7 @@ class ServeTierClient:
 
 
 class TierHandler(Protocol):
-    """What a tier replica answers (``cluster.tier_replica.TierReplica``)."""
+    """What a tier replica answers (``cluster.serving.tier_replica.TierReplica``)."""
 
     def generate(self, request: TierRequest) -> AsyncGenerator[TierItem, None]: ...
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cache.kv_policy import KVPolicy
-from cluster.engine_counters import EngineCounters
-from experts.sampling import SamplingParams
+from cluster.engine.counters import EngineCounters
+from experts.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from typing import Any
 
 from opentelemetry import trace
 
-from cluster.engine import Routing, TokenEvent
-from cluster.telemetry import Telemetry, context_from_traceparent, traceparent_of
+from cluster.engine.requests import Routing, TokenEvent
+from cluster.telemetry.setup import Telemetry, context_from_traceparent, traceparent_of
 
 ShardOf = Callable[[int, int], str]  # (layer, expert) -> shard holding it
 

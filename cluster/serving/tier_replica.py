@@ -1,8 +1,8 @@
 """A model tier's replica: one engine behind the gateway channel, no Ray in sight.
 
 The Serve deployment in ``deploy/app.py`` only wraps this class. It runs the
-engine, in a process of its own (``cluster.engine_process``, where the replica's
-own Python threads cannot take its GIL) or in this one (``cluster.async_engine``,
+engine, in a process of its own (``cluster.engine.engine_process``, where the replica's
+own Python threads cannot take its GIL) or in this one (``cluster.engine.async_engine``,
 needed when the experts live in a shard pool), checks requests, turns text
 prompts into ids, and streams ``TierItem``s: events produced while the caller
 was busy are sent as one batch, which keeps the per-item transport cost off
@@ -22,12 +22,18 @@ from collections.abc import AsyncGenerator
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from cluster.async_engine import AsyncEngine, EngineCore, EngineStoppedError, RequestFailedError
-from cluster.engine import EngineConfig, EngineRequest, LLMEngine, TokenEvent
-from cluster.engine_process import EngineLaunch, EngineProcess
-from cluster.request_trace import RequestTrace, ShardOf
-from cluster.telemetry import get_telemetry
-from cluster.tier_messages import (
+from cluster.engine.async_engine import (
+    AsyncEngine,
+    EngineCore,
+    EngineStoppedError,
+    RequestFailedError,
+)
+from cluster.engine.config import EngineConfig
+from cluster.engine.engine_process import EngineLaunch, EngineProcess
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.requests import EngineRequest, TokenEvent
+from cluster.serving.request_trace import RequestTrace, ShardOf
+from cluster.serving.tier_messages import (
     TierInfo,
     TierItem,
     TierRejected,
@@ -35,6 +41,7 @@ from cluster.tier_messages import (
     TierStats,
     TierTokens,
 )
+from cluster.telemetry.setup import get_telemetry
 from experts.backend import ExpertBackend
 from experts.model import MoEModel
 from experts.tokenizer import load_tokenizer, max_token_bytes

@@ -6,7 +6,7 @@ the actor handles of a pool and makes every Ray call for this actor type:
 starting shards on chosen nodes, loading and dropping slots, health, and the
 per-layer compute fan-out. That fan-out takes one of two data planes:
 ``torch_dist`` (the default): ``torch.distributed`` point-to-point channels
-(``cluster.data_plane``), Ray only opening them: each channel's ticket and key reach
+(``cluster.expert_parallel.data_plane``), Ray only opening them: each channel's ticket and key reach
 the shards through the ``open_channel`` actor call, never over the data plane itself;
 ``ray``: one actor call per shard per layer, numpy arrays on the wire. Backbones (tier
 replicas) depend on the ``ShardCaller`` Protocol; tests can pass a fake.
@@ -25,8 +25,8 @@ import numpy as np
 import ray
 import torch
 
-from cluster.data_plane import Channel, ChannelTicket, PayloadLimits, serve_channel
-from cluster.telemetry import (
+from cluster.expert_parallel.data_plane import Channel, ChannelTicket, PayloadLimits, serve_channel
+from cluster.telemetry.setup import (
     TelemetrySettings,
     context_from_traceparent,
     get_telemetry,
@@ -188,7 +188,7 @@ class ExpertPool:
     """Handles to a pool's shard actors; every Ray call for them goes through here.
 
     With the ``torch_dist`` data plane each calling thread gets its own channel
-    (``cluster.data_plane.Channel``), opened on its first layer and reopened after a
+    (``cluster.expert_parallel.data_plane.Channel``), opened on its first layer and reopened after a
     failure, so several backbones (threads or processes) can share one pool.
     """
 

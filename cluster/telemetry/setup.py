@@ -42,7 +42,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from cluster.telemetry_exporters import (
+from cluster.telemetry.exporters import (
     METRICS_EXPORTERS,
     OTLP_PROTOCOLS,
     SAMPLERS,
@@ -54,8 +54,8 @@ from cluster.telemetry_exporters import (
     env_overrides,
     parse_exporter_names,
 )
-from cluster.telemetry_metrics import Metrics
-from cluster.trace_file import (
+from cluster.telemetry.metrics import Metrics
+from cluster.telemetry.trace_file import (
     JsonLinesSpanExporter,
     SpanEvent,
     SpanRecord,

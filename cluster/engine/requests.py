@@ -1,0 +1,72 @@
+"""What goes into an engine and what comes out: requests, token events, failures.
+
+Torch-free: these cross the engine process's socket and the tier replica's channel, and the
+gateway (which never imports torch) reads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cache.kv_policy import KVPolicy
+from experts.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_ids: Sequence[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    kv_policy: KVPolicy = field(default_factory=KVPolicy)
+    return_routing: bool = False  # per-token experts on each TokenEvent
+    trace_parent: str = ""  # W3C traceparent: expert-shard work in its steps joins this trace
+    attention_first_tokens: int = 0  # N > 0: attention diagnostics on each TokenEvent
+    # the tenant's prefix-cache salt: only requests with the same salt share cached blocks
+    cache_salt: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.cache_salt) > MAX_CACHE_SALT_CHARS:
+            raise ValueError(
+                f"cache_salt of {len(self.cache_salt)} characters is too long: "
+                f"allowed <= {MAX_CACHE_SALT_CHARS}"
+            )
+
+
+MAX_ATTENTION_FIRST_TOKENS = 1_000_000
+MAX_CACHE_SALT_CHARS = 128
+
+
+Routing = tuple[tuple[int, tuple[int, ...]], ...]  # per MoE layer: (layer, chosen experts)
+# per layer, in model order: (attention entropy in nats, attention mass on the first N tokens),
+# averaged over query heads
+AttentionStats = tuple[tuple[float, float], ...]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one request, with the request's usage so far."""
+
+    request_id: str
+    token_id: int
+    index: int  # position among the generated tokens
+    logprob: float
+    text: str  # detokenised delta ("" without a tokenizer)
+    finish_reason: str | None  # "stop" | "length" on the last token
+    num_prompt_tokens: int
+    num_cached_prompt_tokens: int
+    num_truncated_tokens: int  # tokens evicted by a window policy
+    arrival_time: float
+    time: float
+    routing: Routing | None = None  # the gate's choices at the position that produced it
+    scheduled_time: float | None = None  # when the request was first scheduled (end of queue)
+    attention: AttentionStats | None = None  # at the position that produced it, when asked
+
+
+@dataclass(frozen=True)
+class RequestFailure:
+    """A request the engine stopped on its own (its row could not be sampled); its blocks
+    are freed, and the rest of its batch went on as if it had not been there."""
+
+    request_id: str
+    reason: str
