@@ -43,7 +43,8 @@ from cluster.expert_parallel.expert_pool import InProcessPool
 from cluster.expert_parallel.remote_experts import RemoteExperts
 from cluster.serving.tier_client import InProcessTierClient
 from cluster.serving.tier_replica import TierReplica
-from cluster.telemetry.setup import TelemetrySettings, reset_telemetry, setup_telemetry
+from cluster.telemetry.settings import TelemetrySettings
+from cluster.telemetry.setup import reset_telemetry, setup_telemetry
 from cluster.telemetry.trace_file import read_spans
 from deploy.config import parse_config
 from deploy.demo_model import build_demo_model, is_demo_model

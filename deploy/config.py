@@ -29,7 +29,7 @@ from deploy.policy_config import PolicyConfig
 
 if TYPE_CHECKING:
     from cluster.engine.config import EngineConfig
-    from cluster.telemetry.setup import TelemetrySettings
+    from cluster.telemetry.settings import TelemetrySettings
     from router.tier_policy import TierPolicyConfig
 
 DEFAULT_DEMO_DIR = Path(".demo-models")
@@ -192,7 +192,7 @@ class TelemetryConfig(_Model):
         return _resolve_path(path, info) if path else path
 
     def settings(self) -> TelemetrySettings:
-        from cluster.telemetry.setup import TelemetrySettings
+        from cluster.telemetry.settings import TelemetrySettings
 
         return TelemetrySettings(
             service_name=self.service_name,

@@ -17,7 +17,8 @@ from cluster.expert_parallel.expert_pool import ExpertPool, ShardSpec
 from cluster.expert_parallel.remote_experts import RemoteExperts
 from cluster.serving.tier_messages import TierInfo, TierItem, TierRequest, TierStats
 from cluster.serving.tier_replica import TierReplica
-from cluster.telemetry.setup import TelemetrySettings, setup_telemetry
+from cluster.telemetry.settings import TelemetrySettings
+from cluster.telemetry.setup import setup_telemetry
 from deploy.config import TierConfig
 from deploy.expert_config import MIN_BUNDLE_CPU
 from deploy.replica_context import replica_attributes

@@ -26,8 +26,8 @@ import ray
 import torch
 
 from cluster.expert_parallel.data_plane import Channel, ChannelTicket, PayloadLimits, serve_channel
+from cluster.telemetry.settings import TelemetrySettings
 from cluster.telemetry.setup import (
-    TelemetrySettings,
     context_from_traceparent,
     get_telemetry,
     setup_telemetry,

@@ -1,4 +1,4 @@
-"""Registries behind ``TelemetrySettings``: samplers, span exporters, metric readers, OTEL_* env.
+"""Registries behind ``TelemetrySettings``: samplers, span exporters, metric readers.
 
 Each swappable piece is a name in a small table, so an unknown name fails with the known ones
 and adding an exporter is one entry. Exporter modules are imported when chosen: the gRPC and
@@ -11,7 +11,7 @@ import ipaddress
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
@@ -26,16 +26,11 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 
+from cluster.telemetry.settings import SAMPLER_NAMES, TelemetrySettings, checked_protocol
 from cluster.telemetry.trace_file import JsonLinesSpanExporter
-
-if TYPE_CHECKING:
-    from cluster.telemetry.setup import TelemetrySettings
 
 logger = logging.getLogger(__name__)
 
-TRACES_EXPORTERS = ("otlp", "file", "console", "none")
-METRICS_EXPORTERS = ("prometheus", "otlp", "none")
-OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 PROMETHEUS_PORT_SPAN = 32  # several actors per node each export: try this many ports above
 
 # The OTEL_TRACES_SAMPLER names of the SDK; each takes the ratio, used or not.
@@ -47,69 +42,11 @@ SAMPLERS: dict[str, Callable[[float], Sampler]] = {
     "traceidratio": TraceIdRatioBased,
     "parentbased_traceidratio": ParentBasedTraceIdRatio,
 }
-
-
-def parse_exporter_names(value: str, field: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
-    """Parse a comma-separated exporter list, as OTEL_*_EXPORTER allows; "none" alone is empty."""
-    names = tuple(n.strip().lower() for n in value.split(",") if n.strip())
-    for name in names:
-        if name not in allowed:
-            raise ValueError(f"{field}={value!r}: unknown exporter {name!r}; allowed: {allowed}")
-    if "none" in names and len(names) > 1:
-        raise ValueError(f"{field}={value!r}: 'none' cannot be combined with other exporters")
-    return tuple(n for n in names if n != "none")
+assert tuple(SAMPLERS) == SAMPLER_NAMES, "a sampler name without a builder, or the reverse"
 
 
 def build_sampler(settings: TelemetrySettings) -> Sampler:
     return SAMPLERS[settings.sampler](settings.sample_ratio)
-
-
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The ``TelemetrySettings`` fields that ``environ``'s OTEL_* variables set."""
-
-    def get(name: str) -> str | None:
-        return environ.get(name, "").strip() or None
-
-    if (get("OTEL_SDK_DISABLED") or "").lower() == "true":
-        return {"traces_exporter": "none", "metrics_exporter": "none"}
-    out: dict[str, Any] = {}
-    if value := get("OTEL_SERVICE_NAME"):
-        out["service_name"] = value
-    if value := get("OTEL_TRACES_EXPORTER"):
-        parse_exporter_names(value, "OTEL_TRACES_EXPORTER", TRACES_EXPORTERS)
-        out["traces_exporter"] = value
-    if value := get("OTEL_METRICS_EXPORTER"):
-        parse_exporter_names(value, "OTEL_METRICS_EXPORTER", METRICS_EXPORTERS)
-        out["metrics_exporter"] = value
-    if get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        out["otlp_endpoint"] = None  # the exporters read it themselves (and add /v1/* paths)
-    if value := get("OTEL_EXPORTER_OTLP_PROTOCOL"):
-        out["otlp_protocol"] = _checked_protocol("OTEL_EXPORTER_OTLP_PROTOCOL", value)
-    if value := get("OTEL_TRACES_SAMPLER"):
-        if value.lower() not in SAMPLERS:
-            raise ValueError(f"OTEL_TRACES_SAMPLER={value!r}; allowed: {tuple(SAMPLERS)}")
-        out["sampler"] = value.lower()
-    if value := get("OTEL_TRACES_SAMPLER_ARG"):
-        try:
-            ratio = float(value)
-        except ValueError:
-            raise ValueError(f"OTEL_TRACES_SAMPLER_ARG={value!r} is not a number") from None
-        if not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"OTEL_TRACES_SAMPLER_ARG={value!r} must be in [0, 1]")
-        out["sample_ratio"] = ratio
-    if value := get("OTEL_EXPORTER_PROMETHEUS_HOST"):
-        out["prometheus_host"] = value
-    if value := get("OTEL_EXPORTER_PROMETHEUS_PORT"):
-        if not value.isdigit():
-            raise ValueError(f"OTEL_EXPORTER_PROMETHEUS_PORT={value!r} is not a port number")
-        out["prometheus_port"] = int(value)
-    return out
-
-
-def _checked_protocol(var: str, value: str) -> str:
-    if value not in OTLP_PROTOCOLS:
-        raise ValueError(f"{var}={value!r}; allowed: {OTLP_PROTOCOLS}")
-    return value
 
 
 def _otlp_target(
@@ -121,7 +58,7 @@ def _otlp_target(
     """
     var = f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"
     protocol = environ.get(var, "").strip()
-    protocol = _checked_protocol(var, protocol) if protocol else settings.otlp_protocol
+    protocol = checked_protocol(var, protocol) if protocol else settings.otlp_protocol
     env_endpoint = (
         environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT", "").strip()
         or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()

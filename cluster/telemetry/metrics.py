@@ -29,6 +29,43 @@ DISPATCH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5
 # Shadow divergence is 1 - token agreement, in [0, 1].
 DIVERGENCE_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 
+# name -> (unit, description, bucket boundaries) of each histogram
+HISTOGRAMS: dict[str, tuple[str, str, tuple[float, ...]]] = {
+    "gen_ai.server.time_to_first_token": (
+        "s",
+        "Time to generate the first token of a request",
+        TTFT_BUCKETS,
+    ),
+    "gen_ai.server.time_per_output_token": (
+        "s",
+        "Mean time per output token after the first, per request",
+        TPOT_BUCKETS,
+    ),
+    "gen_ai.server.request.duration": (
+        "s",
+        "End-to-end request duration",
+        REQUEST_DURATION_BUCKETS,
+    ),
+    "moe.shard.dispatch.duration": ("s", "Duration of one expert-shard call", DISPATCH_BUCKETS),
+    "moe.shadow.divergence": (
+        "1",
+        "Divergence of a shadow tier from the primary (1 - token agreement)",
+        DIVERGENCE_BUCKETS,
+    ),
+}
+# name -> (unit, description) of each counter; the attributes each takes are in its record_*
+COUNTERS: dict[str, tuple[str, str]] = {
+    "moe.routed_tokens": ("{token}", "Tokens routed to each MoE expert"),
+    "moe.kv.prefix_lookup_tokens": ("{token}", "Prompt tokens looked up in the prefix cache"),
+    "moe.kv.prefix_hit_tokens": (
+        "{token}",
+        "Prompt tokens served from the prefix cache (hit rate = hit / lookup)",
+    ),
+    "moe.kv.evicted_blocks": ("{block}", "KV blocks evicted"),
+    "moe.kv.truncated_tokens": ("{token}", "Context tokens dropped by KV window policies"),
+    "moe.escalations": ("{request}", "Requests escalated between tiers"),
+}
+
 KvSource = Callable[[], tuple[int, int]]  # () -> (blocks in use, blocks total)
 
 
@@ -40,60 +77,27 @@ class Metrics:
     """
 
     def __init__(self, meter: Meter) -> None:
-        self._ttft = meter.create_histogram(
-            "gen_ai.server.time_to_first_token",
-            unit="s",
-            description="Time to generate the first token of a request",
-            explicit_bucket_boundaries_advisory=TTFT_BUCKETS,
-        )
-        self._tpot = meter.create_histogram(
-            "gen_ai.server.time_per_output_token",
-            unit="s",
-            description="Mean time per output token after the first, per request",
-            explicit_bucket_boundaries_advisory=TPOT_BUCKETS,
-        )
-        self._duration = meter.create_histogram(
-            "gen_ai.server.request.duration",
-            unit="s",
-            description="End-to-end request duration",
-            explicit_bucket_boundaries_advisory=REQUEST_DURATION_BUCKETS,
-        )
-        self._routed = meter.create_counter(
-            "moe.routed_tokens", unit="{token}", description="Tokens routed to each MoE expert"
-        )
-        self._dispatch = meter.create_histogram(
-            "moe.shard.dispatch.duration",
-            unit="s",
-            description="Duration of one expert-shard call",
-            explicit_bucket_boundaries_advisory=DISPATCH_BUCKETS,
-        )
-        self._prefix_lookup = meter.create_counter(
-            "moe.kv.prefix_lookup_tokens",
-            unit="{token}",
-            description="Prompt tokens looked up in the prefix cache",
-        )
-        self._prefix_hit = meter.create_counter(
-            "moe.kv.prefix_hit_tokens",
-            unit="{token}",
-            description="Prompt tokens served from the prefix cache (hit rate = hit / lookup)",
-        )
-        self._evicted = meter.create_counter(
-            "moe.kv.evicted_blocks", unit="{block}", description="KV blocks evicted"
-        )
-        self._truncated = meter.create_counter(
-            "moe.kv.truncated_tokens",
-            unit="{token}",
-            description="Context tokens dropped by KV window policies",
-        )
-        self._escalations = meter.create_counter(
-            "moe.escalations", unit="{request}", description="Requests escalated between tiers"
-        )
-        self._divergence = meter.create_histogram(
-            "moe.shadow.divergence",
-            unit="1",
-            description="Divergence of a shadow tier from the primary (1 - token agreement)",
-            explicit_bucket_boundaries_advisory=DIVERGENCE_BUCKETS,
-        )
+        histograms = {
+            name: meter.create_histogram(
+                name, unit=u, description=d, explicit_bucket_boundaries_advisory=buckets
+            )
+            for name, (u, d, buckets) in HISTOGRAMS.items()
+        }
+        self._ttft = histograms["gen_ai.server.time_to_first_token"]
+        self._tpot = histograms["gen_ai.server.time_per_output_token"]
+        self._duration = histograms["gen_ai.server.request.duration"]
+        self._dispatch = histograms["moe.shard.dispatch.duration"]
+        self._divergence = histograms["moe.shadow.divergence"]
+        counters = {
+            name: meter.create_counter(name, unit=u, description=d)
+            for name, (u, d) in COUNTERS.items()
+        }
+        self._routed = counters["moe.routed_tokens"]
+        self._prefix_lookup = counters["moe.kv.prefix_lookup_tokens"]
+        self._prefix_hit = counters["moe.kv.prefix_hit_tokens"]
+        self._evicted = counters["moe.kv.evicted_blocks"]
+        self._truncated = counters["moe.kv.truncated_tokens"]
+        self._escalations = counters["moe.escalations"]
         self._kv_sources: dict[str, KvSource] = {}
         self._kv_lock = threading.Lock()
         meter.create_observable_gauge(

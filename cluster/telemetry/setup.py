@@ -25,7 +25,6 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
 from typing import Any
 
 from opentelemetry import trace
@@ -43,18 +42,13 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from cluster.telemetry.exporters import (
-    METRICS_EXPORTERS,
-    OTLP_PROTOCOLS,
-    SAMPLERS,
-    TRACES_EXPORTERS,
     PrometheusEndpoint,
     build_metric_reader,
     build_sampler,
     build_span_exporter,
-    env_overrides,
-    parse_exporter_names,
 )
 from cluster.telemetry.metrics import Metrics
+from cluster.telemetry.settings import TelemetrySettings, settings_from_env
 from cluster.telemetry.trace_file import (
     JsonLinesSpanExporter,
     SpanEvent,
@@ -69,13 +63,11 @@ __all__ = [
     "SpanEvent",
     "SpanRecord",
     "Telemetry",
-    "TelemetrySettings",
     "TraceFileStats",
     "context_from_traceparent",
     "get_telemetry",
     "read_spans",
     "reset_telemetry",
-    "settings_from_env",
     "setup_telemetry",
     "traceparent_of",
 ]
@@ -83,79 +75,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SCOPE_NAME = "moe-cluster"
-
-
-@dataclass(frozen=True)
-class TelemetrySettings:
-    """What a process exports; ``OTEL_*`` variables override it (see the module docstring)."""
-
-    service_name: str = "moe-cluster"
-    traces_exporter: str = "none"  # otlp | file | console | none, or a comma-separated list
-    otlp_endpoint: str | None = None  # None: the exporter's env variable or its default
-    otlp_protocol: str = "grpc"  # grpc (port 4317) | http/protobuf (port 4318)
-    file_path: str | None = None  # JSON-lines trace file, for traces_exporter="file"
-    sampler: str = "parentbased_traceidratio"
-    sample_ratio: float = 1.0  # fraction of new traces kept by the ratio samplers
-    metrics_exporter: str = "none"  # prometheus | otlp | none, or a comma-separated list
-    # this node only unless configured: a scraper on another node needs the node's address
-    # (or 0.0.0.0, every interface); /metrics has no authentication
-    prometheus_host: str = "127.0.0.1"
-    prometheus_port: int = 9464  # first port tried; taken ports are skipped, up to +32
-    record_text: bool = False  # put prompt and completion text on spans
-    token_events: int = 256  # most per-token span events per request; 0 = none
-    dispatch_spans: int = 8  # most expert-dispatch spans (per MoE layer call) per request
-    resource_attributes: tuple[tuple[str, str], ...] = ()
-
-    def __post_init__(self) -> None:
-        if not self.service_name:
-            raise ValueError("service_name must not be empty")
-        traces = parse_exporter_names(self.traces_exporter, "traces_exporter", TRACES_EXPORTERS)
-        parse_exporter_names(self.metrics_exporter, "metrics_exporter", METRICS_EXPORTERS)
-        if "file" in traces and not self.file_path:
-            raise ValueError(f"traces_exporter={self.traces_exporter!r} needs file_path")
-        if self.otlp_endpoint is not None and "://" not in self.otlp_endpoint:
-            raise ValueError(
-                f"otlp_endpoint={self.otlp_endpoint!r} must be a URL such as "
-                "http://127.0.0.1:4317 (http:// means no TLS)"
-            )
-        if self.otlp_protocol not in OTLP_PROTOCOLS:
-            raise ValueError(f"otlp_protocol={self.otlp_protocol!r}; allowed: {OTLP_PROTOCOLS}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler={self.sampler!r}; allowed: {tuple(SAMPLERS)}")
-        if not 0.0 <= self.sample_ratio <= 1.0:
-            raise ValueError(f"sample_ratio={self.sample_ratio!r} must be in [0, 1]")
-        if not self.prometheus_host.strip():  # "" would bind every interface
-            raise ValueError(
-                f"prometheus_host={self.prometheus_host!r} must name an address "
-                "(127.0.0.1: this node only; 0.0.0.0: every interface)"
-            )
-        if not 0 <= self.prometheus_port <= 65535:
-            raise ValueError(f"prometheus_port={self.prometheus_port!r} must be in [0, 65535]")
-        if self.token_events < 0:
-            raise ValueError(f"token_events={self.token_events!r} must be >= 0")
-        if self.dispatch_spans < 0:
-            raise ValueError(f"dispatch_spans={self.dispatch_spans!r} must be >= 0")
-        for pair in self.resource_attributes:
-            if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
-                raise ValueError(f"resource_attributes: {pair!r} is not a (key, value) pair")
-
-    @property
-    def traces_exporters(self) -> tuple[str, ...]:
-        return parse_exporter_names(self.traces_exporter, "traces_exporter", TRACES_EXPORTERS)
-
-    @property
-    def metrics_exporters(self) -> tuple[str, ...]:
-        return parse_exporter_names(self.metrics_exporter, "metrics_exporter", METRICS_EXPORTERS)
-
-
-def settings_from_env(base: TelemetrySettings, environ: Mapping[str, str]) -> TelemetrySettings:
-    """``base`` with the standard ``OTEL_*`` variables of ``environ`` applied (they win).
-
-    Bad values raise ``ValueError`` naming the variable: a typo that silently turned tracing
-    off would only be noticed when the traces are needed. ``OTEL_RESOURCE_ATTRIBUTES`` is
-    left to the SDK's resource detector, which ``setup_telemetry`` runs last.
-    """
-    return replace(base, **env_overrides(environ))
 
 
 class Telemetry:

@@ -25,7 +25,8 @@ from cluster.expert_parallel.expert_pool import InProcessPool
 from cluster.expert_parallel.remote_experts import RemoteExperts
 from cluster.serving.tier_client import InProcessTierClient
 from cluster.serving.tier_replica import TierReplica
-from cluster.telemetry.setup import TelemetrySettings, reset_telemetry, setup_telemetry
+from cluster.telemetry.settings import TelemetrySettings
+from cluster.telemetry.setup import reset_telemetry, setup_telemetry
 from deploy.api import ApiError
 from deploy.config import ClusterConfig, parse_config
 from deploy.gateway import Gateway

@@ -23,14 +23,13 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from cluster.telemetry.metrics import TTFT_BUCKETS
+from cluster.telemetry.settings import TelemetrySettings, settings_from_env
 from cluster.telemetry.setup import (
-    TelemetrySettings,
     TraceFileStats,
     context_from_traceparent,
     get_telemetry,
     read_spans,
     reset_telemetry,
-    settings_from_env,
     setup_telemetry,
     traceparent_of,
 )
