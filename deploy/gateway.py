@@ -1,12 +1,11 @@
 """The gateway: authenticate, validate, ask the tier policy, stream tokens back.
 
-Ray-free: it talks to tiers through a ``TierClient`` and yields protobuf
-chunks; ``deploy/app.py`` hosts it in the Serve ingress deployment. Cascade:
-when the policy asks for a probe, the first K tokens of the fast tier are
-held back; if their mean log-probability is too low the fast stream is
-cancelled and the strong tier serves the request from scratch, otherwise the
-held tokens are released and the fast tier goes on. Shadowed requests run on
-the candidate tier in a background task the caller never waits for.
+Ray-free: it talks to tiers through a ``TierClient`` (opened and read by ``deploy.tier_stream``)
+and yields protobuf chunks; ``deploy.gateway_host`` hosts it in the Serve ingress deployment.
+Cascade: when the policy asks for a probe, the first K tokens of the fast tier are held back;
+if their mean log-probability is too low the fast stream is cancelled and the strong tier serves
+the request from scratch, otherwise the held tokens are released and the fast tier goes on.
+Shadowed requests run on the candidate tier in a background task the caller never waits for.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import asyncio
 import hmac
 import re
 import secrets
-import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -24,8 +22,8 @@ import grpc
 from opentelemetry import trace
 
 from cluster.engine.requests import Routing
-from cluster.serving.tier_client import TierBusyError, TierClient, TierUnavailableError
-from cluster.serving.tier_messages import TierRejected, TierRequest, TierTokens
+from cluster.serving.tier_client import TierClient
+from cluster.serving.tier_messages import TierRequest, TierTokens
 from cluster.telemetry.setup import get_telemetry, traceparent_of
 from deploy.api import ApiError, GenerateArgs, RequestLimits, invalid, parse_generate
 from deploy.audit import (
@@ -41,15 +39,11 @@ from deploy.edge_config import tenant_of
 from deploy.gateway_trace import GatewayTrace
 from deploy.proto import moecluster_v1_pb2 as pb
 from deploy.tier_listing import health_of, list_tiers
+from deploy.tier_stream import chain_held, open_tier_stream, routing_chunks
 from experts.stop_strings import StopStringMatcher
 from router.tier_policy import TierDecision, TierPolicy
 
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
-_REJECTION_CODES = {
-    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
-    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "unavailable": grpc.StatusCode.UNAVAILABLE,
-}
 
 
 @dataclass
@@ -162,7 +156,7 @@ class Gateway:
             attention_first_tokens=args.attention_first_tokens,
             cache_salt=tenant,  # tenants never share (or time) each other's cached blocks
         )
-        stream = await self._open(decision.tier, tier_request)
+        stream = await open_tier_stream(self.tiers, decision.tier, tier_request)
         held: list[TierTokens] = []
         if decision.probe_tokens:
             stream, held, decision = await self._probe(decision, tier_request, stream)
@@ -170,8 +164,8 @@ class Gateway:
         served = _Served()
         matcher = StopStringMatcher(args.stop)
         try:
-            async for batch in _chain(held, stream):
-                routing = _routing(len(served.token_ids), batch)
+            async for batch in chain_held(held, stream):
+                routing = routing_chunks(len(served.token_ids), batch)
                 served.token_ids += batch.token_ids
                 served.logprobs += batch.logprobs
                 served.text.append(batch.text)
@@ -249,27 +243,6 @@ class Gateway:
         # a file write: off the event loop; append never raises (it counts its errors)
         self._spawn(asyncio.to_thread(self.audit.append, record))
 
-    async def _open(self, tier: str, request: TierRequest) -> AsyncGenerator[TierTokens, None]:
-        """Start generation on a tier; the replica's refusal becomes an ``ApiError``."""
-        # stamped at each call (an escalation or a shadow run is a new wait in a new queue)
-        stream = self.tiers.generate(tier, replace(request, sent_at=time.time()))
-        try:
-            first = await anext(stream)
-        except TierBusyError:
-            raise ApiError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"tier {tier!r} is at capacity (its queue is full); retry later",
-            ) from None
-        except TierUnavailableError:
-            raise ApiError(
-                grpc.StatusCode.UNAVAILABLE, f"tier {tier!r} has no replica available; retry later"
-            ) from None
-        if isinstance(first, TierRejected):
-            await stream.aclose()
-            code = _REJECTION_CODES.get(first.code, grpc.StatusCode.UNAVAILABLE)
-            raise ApiError(code, first.message)
-        return _tokens_only(tier, first, stream)
-
     async def _probe(
         self,
         decision: TierDecision,
@@ -288,7 +261,7 @@ class Gateway:
         if not settled.escalated:
             return stream, held, settled
         await stream.aclose()  # the fast tier stops; its tokens are never shown
-        return await self._open(settled.tier, request), [], settled
+        return await open_tier_stream(self.tiers, settled.tier, request), [], settled
 
     def _finish(
         self,
@@ -343,7 +316,7 @@ class Gateway:
         tokens: list[int] = []
         logprobs: list[float] = []
         try:
-            async for batch in await self._open(tier, shadow_request):
+            async for batch in await open_tier_stream(self.tiers, tier, shadow_request):
                 tokens += batch.token_ids
                 logprobs += batch.logprobs
         except ApiError as err:
@@ -373,51 +346,6 @@ class Gateway:
 
     async def health(self) -> pb.HealthResponse:
         return health_of(await self.list_tiers())
-
-
-async def _tokens_only(
-    tier: str, first: object, stream: AsyncGenerator[object, None]
-) -> AsyncGenerator[TierTokens, None]:
-    """The token batches from the first on; a tier lost or stopped mid-stream becomes
-    UNAVAILABLE."""
-    try:
-        assert isinstance(first, TierTokens), f"unexpected first item {type(first).__name__}"
-        yield first
-        async for item in stream:
-            if isinstance(item, TierRejected):  # the replica's engine stopped mid-stream
-                code = _REJECTION_CODES.get(item.code, grpc.StatusCode.UNAVAILABLE)
-                raise ApiError(code, item.message)
-            assert isinstance(item, TierTokens), f"unexpected {type(item).__name__} mid-stream"
-            yield item
-    except (TierBusyError, TierUnavailableError) as err:
-        raise ApiError(
-            grpc.StatusCode.UNAVAILABLE, f"tier {tier!r} failed during generation ({err}); retry"
-        ) from None
-    finally:
-        await stream.aclose()
-
-
-def _routing(first_index: int, batch: TierTokens) -> list[pb.TokenRouting]:
-    if batch.routing is None:
-        return []
-    return [
-        pb.TokenRouting(
-            index=first_index + i,
-            layers=[pb.LayerRouting(layer=layer, experts=experts) for layer, experts in token],
-        )
-        for i, token in enumerate(batch.routing)
-    ]
-
-
-async def _chain(
-    held: list[TierTokens], stream: AsyncIterator[TierTokens]
-) -> AsyncIterator[TierTokens]:
-    for batch in held:
-        yield batch
-        if batch.finish_reason is not None:
-            return
-    async for batch in stream:
-        yield batch
 
 
 def _trace_id(traceparent: str) -> str:

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 GATEWAY_MODULES = (
     "deploy.gateway_host",
     "deploy.gateway",
+    "deploy.tier_stream",
     "deploy.front_door",
     "deploy.api",
     "deploy.config",
@@ -27,6 +28,7 @@ GATEWAY_MODULES = (
     "cluster.engine.requests",
     "cluster.engine.config",
     "cluster.telemetry.setup",
+    "cluster.telemetry.settings",
     "experts.sampling_params",
 )
 FORBIDDEN = ("torch", "transformers", "safetensors", "experts.model", "cluster.engine.llm_engine")
