@@ -1,40 +1,32 @@
 """What other Python work beside the engine costs it: in the engine's process, or in another.
 
-A tier replica runs its engine on a thread of the Serve replica process, beside Serve's
-own threads (request handling, streaming each item back), which run Python under the
-same GIL. This bench measures what such work costs the engine, with the serving path
-taken out: the in-process engine (one torch thread, as a replica's) serves a closed
-loop of ``C`` asyncio clients while a bursty pure-Python load (1 ms bursts, on average
-``--duty`` of a core) runs
+A tier replica whose engine runs on a thread of its own process shares the GIL with Serve's
+threads (request handling, streaming each item back). This bench measures what such work
+costs the engine, the serving path taken out: the in-process engine (one torch thread, as a
+replica's) serves a closed loop of ``C`` asyncio clients while a bursty pure-Python load
+(1 ms bursts, on average ``--duty`` of a core) runs
 
 - nowhere (the baseline),
 - on a thread of the engine's process (it competes for the GIL and a CPU), or
 - in another process (it competes for a CPU only; the machine has a second core).
 
-The three alternate over ``--rounds`` rounds on one warmed engine. No target: the figures
-say where a replica's lost throughput goes. Writes ``bench/results/gil_contention.json``.
-Run: ``.venv/bin/python bench/gil_contention.py`` (``--quick`` for a smoke run).
+The three alternate over ``--rounds`` rounds on one warmed engine; each figure is the median
+of the rounds' throughput over the baseline's in the same round. No target: the figures say
+where a replica's lost throughput goes. Writes ``bench/results/gil_contention.json``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` when run as a script
+from bench.harness import demo_checkpoint, median, model_label, parser, quick_or, write_results
+from bench.serving import InProcess, LevelResult, Request, workload
 
-from bench.machine import load_average, machine_summary
-from bench.serve_load import DEMO_DIR, InProcess, LevelResult, workload
-
-OUT = Path(__file__).resolve().parent / "results"
 MODES = ("none", "thread", "process")
 BURST_S = 0.001
 
@@ -49,7 +41,9 @@ def burn(ready: Any, stop: Any, duty: float) -> None:
         time.sleep(BURST_S * (1 - duty) / duty)
 
 
-def measure(local: InProcess, mode: str, duty: float, concurrency: int, requests: Any) -> float:
+def measure(
+    local: InProcess, mode: str, duty: float, concurrency: int, requests: list[Request]
+) -> float:
     worker: threading.Thread | multiprocessing.process.BaseProcess | None = None
     ready: Any = None
     stop: Any = None
@@ -65,7 +59,7 @@ def measure(local: InProcess, mode: str, duty: float, concurrency: int, requests
         if not ready.wait(120):  # a spawned process imports this module first
             raise RuntimeError(f"the {mode} load did not start")
     try:
-        result = LevelResult(mode, concurrency, 0, 0, 0.0, 0)
+        result = LevelResult(mode, concurrency)
         local.level(concurrency, requests, result)
     finally:
         if worker is not None:
@@ -74,80 +68,68 @@ def measure(local: InProcess, mode: str, duty: float, concurrency: int, requests
     return result.tokens_per_s
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small smoke run")
-    parser.add_argument(
+def main(argv: list[str] | None = None) -> None:
+    p = parser("gil_contention", __doc__)
+    p.add_argument(
         "--duty",
         type=float,
         action="append",
         help="share of a core the Python load takes, in (0, 1) (repeatable; default 0.1, 0.3)",
     )
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3)")
-    args = parser.parse_args()
+    p.add_argument("--rounds", type=int, default=None, help="rounds (default 3)")
+    args = p.parse_args(argv)
     duties = args.duty or ([0.3] if args.quick else [0.1, 0.3])
     for duty in duties:
         if not 0 < duty < 1:
-            parser.error(f"--duty {duty} must be between 0 and 1")
-    rounds = args.rounds or (1 if args.quick else 3)
+            p.error(f"--duty {duty} must be between 0 and 1")
+    started = time.perf_counter()
+    rounds = quick_or(args, args.rounds, 1, 3)
     concurrency = 8 if args.quick else 32
     max_tokens = 16 if args.quick else 64
-
-    from deploy.config import default_config
-    from deploy.up import ensure_demo_models
-
     torch.set_num_threads(1)  # as a tier replica's engine (Ray's OMP_NUM_THREADS for 0.5 CPU)
-    ensure_demo_models(DEMO_DIR)
-    tier = default_config(DEMO_DIR).tier("strong")
+    model = demo_checkpoint("tiny")
+    from deploy.config import default_config
+
     requests = workload(4 * concurrency, max_tokens, seed=concurrency)
-    load_start = load_average()
-    local = InProcess(Path(tier.model), tier.to_engine_config())
+    local = InProcess(model, default_config().tier("strong").to_engine_config())
     rates: dict[tuple[float, str], list[float]] = {}
     try:
-        local.level(concurrency, requests, LevelResult("warm", concurrency, 0, 0, 0.0, 0))
+        local.level(concurrency, requests, LevelResult("warm", concurrency))
         for i in range(rounds):
             for duty in duties:
                 for mode in MODES if i % 2 == 0 else MODES[::-1]:
                     rate = measure(local, mode, duty, concurrency, requests)
                     rates.setdefault((duty, mode), []).append(rate)
-                    line = f"  round {i + 1} duty {duty:.2f} {mode:<8} {rate:7.1f} tok/s"
-                    print(line, flush=True)
+                    print(f"  round {i + 1} duty {duty:.2f} {mode:<8} {rate:7.1f} tok/s")
     finally:
         local.close()
-
     rows = []
     print(f"{'duty':>6}{'load in':>10}{'tok/s':>9}{'vs none':>9}")
     for duty in duties:
-        base = sum(rates[(duty, "none")]) / rounds
+        base = rates[(duty, "none")]
         for mode in MODES:
-            mean = sum(rates[(duty, mode)]) / rounds
+            mine = rates[(duty, mode)]
+            ratio = median([m / b for m, b in zip(mine, base, strict=True)])
             rows.append(
                 {
                     "duty": duty,
                     "load_in": mode,
-                    "tokens_per_s": round(mean, 1),
-                    "rounds_tokens_per_s": [round(r, 1) for r in rates[(duty, mode)]],
-                    "vs_none": round(mean / base, 3),
+                    "tokens_per_s_median": round(median(mine), 1),
+                    "rounds_tokens_per_s": [round(r, 1) for r in mine],
+                    "vs_none": round(ratio, 3),
                 }
             )
-            print(f"{duty:>6.2f}{mode:>10}{mean:>9.1f}{mean / base:>9.3f}")
-    result = {
-        "benchmark": "gil_contention",
-        "quick": args.quick,
-        "model": tier.model,
+            print(f"{duty:>6.2f}{mode:>10}{median(mine):>9.1f}{ratio:>9.3f}")
+    report = {
+        "model": model_label(model),
         "concurrency": concurrency,
         "max_tokens": max_tokens,
         "requests_per_round": len(requests),
         "rounds": rounds,
         "burst_s": BURST_S,
         "rows": rows,
-        "targets": {},  # no target: a diagnosis of where a replica's throughput goes
-        "machine": machine_summary(load_start),
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    name = f"gil_contention{'.quick' if args.quick else ''}.json"
-    (OUT / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {OUT / name}")
+    write_results(args, report, {}, started=started)  # no target: a diagnosis
 
 
 if __name__ == "__main__":

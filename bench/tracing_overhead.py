@@ -14,30 +14,35 @@ collected once per round the way a scraper would). "Off" is telemetry not set up
 every instrument is a no-op. The same fixed-seed workload (requests submitted at
 once, mixed prompt lengths, greedy, fixed output lengths) runs in alternating rounds,
 off/on then on/off, so machine noise hits both; throughput is output tokens over
-the round's wall time and each mode keeps its best round (noise only slows a run).
-
-Run: ``.venv/bin/python bench/tracing_overhead.py`` (``--quick`` for a smoke run).
-Writes ``bench/results/tracing_overhead.json`` (quick: ``tracing_overhead.quick.json``).
+the round's wall time. The target is the median over rounds of on / off, each round's
+pair run back to back. Writes ``bench/results/tracing_overhead.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
-import platform
 import random
-import statistics
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from bench.harness import (
+    FIRST_ORDINARY_ID,
+    demo_checkpoint,
+    median,
+    model_label,
+    parser,
+    quick_or,
+    say,
+    target,
+    wait_for_quiet,
+    write_results,
+)
 from cluster.engine.config import EngineConfig
 from cluster.expert_parallel.expert_pool import InProcessPool
 from cluster.expert_parallel.remote_experts import RemoteExperts
@@ -47,15 +52,11 @@ from cluster.telemetry.settings import TelemetrySettings
 from cluster.telemetry.setup import reset_telemetry, setup_telemetry
 from cluster.telemetry.trace_file import read_spans
 from deploy.config import parse_config
-from deploy.demo_model import build_demo_model, is_demo_model
 from deploy.gateway import Gateway
 from deploy.proto import moecluster_v1_pb2 as pb
 from experts.checkpoint import CheckpointReader
 from router.routing_table import round_robin
 
-REPO = Path(__file__).resolve().parent.parent
-MODEL_DIR = REPO / ".demo-models" / "tiny"
-OUT = REPO / "bench" / "results"
 RATIO_GOAL = 0.95
 TOKEN_EVENTS = 256
 
@@ -78,14 +79,11 @@ class Round:
         return self.output_tokens / self.wall_s
 
 
-def say(message: str) -> None:
-    print(f"[tracing_overhead] {message}", flush=True)
-
-
 def make_workload(requests: int, max_tokens: int, seed: int, vocab: int) -> Workload:
     rng = random.Random(seed)
     prompts = [
-        [rng.randrange(3, vocab) for _ in range(rng.randint(16, 128))] for _ in range(requests)
+        [rng.randrange(FIRST_ORDINARY_ID, vocab) for _ in range(rng.randint(16, 128))]
+        for _ in range(requests)
     ]
     return Workload(prompts, max_tokens)
 
@@ -151,106 +149,71 @@ def measure(
     return Round(mode, wall, tokens, spans)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: small workload")
-    parser.add_argument("--experts", choices=["sharded", "colocated"], default="sharded")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per mode (default 5)")
-    parser.add_argument("--model-dir", type=Path, default=MODEL_DIR)
-    args = parser.parse_args(argv)
-    requests, max_tokens, rounds = (8, 16, 1) if args.quick else (32, 128, 5)
-    rounds = args.rounds or rounds
-    if not is_demo_model(args.model_dir):
-        say(f"building the tiny demo model into {args.model_dir}")
-        build_demo_model(args.model_dir, "tiny")
-    vocab = CheckpointReader(args.model_dir).spec.vocab_size
+def main(argv: Sequence[str] | None = None) -> None:
+    p = parser("tracing_overhead", __doc__)
+    p.add_argument("--experts", choices=["sharded", "colocated"], default="sharded")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per mode (default 5)")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    requests, max_tokens = (8, 16) if args.quick else (32, 128)
+    rounds = quick_or(args, args.rounds, 1, 5)
+    model_dir = demo_checkpoint("tiny")
+    vocab = CheckpointReader(model_dir).spec.vocab_size
     workload = make_workload(requests, max_tokens, seed=0, vocab=vocab)
     say(
         f"{requests} requests at once, prompts 16-128 tokens, {max_tokens} output tokens each; "
-        f"experts {args.experts}; {rounds} round(s) per mode; torch {torch.get_num_threads()} "
-        "threads"
+        f"experts {args.experts}; {rounds} round(s) per mode"
     )
-    measure("off", args.model_dir, args.experts, workload, "warm", Path(os.devnull))  # warm-up
+    measure("off", model_dir, args.experts, workload, "warm", Path(os.devnull))  # warm-up
     results: list[Round] = []
+    quiet = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            order = ("off", "on") if r % 2 == 0 else ("on", "off")
-            for mode in order:
+            quiet.append(wait_for_quiet(args))
+            for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
                 spans_path = Path(tmp) / f"spans-{r}-{mode}.jsonl"
-                result = measure(
-                    mode, args.model_dir, args.experts, workload, f"{mode}{r}", spans_path
-                )
+                result = measure(mode, model_dir, args.experts, workload, f"{mode}{r}", spans_path)
                 results.append(result)
                 say(
                     f"round {r + 1} {mode:>3}: {result.tok_s:6.1f} tok/s, wall "
                     f"{result.wall_s:.1f}s, {result.spans} spans exported"
                 )
-    best = {
-        m: max((x for x in results if x.mode == m), key=lambda x: x.tok_s) for m in ("off", "on")
-    }
-    ratio = best["on"].tok_s / best["off"].tok_s
-    median = {m: statistics.median(x.tok_s for x in results if x.mode == m) for m in ("off", "on")}
-    median_ratio = median["on"] / median["off"]
-    print()
-    print("mode | best tok/s | rounds (tok/s)                | spans/round")
-    print("-" * 66)
-    for mode in ("off", "on"):
-        mine = [x for x in results if x.mode == mode]
-        print(
-            f"{mode:>4} | {best[mode].tok_s:10.1f} | "
-            f"{', '.join(f'{x.tok_s:.1f}' for x in mine):29} | {best[mode].spans}"
-        )
-    print(
-        f"\ntracing on / off: {ratio:.3f} best rounds (goal >= {RATIO_GOAL}), "
-        f"{median_ratio:.3f} medians"
-    )
-    out = OUT / ("tracing_overhead.quick.json" if args.quick else "tracing_overhead.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "benchmark": "tracing_overhead",
-        "command": "python bench/tracing_overhead.py" + (" --quick" if args.quick else ""),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "targets": {
-            "tracing_on_vs_off_throughput": {
-                "value": round(ratio, 4),
-                "goal": RATIO_GOAL,
-                "met": ratio >= RATIO_GOAL,
-            }
-        },
-        "median_ratio": round(median_ratio, 4),
+    by_mode = {m: [x for x in results if x.mode == m] for m in ("off", "on")}
+    ratios = [on.tok_s / off.tok_s for on, off in zip(by_mode["on"], by_mode["off"], strict=True)]
+    print("mode | median tok/s | rounds (tok/s)                | spans/round")
+    for mode, mine in by_mode.items():
+        rates = ", ".join(f"{x.tok_s:.1f}" for x in mine)
+        print(f"{mode:>4} | {median([x.tok_s for x in mine]):12.1f} | {rates:29} | {mine[0].spans}")
+    print(f"tracing on / off by round: {', '.join(f'{x:.3f}' for x in ratios)}")
+    report = {
         "config": {
-            "model": str(args.model_dir),
+            "model": model_label(model_dir),
             "experts": args.experts,
             "requests": requests,
             "max_tokens": max_tokens,
             "rounds_per_mode": rounds,
             "on": "sample ratio 1, token_events 256, JSON-lines file exporter (batch), metrics",
             "off": "telemetry not set up (no-op tracer and meter)",
-            "throughput": "output tokens / wall seconds of a round; best round per mode (the "
-            "target), medians alongside: the exporter's background thread competes for the 2 "
-            "cores in some rounds more than others",
+            "throughput": "output tokens / wall seconds of a round; the target is the median "
+            "over rounds of on / off, each round's pair run back to back",
         },
+        "ratio_by_round": [round(x, 4) for x in ratios],
         "rounds": [
             {
                 "mode": x.mode,
-                "wall_s": x.wall_s,
+                "wall_s": round(x.wall_s, 3),
                 "output_tokens": x.output_tokens,
-                "tok_s": x.tok_s,
+                "tok_s": round(x.tok_s, 2),
                 "spans": x.spans,
             }
             for x in results
         ],
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu_count": os.cpu_count(),
-            "load_average_end": list(os.getloadavg()),
-        },
+        "machine_before_each_round": quiet,
     }
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    say(f"wrote {out}")
-    return 0
+    targets = {"tracing_on_vs_off_throughput": target(median(ratios), RATIO_GOAL, at_least=True)}
+    variant = "" if args.experts == "sharded" else ".colocated"
+    write_results(args, report, targets, variant, started)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
