@@ -28,7 +28,7 @@ def fail_row(
         if seq is None or len(seq.output_ids) < after:
             return logits
         if how == "raise":
-            seq.sampler.pick = _raise  # type: ignore[method-assign]
+            engine.samplers[request_id].pick = _raise  # type: ignore[method-assign]
             return logits
         with torch.inference_mode():
             for row, step_input in enumerate(inputs):

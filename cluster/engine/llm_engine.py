@@ -3,24 +3,24 @@
 A step is three parts: the scheduler picks sequences and token counts (and
 which cached partial blocks' K/V to copy into newcomers' fresh blocks; the
 pool copies them first), the model runner computes them in one forward pass,
-and post-processing samples, streams, registers full blocks for reuse, applies
-KV policies and retires finished requests (a request whose row cannot be
-sampled fails alone: see ``RequestFailure``). The engine is synchronous and
-single-threaded; the async API (``cluster.engine.async_engine``) drives it from a
-background thread.
+and post-processing samples, then the scheduler books the step (registers full
+blocks for reuse, applies KV policies, retires finished requests) and the
+tokens stream out (a request whose row cannot be sampled fails alone: see
+``RequestFailure``). The engine is synchronous and single-threaded; its loop
+(``cluster.engine.loop``) steps it on a thread of this process or in a child.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from tokenizers import Tokenizer
 
 from cache.block_manager import BlockManager
 from cache.kv_pool import KVPool
-from cache.prefix_hash import hash_block
 from cluster.engine.admission import validate_request
 from cluster.engine.config import EngineConfig
 from cluster.engine.counters import EngineCounters
@@ -32,12 +32,16 @@ from cluster.engine.requests import (
     Routing,
     TokenEvent,
 )
-from cluster.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from cluster.engine.scheduler import (
+    ScheduledChunk,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
 from cluster.engine.sequence import Sequence as Seq
 from cluster.telemetry.step_trace import step_trace
 from experts.model import MoEModel
-from experts.sampling import SampledBatch, sample_batch
-from experts.sampling_params import SamplingParams
+from experts.sampling import SampledBatch, Sampler, sample_batch
 from experts.tokenizer import IncrementalDetokenizer
 
 
@@ -49,7 +53,23 @@ def kv_bytes_per_block(model: MoEModel, block_size: int) -> int:
     )
 
 
+class _Sampled(NamedTuple):
+    """A row's sampled token, and the keys its sequence had evicted when it was computed."""
+
+    token: int
+    logprob: float
+    num_truncated: int
+
+
 class LLMEngine:
+    """One model on one device, stepped by a continuous-batching scheduler over a paged cache.
+
+    ``step`` is the whole contract: the scheduler plans, the model runner computes, and the
+    scheduler books the outcome; between them this class only samples, streams and fails
+    requests whose rows cannot be sampled. Each request's sampler (its seeded generator)
+    lives here, by request id, so the scheduler's sequences stay torch-free.
+    """
+
     def __init__(
         self,
         model: MoEModel,
@@ -81,12 +101,13 @@ class LLMEngine:
             SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens),
             self.blocks,
             clock,
+            spec.eos_token_ids,
         )
         self.runner = ModelRunner(model, self.pool)
         self._seqs: dict[str, Seq] = {}
+        self.samplers: dict[str, Sampler] = {}  # request id -> its sampler (seeded generator)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.num_steps = 0
-        self.num_prompt_tokens_computed = 0
         self.failures: list[RequestFailure] = []  # requests that failed in the last step
 
     def add_request(self, request: EngineRequest) -> None:
@@ -107,6 +128,7 @@ class LLMEngine:
         )
         self.scheduler.add(seq)
         self._seqs[seq.request_id] = seq
+        self.samplers[seq.request_id] = Sampler(request.params)
         if self.tokenizer is not None:
             self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer)
 
@@ -116,12 +138,21 @@ class LLMEngine:
         self._forget(request_id)
         return seq is not None
 
+    def abort_all(self) -> None:
+        """Stop every request and free its blocks (the engine is shutting down)."""
+        for request_id in list(self._seqs):
+            self.abort(request_id)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     @property
     def num_requests(self) -> int:
         return len(self._seqs)
+
+    @property
+    def num_prompt_tokens_computed(self) -> int:
+        return self.scheduler.num_prompt_tokens_computed
 
     def step(self) -> list[TokenEvent]:
         """Schedule, run the model, post-process. Returns the tokens generated this step;
@@ -130,23 +161,23 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
-        capture = self.model.spec.is_moe and any(c.seq.return_routing for c in plan.chunks)
-        now = self.clock()
-        traced = []
-        for chunk in plan.chunks:
-            if chunk.seq.first_scheduled_time is None:
-                chunk.seq.first_scheduled_time = now
-            if chunk.seq.trace_parent:
-                traced.append(chunk.seq.trace_parent)
+        logits = self._run(plan)  # [B, V]
+        return self._postprocess(plan, logits)
+
+    def _run(self, plan: SchedulerOutput) -> torch.Tensor:  # [B, V]
+        """The plan's slot copies, then one forward pass over its chunks."""
+        chunks = plan.chunks
+        capture = self.model.spec.is_moe and any(c.seq.return_routing for c in chunks)
+        traced = [c.seq.trace_parent for c in chunks if c.seq.trace_parent]
         # a step's shard work is recorded under one traced request, taken in turn
         trace_parent = traced[self.num_steps % len(traced)] if traced else ""
         for copy in plan.copies:  # cached tail K/V into newcomers' blocks, before any write
             self.pool.copy_slots(copy.src_block, copy.dst_block, copy.num_slots)
-        inputs = [self._step_input(c) for c in plan.chunks]
+        inputs = [self._step_input(c) for c in chunks]
         with step_trace(trace_parent):  # shard work of this step joins one traced request
             logits = self.runner.run(inputs, capture_routing=capture)  # [B, V]
         self.num_steps += 1
-        return self._postprocess(plan.chunks, logits)
+        return logits
 
     def _step_input(self, chunk: ScheduledChunk) -> StepInput:
         seq = chunk.seq
@@ -160,44 +191,42 @@ class LLMEngine:
             first_keys = seq.num_keys_before(seq.attention_first_tokens, num_keys, size)
         return StepInput(ids, seq.block_table, seq.num_keys, start, first_keys)
 
-    def _postprocess(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[TokenEvent]:
+    def _postprocess(self, plan: SchedulerOutput, logits: torch.Tensor) -> list[TokenEvent]:
+        """Sample the rows that give a token, let the scheduler book the step, then stream
+        the tokens and fail the rows that could not be sampled."""
+        chunks = plan.chunks
         # a chunk that reaches the end of its sequence gives a token from its logits
         rows = [r for r, c in enumerate(chunks) if c.seq.num_uncomputed == c.num_tokens]
-        sampled = None
-        if rows:
-            sampled = sample_batch(logits[rows], [chunks[r].seq.sampler for r in rows])
-        failed = {rows[i]: reason for i, reason in sampled.failed.items()} if sampled else {}
-        for row, chunk in enumerate(chunks):
-            if row in failed:  # its K/V from this step may be what failed: never cached
-                continue
-            seq = chunk.seq
-            prompt_left = max(0, len(seq.prompt_ids) - seq.num_computed)
-            self.num_prompt_tokens_computed += min(chunk.num_tokens, prompt_left)
-            seq.num_computed += chunk.num_tokens
-            self._register_full_blocks(seq)
-        events = self._emit_rows(chunks, rows, sampled) if sampled else []
-        for row, reason in failed.items():
-            self.failures.append(self._fail(chunks[row], reason))
-        for chunk in chunks:
-            if not chunk.seq.is_finished:
-                self._apply_kv_policy(chunk.seq)
+        samplers = [self.samplers[chunks[r].seq.request_id] for r in rows]
+        sampled = sample_batch(logits[rows], samplers) if rows else SampledBatch([], [], {})
+        failed = {rows[i]: reason for i, reason in sampled.failed.items()}
+        tokens = {
+            # the keys evicted so far are those the token was computed without: its event
+            # reports them, not the evictions the scheduler makes after this step
+            row: _Sampled(token, logprob, chunks[row].seq.num_dropped)
+            for row, token, logprob in zip(rows, sampled.tokens, sampled.logprobs, strict=True)
+            if row not in failed
+        }
+        self.scheduler.update(plan, {row: t.token for row, t in tokens.items()}, failed)
+        events = self._emit_rows(chunks, tokens)
+        self.failures = [self._fail(chunks[row], reason) for row, reason in failed.items()]
         return events
 
     def _emit_rows(
-        self, chunks: list[ScheduledChunk], rows: list[int], sampled: SampledBatch
+        self, chunks: list[ScheduledChunk], tokens: dict[int, _Sampled]
     ) -> list[TokenEvent]:
-        """A token event for each sampled row that did not fail."""
-        events = []
+        """A token event for each row that gave a token (already booked by the scheduler)."""
+        if not tokens:
+            return []
         now = self.clock()
         chosen = self._routing_rows()
-        for i, (row, token) in enumerate(zip(rows, sampled.tokens, strict=True)):
-            if i in sampled.failed:
-                continue
+        events = []
+        for row, sampled in tokens.items():
             seq = chunks[row].seq
             routing = chosen[row] if seq.return_routing and chosen is not None else None
             layers = self.runner.attention.get(row) if seq.attention_first_tokens else None
             attention = tuple(layers) if layers is not None else None
-            events.append(self._emit(seq, token, sampled.logprobs[i], now, routing, attention))
+            events.append(self._emit(seq, sampled, now, routing, attention))
         return events
 
     def _fail(self, chunk: ScheduledChunk, reason: str) -> RequestFailure:
@@ -235,31 +264,27 @@ class LLMEngine:
     def _emit(
         self,
         seq: Seq,
-        token: int,
-        logprob: float,
+        sampled: _Sampled,
         now: float,
         routing: Routing | None = None,
         attention: AttentionStats | None = None,
     ) -> TokenEvent:
-        seq.output_ids.append(token)
-        seq.logprobs.append(logprob)
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        reason = finish_reason(self.model.spec.eos_token_ids, seq.params, seq.output_ids)
+        """The event of a token the scheduler just appended (and maybe finished on)."""
+        reason = seq.finish_reason
         detok = self._detok.get(seq.request_id)
         text = ""
         if detok is not None:
-            text = detok.push(token) + (detok.flush() if reason is not None else "")
+            text = detok.push(sampled.token) + (detok.flush() if reason is not None else "")
         event = TokenEvent(
             request_id=seq.request_id,
-            token_id=token,
+            token_id=sampled.token,
             index=len(seq.output_ids) - 1,
-            logprob=logprob,
+            logprob=sampled.logprob,
             text=text,
             finish_reason=reason,
             num_prompt_tokens=len(seq.prompt_ids),
             num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
-            num_truncated_tokens=seq.num_dropped,
+            num_truncated_tokens=sampled.num_truncated,
             arrival_time=seq.arrival_time,
             time=now,
             routing=routing,
@@ -267,35 +292,12 @@ class LLMEngine:
             attention=attention,
         )
         if reason is not None:
-            self.scheduler.finish(seq, reason)
             self._forget(seq.request_id)
         return event
 
-    def _register_full_blocks(self, seq: Seq) -> None:
-        """Name newly completed full blocks by prefix hash (never after a window eviction)."""
-        if seq.num_dropped or not self.blocks.enable_prefix_caching:
-            return
-        size = self.config.block_size
-        ids = seq.all_ids
-        for j in range(len(seq.block_hashes), seq.num_computed // size):
-            parent = seq.block_hashes[-1] if seq.block_hashes else seq.root_hash
-            block_hash = hash_block(parent, ids[j * size : (j + 1) * size])
-            self.blocks.register(seq.block_table[j], block_hash)
-            seq.block_hashes.append(block_hash)
-
-    def _apply_kv_policy(self, seq: Seq) -> None:
-        size = self.config.block_size
-        drop = seq.kv_policy.blocks_to_evict(seq.logical_blocks, seq.num_keys, size)
-        if not drop:
-            return
-        self.blocks.free([seq.block_table[i] for i in drop])
-        keep = [i for i in range(len(seq.block_table)) if i not in set(drop)]
-        seq.block_table = [seq.block_table[i] for i in keep]
-        seq.logical_blocks = [seq.logical_blocks[i] for i in keep]
-        seq.num_dropped += len(drop) * size
-
     def _forget(self, request_id: str) -> None:
         self._seqs.pop(request_id, None)
+        self.samplers.pop(request_id, None)
         self._detok.pop(request_id, None)
 
     def validate(self, request: EngineRequest) -> None:
@@ -313,15 +315,3 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             num_evictions=self.blocks.num_evictions,
         )
-
-
-def finish_reason(
-    eos_ids: Sequence[int], params: SamplingParams, generated: Sequence[int]
-) -> str | None:
-    """ "stop" on a stop or (unless ignored) end-of-sequence token, "length" at max_tokens."""
-    last = generated[-1]
-    if last in params.stop_token_ids or (not params.ignore_eos and last in eos_ids):
-        return "stop"
-    if len(generated) >= params.max_tokens:
-        return "length"
-    return None

@@ -16,18 +16,24 @@ chain of full blocks ends where that entry starts gets a fresh block and a
 ``SlotCopy`` of the entry's matching slots into it, which the engine performs
 before the step's forward pass (in order: a later admission may evict and
 reuse the source, but nothing writes the pool before the copies are done).
+
+A step is ``schedule``, the engine's forward pass and sampling, then ``update``: the
+scheduler books what the step computed (full blocks named for prefix reuse, sampled tokens,
+finished sequences retired, KV policies applied), so the whole bookkeeping runs without a
+model in the tests.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from cache.block_allocator import blocks_for
 from cache.block_manager import BlockManager
 from cache.kv_policy import KVPolicy
-from cluster.engine.sequence import Sequence, SequenceStatus
+from cache.prefix_hash import hash_block
+from cluster.engine.sequence import Sequence, SequenceStatus, finish_reason
 
 
 @dataclass(frozen=True)
@@ -95,20 +101,24 @@ def check_fits(
 
 
 class Scheduler:
-    """Waiting and running queues over a ``BlockManager``."""
+    """Waiting and running queues over a ``BlockManager``; ``eos_token_ids`` end a sequence
+    (unless its request ignores them)."""
 
     def __init__(
         self,
         config: SchedulerConfig,
         blocks: BlockManager,
         clock: Callable[[], float],
+        eos_token_ids: Collection[int] = (),
     ) -> None:
         self.config = config
         self.blocks = blocks
         self.clock = clock
+        self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_prompt_tokens_computed = 0
 
     @property
     def block_size(self) -> int:
@@ -176,7 +186,64 @@ class Scheduler:
             self.waiting.popleft()
             out.chunks.append(chunk)
             budget -= chunk.num_tokens
+        now = self.clock()
+        for chunk in out.chunks:
+            if chunk.seq.first_scheduled_time is None:  # the end of its queueing
+                chunk.seq.first_scheduled_time = now
         return out
+
+    def update(
+        self, out: SchedulerOutput, tokens: Mapping[int, int], failed: Collection[int]
+    ) -> None:
+        """Book a step the model ran for ``out``: each chunk's tokens are computed and newly
+        full blocks named for prefix reuse (but not for a ``failed`` row: its K/V may be what
+        failed), each sampled token (``tokens``: row -> id) joins its sequence, which finishes
+        on a stop token or at ``max_tokens``, then every unfinished sequence's KV policy
+        evicts. A failed row's sequence is left as it was, for the engine to ``finish``."""
+        for row, chunk in enumerate(out.chunks):
+            if row not in failed:
+                self._advance(chunk)
+        now = self.clock()
+        for row, token in tokens.items():
+            seq = out.chunks[row].seq
+            seq.output_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = finish_reason(self.eos_token_ids, seq.params, seq.output_ids)
+            if reason is not None:
+                self.finish(seq, reason)
+        for row, chunk in enumerate(out.chunks):
+            if row not in failed and not chunk.seq.is_finished:
+                self._apply_kv_policy(chunk.seq)
+
+    def _advance(self, chunk: ScheduledChunk) -> None:
+        """Count a chunk's tokens computed; name its newly full blocks by prefix hash (never
+        after a window eviction: the chain of hashes would skip the evicted blocks)."""
+        seq, size = chunk.seq, self.block_size
+        prompt_left = max(0, len(seq.prompt_ids) - seq.num_computed)
+        self.num_prompt_tokens_computed += min(chunk.num_tokens, prompt_left)
+        seq.num_computed += chunk.num_tokens
+        if seq.num_dropped or not self.blocks.enable_prefix_caching:
+            return
+        ids = seq.all_ids
+        for j in range(len(seq.block_hashes), seq.num_computed // size):
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.root_hash
+            block_hash = hash_block(parent, ids[j * size : (j + 1) * size])
+            self.blocks.register(seq.block_table[j], block_hash)
+            seq.block_hashes.append(block_hash)
+
+    def _apply_kv_policy(self, seq: Sequence) -> None:
+        """Free the blocks the sequence's KV policy evicts (a window's oldest)."""
+        size = self.block_size
+        drop = seq.kv_policy.blocks_to_evict(seq.logical_blocks, seq.num_keys, size)
+        if not drop:
+            return
+        self.blocks.free([seq.block_table[i] for i in drop])
+        dropped = set(drop)
+        keep = [i for i in range(len(seq.block_table)) if i not in dropped]
+        seq.block_table = [seq.block_table[i] for i in keep]
+        seq.logical_blocks = [seq.logical_blocks[i] for i in keep]
+        seq.num_dropped += len(drop) * size
 
     @staticmethod
     def _chunk_limit(seq: Sequence, budget: int) -> int:

@@ -1,13 +1,19 @@
-"""One request's state inside the engine: tokens, blocks, progress and timings. No tensors."""
+"""One request's state inside the engine: tokens, blocks, progress and timings.
+
+Torch-free (ids and integers): the scheduler and the block bookkeeping work on it without a
+model. What samples its next token (a seeded ``torch.Generator``) is the engine's, kept by
+request id.
+"""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection
+from collections.abc import Sequence as Ids
 from dataclasses import dataclass, field
 
 from cache import prefix_hash
 from cache.kv_policy import KVPolicy
-from experts.sampling import Sampler
 from experts.sampling_params import SamplingParams
 
 
@@ -37,10 +43,8 @@ class Sequence:
     trace_parent: str = ""  # W3C traceparent of the request's span; "" when not traced
     attention_first_tokens: int = 0  # N of the attention diagnostics asked for; 0: none
     cache_salt: str = ""  # the tenant's prefix-cache salt; "" : the default tenant
-    sampler: Sampler = field(init=False)
     root_hash: int | None = field(init=False)  # where its chain of block hashes starts
     output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     logical_blocks: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # registered prefix hashes, in order
@@ -55,7 +59,6 @@ class Sequence:
     finish_time: float | None = None
 
     def __post_init__(self) -> None:
-        self.sampler = Sampler(self.params)
         self.root_hash = prefix_hash.root_hash(self.cache_salt)
 
     @property
@@ -93,9 +96,21 @@ class Sequence:
         return count
 
     def reset_computation(self) -> None:
-        """Forget all computed KV (after preemption); tokens and sampler state stay."""
+        """Forget all computed KV (after preemption); its tokens stay."""
         self.block_table = []
         self.logical_blocks = []
         self.block_hashes = []
         self.num_computed = 0
         self.num_dropped = 0
+
+
+def finish_reason(
+    eos_ids: Collection[int], params: SamplingParams, generated: Ids[int]
+) -> str | None:
+    """ "stop" on a stop or (unless ignored) end-of-sequence token, "length" at max_tokens."""
+    last = generated[-1]
+    if last in params.stop_token_ids or (not params.ignore_eos and last in eos_ids):
+        return "stop"
+    if len(generated) >= params.max_tokens:
+        return "length"
+    return None
