@@ -1,14 +1,22 @@
-"""Which TCP addresses are listening, read from Linux's /proc (no psutil)."""
+"""Which TCP addresses are listening, read from Linux's /proc (no psutil); a free port to bind."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 LISTEN = "0A"  # the TCP_LISTEN state in /proc/net/tcp*
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel's pick for port 0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def available() -> bool:

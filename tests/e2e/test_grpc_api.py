@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ from deploy.config import parse_config
 from deploy.demo_model import build_demo_model
 from deploy.proto import moecluster_v1_pb2 as pb
 from deploy.proto import moecluster_v1_pb2_grpc as pb_grpc
-from tests.listening_sockets import is_loopback_address, listening_on
+from tests.listening_sockets import free_port, is_loopback_address, listening_on
 
 API_KEY = "s3cret-key"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -37,12 +36,6 @@ TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 OPEN = [("application", "open")]  # picks the application's channel (see _stub)
 SECURED = [("application", "secured")]
 RPC_TIMEOUT = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -114,7 +107,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     channels, addresses = {}, {}
     try:
         for name, config in (("open", open_config), ("secured", secured_config)):
-            port = _free_port()
+            port = free_port()
             config = config.model_copy(
                 update={"grpc": config.grpc.model_copy(update={"port": port})}
             )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ from deploy.front_door import start_server
 from deploy.gateway import Gateway
 from deploy.proto import moecluster_v1_pb2 as pb
 from deploy.proto import moecluster_v1_pb2_grpc as pb_grpc
-from tests.listening_sockets import is_loopback_address, listening_on
+from tests.listening_sockets import free_port, is_loopback_address, listening_on
 
 KEY = "front-door-key"
 
@@ -63,15 +62,9 @@ class PacedTier:
         return TierStats(0, 0, 64, 0, 0, 0, 0, 0, num_aborted=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def make_config(keys: tuple[str, ...] = (), **grpc_fields: Any) -> ClusterConfig:
     data = {
-        "grpc": {"port": _free_port(), **grpc_fields},
+        "grpc": {"port": free_port(), **grpc_fields},
         "auth": {"api_keys": list(keys), "api_keys_env": None},
         "tiers": [{"name": "fast", "model": "models/fast"}],
         "policy": {"default_tier": "fast", "cascade": {"enabled": False}},
