@@ -10,14 +10,17 @@ messages go back to the client and into logs and trace spans.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import grpc
 
-from cache.kv_policy import KVPolicy
+from cache.kv_policy import MAX_ANCHORS, KVPolicy
+from cluster.engine.requests import MAX_ATTENTION_FIRST_TOKENS
 from deploy.proto import moecluster_v1_pb2 as pb
-from experts.sampling_params import SamplingParams
+from experts.sampling_params import DEFAULT_MAX_TOKENS, SamplingParams
+from router.policy_checks import check_unit_interval
 
-DEFAULT_MAX_TOKENS = 64
+DEFAULT_MAX_TOKENS_LIMIT = 4096  # a tier's max_tokens_limit unless its config sets one
 
 
 class ApiError(Exception):
@@ -37,9 +40,6 @@ def invalid(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-MAX_ATTENTION_FIRST_TOKENS = 1_000_000
-
-
 @dataclass(frozen=True)
 class RequestLimits:
     """Bounds on every string and repeated field of a Generate request, checked at the edge.
@@ -48,17 +48,19 @@ class RequestLimits:
     gateway's event loop at every streamed batch, stop token ids are checked by the engine
     at every step, and all of them go into the audit record. Sizes of strings are in bytes
     of UTF-8 (what travels); ``max_tokens_limit`` is the largest of the tiers' own limits.
+    Value bounds are not here but where the value is used: ``SamplingParams`` (max_tokens,
+    temperature, top_p, top_k, seed), ``KVPolicy`` (kv_policy), the tier policy
+    (retrieval_confidence) and the engine's requests (attention_first_tokens).
     """
 
-    max_tokens_limit: int = 4096  # max_tokens, as TierConfig.max_tokens_limit
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT  # max_tokens
     max_prompt_bytes: int = 2**20  # prompt text
     max_prompt_tokens: int = 131_072  # token_ids: at most the largest tier's context
     max_stop: int = 16  # stop strings per request
     max_stop_bytes: int = 256  # each stop string
     max_stop_token_ids: int = 64
     max_session_id_bytes: int = 256
-    max_anchors: int = 64  # kv_policy.anchors spans
-    max_top_k: int = 1_000_000  # beyond any vocabulary; top_k >= vocab is simply "off"
+    max_anchors: int = MAX_ANCHORS  # kv_policy.anchors spans (KVPolicy's own bound)
     max_name_bytes: int = 64  # tier and kv_policy.kind: names looked up in a short list
 
     def __post_init__(self) -> None:
@@ -102,17 +104,17 @@ def parse_generate(r: pb.GenerateRequest, limits: RequestLimits | int) -> Genera
     max_tokens = r.max_tokens or min(DEFAULT_MAX_TOKENS, max_tokens_limit)
     if max_tokens > max_tokens_limit:
         raise invalid(f"max_tokens={max_tokens} is out of range: allowed [1, {max_tokens_limit}]")
-    if r.top_k > limits.max_top_k:
-        raise invalid(f"top_k={r.top_k} is out of range: allowed [0, {limits.max_top_k}] (0 = off)")
+    # optional fields the client left unset take SamplingParams' own defaults
+    given: dict[str, Any] = {
+        name: getattr(r, name) for name in ("temperature", "top_p", "seed") if r.HasField(name)
+    }
     try:
         params = SamplingParams(
             max_tokens=max_tokens,
-            temperature=r.temperature if r.HasField("temperature") else 0.0,
-            top_p=r.top_p if r.HasField("top_p") else 1.0,
             top_k=r.top_k,
-            seed=r.seed if r.HasField("seed") else None,
             stop_token_ids=tuple(r.stop_token_ids),
             ignore_eos=r.ignore_eos,
+            **given,
         )
     except ValueError as err:
         raise invalid(str(err)) from None
@@ -127,8 +129,11 @@ def parse_generate(r: pb.GenerateRequest, limits: RequestLimits | int) -> Genera
     except ValueError as err:
         raise invalid(f"kv_policy: {err}") from None
     confidence = r.retrieval_confidence if r.HasField("retrieval_confidence") else None
-    if confidence is not None and not 0.0 <= confidence <= 1.0:
-        raise invalid(f"retrieval_confidence={confidence:g} is out of range: allowed [0, 1]")
+    if confidence is not None:
+        try:
+            check_unit_interval("retrieval_confidence", confidence)
+        except ValueError as err:
+            raise invalid(str(err)) from None
     stops = tuple(r.stop)
     first = r.attention_first_tokens
     if first > MAX_ATTENTION_FIRST_TOKENS:

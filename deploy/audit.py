@@ -37,7 +37,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from deploy.sections import Section
 
 if TYPE_CHECKING:  # the gateway writes records and must not load torch
     from cache.kv_policy import KVPolicy
@@ -54,12 +56,13 @@ OMITTABLE_FIELDS = (*TEXT_FIELDS, "stop", "routing")
 # items, a stop string or identifier its first MAX_CHARS characters
 MAX_ITEMS = 128
 MAX_CHARS = 1024
+MIN_RECORD_BYTES = 1024  # the smallest max_record_bytes, and so the smallest max_bytes
 SHORT_STRING_FIELDS = ("request_id", "trace_id", "tier", "model", "reason", "finish_reason")
 # per generated token: ((layer, (expert, ...)), ...), as in cluster.serving.tier_messages.TierTokens
 TokenRouting = Sequence[tuple[int, Sequence[int]]]
 
 
-class AuditSettings(BaseModel):
+class AuditSettings(Section):
     """The ``audit`` section of the cluster config.
 
     ``enabled``: write a record per finished request (off by default: it is disk I/O on the
@@ -70,11 +73,9 @@ class AuditSettings(BaseModel):
     because prompts may hold personal data.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     enabled: bool = False
     path: str = Field(default="audit/requests.jsonl", min_length=1)
-    max_bytes: int = Field(default=64 * 2**20, ge=1024)
+    max_bytes: int = Field(default=64 * 2**20, ge=MIN_RECORD_BYTES)
     backups: int = Field(default=5, ge=0)
     record_text: bool = False
 
@@ -84,7 +85,7 @@ class AuditSettings(BaseModel):
 
         A file then holds at least four records, unless ``max_bytes`` is under 4 KiB.
         """
-        return max(self.max_bytes // 4, 1024)
+        return max(self.max_bytes // 4, MIN_RECORD_BYTES)
 
 
 @dataclass(frozen=True)

@@ -6,26 +6,35 @@ every pydantic error into a line ``field.path: message (got value)``; all of the
 together as one :class:`ConfigError` naming the file. Cross-field rules are field validators
 on the later field, so their errors carry that field's path. API keys never appear in reprs,
 dumps or error messages.
+
+Each setting is defined once. Sections the runtime also reads are its frozen dataclasses
+(``tiers[].engine`` is :class:`cluster.engine.config.EngineConfig`; ``policy.cascade`` and
+``policy.shadow`` are the router's), holding their own defaults and checks; the others are
+pydantic sections of the edge. :mod:`deploy.sections` says how the two meet.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic import ValidationInfo as Info
 from pydantic_core import ErrorDetails
 
+from cluster.engine.config import EngineConfig  # torch-free, like everything imported here
+from deploy.api import DEFAULT_MAX_TOKENS_LIMIT
 from deploy.audit import AuditSettings
 from deploy.edge_config import AuthConfig, GrpcConfig
 from deploy.expert_config import ExpertsSettings
 from deploy.policy_config import PolicyConfig
+from deploy.sections import RUNTIME_CHECK, Section, runtime_section
 
 if TYPE_CHECKING:
     from cluster.engine.config import EngineConfig
@@ -48,10 +57,6 @@ class ConfigError(ValueError):
         super().__init__(f"invalid {where} ({len(self.problems)} problem(s)):\n{lines}")
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
 def _resolve_path(value: str, info: Info) -> str:
     """Expand ``~``; make a relative path absolute against the loading file's directory."""
     value = os.path.expanduser(value)
@@ -61,24 +66,7 @@ def _resolve_path(value: str, info: Info) -> str:
     return os.path.normpath(os.path.join(base, value))
 
 
-class EngineSettings(_Model):
-    """KV memory and batching limits of each engine replica of a tier."""
-
-    block_size: int = Field(default=16, ge=1, le=1024)
-    kv_cache_bytes: int = Field(default=256 * 2**20, gt=0)
-    num_blocks: int | None = Field(default=None, gt=0)  # None: as many as kv_cache_bytes holds
-    max_num_seqs: int = Field(default=64, ge=1)
-    max_num_batched_tokens: int = Field(default=512, ge=1)
-    enable_prefix_caching: bool = True
-
-    def to_engine_config(self) -> EngineConfig:
-        # Imported here so reading a config does not load torch (the gateway never needs it).
-        from cluster.engine.config import EngineConfig
-
-        return EngineConfig(**self.model_dump())
-
-
-class TierConfig(_Model):
+class TierConfig(Section):
     """One model tier: its checkpoint, replicas, resources and engine limits."""
 
     name: str
@@ -92,9 +80,9 @@ class TierConfig(_Model):
     # with RESOURCE_EXHAUSTED when it reaches one, instead of being served late; None: never
     max_queue_wait_s: float | None = Field(default=None, gt=0, le=3600)
     max_ongoing_requests: int = Field(default=32, ge=1)
-    engine: EngineSettings = EngineSettings()
+    engine: Annotated[EngineConfig, runtime_section(EngineConfig)] = EngineConfig()
     experts: ExpertsSettings = ExpertsSettings()
-    max_tokens_limit: int = Field(default=4096, ge=1)
+    max_tokens_limit: int = Field(default=DEFAULT_MAX_TOKENS_LIMIT, ge=1)
     # tokens gathered per streamed item after the first (which goes out at once): each item
     # costs two Ray streaming hops (replica -> gateway -> gRPC proxy); 1 = every token
     stream_interval: int = Field(default=1, ge=1, le=256)
@@ -106,8 +94,8 @@ class TierConfig(_Model):
     # num_cpus rounded up, at least 1). Set it for CPU serving with more than one core.
     torch_threads: int | None = Field(default=None, ge=1, le=1024)
     # the engine in a child process of each replica, away from the replica's Python threads
-    # (they share a GIL with an in-process engine); None: yes unless the experts are sharded,
-    # whose Ray actor handles only a Ray worker can use
+    # (they share a GIL with an in-process engine); None: yes unless the experts are sharded
+    # on the ray data plane, whose per-layer actor calls only a Ray worker can make
     engine_process: bool | None = None
 
     @field_validator("name")
@@ -139,21 +127,25 @@ class TierConfig(_Model):
     @classmethod
     def _engine_process(cls, engine_process: bool | None, info: Info) -> bool | None:
         experts = info.data.get("experts")
-        if engine_process and experts is not None and experts.placement == "sharded":
+        if engine_process and experts is not None and experts.needs_ray_per_layer:
             raise ValueError(
-                "engine_process: true cannot reach sharded experts (their Ray actor handles "
-                "need the engine in the replica's own process); leave it unset or false"
+                "engine_process: true cannot use experts.data_plane 'ray' (an actor call per "
+                "layer needs the engine in the replica's Ray worker); set data_plane: "
+                "torch_dist, or leave engine_process unset"
             )
         return engine_process
 
     @property
     def runs_engine_process(self) -> bool:
+        """Unset: yes, sharded tiers included (the engine process joins the shards' data-plane
+        channels itself, and is kept from the replica's GIL like any other); only a sharded
+        tier on the ``ray`` data plane keeps its engine in the replica."""
         if self.engine_process is not None:
             return self.engine_process
-        return self.experts.placement != "sharded"
+        return not self.experts.needs_ray_per_layer
 
     def to_engine_config(self) -> EngineConfig:
-        return self.engine.to_engine_config()
+        return self.engine
 
     @property
     def model_name(self) -> str:
@@ -161,7 +153,7 @@ class TierConfig(_Model):
         return os.path.basename(os.path.normpath(self.model)) or self.name
 
 
-class TelemetryConfig(_Model):
+class TelemetryConfig(Section):
     """OpenTelemetry traces and metrics, set up in every process of the cluster.
 
     The standard ``OTEL_*`` environment variables (``OTEL_TRACES_EXPORTER``,
@@ -182,7 +174,7 @@ class TelemetryConfig(_Model):
     # expert-dispatch spans (one per MoE layer call, each with its shards' spans) per request:
     # the first steps of each traced request; 0 = none
     dispatch_spans: int = Field(default=8, ge=0, le=1_000_000)
-    resource_attributes: dict[str, str] = {}
+    resource_attributes: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("file_path")
     @classmethod
@@ -219,13 +211,13 @@ class AuditConfig(AuditSettings):
         return _resolve_path(path, info)
 
 
-class RayConfig(_Model):
+class RayConfig(Section):
     address: str | None = None  # None: start or join a local Ray instance
     num_cpus: float | None = Field(default=None, gt=0)
     namespace: str = Field(default="moe-cluster", min_length=1)
 
 
-class ClusterConfig(_Model):
+class ClusterConfig(Section):
     """The whole cluster: gRPC edge, auth, tiers, tier policy, telemetry, audit and Ray."""
 
     grpc: GrpcConfig = GrpcConfig()
@@ -298,13 +290,16 @@ def largest_context(config: ClusterConfig) -> int | None:
 
 
 def format_error(err: ErrorDetails) -> str:
-    """``loc.path: message (got value)``; the value is left out when it is a whole section."""
+    """``loc.path: message (got value)``; the value is left out when it is a whole section,
+    or when a runtime dataclass's check (see :mod:`deploy.sections`) already quotes it."""
     loc = ".".join(str(part) for part in err["loc"]) or "<top level>"
     msg = err["msg"].removeprefix("Value error, ")
     if _may_hold_a_secret(err["loc"]):
         return f"{loc}: {msg} (got <redacted>)"
     value = err.get("input")
-    if err["type"] == "missing" or isinstance(value, Mapping | list | tuple | BaseModel):
+    if err["type"] in ("missing", RUNTIME_CHECK):  # nothing given, or quoted by the message
+        return f"{loc}: {msg}"
+    if isinstance(value, Mapping | list | tuple | BaseModel) or dataclasses.is_dataclass(value):
         return f"{loc}: {msg}"
     shown = repr(value)
     return f"{loc}: {msg} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"

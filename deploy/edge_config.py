@@ -12,17 +12,15 @@ import os
 import re
 from collections.abc import Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
+
+from deploy.sections import Section
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_API_KEY_BYTES = 512
 
 
-class _Edge(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class TlsConfig(_Edge):
+class TlsConfig(Section):
     """PEM files of the front door's certificate chain and key; ``client_ca_file`` turns on
     mutual TLS (clients must present a certificate signed by it)."""
 
@@ -31,7 +29,7 @@ class TlsConfig(_Edge):
     client_ca_file: str | None = None
 
 
-class GrpcConfig(_Edge):
+class GrpcConfig(Section):
     # the address the gateway's gRPC server binds on its node; 0.0.0.0 or :: for all interfaces
     host: str = Field(default="127.0.0.1", min_length=1, max_length=255)
     port: int = Field(default=9000, ge=1, le=65535)
@@ -73,7 +71,7 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to any interface
 
 
-class AuthConfig(_Edge):
+class AuthConfig(Section):
     """API keys from the file plus a comma-separated environment variable, read where the
     gateway runs. No key on a non-loopback address refuses to start unless
     ``allow_unauthenticated``."""

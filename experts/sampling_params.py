@@ -9,13 +9,21 @@ from dataclasses import dataclass
 # temperature changes nothing but the handling of near-exact ties, while dividing by one is
 # what broke (below ~3e-39, 1 / T overflows fp32; 5e-324 even rounds to 0 in fp32).
 GREEDY_TEMPERATURE_FLOOR = 1e-5
+DEFAULT_MAX_TOKENS = 64  # what a request that sets no max_tokens gets (at most its tier's limit)
+MAX_TOKENS = 1_000_000  # the hard bound; each tier's max_tokens_limit is usually far lower
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 1_000_000  # beyond any vocabulary; top_k >= vocab is simply "off"
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request generation settings; invalid values raise ``ValueError`` naming the field."""
+    """Per-request generation settings; invalid values raise ``ValueError`` naming the field.
 
-    max_tokens: int = 64
+    The one definition of these bounds and defaults: the gRPC edge builds one from each
+    request and reports its error as INVALID_ARGUMENT.
+    """
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0  # below GREEDY_TEMPERATURE_FLOOR (0 included): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -25,10 +33,20 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = [
-            ("max_tokens", self.max_tokens, 1 <= self.max_tokens <= 1_000_000, "[1, 1000000]"),
-            ("temperature", self.temperature, 0.0 <= self.temperature <= 100.0, "[0, 100]"),
+            (
+                "max_tokens",
+                self.max_tokens,
+                1 <= self.max_tokens <= MAX_TOKENS,
+                f"[1, {MAX_TOKENS}]",
+            ),
+            (
+                "temperature",
+                self.temperature,
+                0.0 <= self.temperature <= MAX_TEMPERATURE,
+                f"[0, {MAX_TEMPERATURE:g}]",
+            ),
             ("top_p", self.top_p, 0.0 < self.top_p <= 1.0, "(0, 1]"),
-            ("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 = off)"),
+            ("top_k", self.top_k, 0 <= self.top_k <= MAX_TOP_K, f"[0, {MAX_TOP_K}] (0 = off)"),
         ]
         for name, value, ok, allowed in checks:
             if not ok:

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from router.policy_checks import check_at_least_one, check_distinct, check_unit_interval
+
 PromotionState = Literal["none", "held", "active"]
 
 _HASH_SPAN = float(2**64)
@@ -24,7 +26,8 @@ _HASH_SPAN = float(2**64)
 
 @dataclass(frozen=True)
 class ShadowConfig:
-    """Which tier shadows which, on what share of traffic, and when a promotion may go live."""
+    """Which tier shadows which, on what share of traffic, and when a promotion may go live;
+    also the config file's ``policy.shadow`` (its defaults and checks live only here)."""
 
     enabled: bool = False
     candidate_tier: str = "strong"
@@ -37,14 +40,10 @@ class ShadowConfig:
     window: int = 200  # results kept in the rolling window
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.share <= 1.0:  # also rejects NaN
-            raise ValueError(f"shadow.share={self.share!r} must be in [0, 1]")
-        if self.probe_tokens < 1:
-            raise ValueError(f"shadow.probe_tokens={self.probe_tokens!r} must be >= 1")
-        if not 0.0 <= self.max_divergence <= 1.0:
-            raise ValueError(f"shadow.max_divergence={self.max_divergence!r} must be in [0, 1]")
-        if self.min_samples < 1:
-            raise ValueError(f"shadow.min_samples={self.min_samples!r} must be >= 1")
+        check_unit_interval("shadow.share", self.share)
+        check_at_least_one("shadow.probe_tokens", self.probe_tokens)
+        check_unit_interval("shadow.max_divergence", self.max_divergence)
+        check_at_least_one("shadow.min_samples", self.min_samples)
         if self.window < self.min_samples:
             raise ValueError(
                 f"shadow.window={self.window!r} must be >= shadow.min_samples="
@@ -55,10 +54,12 @@ class ShadowConfig:
                 "shadow.promote=True needs shadow.enabled=True: a promotion is earned from "
                 "shadow samples, and a disabled shadow collects none"
             )
-        if self.enabled and self.candidate_tier == self.primary_tier:
-            raise ValueError(
-                f"shadow.candidate_tier={self.candidate_tier!r} must differ from "
-                f"shadow.primary_tier={self.primary_tier!r}"
+        if self.enabled:
+            check_distinct(
+                "shadow.candidate_tier",
+                self.candidate_tier,
+                "shadow.primary_tier",
+                self.primary_tier,
             )
 
 

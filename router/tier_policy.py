@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from router.policy_checks import check_at_least_one, check_distinct, check_unit_interval
 from router.shadow import PromotionState, ShadowConfig, ShadowTracker
 
 # Every reason a TierDecision can carry.
@@ -32,7 +33,10 @@ REASONS: Final[tuple[str, ...]] = (
 
 @dataclass(frozen=True)
 class CascadeConfig:
-    """Start on ``from_tier`` and escalate to ``to_tier`` when confidence is low."""
+    """Start on ``from_tier`` and escalate to ``to_tier`` when confidence is low.
+
+    The one definition of the config file's ``policy.cascade``: defaults and checks.
+    """
 
     enabled: bool = True
     from_tier: str = "fast"
@@ -42,23 +46,15 @@ class CascadeConfig:
     min_retrieval_confidence: float = 0.5  # escalate at once when retrieval is less sure
 
     def __post_init__(self) -> None:
-        if self.probe_tokens < 1:
-            raise ValueError(f"cascade.probe_tokens={self.probe_tokens!r} must be >= 1")
+        check_at_least_one("cascade.probe_tokens", self.probe_tokens)
         if not (math.isfinite(self.min_mean_logprob) and self.min_mean_logprob <= 0.0):
             raise ValueError(
                 f"cascade.min_mean_logprob={self.min_mean_logprob!r} must be a finite "
                 "number <= 0 (a logprob is never positive)"
             )
-        if not 0.0 <= self.min_retrieval_confidence <= 1.0:
-            raise ValueError(
-                f"cascade.min_retrieval_confidence={self.min_retrieval_confidence!r} "
-                "must be in [0, 1]"
-            )
-        if self.enabled and self.from_tier == self.to_tier:
-            raise ValueError(
-                f"cascade.to_tier={self.to_tier!r} must differ from "
-                f"cascade.from_tier={self.from_tier!r}"
-            )
+        check_unit_interval("cascade.min_retrieval_confidence", self.min_retrieval_confidence)
+        if self.enabled:
+            check_distinct("cascade.to_tier", self.to_tier, "cascade.from_tier", self.from_tier)
 
 
 @dataclass(frozen=True)
@@ -129,8 +125,8 @@ class TierPolicy:
             if requested_tier not in cfg.tiers:
                 raise ValueError(f"unknown tier {requested_tier!r}; known tiers: {list(cfg.tiers)}")
             return self._count(TierDecision(requested_tier, "explicit"))
-        if retrieval_confidence is not None and not 0.0 <= retrieval_confidence <= 1.0:
-            raise ValueError(f"retrieval_confidence={retrieval_confidence!r} must be in [0, 1]")
+        if retrieval_confidence is not None:
+            check_unit_interval("retrieval_confidence", retrieval_confidence)
         if (
             cascade.enabled
             and retrieval_confidence is not None

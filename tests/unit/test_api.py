@@ -23,6 +23,7 @@ from deploy.api import (
     parse_generate,
 )
 from deploy.proto import moecluster_v1_pb2 as pb
+from experts.sampling_params import MAX_TOP_K
 
 LIMIT = 4096
 
@@ -149,7 +150,7 @@ def test_top_k_cannot_be_negative_on_the_wire() -> None:
 
 
 def test_top_k_is_bounded() -> None:
-    limit = RequestLimits().max_top_k
+    limit = MAX_TOP_K  # SamplingParams' bound, checked when the edge builds one
     assert parse(pb.GenerateRequest(prompt="x", top_k=limit)).params.top_k == limit
     message = rejection(pb.GenerateRequest(prompt="x", top_k=2**32 - 1))
     assert f"top_k=4294967295 is out of range: allowed [0, {limit}]" in message

@@ -12,8 +12,13 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from cache.kv_policy import MAX_ANCHORS
+from cluster.engine import requests
+from deploy import api
 from deploy.api import ApiError, GenerateArgs, RequestLimits, parse_generate
+from deploy.config import TierConfig
 from deploy.proto import moecluster_v1_pb2 as pb
+from experts.sampling_params import MAX_TOP_K, SamplingParams
 
 MAX_MESSAGE_CHARS = 300
 
@@ -41,8 +46,17 @@ def test_documented_defaults() -> None:
     )
     assert limits.max_prompt_bytes == 2**20
     assert limits.max_prompt_tokens == 131_072
-    assert limits.max_top_k == 1_000_000
     assert limits.max_tokens_limit == 4096
+
+
+def test_shared_bounds_have_one_source() -> None:
+    """Bounds the edge shares with the runtime are the runtime's own constants."""
+    assert RequestLimits().max_anchors == MAX_ANCHORS  # KVPolicy refuses more anyway
+    assert api.MAX_ATTENTION_FIRST_TOKENS is requests.MAX_ATTENTION_FIRST_TOKENS
+    assert api.DEFAULT_MAX_TOKENS == SamplingParams().max_tokens
+    tier = TierConfig(name="t", model="m")
+    assert tier.max_tokens_limit == RequestLimits().max_tokens_limit == api.DEFAULT_MAX_TOKENS_LIMIT
+    assert MAX_TOP_K == 1_000_000
 
 
 def test_limits_must_be_positive() -> None:

@@ -17,16 +17,12 @@ from deploy.config import (
     AuthConfig,
     ClusterConfig,
     ConfigError,
-    EngineSettings,
-    TierConfig,
     default_config,
     largest_context,
     load_config,
     parse_config,
 )
 from deploy.policy_config import PolicyConfig
-from router.shadow import ShadowConfig
-from router.tier_policy import CascadeConfig, TierPolicyConfig
 
 REPO = Path(__file__).resolve().parents[2]
 TWO_TIERS: list[dict[str, Any]] = [
@@ -68,7 +64,7 @@ def test_minimal_file_gets_every_default(tmp_path: Path) -> None:
         32,
         4096,
     )
-    assert tier.engine == EngineSettings()
+    assert tier.engine == EngineConfig()
     assert cfg.policy == PolicyConfig()
     assert cfg.telemetry.traces_exporter == "none"
     assert (cfg.telemetry.service_name, cfg.telemetry.sample_ratio) == ("moe-cluster", 1.0)
@@ -140,18 +136,6 @@ def test_unknown_tier_lookup_lists_known() -> None:
             with_tier(max_ongoing_requests=0),
             "tiers.1.max_ongoing_requests: Input should be greater than or equal to 1 (got 0)",
         ),
-        (
-            with_tier(engine={"block_size": 2048}),
-            "tiers.1.engine.block_size: Input should be less than or equal to 1024 (got 2048)",
-        ),
-        (
-            with_tier(engine={"kv_cache_bytes": 0}),
-            "tiers.1.engine.kv_cache_bytes: Input should be greater than 0 (got 0)",
-        ),
-        (
-            with_tier(engine={"num_blocks": 0}),
-            "tiers.1.engine.num_blocks: Input should be greater than 0 (got 0)",
-        ),
         (with_tier(enigne={}), "tiers.1.enigne: Extra inputs are not permitted"),
         (
             {"tiers": TWO_TIERS, "grpc": {"port": 70000}},
@@ -174,40 +158,6 @@ def test_unknown_tier_lookup_lists_known() -> None:
         (
             {"tiers": TWO_TIERS, "ray": {"num_cpus": 0}},
             "ray.num_cpus: Input should be greater than 0 (got 0)",
-        ),
-        (
-            {"tiers": TWO_TIERS, "policy": {"cascade": {"probe_tokens": 0}}},
-            "policy.cascade.probe_tokens: Input should be greater than or equal to 1 (got 0)",
-        ),
-        (
-            {"tiers": TWO_TIERS, "policy": {"cascade": {"min_mean_logprob": 1.0}}},
-            "policy.cascade.min_mean_logprob: Input should be less than or equal to 0 (got 1.0)",
-        ),
-        (
-            {"tiers": TWO_TIERS, "policy": {"cascade": {"to_tier": "fast"}}},
-            "policy.cascade.to_tier: to_tier must differ from from_tier (got 'fast')",
-        ),
-        (
-            {"tiers": TWO_TIERS, "policy": {"shadow": {"enabled": True, "primary_tier": "strong"}}},
-            "policy.shadow.primary_tier: primary_tier must differ from candidate_tier (got "
-            "'strong')",
-        ),
-        (
-            {"tiers": TWO_TIERS, "policy": {"shadow": {"share": 2}}},
-            "policy.shadow.share: Input should be less than or equal to 1 (got 2)",
-        ),
-        (
-            {"tiers": TWO_TIERS, "policy": {"shadow": {"promote": True}}},
-            "policy.shadow.promote: promote needs enabled: true (a promotion is earned from "
-            "samples) (got True)",
-        ),
-        (
-            {"tiers": TWO_TIERS, "policy": {"shadow": {"min_samples": 50, "window": 10}}},
-            "policy.shadow.window: window must be >= min_samples=50 (got 10)",
-        ),
-        (
-            {"tiers": TWO_TIERS, "policy": {"shadow": {"max_divergence": float("nan")}}},
-            "policy.shadow.max_divergence: Input should be a finite number (got nan)",
         ),
     ],
 )
@@ -254,23 +204,6 @@ def test_duplicate_tier_names(tmp_path: Path) -> None:
     assert problems(tmp_path, {"tiers": tiers}) == (
         "tiers: tier names must be unique; repeated: ['fast']",
     )
-
-
-def test_policy_must_name_configured_tiers(tmp_path: Path) -> None:
-    (line,) = problems(tmp_path, {"tiers": TWO_TIERS, "policy": {"cascade": {"to_tier": "huge"}}})
-    assert line.startswith(
-        "policy: cascade.to_tier='huge' is not a tier; known tiers: ['fast', 'strong']"
-    )
-    (line,) = problems(tmp_path, {"tiers": TWO_TIERS, "policy": {"default_tier": "huge"}})
-    assert line.startswith("policy: default_tier='huge' is not a tier")
-    shadow = {"enabled": True, "candidate_tier": "big"}
-    (line,) = problems(tmp_path, {"tiers": TWO_TIERS, "policy": {"shadow": shadow}})
-    assert line.startswith("policy: shadow.candidate_tier='big' is not a tier")
-
-
-def test_one_tier_without_cascade_is_valid(tmp_path: Path) -> None:
-    data = {"tiers": [{"name": "tiny", "model": "m"}], "policy": {"cascade": {"enabled": False}}}
-    assert load_config(write(tmp_path, data)).policy_config().default_tier == "tiny"
 
 
 def test_telemetry_file_exporter_needs_its_file(tmp_path: Path) -> None:
@@ -390,40 +323,7 @@ def test_misplaced_secrets_are_redacted_in_errors(tmp_path: Path, data: dict[str
     assert any("<redacted>" in p for p in found), found
 
 
-# --- conversions --------------------------------------------------------------------------------
-
-
-def test_engine_settings_convert_to_engine_config() -> None:
-    tier = TierConfig(
-        name="t", model="m", engine=EngineSettings(block_size=8, num_blocks=100, max_num_seqs=4)
-    )
-    assert tier.to_engine_config() == EngineConfig(
-        block_size=8,
-        num_blocks=100,
-        kv_cache_bytes=256 * 2**20,
-        max_num_seqs=4,
-        max_num_batched_tokens=512,
-        enable_prefix_caching=True,
-    )
-    assert EngineSettings().to_engine_config() == EngineConfig()
-
-
-def test_policy_converts_to_the_frozen_dataclass(tmp_path: Path) -> None:
-    policy = {
-        "default_tier": "strong",
-        "cascade": {"probe_tokens": 4, "min_mean_logprob": -1.0},
-        "shadow": {"enabled": True, "share": 0.1, "promote": True, "min_samples": 5},
-    }
-    cfg = load_config(write(tmp_path, {"tiers": TWO_TIERS, "policy": policy}))
-    assert cfg.policy_config() == TierPolicyConfig(
-        tiers=("fast", "strong"),
-        default_tier="strong",
-        cascade=CascadeConfig(probe_tokens=4, min_mean_logprob=-1.0),
-        shadow=ShadowConfig(enabled=True, share=0.1, promote=True, min_samples=5),
-    )
-    assert PolicyConfig().to_policy_config(["fast", "strong"]).default_tier == "fast"
-    with pytest.raises(ValueError, match="must name at least one tier"):
-        PolicyConfig().to_policy_config([])
+# --- helpers ----------------------------------------------------------------------------------
 
 
 def test_parse_config_without_a_file() -> None:

@@ -19,7 +19,8 @@ from experts.sampling_params import GREEDY_TEMPERATURE_FLOOR, SamplingParams
         ("temperature", -0.5, "[0, 100]"),
         ("top_p", 0.0, "(0, 1]"),
         ("top_p", 1.5, "(0, 1]"),
-        ("top_k", -1, ">= 0"),
+        ("top_k", -1, "[0, 1000000] (0 = off)"),
+        ("top_k", 1_000_001, "[0, 1000000] (0 = off)"),
         ("seed", -3, "[0, 2**63)"),
     ],
 )
@@ -87,7 +88,8 @@ def test_sampling_follows_the_distribution() -> None:
     torch.testing.assert_close(counts / 4000, torch.tensor([0.7, 0.2, 0.1]), atol=0.03, rtol=0)
 
 
-FILTERS = [(0, 1.0), (1, 1.0), (5, 1.0), (0, 0.5), (3, 0.9), (10**9, 1e-300)]  # (top_k, top_p)
+# (top_k, top_p); 10**6 is the largest top_k allowed, far beyond the vocabulary
+FILTERS = [(0, 1.0), (1, 1.0), (5, 1.0), (0, 0.5), (3, 0.9), (10**6, 1e-300)]
 
 
 def _extreme_logits() -> torch.Tensor:
