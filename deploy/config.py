@@ -29,6 +29,7 @@ from pydantic import ValidationInfo as Info
 from pydantic_core import ErrorDetails
 
 from cluster.engine.config import EngineConfig  # torch-free, like everything imported here
+from cluster.telemetry.settings import TelemetrySettings
 from deploy.api import DEFAULT_MAX_TOKENS_LIMIT
 from deploy.audit import AuditSettings
 from deploy.edge_config import AuthConfig, GrpcConfig
@@ -37,8 +38,6 @@ from deploy.policy_config import PolicyConfig
 from deploy.sections import RUNTIME_CHECK, Section, runtime_section
 
 if TYPE_CHECKING:
-    from cluster.engine.config import EngineConfig
-    from cluster.telemetry.settings import TelemetrySettings
     from router.tier_policy import TierPolicyConfig
 
 DEFAULT_DEMO_DIR = Path(".demo-models")
@@ -158,22 +157,26 @@ class TelemetryConfig(Section):
 
     The standard ``OTEL_*`` environment variables (``OTEL_TRACES_EXPORTER``,
     ``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_SERVICE_NAME``, ``OTEL_TRACES_SAMPLER``, ...)
-    override these values where they are set, in each process.
+    override these values where they are set, in each process. Defaults are
+    :class:`TelemetrySettings`' own; the bounds here are the file's (stricter than the
+    runtime's where they differ, e.g. no port 0).
     """
 
-    service_name: str = Field(default="moe-cluster", min_length=1)
+    service_name: str = Field(default=TelemetrySettings.service_name, min_length=1)
     traces_exporter: Literal["none", "console", "otlp", "file"] = "none"
     otlp_endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_ENDPOINT or localhost:4317
     file_path: str | None = Field(default=None, validate_default=True)
-    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+    sample_ratio: float = Field(default=TelemetrySettings.sample_ratio, ge=0, le=1)
     metrics_exporter: Literal["none", "prometheus", "otlp"] = "none"
-    prometheus_port: int = Field(default=9464, ge=1, le=65535)
-    prometheus_host: str = Field(default="127.0.0.1", min_length=1)  # 0.0.0.0: every interface
+    prometheus_port: int = Field(default=TelemetrySettings.prometheus_port, ge=1, le=65535)
+    # 0.0.0.0: every interface
+    prometheus_host: str = Field(default=TelemetrySettings.prometheus_host, min_length=1)
     record_text: bool = False  # put prompt/completion text on spans (off: may hold user data)
-    token_events: int = Field(default=256, ge=0, le=1_000_000)  # per-token events per request
+    # per-token events per request
+    token_events: int = Field(default=TelemetrySettings.token_events, ge=0, le=1_000_000)
     # expert-dispatch spans (one per MoE layer call, each with its shards' spans) per request:
     # the first steps of each traced request; 0 = none
-    dispatch_spans: int = Field(default=8, ge=0, le=1_000_000)
+    dispatch_spans: int = Field(default=TelemetrySettings.dispatch_spans, ge=0, le=1_000_000)
     resource_attributes: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("file_path")
@@ -184,22 +187,10 @@ class TelemetryConfig(Section):
         return _resolve_path(path, info) if path else path
 
     def settings(self) -> TelemetrySettings:
-        from cluster.telemetry.settings import TelemetrySettings
-
-        return TelemetrySettings(
-            service_name=self.service_name,
-            traces_exporter=self.traces_exporter,
-            otlp_endpoint=self.otlp_endpoint,
-            file_path=self.file_path,
-            sample_ratio=self.sample_ratio,
-            metrics_exporter=self.metrics_exporter,
-            prometheus_port=self.prometheus_port,
-            prometheus_host=self.prometheus_host,
-            record_text=self.record_text,
-            token_events=self.token_events,
-            dispatch_spans=self.dispatch_spans,
-            resource_attributes=tuple(sorted(self.resource_attributes.items())),
-        )
+        """The runtime's settings: every field here is one of theirs, attributes as pairs."""
+        fields = self.model_dump()
+        fields["resource_attributes"] = tuple(sorted(self.resource_attributes.items()))
+        return TelemetrySettings(**fields)
 
 
 class AuditConfig(AuditSettings):
