@@ -17,6 +17,9 @@ from typing import Any
 import torch
 import transformers
 
+# The ``shared_checkpoint`` fixture's type (tests/conftest.py): (family, *, seed) -> its directory
+BuildCheckpoint = Callable[..., Path]
+
 FAMILIES: tuple[str, ...] = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "llama", "qwen3")
 
 # Passed to save_pretrained when sharded=True; well below the ~0.6 MB of one MoE layer, so the

@@ -24,8 +24,7 @@ from cluster.engine.requests import EngineRequest, TokenEvent
 from cluster.engine.sequence import Sequence as Seq
 from experts.model import MoEModel
 from experts.sampling_params import SamplingParams
-from tests.checkpoints import build_family_checkpoint
-from tests.unit.test_kv_window import simulate_window, visibility_mask
+from tests.unit.kv_checks import simulate_window, visibility_mask
 
 FAMILIES = ("mixtral", "qwen3", "llama")  # GQA MoE, GQA with q/k norms, MQA
 PROMPT_LENS = (37, 5, 20, 16)
@@ -35,19 +34,13 @@ ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("attention")
-    return {f: build_family_checkpoint(f, root / f, seed=7) for f in FAMILIES}
+def mixtral(family_checkpoints: dict[str, Path]) -> MoEModel:
+    return MoEModel.from_checkpoint(family_checkpoints["mixtral"])
 
 
 @pytest.fixture(scope="module")
-def mixtral(checkpoints: dict[str, Path]) -> MoEModel:
-    return MoEModel.from_checkpoint(checkpoints["mixtral"])
-
-
-@pytest.fixture(scope="module")
-def mixtral_ref(checkpoints: dict[str, Path]) -> Any:
-    return _eager(checkpoints["mixtral"])
+def mixtral_ref(family_checkpoints: dict[str, Path]) -> Any:
+    return _eager(family_checkpoints["mixtral"])
 
 
 def _eager(path: Path) -> Any:
@@ -110,8 +103,8 @@ def engine_stats(events: Sequence[TokenEvent]) -> torch.Tensor:  # [K, L, 2]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_stats_match_eager_transformers(family: str, checkpoints: dict[str, Path]) -> None:
-    model = MoEModel.from_checkpoint(checkpoints[family])
+def test_stats_match_eager_transformers(family: str, family_checkpoints: dict[str, Path]) -> None:
+    model = MoEModel.from_checkpoint(family_checkpoints[family])
     prompts = _prompts(model.spec.vocab_size, PROMPT_LENS)
     # a budget of 32 chunks the 37-token prompt and mixes prefill chunks with decodes in a step
     config = EngineConfig(block_size=16, num_blocks=64, max_num_batched_tokens=32)
@@ -119,7 +112,7 @@ def test_stats_match_eager_transformers(family: str, checkpoints: dict[str, Path
     requests.append(EngineRequest("plain", prompts[0], requests[0].params))
     events = _run(LLMEngine(model, config), requests)
     assert all(e.attention is None for e in events["plain"])
-    ref = _eager(checkpoints[family])
+    ref = _eager(family_checkpoints[family])
     for i, (prompt, first) in enumerate(zip(prompts, FIRST_TOKENS, strict=True)):
         got = engine_stats(events[str(i)])
         assert got.shape == (NEW_TOKENS, model.spec.num_layers, 2)

@@ -7,6 +7,7 @@ import pytest
 from cache.block_allocator import OutOfBlocksError, blocks_for
 from cache.block_manager import BlockManager
 from cache.prefix_hash import hash_block, hash_blocks
+from tests.unit.kv_checks import check_partition
 
 BS = 4
 
@@ -18,19 +19,6 @@ def compute(manager: BlockManager, ids: list[int]) -> tuple[list[int], list[int]
     for index, block_hash in enumerate(hashes):
         manager.register(blocks[index], block_hash)
     return blocks, hashes
-
-
-def check_partition(manager: BlockManager) -> None:
-    """Free, evictable and held blocks partition the pool; refcounts agree."""
-    free = list(manager.allocator._free)
-    evictable = list(manager._evictable)
-    held = [b for b in range(manager.num_blocks) if manager.allocator.refcount(b) > 0]
-    assert len(set(free)) == len(free) and len(set(evictable)) == len(evictable)
-    assert sorted(free + evictable + held) == list(range(manager.num_blocks))
-    assert manager.num_held == len(held)
-    assert all(manager.allocator.refcount(b) == 0 for b in free + evictable)
-    assert all((b in manager._hash_of) != (b in manager._partials) for b in evictable)
-    assert all(b in evictable for b in manager._partials._entry_of)  # partials are never held
 
 
 def test_block_size_must_be_positive() -> None:

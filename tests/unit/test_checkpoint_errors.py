@@ -13,14 +13,14 @@ from safetensors.torch import load_file, save_file
 
 from experts.model import MoEModel
 from experts.spec import FAMILIES, CheckpointError
-from tests.checkpoints import build_family_checkpoint
+from tests.checkpoints import BuildCheckpoint
 
 EXPERT_TENSOR = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_family_checkpoint("mixtral", tmp_path_factory.mktemp("good") / "m", seed=1)
+def good(shared_checkpoint: BuildCheckpoint) -> Path:
+    return shared_checkpoint("mixtral", seed=1)
 
 
 @pytest.fixture

@@ -29,7 +29,8 @@ from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.requests import EngineRequest, TokenEvent
 from experts.model import MoEModel
 from experts.sampling_params import SamplingParams
-from tests.checkpoints import build_family_checkpoint
+from tests.checkpoints import BuildCheckpoint
+from tests.unit.kv_checks import WindowTrace, simulate_window, visibility_mask
 
 BLOCK = 4
 MAX_POSITIONS = 512  # the test checkpoint's max_position_embeddings
@@ -61,61 +62,6 @@ CHUNKED = Scenario("chunked", 30, 24, 8, 20, 2, ((13, 14),))
 LONG = Scenario("long", 500, 24, 64, 16, 4, ((6, 7),), num_blocks=32)
 
 
-@dataclass(frozen=True)
-class WindowTrace:
-    """What the documented rule predicts for one request."""
-
-    visible: list[list[int]]  # visible[i]: positions token i attends when it is computed
-    truncated: list[int]  # evicted tokens so far when each generated token is emitted
-    kept_blocks: list[int]  # logical blocks cached after the last eviction
-
-
-def simulate_window(
-    num_prompt: int,
-    num_new: int,
-    *,
-    block_size: int,
-    budget: int,
-    window: int,
-    sinks: int,
-    anchors: Sequence[tuple[int, int]],
-) -> WindowTrace:
-    """Replay the policy rule step by step, then one token a step.
-
-    The prompt is prefilled in chunks of ``min(budget, window)`` tokens (the documented cap
-    for windowed prompts). A ``window`` at least as long as the sequence never evicts (plain
-    causal attention).
-    """
-
-    def pinned(block: int) -> bool:
-        lo, hi = block * block_size, (block + 1) * block_size
-        return lo < sinks or any(start < hi and lo < end for start, end in anchors)
-
-    chunk = min(budget, window)
-    steps = [(s, min(s + chunk, num_prompt)) for s in range(0, num_prompt, chunk)]
-    steps += [(p, p + 1) for p in range(num_prompt, num_prompt + num_new - 1)]
-    kept: list[int] = []
-    visible: list[list[int]] = []
-    truncated: list[int] = []
-    for start, end in steps:
-        cached = [p for b in kept for p in range(b * block_size, min((b + 1) * block_size, start))]
-        visible.extend(cached + list(range(start, p + 1)) for p in range(start, end))
-        if end >= num_prompt:  # this step's last logits give a token, emitted before eviction
-            truncated.append(start - len(cached))
-            if len(truncated) == num_new:
-                break  # finished: nothing is evicted after the last step
-        kept = sorted({*kept, *range(start // block_size, (end - 1) // block_size + 1)})
-        num_keys = sum(min((b + 1) * block_size, end) - b * block_size for b in kept)
-        for block in list(kept[:-1]):
-            if num_keys <= window:
-                break
-            if not pinned(block):
-                kept.remove(block)
-                num_keys -= block_size
-    assert len(visible) == num_prompt + num_new - 1 and len(truncated) == num_new
-    return WindowTrace(visible, truncated, kept)
-
-
 def trace_for(scenario: Scenario, **overrides: Any) -> WindowTrace:
     kwargs: dict[str, Any] = {
         "block_size": BLOCK,
@@ -126,17 +72,6 @@ def trace_for(scenario: Scenario, **overrides: Any) -> WindowTrace:
         **overrides,
     }
     return simulate_window(scenario.prompt_len, scenario.max_tokens, **kwargs)
-
-
-def visibility_mask(visible: Sequence[Sequence[int]]) -> torch.Tensor:
-    """[1, 1, T, T] additive float mask: 0 where row i may attend column j, -inf elsewhere."""
-    size = len(visible)
-    allowed = torch.zeros(size, size, dtype=torch.bool)
-    for i, cols in enumerate(visible):
-        assert all(j <= i for j in cols), f"row {i} attends a later token"
-        allowed[i, list(cols)] = True
-    mask = torch.zeros(size, size).masked_fill(~allowed, float("-inf"))
-    return mask[None, None]
 
 
 def reference_logits(ref: Any, ids: Sequence[int], mask: torch.Tensor | None) -> torch.Tensor:
@@ -185,8 +120,8 @@ def run_engine(model: MoEModel, scenario: Scenario, seed: int = 0) -> EngineRun:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_family_checkpoint("mixtral", tmp_path_factory.mktemp("window") / "m", seed=11)
+def checkpoint(shared_checkpoint: BuildCheckpoint) -> Path:
+    return shared_checkpoint("mixtral", seed=11)
 
 
 @pytest.fixture(scope="module")

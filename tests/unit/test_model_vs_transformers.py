@@ -23,12 +23,6 @@ BLOCK = 16
 PROMPT_LENS = (37, 5, 20, 16)  # longer than a block, shorter, ragged, exactly one block
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("families")
-    return {f: build_family_checkpoint(f, root / f, seed=7) for f in FAMILIES}
-
-
 def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENS]
@@ -39,8 +33,10 @@ def _reference_greedy(path: Path, prompt: list[int], new: int) -> list[int]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prefill_logits_match_transformers(family: str, checkpoints: dict[str, Path]) -> None:
-    model = MoEModel.from_checkpoint(checkpoints[family])
+def test_prefill_logits_match_transformers(
+    family: str, family_checkpoints: dict[str, Path]
+) -> None:
+    model = MoEModel.from_checkpoint(family_checkpoints[family])
     spec = model.spec
     prompts = _prompts(spec.vocab_size)
     # scattered, non-contiguous block tables: paging must not depend on layout
@@ -54,7 +50,7 @@ def test_prefill_logits_match_transformers(family: str, checkpoints: dict[str, P
     ids = torch.tensor([t for p in prompts for t in p])
     with torch.inference_mode():
         ours = model.logits(model.forward(ids, batch, pool))
-        ref = reference_model(checkpoints[family])
+        ref = reference_model(family_checkpoints[family])
         offset = 0
         for p in prompts:
             expected = ref(torch.tensor([p])).logits[0]
@@ -64,19 +60,21 @@ def test_prefill_logits_match_transformers(family: str, checkpoints: dict[str, P
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generation_is_token_identical(family: str, checkpoints: dict[str, Path]) -> None:
-    model = MoEModel.from_checkpoint(checkpoints[family])
+def test_greedy_generation_is_token_identical(
+    family: str, family_checkpoints: dict[str, Path]
+) -> None:
+    model = MoEModel.from_checkpoint(family_checkpoints[family])
     prompts = _prompts(model.spec.vocab_size, seed=1)
     new = 24
     results = generate(model, prompts, [SamplingParams(max_tokens=new, ignore_eos=True)] * 4)
     for prompt, res in zip(prompts, results, strict=True):
-        assert res.token_ids == _reference_greedy(checkpoints[family], prompt, new)
+        assert res.token_ids == _reference_greedy(family_checkpoints[family], prompt, new)
         assert res.finish_reason == "length"
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("llama", "qwen3")])
 def test_loading_chosen_experts_reads_only_their_tensors(
-    family: str, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    family: str, family_checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import experts.checkpoint as ckpt
 
@@ -107,7 +105,7 @@ def test_loading_chosen_experts_reads_only_their_tensors(
             return self._handle.get_tensor(name)
 
     monkeypatch.setattr(ckpt, "safe_open", Recording)
-    reader = CheckpointReader(checkpoints[family])
+    reader = CheckpointReader(family_checkpoints[family])
     spec = reader.spec
     last = spec.moe_layers[-1]
     pairs = [(spec.moe_layers[0], 1), (last, spec.num_experts - 1)]

@@ -14,15 +14,15 @@ from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.requests import EngineRequest, TokenEvent
 from experts.model import MoEModel
 from experts.sampling_params import SamplingParams
-from tests.checkpoints import build_family_checkpoint
-from tests.unit.test_block_manager import check_partition
+from tests.checkpoints import BuildCheckpoint
+from tests.unit.kv_checks import check_partition
 
 BS = 16
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> MoEModel:
-    path = build_family_checkpoint("mixtral", tmp_path_factory.mktemp("tail") / "m", seed=3)
+def model(shared_checkpoint: BuildCheckpoint) -> MoEModel:
+    path = shared_checkpoint("mixtral", seed=3)
     return MoEModel.from_checkpoint(path)
 
 

@@ -33,7 +33,7 @@ from deploy.gateway import Gateway
 from deploy.proto import moecluster_v1_pb2 as pb
 from experts.checkpoint import CheckpointReader
 from router.routing_table import round_robin
-from tests.checkpoints import build_family_checkpoint
+from tests.checkpoints import BuildCheckpoint
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -42,8 +42,8 @@ MAX_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_family_checkpoint("mixtral", tmp_path_factory.mktemp("tracing") / "m", seed=3)
+def model_dir(shared_checkpoint: BuildCheckpoint) -> Path:
+    return shared_checkpoint("mixtral", seed=3)
 
 
 @pytest.fixture(scope="module")

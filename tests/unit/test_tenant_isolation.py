@@ -22,10 +22,10 @@ from cluster.serving.tier_messages import TierItem, TierRejected, TierRequest, T
 from cluster.serving.tier_replica import TierReplica
 from experts.model import MoEModel
 from experts.sampling_params import SamplingParams
-from tests.checkpoints import build_family_checkpoint
-from tests.unit.test_block_manager import check_partition
-from tests.unit.test_scheduler import BS as HARNESS_BS
-from tests.unit.test_scheduler import Harness
+from tests.checkpoints import BuildCheckpoint, build_family_checkpoint
+from tests.scheduler_harness import BS as HARNESS_BS
+from tests.scheduler_harness import Harness
+from tests.unit.kv_checks import check_partition
 
 BS = 16
 # A's prompt: one full block and 8 tokens; after 2 generated tokens A has computed 25
@@ -144,8 +144,8 @@ def test_the_scheduler_admits_another_tenant_with_nothing_cached() -> None:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_family_checkpoint("mixtral", tmp_path_factory.mktemp("tenants") / "m", seed=4)
+def model_dir(shared_checkpoint: BuildCheckpoint) -> Path:
+    return shared_checkpoint("mixtral", seed=4)
 
 
 @pytest.fixture(scope="module")
