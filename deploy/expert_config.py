@@ -18,7 +18,9 @@ class ExpertsSettings(BaseModel):
     (``strategy``), and ``shard_resources[i]`` can pin shard i to nodes that offer
     those custom resources. ``data_plane`` picks how a layer's tokens reach the shards:
     ``torch_dist`` (point-to-point gloo channels; Ray only opens them) or ``ray`` (an
-    actor call per shard per layer); ``dispatch_timeout_s`` bounds a layer's wait.
+    actor call per shard per layer); ``dispatch_timeout_s`` bounds a layer's wait. With
+    ``torch_dist`` the tier's engine can run in an engine process (the default), which joins
+    the channels that its replica opened; ``ray`` needs the engine in the replica's process.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -40,6 +42,12 @@ class ExpertsSettings(BaseModel):
                 f"{self.num_shards}: give one mapping per shard, or none"
             )
         return self
+
+    @property
+    def needs_ray_per_layer(self) -> bool:
+        """Sharded on the ``ray`` data plane: every layer is a Ray actor call, so the engine
+        must run in a Ray worker (the replica), not in an engine process."""
+        return self.placement == "sharded" and self.data_plane == "ray"
 
     def bundles(self) -> list[dict[str, float]]:
         """Placement-group bundles: the pool's own replica first, then one per shard.

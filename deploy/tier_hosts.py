@@ -13,6 +13,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from cluster.expert_parallel.engine_experts import EngineExperts, arrange_engine_experts
 from cluster.expert_parallel.expert_pool import ExpertPool, ShardSpec
 from cluster.expert_parallel.remote_experts import RemoteExperts
 from cluster.serving.tier_messages import TierInfo, TierItem, TierRequest, TierStats
@@ -70,7 +71,11 @@ class ExpertPoolHost:
 
 
 class TierHost:
-    """A replica of one model tier: loads its checkpoint and runs the engine."""
+    """A replica of one model tier: loads its checkpoint and runs the engine.
+
+    With sharded experts and an engine process, the replica does the Ray half of opening the
+    engine's data-plane channel (``arrange_engine_experts``) and keeps its rendezvous store.
+    """
 
     def __init__(
         self,
@@ -85,6 +90,8 @@ class TierHost:
 
             torch.set_num_threads(tier.torch_threads)
         experts = None
+        factory = None
+        self._engine_experts: EngineExperts | None = None
         if expert_pool is not None:  # the experts live in the tier's shared shard pool
             # __init__ runs on the replica's event loop, where Serve forbids blocking on a
             # handle; the call's own router loop answers, so wait from a helper thread
@@ -94,7 +101,14 @@ class TierHost:
                 ).result()
             settings = tier.experts
             pool = ExpertPool(handles, settings.data_plane, settings.dispatch_timeout_s)
-            experts = RemoteExperts(pool, table, tier.name)
+            if tier.runs_engine_process:  # this replica opens the shards' side, its child ours
+                attributes = replica_attributes(tier.name)
+                self._engine_experts = arrange_engine_experts(
+                    pool.transport, table, tier.name, telemetry, attributes
+                )
+                factory = self._engine_experts.factory
+            else:
+                experts = RemoteExperts(pool, table, tier.name)
         self.replica = TierReplica(
             tier.name,
             tier.model,
@@ -105,6 +119,7 @@ class TierHost:
             stream_items_per_step=tier.stream_items_per_step,
             engine_process=tier.runs_engine_process,
             max_queue_wait_s=tier.max_queue_wait_s,
+            expert_factory=factory,
         )
 
     async def generate(self, request: TierRequest) -> AsyncGenerator[TierItem, None]:

@@ -8,6 +8,14 @@ groups, one per shard (rank 0 the backbone, rank 1 the shard). Pairs, not one wo
 several backbone replicas can share a pool and no shard needs to know the others; a broken
 channel (a shard died) is dropped whole and reopened on the next layer.
 
+Opening a channel has two halves (``Channel.open`` does both): the backbone's process hosts the
+rendezvous store and hands every shard its ticket through Ray (``host_rendezvous``), and the
+backbone's side joins each pair and checks it (``Channel.join``). They may run in different
+processes on one node: a tier replica (a Ray worker) hosts the store and starts the shards'
+sides, and its engine process, which makes no Ray call, joins with the tickets it was handed
+(``cluster.expert_parallel.engine_experts``). Such a channel cannot be reopened from the engine
+process: when it breaks, the layer fails, the engine stops and the replica is replaced.
+
 Per layer and shard, the backbone sends a fixed-size header (op, layer, sizes, dtype, the
 dispatching span's trace context) and one packed byte payload (hidden, expert ids, gate
 weights), and receives ``[N * H + 1]`` in the hidden dtype: the shard's output and a status
@@ -22,7 +30,7 @@ binds ``::``) and both gloo devices bind that address. Neither the store nor glo
 authenticates anyone, so each channel has a key: 32 random bytes the backbone draws and hands
 to each shard in a ``ChannelTicket``, through the Ray control call that opens the channel. The
 store keys sit under a 128-bit random channel id. Once a pair is up, and before any token
-moves, each side proves it holds the key (``_greet_shard`` / ``_answer_backbone``): the
+moves, each side proves it holds the key (``wire.greet_shard`` / ``wire.answer_backbone``): the
 backbone sends a nonce; the shard answers with its nonce, its ``PayloadLimits`` and
 HMAC-SHA256(key, "shard", prefix, both nonces, limits); the backbone answers with
 HMAC-SHA256(key, "backbone", prefix, both nonces). A side that gets a wrong proof closes.
@@ -48,254 +56,67 @@ Legend: N tokens sent to one shard, K' (expert, weight) pairs per token on it, H
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
 import logging
 import secrets
-import socket
-import struct
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-logger = logging.getLogger("moe_cluster.data_plane")
+from cluster.expert_parallel.wire import (
+    DTYPES,
+    HEADER_LEN,
+    IDLE_WAIT,
+    KEY_LEN,
+    MAX_ERROR_BYTES,
+    OP_COMPUTE,
+    OP_STOP,
+    STATUS_FAILED,
+    STATUS_OK,
+    TAG_ERROR,
+    TAG_ERROR_LEN,
+    TAG_HEADER,
+    TAG_PAYLOAD,
+    TAG_REPLY,
+    ChannelTicket,
+    DataPlaneError,
+    Group,
+    HandshakeError,
+    PayloadLimits,
+    PayloadRefused,
+    ShardComputeError,
+    answer_backbone,
+    bind_store,
+    decode_trace,
+    greet_shard,
+    pack,
+    pair_group,
+    payload_size,
+    unpack,
+)
 
-OP_STOP, OP_COMPUTE = 0, 1
-TAG_HEADER, TAG_PAYLOAD, TAG_REPLY, TAG_ERROR_LEN, TAG_ERROR, TAG_HELLO = range(6)
-HEADER_LEN = 10  # op, layer, N, H, K', dtype, trace id hi, trace id lo, span id, flags
-NO_TRACE = -1  # the flags field of a header without trace context
-STATUS_OK, STATUS_FAILED = 0.0, 1.0
-IDLE_WAIT = timedelta(days=30)  # how long a shard waits for a live backbone's next layer
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-MAX_TOKENS_PER_DISPATCH = 65536  # N per shard and layer: above any sane max_num_batched_tokens
-MAX_ERROR_BYTES = 16384  # a shard's failure message is cut to this
-KEY_LEN = NONCE_LEN = MAC_LEN = 32
-LIMITS = struct.Struct("<3q")  # hidden size, max pairs, max tokens
+__all__ = [  # the wire's names that callers of the data plane use, importable from here too
+    "Channel",
+    "ChannelTicket",
+    "DataPlaneError",
+    "PayloadLimits",
+    "PayloadRefused",
+    "PendingReply",
+    "ShardComputeError",
+    "host_rendezvous",
+    "serve_channel",
+]
+
+logger = logging.getLogger("moe_cluster.data_plane")
 
 # compute(layer, hidden [N, H], expert_ids [N, K'], weights [N, K'], traceparent) -> [N, H]
 Compute = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, str], torch.Tensor]
-Group = Any  # a dist.ProcessGroupGloo: torch's stubs omit its send / recv
-
-
-class DataPlaneError(RuntimeError):
-    """A channel broke (timeout, shard gone); the pool opens a fresh one on the next call."""
-
-
-class HandshakeError(DataPlaneError):
-    """The other side of a pair did not prove that it holds the channel key."""
-
-
-class ShardComputeError(RuntimeError):
-    """The shard received the tokens but its compute failed; the channel stays usable."""
-
-
-class PayloadRefused(ValueError):
-    """A header declares sizes beyond the shard's ``PayloadLimits`` (or no known op / dtype)."""
-
-
-@dataclass(frozen=True)
-class ChannelTicket:
-    """What a shard needs to join one backbone's channel; it travels only by Ray control call."""
-
-    store_host: str
-    store_port: int
-    prefix: str  # the pair's store keys: "<128-bit random channel id>/<shard id>"
-    key: bytes = field(repr=False)  # the channel's secret: never logged, never on the data plane
-
-
 # asks one shard to serve a channel
 StartPeer = Callable[[str, ChannelTicket], None]
-
-
-@dataclass(frozen=True)
-class PayloadLimits:
-    """The most one header may ask a shard to allocate; checked before any allocation."""
-
-    hidden_size: int  # H of the shard's model: every header must carry exactly this
-    max_pairs: int  # K' per token: at most the model's number of experts
-    max_tokens: int = MAX_TOKENS_PER_DISPATCH
-
-    def __post_init__(self) -> None:
-        for name in ("hidden_size", "max_pairs", "max_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"PayloadLimits.{name}={getattr(self, name)} must be > 0")
-
-    @property
-    def max_payload_bytes(self) -> int:
-        return self.max_tokens * (self.hidden_size * 8 + self.max_pairs * (8 + 4))
-
-    def check(self, op: int, n: int, h: int, k: int, dtype_index: int) -> None:
-        """Raise ``PayloadRefused`` naming the broken limit."""
-        if op != OP_COMPUTE:
-            raise PayloadRefused(f"unknown op {op} in a header")
-        if not 0 <= dtype_index < len(DTYPES):
-            raise PayloadRefused(f"dtype index {dtype_index} is not one of 0..{len(DTYPES) - 1}")
-        if h != self.hidden_size:
-            raise PayloadRefused(f"hidden size {h} is not the model's {self.hidden_size}")
-        if not 0 <= n <= self.max_tokens:
-            raise PayloadRefused(f"{n} tokens is outside 0..{self.max_tokens} per dispatch")
-        if not 0 <= k <= self.max_pairs:
-            raise PayloadRefused(f"{k} pairs per token is outside 0..{self.max_pairs}")
-
-    def pack(self) -> bytes:
-        return LIMITS.pack(self.hidden_size, self.max_pairs, self.max_tokens)
-
-
-def _group(store: dist.Store, prefix: str, rank: int, host: str, timeout_s: float) -> Group:
-    """One side of a two-rank gloo group; blocks until the other side joins."""
-    # the options object is private, but the public constructor binds to whatever the host
-    # name resolves to, which need not be the Ray node's address
-    options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
-    options._timeout = timedelta(seconds=timeout_s)
-    options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-    return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, 2, options)
-
-
-def bind_store(host: str, timeout_s: float) -> dist.TCPStore:
-    """A rendezvous store listening on ``host`` only, on a free port (``.port``)."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
-    if ipaddress.ip_address(str(address[0]).split("%")[0]).is_unspecified:
-        raise ValueError(
-            f"data plane host {host!r} is every interface; give this node's cluster address"
-        )
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.bind(address)
-        sock.listen(128)
-        port = sock.getsockname()[1]
-    except OSError:
-        sock.close()
-        raise
-    return dist.TCPStore(
-        host,
-        port,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=timedelta(seconds=timeout_s),
-        master_listen_fd=sock.detach(),  # the store owns (and closes) the socket from here
-    )
-
-
-# ----------------------------------------------------------------------------- handshake
-
-
-def _mac(key: bytes, role: bytes, prefix: str, *parts: bytes) -> bytes:
-    return hmac.new(key, b"|".join((role, prefix.encode(), *parts)), hashlib.sha256).digest()
-
-
-def _send_bytes(group: Group, data: bytes, peer: int, wait: timedelta) -> None:
-    group.send([torch.frombuffer(bytearray(data), dtype=torch.uint8)], peer, TAG_HELLO).wait(wait)
-
-
-def _recv_bytes(group: Group, size: int, peer: int, wait: timedelta) -> bytes:
-    buffer = torch.empty(size, dtype=torch.uint8)
-    group.recv([buffer], peer, TAG_HELLO).wait(wait)
-    return buffer.numpy().tobytes()
-
-
-def _greet_shard(group: Group, key: bytes, prefix: str, timeout_s: float) -> PayloadLimits:
-    """The backbone's half of the handshake: check the shard's proof, give ours, learn limits."""
-    wait = timedelta(seconds=timeout_s)
-    nonce = secrets.token_bytes(NONCE_LEN)
-    _send_bytes(group, nonce, 1, wait)
-    reply = _recv_bytes(group, NONCE_LEN + LIMITS.size + MAC_LEN, 1, wait)
-    theirs, limits, proof = reply[:NONCE_LEN], reply[NONCE_LEN:-MAC_LEN], reply[-MAC_LEN:]
-    if not hmac.compare_digest(proof, _mac(key, b"shard", prefix, nonce, theirs, limits)):
-        raise HandshakeError("its proof of the channel key is wrong")
-    _send_bytes(group, _mac(key, b"backbone", prefix, nonce, theirs), 1, wait)
-    return PayloadLimits(*LIMITS.unpack(limits))
-
-
-def _answer_backbone(
-    group: Group, key: bytes, prefix: str, limits: PayloadLimits, timeout_s: float
-) -> None:
-    """The shard's half of the handshake; raises ``HandshakeError`` on a wrong proof."""
-    wait = timedelta(seconds=timeout_s)
-    theirs = _recv_bytes(group, NONCE_LEN, 0, wait)
-    nonce, packed = secrets.token_bytes(NONCE_LEN), limits.pack()
-    proof = _mac(key, b"shard", prefix, theirs, nonce, packed)
-    _send_bytes(group, nonce + packed + proof, 0, wait)
-    if not hmac.compare_digest(
-        _recv_bytes(group, MAC_LEN, 0, wait), _mac(key, b"backbone", prefix, theirs, nonce)
-    ):
-        raise HandshakeError("the backbone's proof of the channel key is wrong")
-
-
-# ----------------------------------------------------------------------------- wire format
-
-
-def _signed(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def encode_trace(traceparent: str) -> list[int]:
-    """W3C ``00-<trace id>-<span id>-<flags>`` as four int64s (flags ``NO_TRACE`` if none)."""
-    parts = traceparent.split("-")
-    if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
-        return [0, 0, 0, NO_TRACE]
-    trace_id, span_id, flags = parts[1], parts[2], parts[3]
-    return [
-        _signed(int(trace_id[:16], 16)),
-        _signed(int(trace_id[16:], 16)),
-        _signed(int(span_id, 16)),
-        int(flags, 16),
-    ]
-
-
-def decode_trace(fields: list[int]) -> str:
-    hi, lo, span, flags = fields
-    if flags == NO_TRACE:
-        return ""
-    return (
-        f"00-{hi & (2**64 - 1):016x}{lo & (2**64 - 1):016x}-{span & (2**64 - 1):016x}-{flags:02x}"
-    )
-
-
-def _bytes(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous().view(-1).view(torch.uint8)
-
-
-def pack(
-    layer: int,
-    hidden: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: torch.Tensor,
-    traceparent: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The header ``[HEADER_LEN]`` int64 and the payload bytes for one shard's tokens."""
-    n, h = hidden.shape
-    k = expert_ids.shape[1]
-    header = torch.tensor(
-        [OP_COMPUTE, layer, n, h, k, DTYPES.index(hidden.dtype), *encode_trace(traceparent)],
-        dtype=torch.int64,
-    )
-    ids = expert_ids.to(torch.int64)  # [N, K']
-    gate = weights.to(torch.float32)  # [N, K']
-    return header, torch.cat([_bytes(hidden.cpu()), _bytes(ids.cpu()), _bytes(gate.cpu())])
-
-
-def unpack(
-    header: list[int], payload: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, _, n, h, k, dtype_index = header[:6]
-    dtype = DTYPES[dtype_index]
-    hidden_bytes = n * h * dtype.itemsize
-    ids_bytes = n * k * 8
-    hidden = payload[:hidden_bytes].view(dtype).view(n, h)  # [N, H]
-    ids = payload[hidden_bytes : hidden_bytes + ids_bytes].view(torch.int64).view(n, k)
-    weights = payload[hidden_bytes + ids_bytes :].view(torch.float32).view(n, k)  # [N, K']
-    return hidden, ids, weights
-
-
-def payload_size(header: list[int]) -> int:
-    _, _, n, h, k, dtype_index = header[:6]
-    return n * h * DTYPES[dtype_index].itemsize + n * k * (8 + 4)
+Tickets = Mapping[str, ChannelTicket]  # shard id -> its ticket, for one channel
 
 
 # ----------------------------------------------------------------------------- shard side
@@ -320,12 +141,12 @@ def serve_channel(
                 is_master=False,
                 timeout=timedelta(seconds=timeout_s),
             )
-            group = _group(store, prefix, 1, bind_host, timeout_s)
+            group = pair_group(store, prefix, 1, bind_host, timeout_s)
         except Exception:
             logger.exception("shard %s: could not join data-plane channel %s", name, prefix)
             return
         try:
-            _answer_backbone(group, ticket.key, prefix, limits, timeout_s)
+            answer_backbone(group, ticket.key, prefix, limits, timeout_s)
             _serve_loop(group, compute, limits, name)
         except HandshakeError as err:
             logger.warning("shard %s: refused data-plane channel %s: %s", name, prefix, err)
@@ -371,6 +192,26 @@ def _serve_loop(group: Group, compute: Compute, limits: PayloadLimits, name: str
 
 
 # ----------------------------------------------------------------------------- backbone side
+
+
+def host_rendezvous(
+    shard_ids: list[str], start_peer: StartPeer, host: str, timeout_s: float
+) -> tuple[dist.TCPStore, dict[str, ChannelTicket]]:
+    """Host one channel's rendezvous store on ``host`` and start every shard's side of it.
+
+    Each shard gets its ticket (store address, its pair's prefix under a fresh 128-bit channel
+    id, the channel's fresh key) through ``start_peer``, a Ray control call. The store must
+    stay alive until the backbone's side has joined (``Channel.join``); the shards then wait
+    for that side for up to the ``timeout_s`` that ``start_peer`` gave them.
+    """
+    store = bind_store(host, timeout_s)
+    channel_id, key = secrets.token_hex(16), secrets.token_bytes(KEY_LEN)
+    tickets = {
+        sid: ChannelTicket(host, store.port, f"{channel_id}/{sid}", key) for sid in shard_ids
+    }
+    for sid in shard_ids:
+        start_peer(sid, tickets[sid])
+    return store, tickets
 
 
 @dataclass
@@ -426,25 +267,38 @@ class Channel:
         cls, shard_ids: list[str], start_peer: StartPeer, host: str, timeout_s: float
     ) -> Channel:
         """Host a rendezvous store on ``host``, have every shard join, and check each pair."""
-        store = bind_store(host, timeout_s)
-        channel_id, key = secrets.token_hex(16), secrets.token_bytes(KEY_LEN)
-        tickets = {
-            sid: ChannelTicket(host, store.port, f"{channel_id}/{sid}", key) for sid in shard_ids
-        }
-        for sid in shard_ids:
-            start_peer(sid, tickets[sid])
+        store, tickets = host_rendezvous(shard_ids, start_peer, host, timeout_s)
+        return cls.join(tickets, host, timeout_s, store)
+
+    @classmethod
+    def join(
+        cls, tickets: Tickets, host: str, timeout_s: float, store: dist.Store | None = None
+    ) -> Channel:
+        """The backbone's side of every pair in ``tickets``, checked by the key handshake.
+
+        ``store`` is the rendezvous when this process hosts it; without it, the store that the
+        tickets name is reached as a client (an engine process, whose replica hosts it).
+        ``host`` is where this side's gloo devices listen: the node's cluster address.
+        """
+        if store is None:
+            first = next(iter(tickets.values()))
+            store = dist.TCPStore(
+                first.store_host,
+                first.store_port,
+                is_master=False,
+                timeout=timedelta(seconds=timeout_s),
+            )
         groups, limits = {}, {}
-        for sid in shard_ids:
-            prefix = tickets[sid].prefix
+        for sid, ticket in tickets.items():
             try:
-                groups[sid] = _group(store, prefix, 0, host, timeout_s)
+                groups[sid] = pair_group(store, ticket.prefix, 0, host, timeout_s)
             except RuntimeError as err:
                 raise DataPlaneError(
                     f"expert shard {sid!r} did not join the data plane within {timeout_s:g}s "
                     f"({str(err).splitlines()[0]})"
                 ) from err
             try:
-                limits[sid] = _greet_shard(groups[sid], key, prefix, timeout_s)
+                limits[sid] = greet_shard(groups[sid], ticket.key, ticket.prefix, timeout_s)
             except RuntimeError as err:  # HandshakeError, or gloo's timeout / closed pair
                 raise DataPlaneError(
                     f"expert shard {sid!r} failed the data-plane handshake "

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from opentelemetry import trace
 
-from cluster.expert_parallel.expert_pool import ShardCaller
+from cluster.expert_parallel.transports import ShardCall, ShardCaller
 from cluster.telemetry.setup import (
     Telemetry,
     context_from_traceparent,
@@ -36,6 +36,8 @@ Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden [N, H], ids [
 
 
 class RemoteExperts:
+    """The ``ExpertBackend`` whose experts live in shards, reached through a ``ShardCaller``."""
+
     def __init__(self, pool: ShardCaller, table: RoutingTable, tier: str = "") -> None:
         self._pool = pool
         self._table = table
@@ -72,7 +74,7 @@ class RemoteExperts:
         telemetry = get_telemetry()
         span, traceparent = self._dispatch_span(telemetry, layer, hidden.shape[0], len(shards))
         pending = [
-            self._pool.compute_async(shard, layer, *sent, traceparent=traceparent)
+            self._pool.send(ShardCall(shard, layer, *sent, traceparent))
             for shard, sent in zip(shards, sends, strict=True)
         ]
         if telemetry.metrics_enabled:  # per-shard round trips, as each shard answers

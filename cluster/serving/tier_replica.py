@@ -2,11 +2,11 @@
 
 The Serve deployment in ``deploy/app.py`` only wraps this class. It runs the
 engine, in a process of its own (``cluster.engine.engine_process``, where the replica's
-own Python threads cannot take its GIL) or in this one (``cluster.engine.async_engine``,
-needed when the experts live in a shard pool), checks requests, turns text
-prompts into ids, and streams ``TierItem``s: events produced while the caller
-was busy are sent as one batch, which keeps the per-item transport cost off
-the decode loop.
+own Python threads cannot take its GIL; it reaches sharded experts itself) or in this
+one (``cluster.engine.async_engine``, needed by a shard pool's ``ray`` data plane),
+checks requests, turns text prompts into ids, and streams ``TierItem``s: events
+produced while the caller was busy are sent as one batch, which keeps the per-item
+transport cost off the decode loop.
 
 Each streamed item costs CPU in every process it crosses (this replica, the
 gateway, Serve's gRPC proxy, the client), whatever it carries, while the engine's
@@ -42,7 +42,7 @@ from cluster.serving.tier_messages import (
     TierTokens,
 )
 from cluster.telemetry.setup import get_telemetry
-from experts.backend import ExpertBackend
+from experts.backend import ExpertBackend, ExpertBackendFactory
 from experts.model import MoEModel
 from experts.tokenizer import load_tokenizer, max_token_bytes
 from router.routing_table import RoutingTable
@@ -64,7 +64,11 @@ class TierReplica:
         stream_items_per_step: int = 0,
         engine_process: bool = False,
         max_queue_wait_s: float | None = None,
+        expert_factory: ExpertBackendFactory | None = None,
     ) -> None:
+        """``experts``: a live expert backend (in-process engine only); ``expert_factory``: a
+        recipe for one, built where the engine runs (in the engine process, which reaches a
+        shard pool's experts itself); neither: the checkpoint's own experts."""
         if stream_interval < 1:
             raise ValueError(f"stream_interval={stream_interval} must be >= 1")
         if stream_items_per_step < 0:
@@ -74,10 +78,12 @@ class TierReplica:
         self.stream_interval = stream_interval
         self.stream_items_per_step = stream_items_per_step
         self.num_streams = 0  # requests streaming tokens now; touched on the event loop only
-        if engine_process and experts is not None:
+        if experts is not None and expert_factory is not None:
+            raise ValueError(f"tier {name!r}: give experts or expert_factory, not both")
+        if engine_process and experts is not None:  # it holds channels and threads
             raise ValueError(
-                f"tier {name!r}: an engine process cannot reach a shard pool's experts; "
-                "run the engine in the replica's process (engine_process off)"
+                f"tier {name!r}: an engine process cannot reach a shard pool's experts through "
+                "a live backend; pass expert_factory, which the engine process builds itself"
             )
         self.model_dir = str(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
@@ -92,15 +98,22 @@ class TierReplica:
                 device,
                 torch_threads=torch.get_num_threads(),  # as this process has them
                 count_routing=telemetry.metrics_enabled,
+                experts=expert_factory,
             )
             self.engine = EngineProcess(launch)
         else:
+            if expert_factory is not None:
+                experts = expert_factory.build()
             model = MoEModel.from_checkpoint(model_dir, device=device, experts=experts)
             engine = LLMEngine(model, engine_config, self.tokenizer)
             engine.runner.count_routing = telemetry.metrics_enabled and model.spec.is_moe
             self.engine = AsyncEngine(engine)
         self.num_aborted = 0
-        self.experts = experts
+        # where the experts live (a backend, or a factory's recipe): its routing table names
+        # the shard of each (layer, expert) in traces
+        self.experts: ExpertBackend | ExpertBackendFactory | None = (
+            experts if experts is not None else expert_factory
+        )
         # a prompt longer than this many bytes cannot fit the context: refused untokenized
         per_token = max_token_bytes(self.tokenizer) if self.tokenizer is not None else 1
         self.max_prompt_bytes = self.engine.spec.max_position_embeddings * per_token

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cluster.expert_parallel import data_plane as dp
+from cluster.expert_parallel import wire
 from tests import listening_sockets
 
 HOST = "127.0.0.1"
@@ -91,7 +92,7 @@ def test_trace_context_travels_with_the_tokens(channel: tuple[dp.Channel, Peers]
     chan.send("a", 0, *_inputs(2), traceparent=traceparent).result()
     chan.send("a", 0, *_inputs(2)).result()
     assert seen == [traceparent, ""]
-    assert dp.decode_trace(dp.encode_trace("not a traceparent")) == ""
+    assert wire.decode_trace(wire.encode_trace("not a traceparent")) == ""
 
 
 def test_a_failed_compute_is_reported_and_the_channel_stays_usable(
@@ -108,7 +109,7 @@ def test_a_long_failure_message_is_cut_to_the_limit(channel: tuple[dp.Channel, P
     chan, _ = channel
     with pytest.raises(dp.ShardComputeError, match=r"ValueError: xxx") as err:
         chan.send("a", 98, *_inputs(2)).result()
-    assert len(str(err.value)) < dp.MAX_ERROR_BYTES + 100
+    assert len(str(err.value)) < wire.MAX_ERROR_BYTES + 100
     assert not chan.broken and _serves(chan, "a")
 
 
@@ -124,9 +125,9 @@ def test_close_ends_the_shard_threads(channel: tuple[dp.Channel, Peers]) -> None
 def test_a_silent_shard_breaks_the_channel_with_a_clear_error() -> None:
     def start_silent(shard_id: str, ticket: dp.ChannelTicket) -> None:
         def join_and_never_answer() -> None:
-            store = dp.dist.TCPStore(ticket.store_host, ticket.store_port, is_master=False)
-            group = dp._group(store, ticket.prefix, 1, HOST, TIMEOUT_S)
-            dp._answer_backbone(group, ticket.key, ticket.prefix, LIMITS, TIMEOUT_S)
+            store = wire.dist.TCPStore(ticket.store_host, ticket.store_port, is_master=False)
+            group = wire.pair_group(store, ticket.prefix, 1, HOST, TIMEOUT_S)
+            wire.answer_backbone(group, ticket.key, ticket.prefix, LIMITS, TIMEOUT_S)
             done.wait(30)
             del group
 
@@ -155,7 +156,7 @@ def test_the_data_plane_listens_on_the_node_address_only() -> None:
     chan = dp.Channel.open(["a", "b"], Peers().start, HOST, TIMEOUT_S)
     try:
         opened = listening_sockets.listening() - before
-        assert isinstance(chan.store, dp.dist.TCPStore)
+        assert isinstance(chan.store, wire.dist.TCPStore)
         assert (HOST, chan.store.port) in opened  # the rendezvous store
         assert len(opened) >= 3  # and the gloo devices of the backbone and both shards
         assert all(ipaddress.ip_address(address).is_loopback for address, _ in opened), opened
@@ -167,12 +168,12 @@ def test_the_data_plane_listens_on_the_node_address_only() -> None:
 @pytest.mark.parametrize("host", ["0.0.0.0", "::"])
 def test_a_wildcard_host_is_refused(host: str) -> None:
     with pytest.raises(ValueError, match=rf"host '{host}' is every interface"):
-        dp.bind_store(host, TIMEOUT_S)
+        wire.bind_store(host, TIMEOUT_S)
 
 
 def test_a_shard_without_the_channel_key_is_refused() -> None:
     seen.clear()
-    peers = Peers(key=b"k" * dp.KEY_LEN)
+    peers = Peers(key=b"k" * wire.KEY_LEN)
     with pytest.raises(
         dp.DataPlaneError, match=r"shard 'a' failed the data-plane handshake .*key is wrong"
     ):
@@ -183,22 +184,22 @@ def test_a_shard_without_the_channel_key_is_refused() -> None:
 
 def _raw_backbone() -> tuple[Any, dp.ChannelTicket, threading.Thread, Any]:
     """A shard serving a channel whose backbone side the test drives by hand."""
-    store = dp.bind_store(HOST, TIMEOUT_S)
-    ticket = dp.ChannelTicket(HOST, store.port, "raw/c", b"s" * dp.KEY_LEN)
+    store = wire.bind_store(HOST, TIMEOUT_S)
+    ticket = dp.ChannelTicket(HOST, store.port, "raw/c", b"s" * wire.KEY_LEN)
     thread = dp.serve_channel(fake_compute, ticket, HOST, TIMEOUT_S, LIMITS, "c")
-    return store, ticket, thread, dp._group(store, ticket.prefix, 0, HOST, TIMEOUT_S)
+    return store, ticket, thread, wire.pair_group(store, ticket.prefix, 0, HOST, TIMEOUT_S)
 
 
 def test_a_backbone_without_the_channel_key_is_refused(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     seen.clear()
-    wait = dp.timedelta(seconds=TIMEOUT_S)
+    wait = wire.timedelta(seconds=TIMEOUT_S)
     with caplog.at_level(logging.INFO, logger="moe_cluster.data_plane"):
         store, ticket, thread, group = _raw_backbone()
-        dp._send_bytes(group, b"n" * dp.NONCE_LEN, 1, wait)
-        dp._recv_bytes(group, dp.NONCE_LEN + dp.LIMITS.size + dp.MAC_LEN, 1, wait)
-        dp._send_bytes(group, b"forged proof".ljust(dp.MAC_LEN), 1, wait)
+        wire.send_bytes(group, b"n" * wire.NONCE_LEN, 1, wait)
+        wire.recv_bytes(group, wire.NONCE_LEN + wire.LIMITS.size + wire.MAC_LEN, 1, wait)
+        wire.send_bytes(group, b"forged proof".ljust(wire.MAC_LEN), 1, wait)
         thread.join(timeout=TIMEOUT_S)
     assert not thread.is_alive() and seen == []
     assert "shard c: refused data-plane channel raw/c: the backbone's proof" in caplog.text
@@ -221,10 +222,10 @@ def test_an_oversized_header_is_refused_before_allocating(
 
     with caplog.at_level(logging.INFO, logger="moe_cluster.data_plane"):
         store, ticket, thread, group = _raw_backbone()
-        assert dp._greet_shard(group, ticket.key, ticket.prefix, TIMEOUT_S) == LIMITS
+        assert wire.greet_shard(group, ticket.key, ticket.prefix, TIMEOUT_S) == LIMITS
         monkeypatch.setattr(torch, "empty", spy_empty)
-        huge = torch.tensor([dp.OP_COMPUTE, 0, 2**40, 64, 2, 0, 0, 0, 0, dp.NO_TRACE])
-        group.send([huge], 1, dp.TAG_HEADER).wait()
+        huge = torch.tensor([wire.OP_COMPUTE, 0, 2**40, 64, 2, 0, 0, 0, 0, wire.NO_TRACE])
+        group.send([huge], 1, wire.TAG_HEADER).wait()
         thread.join(timeout=TIMEOUT_S)
         monkeypatch.undo()
     assert not thread.is_alive()
@@ -255,16 +256,16 @@ def test_the_backbone_checks_the_shard_limits_before_sending(
 @pytest.mark.parametrize(
     ("sizes", "message"),
     [
-        ((dp.OP_COMPUTE, 65, 64, 2, 0), r"65 tokens is outside 0..64 per dispatch"),
-        ((dp.OP_COMPUTE, -1, 64, 2, 0), r"-1 tokens is outside"),
-        ((dp.OP_COMPUTE, 4, 2**20, 2, 0), r"hidden size 1048576 is not the model's 64"),
-        ((dp.OP_COMPUTE, 4, 64, 9, 0), r"9 pairs per token is outside 0..8"),
-        ((dp.OP_COMPUTE, 4, 64, 2, 7), r"dtype index 7 is not one of 0..3"),
+        ((wire.OP_COMPUTE, 65, 64, 2, 0), r"65 tokens is outside 0..64 per dispatch"),
+        ((wire.OP_COMPUTE, -1, 64, 2, 0), r"-1 tokens is outside"),
+        ((wire.OP_COMPUTE, 4, 2**20, 2, 0), r"hidden size 1048576 is not the model's 64"),
+        ((wire.OP_COMPUTE, 4, 64, 9, 0), r"9 pairs per token is outside 0..8"),
+        ((wire.OP_COMPUTE, 4, 64, 2, 7), r"dtype index 7 is not one of 0..3"),
         ((7, 4, 64, 2, 0), r"unknown op 7"),
     ],
 )
 def test_payload_limits_name_the_broken_limit(sizes: tuple[int, ...], message: str) -> None:
     with pytest.raises(dp.PayloadRefused, match=message):
         LIMITS.check(*sizes)
-    LIMITS.check(dp.OP_COMPUTE, 64, 64, 8, 3)  # every limit reached, none broken
+    LIMITS.check(wire.OP_COMPUTE, 64, 64, 8, 3)  # every limit reached, none broken
     assert LIMITS.max_payload_bytes == 64 * (64 * 8 + 8 * 12)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cluster.expert_parallel import data_plane as dp
+from cluster.expert_parallel import wire
 from cluster.expert_parallel.expert_pool import ShardActorImpl
 from experts.checkpoint import CheckpointReader
 from router.routing_table import round_robin
@@ -36,7 +37,7 @@ def test_a_shard_announces_its_model_limits_and_serves(path: Path) -> None:
         weights = torch.full((3, 2), 0.5)  # [N, K']
         got = chan.send("s0", layer, hidden, ids, weights).result()
         assert torch.equal(got, shard.shard.compute(layer, hidden, ids, weights))
-        too_many = torch.zeros(dp.MAX_TOKENS_PER_DISPATCH + 1, spec.hidden_size)
+        too_many = torch.zeros(wire.MAX_TOKENS_PER_DISPATCH + 1, spec.hidden_size)
         with pytest.raises(dp.PayloadRefused, match=r"65537 tokens is outside 0..65536"):
             chan.send(
                 "s0",

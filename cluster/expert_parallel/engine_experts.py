@@ -1,0 +1,144 @@
+"""Remote experts for an engine process: the replica arranges the channel, the child joins it.
+
+An engine process (``cluster.engine.engine_process``) makes no Ray call: it has no Ray worker
+of its own. So its tier replica, a Ray worker, does the Ray half of opening a data-plane
+channel (``arrange_engine_experts``): it hosts the channel's rendezvous store on this node and
+has every shard actor start its side (the ``open_channel`` call, as ``TorchDistTransport``
+does). It then hands the engine process an ``EngineExpertsFactory``: the routing table, tier
+name, the layer timeout and, per shard, its ``ChannelTicket`` (whose key crosses only the
+replica's socket pair to its child). In the child, ``build`` joins every pair, runs the key
+handshake (learning each shard's payload limits) and returns a ``RemoteExperts`` over that
+one channel. The wire, HMAC and failure rules are those of ``cluster.expert_parallel.data_plane``.
+
+Only the ``torch_dist`` data plane can work so: ``ray`` needs Ray calls on every layer, and
+``arrange_engine_experts`` refuses it (the config refuses ``engine_process: true`` with it, and
+its default runs such a tier's engine in the replica).
+
+Failures. The child cannot reopen a broken channel (that takes Ray calls): the layer that
+meets a dead or silent shard raises ``DataPlaneError`` naming it (within the layer timeout,
+never a hang), the step fails and the engine process stops; its requests end with
+``EngineStoppedError`` giving that reason, the replica's health check fails and Serve replaces
+the replica, whose new engine process gets a fresh channel. An in-process engine stops after a
+failed step in the same way; only a bare ``ExpertPool`` (tests, benchmarks) reconnects.
+
+Telemetry. The child has no telemetry of its own, so ``build`` sets it up from the factory's
+settings (role ``tier``, the replica's attributes): the ``moe.expert_dispatch`` spans and
+per-shard round-trip metrics are made where the layers run, and the dispatch spans' context
+still reaches the shards' spans. With a Prometheus exporter the child serves its own
+``/metrics`` on the next free port from the configured one, as each shard actor does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from cluster.expert_parallel.data_plane import (
+    Channel,
+    ChannelTicket,
+    DataPlaneError,
+    host_rendezvous,
+)
+from cluster.expert_parallel.remote_experts import RemoteExperts
+from cluster.expert_parallel.transports import ChannelCalls, PoolTransport, TorchDistTransport
+from cluster.telemetry.setup import TelemetrySettings, setup_telemetry
+from router.routing_table import RoutingTable
+
+# how long the shards wait for an engine process to join: it starts an interpreter and
+# imports torch first, slowly on a busy node
+ENGINE_JOIN_TIMEOUT_S = 300.0
+
+
+class JoinedChannel(ChannelCalls):
+    """The one channel an engine process joined; a broken one cannot be reopened there."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    def channel(self) -> Channel:
+        if self._channel.broken:
+            raise DataPlaneError(
+                "the data-plane channel to the expert shards broke on an earlier layer; an "
+                "engine process cannot reopen it (that takes Ray calls): restart the replica"
+            )
+        return self._channel
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+@dataclass(frozen=True)
+class EngineExpertsFactory:
+    """A picklable recipe for ``RemoteExperts`` over a channel its replica arranged.
+
+    Plain data only (the routing table travels as its version and placement items), so it
+    crosses to the engine process with the launch message.
+    """
+
+    tier: str
+    table_version: int
+    placement: tuple[tuple[tuple[int, int], tuple[str, ...]], ...]  # ((layer, expert), shards)
+    host: str  # this node's cluster address: where the store and the gloo devices listen
+    timeout_s: float  # how long a layer waits for a shard's answer
+    tickets: tuple[tuple[str, ChannelTicket], ...]  # per shard id
+    telemetry: TelemetrySettings | None = None
+    telemetry_attributes: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def table(self) -> RoutingTable:
+        return RoutingTable(self.table_version, dict(self.placement))
+
+    def build(self) -> RemoteExperts:
+        """Join the channel (no Ray call) and return the backend the model calls per layer."""
+        if self.telemetry is not None:  # a no-op where this process has telemetry already
+            setup_telemetry(self.telemetry, role="tier", attributes=dict(self.telemetry_attributes))
+        channel = Channel.join(dict(self.tickets), self.host, self.timeout_s)
+        return RemoteExperts(JoinedChannel(channel), self.table, self.tier)
+
+
+@dataclass(frozen=True)
+class EngineExperts:
+    """What a replica arranged for its engine process: the recipe to hand over, and the
+    rendezvous store, which the replica keeps for as long as the engine process runs."""
+
+    factory: EngineExpertsFactory
+    store: dist.TCPStore
+
+
+def arrange_engine_experts(
+    transport: PoolTransport,
+    table: RoutingTable,
+    tier: str,
+    telemetry: TelemetrySettings | None = None,
+    telemetry_attributes: Mapping[str, str] | None = None,
+    join_timeout_s: float = ENGINE_JOIN_TIMEOUT_S,
+) -> EngineExperts:
+    """Open the shards' sides of a channel (Ray calls, here in the replica) for a child to join.
+
+    ``transport`` is the pool's; only a ``TorchDistTransport`` can serve an engine process.
+    The shards wait up to ``join_timeout_s`` (at least the layer timeout) for the child.
+    """
+    if not isinstance(transport, TorchDistTransport):
+        raise ValueError(
+            f"tier {tier!r}: an engine process can reach expert shards over the torch_dist "
+            f"data plane only, not {type(transport).__name__} (it makes Ray calls on every "
+            "layer); set experts.data_plane: torch_dist, or engine_process: false"
+        )
+    wait_s = max(transport.timeout_s, join_timeout_s)
+    host = transport.host()
+    store, tickets = host_rendezvous(
+        list(transport.handles), transport.start_peer(wait_s), host, wait_s
+    )
+    factory = EngineExpertsFactory(
+        tier=tier,
+        table_version=table.version,
+        placement=tuple(table.placement.items()),
+        host=host,
+        timeout_s=transport.timeout_s,
+        tickets=tuple(tickets.items()),
+        telemetry=telemetry,
+        telemetry_attributes=tuple(sorted((telemetry_attributes or {}).items())),
+    )
+    return EngineExperts(factory, store)

@@ -1,0 +1,220 @@
+"""The expert pool's transports: how a layer's tokens reach the shards and their answers return.
+
+Every transport is a ``ShardCaller``: ``send`` one ``ShardCall`` per shard (without waiting),
+then ``wait`` for the answers in call order (``wait_timed`` also says when each was ready). A
+pool's transport is chosen by name from ``TRANSPORTS`` (``make_transport``), the names being
+the config's ``experts.data_plane`` values:
+
+``torch_dist`` (``TorchDistTransport``, the default): data-plane channels
+(``cluster.expert_parallel.data_plane``), one per calling thread, opened on its first layer
+and reopened after a failure. Ray only opens them: each shard gets its ticket and key through
+the ``open_channel`` actor call.
+
+``ray`` (``RayCallTransport``): one actor call per shard per layer, numpy arrays on the wire.
+It needs a Ray worker on every layer, so it cannot serve an engine process.
+
+Transports and ``ExpertPool`` make every Ray call for shard actors. Legend: N tokens sent to
+one shard, K' (expert, weight) pairs per token on it, H hidden.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import ray
+import torch
+
+from cluster.expert_parallel.data_plane import Channel, ChannelTicket, DataPlaneError, StartPeer
+from cluster.expert_parallel.shard_actor import from_wire, to_wire
+
+# (shard id, ticket, seconds the shard waits for the backbone): start a shard's side
+OpenOnShard = Callable[[str, ChannelTicket, float], None]
+
+
+@dataclass(frozen=True)
+class ShardCall:
+    """One shard's share of one MoE layer: its tokens, their experts and their gate weights."""
+
+    shard_id: str
+    layer: int
+    hidden: torch.Tensor  # [N, H]
+    expert_ids: torch.Tensor  # [N, K'] (-1 = padding)
+    weights: torch.Tensor  # [N, K']
+    traceparent: str = ""  # the dispatching span, when the request is traced
+
+
+class ShardCaller(Protocol):
+    """What the remote expert backend needs: send a layer's calls, then wait for the answers."""
+
+    def send(self, call: ShardCall) -> Any:
+        """Start the call and return a handle for ``wait``; raise if it cannot be sent."""
+        ...
+
+    def wait(self, pending: Sequence[Any]) -> list[torch.Tensor]:
+        """The answers ([N, H] each, in host memory) in call order; raise naming a failed shard."""
+        ...
+
+    def wait_timed(self, pending: Sequence[Any]) -> list[tuple[torch.Tensor, float]]:
+        """As ``wait``, each answer with the seconds until it was ready (from now)."""
+        ...
+
+
+class PoolTransport(ShardCaller, Protocol):
+    """A ``ShardCaller`` that a pool owns, and closes when it shuts down."""
+
+    def close(self) -> None: ...
+
+
+class ChannelCalls:
+    """A ``ShardCaller`` over a data-plane channel; subclasses say which channel serves a call."""
+
+    def channel(self) -> Channel:
+        raise NotImplementedError
+
+    def send(self, call: ShardCall) -> Any:
+        return self.channel().send(
+            call.shard_id, call.layer, call.hidden, call.expert_ids, call.weights, call.traceparent
+        )
+
+    def wait(self, pending: Sequence[Any]) -> list[torch.Tensor]:
+        return [reply.result() for reply in pending]
+
+    def wait_timed(self, pending: Sequence[Any]) -> list[tuple[torch.Tensor, float]]:
+        start = time.perf_counter()
+        timed = []
+        for reply in pending:  # in order: a later shard is often ready already
+            out = reply.result()
+            timed.append((out, time.perf_counter() - start))
+        return timed
+
+
+class TorchDistTransport(ChannelCalls):
+    """Data-plane channels, one per calling thread, so several backbones can share a pool.
+
+    A thread's channel opens on its first layer and again after it broke (a shard died or
+    restarted): the failed layer raises, the next one reconnects. ``open_on_shard`` and
+    ``host`` default to the ``open_channel`` actor call and this node's cluster address;
+    tests give their own to run shards as threads without Ray.
+    """
+
+    def __init__(
+        self,
+        handles: Mapping[str, Any],
+        timeout_s: float,
+        open_on_shard: OpenOnShard | None = None,
+        host: Callable[[], str] | None = None,
+    ) -> None:
+        self.handles = dict(handles)
+        self.timeout_s = timeout_s  # how long a layer may wait for a shard's answer
+        self._open_on_shard = open_on_shard or self._open_over_ray
+        self.host = host or ray.util.get_node_ip_address  # where this side listens
+        self._local = threading.local()
+        self._channels: list[Channel] = []
+        self._lock = threading.Lock()
+
+    def _open_over_ray(self, shard_id: str, ticket: ChannelTicket, wait_s: float) -> None:
+        ray.get(self.handles[shard_id].open_channel.remote(ticket, wait_s))
+
+    def start_peer(self, wait_s: float) -> StartPeer:
+        """Starts one shard's side of a channel (returns at once); the shard then waits up to
+        ``wait_s`` for the backbone to join, and as long for each later message part."""
+        return lambda shard_id, ticket: self._open_on_shard(shard_id, ticket, wait_s)
+
+    def channel(self) -> Channel:
+        """This thread's channel, opened (or reopened after a failure) on demand."""
+        channel: Channel | None = getattr(self._local, "channel", None)
+        if channel is not None and not channel.broken:
+            return channel
+        if channel is not None:
+            self._forget(channel)
+        channel = Channel.open(
+            list(self.handles), self.start_peer(self.timeout_s), self.host(), self.timeout_s
+        )
+        self._local.channel = channel
+        with self._lock:
+            self._channels.append(channel)
+        return channel
+
+    def _forget(self, channel: Channel) -> None:
+        channel.close()
+        with self._lock:
+            if channel in self._channels:
+                self._channels.remove(channel)
+
+    def close(self) -> None:
+        """Stop every channel opened here (the shards' threads end); no layer may be in flight."""
+        with self._lock:
+            channels, self._channels = self._channels, []
+        for channel in channels:
+            channel.close()
+        self._local = threading.local()
+
+
+class RayCallTransport:
+    """One shard actor call per shard and layer, tensors as numpy arrays (see ``to_wire``)."""
+
+    def __init__(self, handles: Mapping[str, Any], timeout_s: float) -> None:
+        self.handles = dict(handles)
+        self.timeout_s = timeout_s
+
+    def send(self, call: ShardCall) -> tuple[str, Any]:
+        inputs = (call.hidden, call.expert_ids, call.weights)
+        args = [call.layer, *(to_wire(x.cpu()) for x in inputs)]
+        if call.traceparent:
+            args.append(call.traceparent)
+        return call.shard_id, self.handles[call.shard_id].compute.remote(*args)
+
+    def wait(self, pending: Sequence[Any]) -> list[torch.Tensor]:
+        return [from_wire(self._get(shard_id, ref)) for shard_id, ref in pending]
+
+    def wait_timed(self, pending: Sequence[Any]) -> list[tuple[torch.Tensor, float]]:
+        start = time.perf_counter()
+        shard_of = {ref: shard_id for shard_id, ref in pending}
+        ready_at: dict[Any, float] = {}
+        left = list(shard_of)
+        while left:
+            ready, left = ray.wait(left, num_returns=1, timeout=self.timeout_s)
+            if not ready:
+                raise self._no_answer(shard_of[left[0]])
+            ready_at[ready[0]] = time.perf_counter() - start
+        return [(from_wire(self._get(sid, ref)), ready_at[ref]) for sid, ref in pending]
+
+    def _get(self, shard_id: str, ref: Any) -> Any:
+        try:
+            return ray.get(ref, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError as err:
+            raise self._no_answer(shard_id) from err
+        except ray.exceptions.RayActorError as err:
+            raise DataPlaneError(
+                f"expert shard {shard_id!r} died before answering over Ray actor calls "
+                f"({str(err).splitlines()[0]}); it may be restarting"
+            ) from err
+
+    def _no_answer(self, shard_id: str) -> DataPlaneError:
+        return DataPlaneError(
+            f"expert shard {shard_id!r} gave no answer within {self.timeout_s:g}s over Ray "
+            "actor calls; the shard may be stuck or overloaded"
+        )
+
+    def close(self) -> None:
+        pass  # nothing stays open between calls
+
+
+# (shard actor handles by shard id, a layer's timeout in seconds) -> a transport
+TransportFactory = Callable[[Mapping[str, Any], float], PoolTransport]
+TRANSPORTS: dict[str, TransportFactory] = {
+    "torch_dist": TorchDistTransport,
+    "ray": RayCallTransport,
+}
+
+
+def make_transport(name: str, handles: Mapping[str, Any], timeout_s: float) -> PoolTransport:
+    """The transport registered as ``name``; an unknown name fails listing the known ones."""
+    factory = TRANSPORTS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown data plane {name!r}; known: {', '.join(sorted(TRANSPORTS))}")
+    return factory(handles, timeout_s)
