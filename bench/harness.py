@@ -288,3 +288,11 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result
+
+
+def first_mismatch(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """First differing position over the common length; the shorter length if only that differs."""
+    for pos, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return pos
+    return None if len(a) == len(b) else min(len(a), len(b))

@@ -21,20 +21,14 @@ fixed ``max_tokens``, ``ignore_eos``, the tier named), runs in turn:
 Latency targets take the median of the rounds' ratios; no other error, no process died and
 idle after must hold in every round. The replica, its engine child and the gateway are found
 in /proc: "no out-of-memory" means the same processes at the end, peak RSS (VmHWM) recorded.
-Writes ``bench/results/overload.json`` (``--quick``: one short round, ``overload.quick.json``).
+Writes ``bench/results/overload.json`` (``--quick``: one short round).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import random
-import socket
-import statistics
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -42,20 +36,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# run as `python bench/overload.py`, the script's folder is on the path, not the repo root
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc
-import ray
 from ray import serve
 
-from bench.machine import cpu_busy_fraction, load_average, machine_summary, wait_for_quiet
-from deploy.app import build_app
+from bench.harness import (
+    FIRST_ORDINARY_ID,
+    demo_checkpoint,
+    median,
+    model_label,
+    parser,
+    percentiles,
+    target,
+    wait_for_quiet,
+    write_results,
+)
+from bench.serving import ServeApp
 from deploy.config import parse_config
-from deploy.demo_model import build_demo_model
 from deploy.proto import moecluster_v1_pb2 as pb
 from deploy.proto import moecluster_v1_pb2_grpc as pb_grpc
 
-OUT = Path(__file__).resolve().parent / "results"
 APP, TIER = "overload", "fast"
 PROMPT_TOKENS, MAX_TOKENS = 32, 32
 DEADLINE_S = 30.0  # client deadline per request: far above any admitted request's latency
@@ -64,11 +63,6 @@ DEFAULT_QUEUE_WAIT_S = 0.1  # the tier's max_queue_wait_s (see the docstring; 0:
 P99_GOAL, RECOVERY_GOAL, LOAD_FACTOR = 2.0, 1.2, 2.0
 HEADER = "round cap/s offer/s admit/s refused other p99_unl p99_adm p99_rec idle_s".split()
 HEADER += ["MB_rep", "MB_eng", "MB_gw"]  # peak RSS (VmHWM) so far
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4) if ordered else None
 
 
 @dataclass
@@ -87,17 +81,17 @@ class Phase:
 
     @property
     def p99(self) -> float:
-        value = percentile(self.e2e, 0.99)
+        value = percentiles(self.e2e, (99,))["p99"]
         assert value is not None, f"{self.name}: no request completed"
         return value
 
     def summary(self) -> dict[str, Any]:
-        shares = {"e2e_s": self.e2e, "ttft_s": self.ttft}
-        pcts = {
-            k: {f"p{int(q * 100)}": percentile(v, q) for q in (0.5, 0.9, 0.99)}
-            for k, v in shares.items()
+        return {
+            "statuses": dict(self.statuses),
+            "wall_s": round(self.wall_s, 3),
+            "e2e_s": percentiles(self.e2e, (50, 90, 99)),
+            "ttft_s": percentiles(self.ttft, (50, 90, 99)),
         }
-        return {"statuses": dict(self.statuses), "wall_s": round(self.wall_s, 3)} | pcts
 
 
 def stat(pid: int | str) -> list[str]:
@@ -143,7 +137,7 @@ class Load:
 
     async def _one(self, stub: Any, phase: Phase) -> None:
         message = pb.GenerateRequest(
-            token_ids=[self.rng.randrange(3, 2048) for _ in range(PROMPT_TOKENS)],
+            token_ids=[self.rng.randrange(FIRST_ORDINARY_ID, 2048) for _ in range(PROMPT_TOKENS)],
             tier=TIER,
             max_tokens=MAX_TOKENS,
             ignore_eos=True,
@@ -216,7 +210,7 @@ def wait_idle(handle: Any) -> tuple[float | None, Any]:
 
 def run_round(load: Load, handle: Any, pids: dict[str, int], args: Any, i: int) -> dict[str, Any]:
     """Unloaded, capacity, overload at 2x that capacity, idle check, recovery: one round."""
-    busy, waited = wait_for_quiet(30.0, 0.5)  # not while a neighbour's burst holds the cores
+    quiet = wait_for_quiet(args)  # not while a neighbour's burst holds the cores
     unloaded_s, capacity_s, overload_s = args.phase_s
     unloaded = load.closed("unloaded", 1, unloaded_s)
     capacity = load.closed("capacity", args.max_ongoing, capacity_s)
@@ -229,8 +223,7 @@ def run_round(load: Load, handle: Any, pids: dict[str, int], args: Any, i: int) 
     offered, refused = overload.statuses.total(), overload.statuses["RESOURCE_EXHAUSTED"]
     return {
         "round": i + 1,
-        "cpu_busy_before": round(busy, 3),
-        "waited_for_quiet_s": round(waited, 1),
+        **quiet,
         "capacity_req_per_s": round(capacity.ok_per_s, 3),
         "offered_req_per_s": round(rate, 3),
         "offered": offered,
@@ -253,62 +246,48 @@ def run_round(load: Load, handle: Any, pids: dict[str, int], args: Any, i: int) 
 
 def targets_of(rounds: list[dict[str, Any]], died: int) -> dict[str, dict[str, Any]]:
     """Latency targets on the median of rounds; errors and idleness must hold in every one."""
-    p99 = statistics.median(r["p99_ratio"] for r in rounds)
-    recovery = statistics.median(r["recovery_ratio"] for r in rounds)
-    refused = statistics.median(r["refused_share"] for r in rounds)
+    p99 = median([r["p99_ratio"] for r in rounds])
+    recovery = median([r["recovery_ratio"] for r in rounds])
+    refused = median([r["refused_share"] for r in rounds])
     other = max(r["other_errors"] for r in rounds)
     idle = all(r["idle_after_s"] is not None and r["idle_at_end"] for r in rounds)
     idle_s = max(r["idle_after_s"] for r in rounds) if idle else None
     return {
-        name: {"value": value, "goal": goal, "met": met}
-        for name, value, goal, met in (
-            ("excess_refused_share", refused, "> 0", refused > 0),
-            ("errors_not_resource_exhausted", other, 0, other == 0),
-            ("processes_died", died, 0, died == 0),
-            ("admitted_p99_vs_unloaded", p99, P99_GOAL, p99 <= P99_GOAL),
-            ("recovery_p99_vs_unloaded", recovery, RECOVERY_GOAL, recovery <= RECOVERY_GOAL),
-            ("idle_after_overload_s", idle_s, IDLE_WAIT_S, idle),
-        )
+        "excess_refused_share": {"value": refused, "goal": 0, "direction": ">", "met": refused > 0},
+        "errors_not_resource_exhausted": target(other, 0, at_least=False),
+        "processes_died": target(died, 0, at_least=False),
+        "admitted_p99_vs_unloaded": target(p99, P99_GOAL, at_least=False),
+        "recovery_p99_vs_unloaded": target(recovery, RECOVERY_GOAL, at_least=False),
+        "idle_after_overload_s": target(idle_s, IDLE_WAIT_S, at_least=False),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one short round (smoke run)")
-    parser.add_argument("--max-ongoing", type=int, default=4, help="max_ongoing_requests")
-    parser.add_argument("--max-queued", type=int, default=4, help="max_queued_requests")
-    parser.add_argument(
+def main(argv: list[str] | None = None) -> None:
+    p = parser("overload", __doc__)
+    p.add_argument("--max-ongoing", type=int, default=4, help="max_ongoing_requests")
+    p.add_argument("--max-queued", type=int, default=4, help="max_queued_requests")
+    p.add_argument(
         "--max-queue-wait",
         type=float,
         default=DEFAULT_QUEUE_WAIT_S,
         help="max_queue_wait_s (0: off)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    started = time.perf_counter()
     rounds = 1 if args.quick else 3
     args.phase_s = (4, 4, 5) if args.quick else (15, 15, 20)  # unloaded, capacity, overload
-
-    load_start, busy_start = load_average(), cpu_busy_fraction()
-    tmp = tempfile.TemporaryDirectory(prefix="overload-")
-    tier = {"name": TIER, "max_ongoing_requests": args.max_ongoing}
+    tier: dict[str, Any] = {"name": TIER, "max_ongoing_requests": args.max_ongoing}
     tier["max_queued_requests"] = args.max_queued
     if args.max_queue_wait > 0:
         tier["max_queue_wait_s"] = args.max_queue_wait
-    model = build_demo_model(Path(tmp.name) / TIER, TIER)
+    model = demo_checkpoint(TIER)
     policy = {"default_tier": TIER, "cascade": {"enabled": False}}
     auth: dict[str, Any] = {"api_keys": [], "api_keys_env": None}
     tiers = [tier | {"model": str(model)}]
-    config = parse_config({"tiers": tiers, "policy": policy, "auth": auth}, Path(tmp.name))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    # Ray's workers at this process's niceness (its default is 15): see bench/serve_load.py
-    os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
-    cpus = os.cpu_count() or 2
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    config = parse_config({"tiers": tiers, "policy": policy, "auth": auth}, model.parent)
+    app = ServeApp(config, APP)
     try:
-        serve.start(proxy_location="Disabled")
-        serve.run(build_app(config.serving_on(port)), name=APP, route_prefix=None)
         handle = serve.get_deployment_handle(f"tier-{TIER}", app_name=APP)
         replica = find_pid(f"ServeReplica:{APP}:tier-{TIER}")
         pids = {
@@ -317,7 +296,7 @@ def main() -> None:
             "gateway": find_pid(f"ServeReplica:{APP}:gateway"),
         }
         starts = {name: started_at(pid) for name, pid in pids.items()}
-        load = Load(f"127.0.0.1:{port}", args.seed)
+        load = Load(app.address, args.seed)
         load.closed("warm-up", args.max_ongoing, 2.0)
         memory_start = {name: memory_mb(pid) for name, pid in pids.items()}
         results: list[dict[str, Any]] = []
@@ -332,23 +311,13 @@ def main() -> None:
             print(" ".join(f"{c!s:>9}" for c in cells), flush=True)
         died = [name for name, pid in pids.items() if started_at(pid) != starts[name]]
     finally:
-        serve.shutdown()
-        ray.shutdown()
-        tmp.cleanup()
-
-    targets = targets_of(results, len(died))
-    for name, t in targets.items():
-        print(f"{name:<36}{t['value']!s:>8} goal {t['goal']!s:<6} met {t['met']}")
-    result = {
-        "benchmark": "overload",
-        "quick": args.quick,
-        "targets": targets,
+        app.close()
+    report = {
         "rounds": results,
-        "pids": pids,
         "processes_died": died,
         "memory_mb_before_rounds": memory_start,
         "config": {
-            "tier": tier | {"model": f"demo preset {TIER!r}", "engine": "defaults"},
+            "tier": tier | {"model": model_label(model), "engine": "defaults"},
             "prompt_tokens": PROMPT_TOKENS,
             "max_tokens": MAX_TOKENS,
             "load_factor": LOAD_FACTOR,
@@ -357,9 +326,7 @@ def main() -> None:
             "seed": args.seed,
             "ray_worker_niceness": int(os.environ["RAY_worker_niceness"]),
         },
-        "machine": machine_summary(load_start) | {"cpu_busy_at_start": round(busy_start, 3)},
     }
-    OUT.mkdir(parents=True, exist_ok=True)
     # a bound or seed other than the defaults names its own file: not the targets' run
     options = (
         ("ongoing", args.max_ongoing, 4),
@@ -368,9 +335,7 @@ def main() -> None:
         ("seed", args.seed, 0),
     )
     variant = "".join(f".{label}{value}" for label, value, default in options if value != default)
-    path = OUT / f"overload{variant}{'.quick' if args.quick else ''}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_results(args, report, targets_of(results, len(died)), variant, started)
 
 
 if __name__ == "__main__":

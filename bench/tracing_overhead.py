@@ -31,18 +31,7 @@ from pathlib import Path
 
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from bench.harness import (
-    FIRST_ORDINARY_ID,
-    demo_checkpoint,
-    median,
-    model_label,
-    parser,
-    quick_or,
-    say,
-    target,
-    wait_for_quiet,
-    write_results,
-)
+from bench import harness
 from cluster.engine.config import EngineConfig
 from cluster.expert_parallel.expert_pool import InProcessPool
 from cluster.expert_parallel.remote_experts import RemoteExperts
@@ -82,7 +71,7 @@ class Round:
 def make_workload(requests: int, max_tokens: int, seed: int, vocab: int) -> Workload:
     rng = random.Random(seed)
     prompts = [
-        [rng.randrange(FIRST_ORDINARY_ID, vocab) for _ in range(rng.randint(16, 128))]
+        [rng.randrange(harness.FIRST_ORDINARY_ID, vocab) for _ in range(rng.randint(16, 128))]
         for _ in range(requests)
     ]
     return Workload(prompts, max_tokens)
@@ -150,17 +139,17 @@ def measure(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = parser("tracing_overhead", __doc__)
+    p = harness.parser("tracing_overhead", __doc__)
     p.add_argument("--experts", choices=["sharded", "colocated"], default="sharded")
     p.add_argument("--rounds", type=int, default=None, help="rounds per mode (default 5)")
     args = p.parse_args(argv)
     started = time.perf_counter()
     requests, max_tokens = (8, 16) if args.quick else (32, 128)
-    rounds = quick_or(args, args.rounds, 1, 5)
-    model_dir = demo_checkpoint("tiny")
+    rounds = harness.quick_or(args, args.rounds, 1, 5)
+    model_dir = harness.demo_checkpoint("tiny")
     vocab = CheckpointReader(model_dir).spec.vocab_size
     workload = make_workload(requests, max_tokens, seed=0, vocab=vocab)
-    say(
+    harness.say(
         f"{requests} requests at once, prompts 16-128 tokens, {max_tokens} output tokens each; "
         f"experts {args.experts}; {rounds} round(s) per mode"
     )
@@ -169,12 +158,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     quiet = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            quiet.append(wait_for_quiet(args))
+            quiet.append(harness.wait_for_quiet(args))
             for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
                 spans_path = Path(tmp) / f"spans-{r}-{mode}.jsonl"
                 result = measure(mode, model_dir, args.experts, workload, f"{mode}{r}", spans_path)
                 results.append(result)
-                say(
+                harness.say(
                     f"round {r + 1} {mode:>3}: {result.tok_s:6.1f} tok/s, wall "
                     f"{result.wall_s:.1f}s, {result.spans} spans exported"
                 )
@@ -183,11 +172,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("mode | median tok/s | rounds (tok/s)                | spans/round")
     for mode, mine in by_mode.items():
         rates = ", ".join(f"{x.tok_s:.1f}" for x in mine)
-        print(f"{mode:>4} | {median([x.tok_s for x in mine]):12.1f} | {rates:29} | {mine[0].spans}")
+        middle = harness.median([x.tok_s for x in mine])
+        print(f"{mode:>4} | {middle:12.1f} | {rates:29} | {mine[0].spans}")
     print(f"tracing on / off by round: {', '.join(f'{x:.3f}' for x in ratios)}")
     report = {
         "config": {
-            "model": model_label(model_dir),
+            "model": harness.model_label(model_dir),
             "experts": args.experts,
             "requests": requests,
             "max_tokens": max_tokens,
@@ -210,9 +200,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         ],
         "machine_before_each_round": quiet,
     }
-    targets = {"tracing_on_vs_off_throughput": target(median(ratios), RATIO_GOAL, at_least=True)}
+    targets = {
+        "tracing_on_vs_off_throughput": harness.target(
+            harness.median(ratios), RATIO_GOAL, at_least=True
+        )
+    }
     variant = "" if args.experts == "sharded" else ".colocated"
-    write_results(args, report, targets, variant, started)
+    harness.write_results(args, report, targets, variant, started)
 
 
 if __name__ == "__main__":
