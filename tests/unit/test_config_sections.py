@@ -8,6 +8,8 @@ unknown keys, keeps secrets out of messages and bounds what a message quotes.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +175,12 @@ def test_policy_must_name_configured_tiers(tmp_path: Path) -> None:
 def test_one_tier_without_cascade_is_valid(tmp_path: Path) -> None:
     data = {"tiers": [{"name": "tiny", "model": "m"}], "policy": {"cascade": {"enabled": False}}}
     assert load_config(write(tmp_path, data)).policy_config().default_tier == "tiny"
+
+
+def test_runtime_config_modules_import_neither_pydantic_nor_torch() -> None:
+    """The dataclasses are the one definition; the runtime never needs the edge's pydantic."""
+    modules = "router.tier_policy, router.shadow, cluster.engine.config, experts.sampling_params"
+    found = "sorted({'pydantic', 'torch', 'deploy'} & set(sys.modules))"
+    code = f"import sys, {modules}; print({found})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
