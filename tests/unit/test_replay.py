@@ -6,7 +6,6 @@ import dataclasses
 import json
 import socket
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from deploy.cli import build_parser, main
 from deploy.proto import moecluster_v1_pb2 as pb
 from deploy.proto import moecluster_v1_pb2_grpc as pb_grpc
 from deploy.replay import ReplayError, compare, format_diff, request_from_record
+from tests.loopback_grpc import loopback_grpc_server
 from tests.unit.test_audit import make_record
 
 
@@ -55,15 +55,11 @@ class FakeCluster(pb_grpc.MoEClusterServicer):
 
 @pytest.fixture
 def cluster() -> Iterator[tuple[str, FakeCluster]]:
-    server = grpc.server(ThreadPoolExecutor(max_workers=2))
     servicer = FakeCluster()
-    pb_grpc.add_MoEClusterServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with loopback_grpc_server(
+        lambda s: pb_grpc.add_MoEClusterServicer_to_server(servicer, s)
+    ) as port:
         yield f"127.0.0.1:{port}", servicer
-    finally:
-        server.stop(grace=None).wait()
 
 
 def recorded(request_id: str = "req-1", **overrides: Any) -> AuditRecord:

@@ -8,11 +8,9 @@ import socket
 import threading
 import urllib.request
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from google.protobuf.json_format import MessageToJson
 from opentelemetry import trace
@@ -34,6 +32,7 @@ from cluster.telemetry.setup import (
     traceparent_of,
 )
 from tests import listening_sockets
+from tests.loopback_grpc import loopback_grpc_server
 
 
 @pytest.fixture(autouse=True)
@@ -430,12 +429,10 @@ class _Collector(
 
 def test_otlp_grpc_export_reaches_a_receiver() -> None:
     collector = _Collector()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
-    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with loopback_grpc_server(
+        lambda s: trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, s),
+        lambda s: metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, s),
+    ) as port:
         settings = TelemetrySettings(
             traces_exporter="otlp",
             metrics_exporter="otlp",
@@ -446,8 +443,6 @@ def test_otlp_grpc_export_reaches_a_receiver() -> None:
         telemetry.metrics.record_escalation("fast", "strong")
         assert telemetry.force_flush(10_000)
         reset_telemetry()
-    finally:
-        server.stop(grace=None)
     spans = [
         (span, rs.resource)
         for request in collector.traces
