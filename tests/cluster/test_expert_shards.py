@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -12,8 +13,13 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
+from cluster.engine.async_engine import EngineStoppedError
+from cluster.engine.config import EngineConfig
+from cluster.engine.engine_process import EngineLaunch, EngineProcess
 from cluster.engine.generator import generate
+from cluster.engine.requests import EngineRequest
 from cluster.expert_parallel.data_plane import DataPlaneError
+from cluster.expert_parallel.engine_experts import arrange_engine_experts
 from cluster.expert_parallel.expert_pool import ExpertPool, ShardSpec
 from cluster.expert_parallel.remote_experts import RemoteExperts
 from experts.model import MoEModel
@@ -67,6 +73,27 @@ def _greedy(model: MoEModel) -> list[list[int]]:
     return [r.token_ids for r in generate(model, prompts, params)]
 
 
+def _engine_process(path: Path, pool: ExpertPool, colocated: MoEModel) -> EngineProcess:
+    """An engine process over the pool: this process (a Ray driver, as a replica is a worker)
+    opens the shards' sides of its channel, the child joins it without any Ray call."""
+    spec = colocated.spec
+    table = round_robin(spec.moe_layers, spec.num_experts, ["s0", "s1"])
+    arranged = arrange_engine_experts(pool.transport, table, "t")
+    launch = EngineLaunch(str(path), EngineConfig(num_blocks=64), experts=arranged.factory)
+    return EngineProcess(launch)  # the shards' tickets are spent once it has joined
+
+
+def _engine_greedy(engine: EngineProcess) -> list[list[int]]:
+    async def one(i: int, prompt: list[int]) -> list[int]:
+        request = EngineRequest(f"r{i}", prompt, SamplingParams(max_tokens=NEW, ignore_eos=True))
+        return [event.token_id async for event in engine.generate(request)]
+
+    async def every() -> list[list[int]]:
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(_prompts()))))
+
+    return asyncio.run(every())
+
+
 def _remote_model(path: Path, pool: ExpertPool, colocated: MoEModel) -> MoEModel:
     spec = colocated.spec
     backend = RemoteExperts(pool, round_robin(spec.moe_layers, spec.num_experts, ["s0", "s1"]))
@@ -105,19 +132,39 @@ def test_both_data_planes_give_the_same_tokens(
     assert _greedy(_remote_model(path, over_ray, colocated)) == _greedy(colocated)
 
 
+def test_an_engine_process_serves_over_the_shards(
+    path: Path, pool: tuple[ExpertPool, MoEModel]
+) -> None:
+    expert_pool, colocated = pool
+    engine = _engine_process(path, expert_pool, colocated)
+    try:
+        assert _engine_greedy(engine) == _greedy(colocated)
+    finally:
+        engine.shutdown()
+
+
 def test_a_dead_shard_fails_the_layer_then_the_pool_reconnects(
     path: Path, pool: tuple[ExpertPool, MoEModel]
 ) -> None:
-    """Ray restarts a killed shard (max_restarts=1); the next call opens a fresh channel."""
+    """Ray restarts a killed shard (max_restarts=1); the next call opens a fresh channel.
+
+    An engine process cannot reopen its channel: it stops, naming the shard, never hangs."""
     expert_pool, colocated = pool
     remote = _remote_model(path, expert_pool, colocated)
     expected = _greedy(colocated)
     assert _greedy(remote) == expected  # this thread's channel is open
+    engine = _engine_process(path, expert_pool, colocated)
     ray.kill(expert_pool.handles["s1"], no_restart=False)
     with pytest.raises(
         DataPlaneError, match=r"expert shard .s1. (gave no answer|cannot be reached)"
     ):
         _greedy(remote)
+    try:
+        with pytest.raises(EngineStoppedError, match=r"DataPlaneError.*expert shard .s1."):
+            _engine_greedy(engine)
+        assert not engine.is_alive()
+    finally:
+        engine.shutdown()
     deadline = time.monotonic() + 120
     while True:  # until the restarted shard answers (it refuses calls while restarting)
         try:

@@ -1,5 +1,8 @@
 """The Serve application with a sharded tier on a 3-node Ray cluster, called over gRPC.
 
+Each backbone replica runs its engine in a child process, which reaches the shards itself
+over the data plane (the replica only opens the shards' side of its channel).
+
 The application writes its traces to a JSON-lines file and keeps an audit log, so the
 tests also check telemetry across processes: one trace holds the gateway's request span,
 the tier replica's spans and the expert shards' work; ``traces report`` reads the file;
@@ -8,6 +11,7 @@ the tier replica's spans and the expert shards' work; ``traces report`` reads th
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -73,6 +77,7 @@ def served(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                     "model": str(model_dir),
                     "replicas": 2,
                     "num_cpus": 0,
+                    "engine_process": True,  # the default: said here, as it is tested
                     "experts": {
                         "placement": "sharded",
                         "num_shards": 2,
@@ -121,6 +126,22 @@ def test_sharded_tier_serves_the_colocated_tokens(served: Served, model_dir: Pat
     # several calls, so both backbone replicas (sharing the one pool) serve some
     for _ in range(2):
         assert [_tokens(stub, list(p)) for p in PROMPTS] == expected
+    if os.path.isdir("/proc"):  # each replica's engine runs in a child of its own
+        assert _engine_children("ServeReplica:sharded:tier-strong") == 2
+
+
+def _engine_children(replica_title: str) -> int:
+    """Engine processes whose parent's process title names ``replica_title``."""
+    found = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if b"cluster.engine.engine_process" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+            parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            found += replica_title.encode() in Path(f"/proc/{parent}/cmdline").read_bytes()
+        except OSError:  # the process ended meanwhile
+            continue
+    return found
 
 
 def _wait_for(what: str, found: Callable[[], T | None], timeout: float = 60.0) -> T:
