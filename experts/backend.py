@@ -3,21 +3,22 @@
 The backbone computes the gate and hands each layer's tokens, chosen experts
 and weights to a backend. ``ColocatedExperts`` computes them in-process; the
 remote backend (expert shards on Ray) implements the same Protocol, so
-placement is a choice of backend, never a branch in the model maths.
+placement is a choice of backend, never a branch in the model maths. Both run
+the same grouped kernel over experts stacked in slots (``experts.grouped_ffn``).
 
 Legend: T tokens, K experts per token, H hidden.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 import torch
 
 from experts.checkpoint import CheckpointReader
-from experts.ffn import run_routed_experts
-from experts.weights import MLPWeights, load_experts
+from experts.expert_slots import ExpertSlots, MissingExpertError, load_expert_slots
+from experts.grouped_ffn import routed_expert_sum
 
 
 class ExpertBackend(Protocol):
@@ -39,10 +40,11 @@ class ExpertBackendFactory(Protocol):
 
 
 class ColocatedExperts:
-    """Every routed expert of the model, in this process, on one device."""
+    """Every routed expert of the model (or the chosen ones), in this process, on one device:
+    each MoE layer's experts stacked in ``ExpertSlots``, computed with the grouped kernel."""
 
-    def __init__(self, experts: dict[tuple[int, int], MLPWeights]) -> None:
-        self._experts = experts
+    def __init__(self, layers: Mapping[int, ExpertSlots]) -> None:
+        self._layers = dict(layers)
 
     @classmethod
     def from_checkpoint(
@@ -55,18 +57,26 @@ class ColocatedExperts:
         spec = reader.spec
         if pairs is None:
             pairs = [(layer, e) for layer in spec.moe_layers for e in range(spec.num_experts)]
-        return cls(load_experts(reader, pairs, device))
+        by_layer: dict[int, list[int]] = {}
+        for layer, e in sorted(set(pairs)):
+            by_layer.setdefault(layer, []).append(e)
+        return cls(
+            {layer: load_expert_slots(reader, layer, es, device) for layer, es in by_layer.items()}
+        )
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
-        return sorted(self._experts)
+        return sorted((layer, e) for layer, slots in self._layers.items() for e in slots.experts)
+
+    def layer_slots(self, layer: int) -> ExpertSlots:
+        """The layer's slots (placement rewrites them in place)."""
+        return self._layers[layer]
 
     def forward(
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        def lookup(expert: int) -> MLPWeights:
-            found = self._experts.get((layer, expert))
-            assert found is not None, f"expert ({layer}, {expert}) is not loaded here"
-            return found
-
-        return run_routed_experts(hidden, expert_ids, weights, lookup)
+        slots = self._layers.get(layer)
+        if slots is None:
+            raise MissingExpertError(f"no expert of layer {layer} is loaded here")
+        slot_ids = slots.lookup(expert_ids)  # [T, K]
+        return routed_expert_sum(hidden, slot_ids, weights, slots.gate_up, slots.down)

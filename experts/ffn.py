@@ -1,4 +1,8 @@
-"""Expert feed-forward maths: one SwiGLU MLP, and many experts over routed token groups.
+"""Expert feed-forward maths: one SwiGLU MLP, and the per-expert loop over routed token groups.
+
+The serving path computes routed experts with the grouped kernel
+(``experts.grouped_ffn.routed_expert_sum``); ``run_routed_experts`` is the plain loop it
+replaced, kept as the reference it is tested and measured against.
 
 Legend: T tokens, K experts chosen per token, E experts, H hidden, I intermediate,
 N tokens routed to one expert.
@@ -38,7 +42,7 @@ def run_routed_experts(
     weights: torch.Tensor,  # [T, K] gate weights (fp32)
     expert: Callable[[int], MLPWeights],
 ) -> torch.Tensor:  # [T, H]
-    """Sum over each token's K experts of weight * expert(token), expert by expert."""
+    """Sum over each token's K experts of weight * expert(token), expert by expert (reference)."""
     num_k = expert_ids.shape[1]
     out = torch.zeros_like(hidden)  # [T, H]
     flat_weights = weights.reshape(-1)  # [T*K]

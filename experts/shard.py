@@ -5,6 +5,9 @@ for the tokens a dispatcher sent it, the weighted sum of the experts it holds.
 It knows nothing about Ray or placement: which slots it holds is decided
 outside and applied with ``load`` / ``drop``.
 
+Each layer's experts are stacked in ``ExpertSlots`` (storage slots, written in
+place) and computed with the same grouped kernel as the colocated backend.
+
 Legend: N tokens sent to this shard, K' (expert, weight) pairs per token on this shard
 (padded), H hidden.
 """
@@ -18,19 +21,15 @@ from pathlib import Path
 import torch
 
 from experts.checkpoint import CheckpointReader
-from experts.ffn import group_by_expert, swiglu_mlp
+from experts.expert_slots import NO_SLOT, ExpertSlots, MissingExpertError
+from experts.grouped_ffn import routed_expert_sum
 from experts.weights import MLPWeights, load_expert
 
-PAD_EXPERT = -1  # expert id of a padding pair (its weight is 0); compute skips it
+PAD_EXPERT = NO_SLOT  # expert id of a padding pair (its weight is 0); compute skips it
 
 Slot = tuple[int, int]  # (layer, expert)
 
-
-class MissingExpertError(LookupError):
-    """A compute call needs a (layer, expert) this shard does not hold (dropped or never loaded).
-
-    A remote backend can catch it and re-plan with a newer routing table.
-    """
+__all__ = ["PAD_EXPERT", "ExpertShard", "MissingExpertError", "Slot", "format_slots"]
 
 
 def format_slots(slots: Iterable[Slot]) -> str:
@@ -42,26 +41,44 @@ def format_slots(slots: Iterable[Slot]) -> str:
 
 
 class ExpertShard:
-    """Routed experts of chosen (layer, expert) slots, on one device, read from a checkpoint."""
+    """Routed experts of chosen (layer, expert) slots, on one device, read from a checkpoint.
+
+    A layer's storage is allocated on its first load with ``slots_per_layer`` storage slots
+    (default: that load's count) and grows by doubling when a load finds none free, so a
+    placement that sizes it up front never reallocates. A dropped expert's storage slot is
+    written again only once every compute that started before the drop has finished.
+    """
 
     def __init__(
-        self, model_dir: str | Path, device: str = "cpu", slots: Iterable[Slot] = ()
+        self,
+        model_dir: str | Path,
+        device: str = "cpu",
+        slots: Iterable[Slot] = (),
+        slots_per_layer: int | None = None,
     ) -> None:
         self.reader = CheckpointReader(model_dir)
         self.device = device
-        self._experts: dict[Slot, MLPWeights] = {}
+        self.slots_per_layer = slots_per_layer
+        self._layers: dict[int, ExpertSlots] = {}
         # load, drop and compute may come from different threads (a Ray actor's own thread
-        # and its data-plane channels): the slot map changes only under this lock
+        # and its data-plane channels): the slot tables change only under this lock
         self._lock = threading.Lock()
+        self._num_drops = 0
+        self._running: dict[int, int] = {}  # computes in flight, by num_drops at their start
+        self._retired: list[tuple[int, int, list[int]]] = []  # (num_drops then, layer, slots)
         self.load(slots)
+
+    def _held(self) -> list[Slot]:
+        return sorted((layer, e) for layer, s in self._layers.items() for e in s.experts)
 
     @property
     def slots(self) -> list[Slot]:
         with self._lock:
-            return sorted(self._experts)
+            return self._held()
 
     def has(self, layer: int, expert: int) -> bool:
-        return (layer, expert) in self._experts
+        layer_slots = self._layers.get(layer)
+        return layer_slots is not None and layer_slots.has(expert)
 
     def load(self, slots: Iterable[Slot]) -> list[Slot]:
         """Read the slots not already held; returns the newly loaded ones, sorted.
@@ -72,43 +89,64 @@ class ExpertShard:
         same weights for them. Computes go on while the tensors are read.
         """
         with self._lock:
-            new = sorted({(int(layer), int(e)) for layer, e in slots} - self._experts.keys())
+            new = sorted({(int(layer), int(e)) for layer, e in slots} - set(self._held()))
         loaded = {(layer, e): load_expert(self.reader, layer, e, self.device) for layer, e in new}
         with self._lock:
-            for slot, weights in loaded.items():
-                self._experts.setdefault(slot, weights)  # a concurrent load may have won
+            self._reclaim()
+            for (layer, e), weights in loaded.items():
+                layer_slots = self._layers.get(layer) or self._new_layer(layer, loaded, weights)
+                if not layer_slots.has(e):  # a concurrent load may have won
+                    layer_slots.add(e, weights)
         return new
 
+    def _new_layer(
+        self, layer: int, loaded: dict[Slot, MLPWeights], first: MLPWeights
+    ) -> ExpertSlots:
+        spec = self.reader.spec
+        count = self.slots_per_layer or sum(1 for other, _ in loaded if other == layer)
+        self._layers[layer] = ExpertSlots(
+            count,
+            spec.num_experts,
+            spec.hidden_size,
+            spec.moe_intermediate_size,
+            first.gate_up.dtype,
+            self.device,
+        )
+        return self._layers[layer]
+
     def drop(self, slots: Iterable[Slot]) -> None:
-        """Release the slots' weights; dropping a slot this shard does not hold is an error.
+        """Stop serving the slots; dropping a slot this shard does not hold is an error.
 
         Checked before anything is released, so a bad request drops nothing.
         """
         wanted = {(int(layer), int(e)) for layer, e in slots}
         with self._lock:
-            missing = wanted - self._experts.keys()
+            missing = wanted - set(self._held())
             if missing:
                 raise ValueError(
                     f"cannot drop {format_slots(missing)}: not held by this shard "
-                    f"(it holds {format_slots(self._experts)})"
+                    f"(it holds {format_slots(self._held())})"
                 )
-            for slot in wanted:
-                del self._experts[slot]
+            for layer, e in sorted(wanted):
+                self._retired.append((self._num_drops, layer, self._layers[layer].remove(e)))
+            self._num_drops += 1
+            self._reclaim()
 
-    def _lookup(self, layer: int, experts: Iterable[int]) -> dict[int, MLPWeights]:
-        """The weights of every expert a call needs, or an error naming the first one missing."""
-        found: dict[int, MLPWeights] = {}
-        with self._lock:  # held weights stay valid for the call even if dropped meanwhile
-            for e in experts:
-                w = self._experts.get((layer, e))
-                if w is None:
-                    raise MissingExpertError(
-                        f"expert (layer {layer}, expert {e}) is not loaded on this shard "
-                        f"(it holds {format_slots(self._experts)}); the dispatcher's routing "
-                        "table is out of date or the slot was dropped"
-                    )
-                found[e] = w
-        return found
+    def _reclaim(self) -> None:
+        """Free the retired storage slots no running compute can still read (under the lock)."""
+        oldest = min(self._running, default=self._num_drops)
+        for stamp, layer, storage in self._retired:
+            if stamp < oldest:
+                self._layers[layer].release(storage)
+        self._retired = [r for r in self._retired if r[0] >= oldest]
+
+    def _missing(self, layer: int, expert: int) -> MissingExpertError:
+        return MissingExpertError(
+            f"expert (layer {layer}, expert {expert}) is not loaded on this shard "
+            f"(it holds {format_slots(self._held())}); the dispatcher's routing "
+            "table is out of date or the slot was dropped",
+            expert=expert,
+        )
 
     def compute(
         self,
@@ -117,12 +155,11 @@ class ExpertShard:
         expert_ids: torch.Tensor,  # [N, K'] long, PAD_EXPERT where padded
         weights: torch.Tensor,  # [N, K'] fp32 gate weights, 0 where padded
     ) -> torch.Tensor:  # [N, H] per token: sum of weight * expert(token) over its pairs
-        """Each row's weighted sum over its pairs, experts summed in increasing expert order.
+        """Each row's weighted sum over its pairs, by the grouped kernel.
 
-        Experts are run one at a time on the rows that chose them (like
-        ``run_routed_experts``). Floating-point caveat: with all of a token's experts on
-        this shard and every expert unreplicated, the rows each expert sees and the
-        order of the sum match the colocated backend, so the result is bit-identical;
+        Floating-point caveat: with all of a token's experts on this shard and every
+        expert unreplicated, each expert sees the rows it sees in the colocated backend
+        and each row sums its pairs in the same order, so the result is bit-identical;
         once a token's experts are split across shards, partial sums are added in
         another association order (exact for two experts, since addition commutes,
         but a few ulps off for three or more).
@@ -134,16 +171,24 @@ class ExpertShard:
             f"hidden {tuple(hidden.shape)}, expert_ids {tuple(expert_ids.shape)}, "
             f"weights {tuple(weights.shape)} disagree"
         )
-        out = torch.zeros_like(hidden)  # [N, H]
-        num_k = expert_ids.shape[1]
-        if num_k == 0:
-            return out
-        groups = [(e, rows) for e, rows in group_by_expert(expert_ids) if e != PAD_EXPERT]
-        mlps = self._lookup(layer, (e for e, _ in groups))  # all checked before any compute
-        flat_weights = weights.reshape(-1)  # [N*K']
-        for e, slots in groups:
-            tokens = slots // num_k  # [n] rows of this shard's batch that chose e
-            y = swiglu_mlp(hidden[tokens], mlps[e])  # [n, H]
-            y = y * flat_weights[slots, None]  # [n, H] fp32 weights, like the reference
-            out.index_put_((tokens,), y.to(out.dtype), accumulate=True)
-        return out
+        with self._lock:  # the slots read here stay unwritten until this compute ends
+            layer_slots = self._layers.get(layer)
+            if layer_slots is None:
+                wanted = expert_ids[expert_ids != PAD_EXPERT]  # [n]
+                if wanted.numel():
+                    raise self._missing(layer, int(wanted.min()))
+                return torch.zeros_like(hidden)
+            try:
+                slot_ids = layer_slots.lookup(expert_ids)  # [N, K']
+            except MissingExpertError as err:
+                raise self._missing(layer, err.expert) from None
+            gate_up, down = layer_slots.gate_up, layer_slots.down
+            started = self._num_drops
+            self._running[started] = self._running.get(started, 0) + 1
+        try:
+            return routed_expert_sum(hidden, slot_ids, weights, gate_up, down)
+        finally:
+            with self._lock:
+                self._running[started] -= 1
+                if not self._running[started]:
+                    del self._running[started]

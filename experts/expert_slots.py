@@ -1,0 +1,198 @@
+"""One MoE layer's routed experts, stacked in fixed slots on one device.
+
+Every projection is one preallocated tensor with a leading slot axis, so the grouped
+kernel (``experts.grouped_ffn``) reads all of a layer's experts from two tensors, and
+an expert is moved by writing its weights into a free slot in place (``copy_``): no
+reallocation, and computes that hold the tensors keep running. A slot table maps each
+held expert to its slot(s); an expert may sit in more than one slot while it moves
+(the new slot is written, then the old one released), and computes use its first.
+
+Legend: S slots, E experts of the layer, T tokens, K experts per token, H hidden,
+I intermediate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from experts.checkpoint import CheckpointReader
+from experts.weights import MLPWeights, load_expert
+
+NO_SLOT = -1  # slot id of a pair to skip: a padding pair, or (on lookup) an expert not held
+
+
+class MissingExpertError(LookupError):
+    """A compute call needs an expert that is not held here (dropped or never loaded).
+
+    A remote backend can catch it and re-plan with a newer routing table.
+    """
+
+    def __init__(self, message: str, expert: int = NO_SLOT) -> None:
+        super().__init__(message)
+        self.expert = expert
+
+
+class ExpertSlots:
+    """S fixed slots of one layer's experts: ``gate_up`` [S, 2I, H] and ``down`` [S, H, I].
+
+    Not thread-safe by itself: the owner serialises changes (``ExpertShard`` holds a
+    lock) and decides when a released slot may be written again.
+    """
+
+    def __init__(
+        self,
+        num_slots: int,
+        num_experts: int,
+        hidden: int,
+        inter: int,
+        dtype: torch.dtype,
+        device: str | torch.device,
+    ) -> None:
+        assert num_slots > 0 and num_experts > 0, (num_slots, num_experts)
+        self.num_experts = num_experts
+        # zeros, not empty: a free slot is never read, but must never hold NaN if it were
+        self.gate_up = torch.zeros(num_slots, 2 * inter, hidden, dtype=dtype, device=device)
+        self.down = torch.zeros(num_slots, hidden, inter, dtype=dtype, device=device)
+        self._slots_of: dict[int, list[int]] = {}  # expert -> its slots, first one serves
+        self._free: list[int] = list(range(num_slots))
+        self._slot_map = torch.full((num_experts,), NO_SLOT, dtype=torch.long, device=device)  # [E]
+
+    @property
+    def num_slots(self) -> int:
+        return self.gate_up.shape[0]
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def experts(self) -> list[int]:
+        return sorted(self._slots_of)
+
+    @property
+    def is_complete(self) -> bool:
+        """Every expert of the layer is held: a lookup can never miss."""
+        return len(self._slots_of) == self.num_experts
+
+    def has(self, expert: int) -> bool:
+        return expert in self._slots_of
+
+    def slots_of(self, expert: int) -> tuple[int, ...]:
+        return tuple(self._slots_of.get(expert, ()))
+
+    def write_slot(self, slot: int, weights: MLPWeights) -> None:
+        """Copy ``weights`` into ``slot`` in place (its storage never changes)."""
+        assert 0 <= slot < self.num_slots, f"slot {slot} out of range [0, {self.num_slots})"
+        assert weights.gate_up.shape == self.gate_up.shape[1:], (
+            f"gate_up {tuple(weights.gate_up.shape)} does not fit {tuple(self.gate_up.shape[1:])}"
+        )
+        assert weights.down.shape == self.down.shape[1:], (
+            f"down {tuple(weights.down.shape)} does not fit {tuple(self.down.shape[1:])}"
+        )
+        self.gate_up[slot].copy_(weights.gate_up)  # [2I, H]
+        self.down[slot].copy_(weights.down)  # [H, I]
+
+    def take_free_slot(self) -> int:
+        """The lowest free slot, now reserved (write it, then ``assign`` it)."""
+        if not self._free:
+            raise RuntimeError(f"all {self.num_slots} slots are in use; grow() first")
+        self._free.sort()
+        return self._free.pop(0)
+
+    def assign(self, expert: int, slot: int) -> None:
+        """Serve ``expert`` from ``slot`` too (after its first slot, if it has one)."""
+        assert 0 <= expert < self.num_experts, (
+            f"expert {expert} out of range [0, {self.num_experts})"
+        )
+        assert slot not in self._free, f"slot {slot} is free: take it and write it first"
+        slots = self._slots_of.setdefault(expert, [])
+        assert slot not in slots, f"expert {expert} already has slot {slot}"
+        slots.append(slot)
+        self._slot_map[expert] = slots[0]
+
+    def add(self, expert: int, weights: MLPWeights) -> int:
+        """Write ``expert`` into a free slot (growing the tensors when none is) and serve it."""
+        if not self._free:
+            self.grow(2 * self.num_slots)
+        slot = self.take_free_slot()
+        self.write_slot(slot, weights)
+        self.assign(expert, slot)
+        return slot
+
+    def remove(self, expert: int) -> list[int]:
+        """Stop serving ``expert``; returns its slots, which the caller ``release``s when no
+        running compute can still read them."""
+        slots = self._slots_of.pop(expert, None)
+        if slots is None:
+            raise MissingExpertError(
+                f"expert {expert} is not held (held: {self.experts})", expert=expert
+            )
+        self._slot_map[expert] = NO_SLOT
+        return slots
+
+    def release(self, slots: list[int]) -> None:
+        """Make ``slots`` free for new writes."""
+        used = {s for ss in self._slots_of.values() for s in ss}
+        assert not used & set(slots), f"slots {sorted(used & set(slots))} still serve experts"
+        self._free.extend(s for s in slots if s not in self._free)
+
+    def grow(self, num_slots: int) -> None:
+        """Reallocate to ``num_slots`` (the rare path: size the slots up front to avoid it).
+
+        Computes that already hold the old tensors finish on them.
+        """
+        assert num_slots > self.num_slots, (num_slots, self.num_slots)
+        old = self.num_slots
+        gate_up = self.gate_up.new_zeros(num_slots, *self.gate_up.shape[1:])  # [S', 2I, H]
+        down = self.down.new_zeros(num_slots, *self.down.shape[1:])  # [S', H, I]
+        gate_up[:old].copy_(self.gate_up)
+        down[:old].copy_(self.down)
+        self.gate_up, self.down = gate_up, down
+        self._free.extend(range(old, num_slots))
+
+    def lookup(self, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Slot of each chosen expert, ``NO_SLOT`` where the id is negative (padding).
+
+        expert_ids [T, K] long -> [T, K] long. Raises ``MissingExpertError`` naming the
+        lowest expert that is not held (one host sync, skipped when every expert is held).
+        """
+        pad = expert_ids < 0  # [T, K]
+        slot_ids = self._slot_map[expert_ids.clamp(min=0)].masked_fill_(pad, NO_SLOT)  # [T, K]
+        if not self.is_complete:
+            missing = (slot_ids == NO_SLOT) & ~pad  # [T, K]
+            if bool(missing.any()):
+                first = int(expert_ids[missing].min())
+                raise MissingExpertError(
+                    f"expert {first} is not held (held: {self.experts})", expert=first
+                )
+        return slot_ids
+
+
+def load_expert_slots(
+    reader: CheckpointReader,
+    layer: int,
+    experts: Sequence[int],
+    device: str | torch.device = "cpu",
+    num_slots: int | None = None,
+) -> ExpertSlots:
+    """``experts`` of ``layer`` read into a new ``ExpertSlots`` (``num_slots``, default: exactly
+    enough), one expert at a time, so peak memory is the slots plus one expert."""
+    assert experts, f"no experts to load for layer {layer}"
+    spec = reader.spec
+    slots: ExpertSlots | None = None
+    for expert in experts:
+        weights = load_expert(reader, layer, expert, str(device))
+        if slots is None:
+            slots = ExpertSlots(
+                num_slots or len(experts),
+                spec.num_experts,
+                spec.hidden_size,
+                spec.moe_intermediate_size,
+                weights.gate_up.dtype,
+                device,
+            )
+        slots.add(expert, weights)
+    assert slots is not None
+    return slots

@@ -1,0 +1,112 @@
+"""Grouped routed-expert compute: one MoE layer's weighted expert sum, no Python loop over experts.
+
+The (token, expert) pairs are sorted by slot, so each slot's tokens are one contiguous run
+of rows; each projection is then one grouped matmul over the stacked slot tensors
+(``ExpertSlots``) with the runs' end offsets, and the weighted rows are put back in pair
+order and summed over K, in fp32 like the transformers reference.
+
+``torch._grouped_mm`` (``F.grouped_mm`` when present) does the grouped matmul wherever it
+runs for the device, dtype and sizes (probed once per combination: on CPU it does in this
+build, for fp32 and bf16; on CUDA it depends on the GPU and dtype). Elsewhere the same
+sorted runs are multiplied slice by slice (one host sync for the offsets). Measured
+alternatives and the choice: ``bench/expert_kernels.py``.
+
+Legend: T tokens, K experts chosen per token, P = T*K pairs, S slots, H hidden,
+I intermediate.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@functools.lru_cache(maxsize=64)
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, hidden: int, inter: int) -> bool:
+    """Whether the grouped matmul runs (and agrees with ``mm``) for these operands.
+
+    Probed on a small problem of the real row widths, with an empty group, because support
+    depends on the build, the device and alignment of ``H`` and ``2I``.
+    """
+    if GROUPED_MM is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, hidden, generator=gen).to(device, dtype)  # [3, H]
+    w = torch.randn(3, 2 * inter, hidden, generator=gen).to(device, dtype)  # [3, 2I, H]
+    ends = torch.tensor([1, 1, 3], dtype=torch.int32, device=device)  # slot 1 empty
+    try:
+        got = GROUPED_MM(x, w.transpose(1, 2), offs=ends)  # [3, 2I]
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+    expected = torch.cat([x[:1] @ w[0].T, x[1:] @ w[2].T])  # [3, 2I]
+    return bool(torch.allclose(got.float(), expected.float(), rtol=2e-2, atol=1e-2))
+
+
+def sort_by_slot(
+    slot_ids: torch.Tensor,  # [T, K] long, -1 for a pair to skip
+    num_slots: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # [P], [P], [S] int32
+    """(order, sorted slot per row, run ends): pairs sorted by slot, skipped pairs last.
+
+    ``order[r]`` is the flat pair index (``token * K + k``) of sorted row ``r``; the stable
+    sort keeps each slot's tokens in token order. ``ends[s]`` is where slot ``s``'s run ends.
+    """
+    flat = slot_ids.reshape(-1)  # [P]
+    keys, order = torch.sort(flat.masked_fill(flat < 0, num_slots), stable=True)  # [P], [P]
+    bounds = torch.arange(1, num_slots + 1, device=flat.device)  # [S]
+    ends = torch.searchsorted(keys, bounds, out_int32=True)  # [S]
+    return order, keys, ends
+
+
+def grouped_linear(
+    x: torch.Tensor,  # [P, in] rows sorted by slot
+    weight: torch.Tensor,  # [S, out, in] (F.linear layout per slot)
+    ends: torch.Tensor,  # [S] int32 run ends
+    use_grouped_mm: bool,
+) -> torch.Tensor:  # [P, out]; rows past ends[-1] are unspecified
+    """Row run ``s`` of ``x`` times ``weight[s].T``, for every slot at once."""
+    if use_grouped_mm:
+        assert GROUPED_MM is not None
+        return GROUPED_MM(x, weight.transpose(1, 2), offs=ends)  # [P, out]
+    out = x.new_zeros(x.shape[0], weight.shape[1])  # [P, out]
+    start = 0
+    for slot, end in enumerate(ends.tolist()):  # the fallback: one sync, then slice by slice
+        if end > start:
+            torch.mm(x[start:end], weight[slot].T, out=out[start:end])  # [n, out]
+        start = end
+    return out
+
+
+def routed_expert_sum(
+    hidden: torch.Tensor,  # [T, H]
+    slot_ids: torch.Tensor,  # [T, K] long: slot of each chosen expert, -1 to skip the pair
+    weights: torch.Tensor,  # [T, K] fp32 gate weights
+    gate_up: torch.Tensor,  # [S, 2I, H]
+    down: torch.Tensor,  # [S, H, I]
+    use_grouped_mm: bool | None = None,
+) -> torch.Tensor:  # [T, H]
+    """Per token, the sum over its K pairs of weight * swiglu_slot(token); skipped pairs add 0.
+
+    ``use_grouped_mm`` None: use the grouped matmul where ``grouped_mm_supported``.
+    """
+    num_tokens, num_k = slot_ids.shape
+    num_slots, two_inter, hidden_size = gate_up.shape
+    if num_tokens * num_k == 0:
+        return torch.zeros_like(hidden)
+    if use_grouped_mm is None:
+        use_grouped_mm = grouped_mm_supported(
+            gate_up.device, gate_up.dtype, hidden_size, two_inter // 2
+        )
+    order, keys, ends = sort_by_slot(slot_ids, num_slots)  # [P], [P], [S]
+    x = hidden[order // num_k]  # [P, H] each pair's token, grouped by slot
+    gate, up = grouped_linear(x, gate_up, ends, use_grouped_mm).chunk(2, dim=-1)  # [P, I] each
+    y = grouped_linear(F.silu(gate) * up, down, ends, use_grouped_mm)  # [P, H]
+    y = y * weights.reshape(-1)[order, None]  # [P, H] fp32, like the reference
+    # skipped pairs' rows were never computed (may hold anything on some devices): exact 0
+    y = torch.where((keys < num_slots)[:, None], y, 0.0)  # [P, H]
+    pairs = torch.empty_like(y).index_copy_(0, order, y)  # [P, H] back in pair order
+    return pairs.view(num_tokens, num_k, hidden_size).sum(dim=1).to(hidden.dtype)  # [T, H]
