@@ -177,16 +177,20 @@ def test_gpus_on_a_cpu_device_explains_the_mismatch(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, with_tier(num_gpus=0.5, device="cuda:1"))).tiers[1].device
 
 
-def test_engine_process_by_default_unless_the_experts_are_sharded(tmp_path: Path) -> None:
+def test_engine_process_by_default_unless_sharded_over_ray(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, with_tier()))
     assert cfg.tiers[1].engine_process is None and cfg.tiers[1].runs_engine_process
-    sharded = {"placement": "sharded"}
-    cfg = load_config(write(tmp_path, with_tier(experts=sharded)))
+    sharded = {"placement": "sharded"}  # torch_dist: the engine process joins the channels
+    assert load_config(write(tmp_path, with_tier(experts=sharded))).tiers[1].runs_engine_process
+    over_ray = {"placement": "sharded", "data_plane": "ray"}
+    cfg = load_config(write(tmp_path, with_tier(experts=over_ray)))
     assert not cfg.tiers[1].runs_engine_process
     cfg = load_config(write(tmp_path, with_tier(engine_process=False)))
     assert not cfg.tiers[1].runs_engine_process
-    (line,) = problems(tmp_path, with_tier(experts=sharded, engine_process=True))
-    assert line.startswith("tiers.1.engine_process: engine_process: true cannot reach sharded")
+    (line,) = problems(tmp_path, with_tier(experts=over_ray, engine_process=True))
+    assert line.startswith(
+        "tiers.1.engine_process: engine_process: true cannot use experts.data_plane 'ray'"
+    ), line
 
 
 def test_all_problems_are_listed_together(tmp_path: Path) -> None:
