@@ -112,6 +112,16 @@ class ExpertSlots:
         slots.append(slot)
         self._slot_map[expert] = slots[0]
 
+    def unassign(self, expert: int, slot: int) -> None:
+        """Stop serving ``expert`` from ``slot`` (one of several: the end of a move); the
+        caller ``release``s the slot when no running compute can still read it."""
+        slots = self._slots_of.get(expert, [])
+        assert slot in slots and len(slots) > 1, (
+            f"slot {slot} is not one of expert {expert}'s several slots {slots}: use remove()"
+        )
+        slots.remove(slot)
+        self._slot_map[expert] = slots[0]
+
     def add(self, expert: int, weights: MLPWeights) -> int:
         """Write ``expert`` into a free slot (growing the tensors when none is) and serve it."""
         if not self._free:

@@ -1,0 +1,106 @@
+"""ExpertSlots: stacked storage written in place, the slot table, lookups and their errors.
+
+Legend: S slots, E experts, T tokens, K experts per token, H hidden, I intermediate (INTER).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experts.expert_slots import NO_SLOT, ExpertSlots, MissingExpertError
+from experts.weights import MLPWeights
+
+H, INTER, E = 8, 4, 6
+
+
+def _weights(seed: int) -> MLPWeights:
+    gen = torch.Generator().manual_seed(seed)
+    return MLPWeights(
+        torch.randn(2 * INTER, H, generator=gen), torch.randn(H, INTER, generator=gen)
+    )
+
+
+def _slots(num_slots: int = 4) -> ExpertSlots:
+    return ExpertSlots(num_slots, E, H, INTER, torch.float32, "cpu")
+
+
+def test_writes_go_into_the_preallocated_storage() -> None:
+    slots = _slots()
+    pointers = (slots.gate_up.data_ptr(), slots.down.data_ptr())
+    assert slots.gate_up.shape == (4, 2 * INTER, H) and slots.down.shape == (4, H, INTER)
+    for e in (3, 1, 5):
+        slots.add(e, _weights(e))
+    slots.write_slot(slots.slots_of(1)[0], _weights(10))  # rewrite in place
+    assert (slots.gate_up.data_ptr(), slots.down.data_ptr()) == pointers
+    assert [slots.slots_of(e) for e in (3, 1, 5)] == [(0,), (1,), (2,)]
+    assert torch.equal(slots.gate_up[1], _weights(10).gate_up)
+    assert torch.equal(slots.down[2], _weights(5).down)
+    assert slots.experts == [1, 3, 5] and slots.num_free == 1
+
+
+def test_a_removed_experts_slot_is_reused_after_release() -> None:
+    slots = _slots(2)
+    pointer = slots.gate_up.data_ptr()
+    slots.add(0, _weights(0))
+    slots.add(4, _weights(4))
+    freed = slots.remove(0)
+    assert freed == [0] and not slots.has(0) and slots.num_free == 0
+    slots.release(freed)
+    assert slots.add(2, _weights(2)) == 0
+    assert slots.gate_up.data_ptr() == pointer
+    assert torch.equal(slots.gate_up[0], _weights(2).gate_up)
+    with pytest.raises(MissingExpertError, match="expert 0 is not held"):
+        slots.remove(0)
+
+
+def test_lookup_maps_experts_to_slots_and_padding_to_no_slot() -> None:
+    slots = _slots()
+    slots.add(5, _weights(5))
+    slots.add(2, _weights(2))
+    ids = torch.tensor([[2, 5], [5, -1], [-1, -1]])  # [T, K]
+    assert slots.lookup(ids).tolist() == [[1, 0], [0, NO_SLOT], [NO_SLOT, NO_SLOT]]
+
+
+def test_a_missing_expert_is_named_lowest_first() -> None:
+    slots = _slots()
+    slots.add(1, _weights(1))
+    with pytest.raises(MissingExpertError, match=r"expert 3 is not held \(held: \[1\]\)") as err:
+        slots.lookup(torch.tensor([[1, 4], [3, -1]]))
+    assert err.value.expert == 3
+
+
+def test_a_complete_table_and_a_move_between_slots() -> None:
+    slots = _slots(E + 1)
+    for e in range(E):
+        slots.add(e, _weights(e))
+    assert slots.is_complete
+    ids = torch.arange(E)[:, None]  # [E, 1]
+    assert slots.lookup(ids)[:, 0].tolist() == list(range(E))
+    # move expert 2 to a new slot: write it, serve it from both, then drop the old one
+    new = slots.take_free_slot()
+    slots.write_slot(new, _weights(2))
+    slots.assign(2, new)
+    assert slots.slots_of(2) == (2, new) and slots.lookup(torch.tensor([[2]])).item() == 2
+    slots.unassign(2, 2)
+    assert slots.lookup(torch.tensor([[2]])).item() == new
+    with pytest.raises(AssertionError, match="still serve"):
+        slots.release([new])
+    slots.release([2])
+    assert slots.num_free == 1
+
+
+def test_grow_keeps_the_held_experts_and_adds_free_slots() -> None:
+    slots = _slots(1)
+    slots.add(0, _weights(0))
+    slots.add(1, _weights(1))  # no free slot: doubles
+    assert slots.num_slots == 2 and slots.num_free == 0
+    assert torch.equal(slots.gate_up[0], _weights(0).gate_up)
+    assert torch.equal(slots.down[1], _weights(1).down)
+
+
+def test_a_weight_of_the_wrong_shape_is_refused() -> None:
+    slots = _slots()
+    bad = MLPWeights(torch.zeros(2 * INTER, H + 1), torch.zeros(H, INTER))
+    with pytest.raises(AssertionError, match="does not fit"):
+        slots.write_slot(0, bad)
