@@ -1,0 +1,122 @@
+"""The async API of an engine, whichever transport runs its loop: submit, stream, cancel.
+
+``EngineCore`` is what a tier replica asks of an engine. ``EngineClient`` implements it
+once over a ``StreamRegistry`` and a ``_post`` that hands a command to the loop: the
+in-process transport (``cluster.engine.async_engine``) posts to a queue its thread reads,
+the engine process (``cluster.engine.engine_process``) writes to its child's socket. Bad
+input raises ``ValueError`` on a stream's first iteration; leaving a stream early (break,
+``aclose``, task cancellation) aborts the request and frees its KV blocks; a request the
+engine fails alone ends with ``RequestFailedError``; once the loop stops every request,
+open or new, gets ``EngineStoppedError`` at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from typing import Protocol
+
+from cluster.engine.admission import validate_request
+from cluster.engine.config import EngineConfig
+from cluster.engine.counters import EngineCounters
+from cluster.engine.loop import SHUT_DOWN, AbortRequest, AddRequest, Command
+from cluster.engine.requests import EngineRequest, TokenEvent
+from cluster.engine.streams import EngineStoppedError, StreamRegistry
+from experts.spec import ModelSpec
+
+
+class EngineCore(Protocol):
+    """What a tier replica needs of an engine, wherever it runs (this process or its own)."""
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    def validate(self, request: EngineRequest) -> None: ...
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[TokenEvent]: ...
+
+    def generate_batches(self, request: EngineRequest) -> AsyncIterator[list[TokenEvent]]: ...
+
+    def counters(self) -> EngineCounters: ...
+
+    def take_routed_counts(self) -> dict[tuple[int, int], int]: ...
+
+    def is_alive(self) -> bool: ...
+
+    def shutdown(self, timeout: float = 30.0) -> None: ...
+
+
+class EngineClient:
+    """Streams by request id over one engine loop; a transport supplies ``_post``,
+    ``is_alive`` and ``shutdown``."""
+
+    def __init__(self, spec: ModelSpec, config: EngineConfig, counters: EngineCounters) -> None:
+        self._spec = spec
+        self.config = config
+        self._streams = StreamRegistry(counters, self.abort)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._spec
+
+    def validate(self, request: EngineRequest) -> None:
+        """Raise ``ValueError`` saying what is wrong with a request (before it is sent)."""
+        num_blocks = self._streams.counters.num_blocks
+        validate_request(request, self._spec, self.config.block_size, num_blocks)
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[TokenEvent, None]:
+        """Stream the request's tokens one by one (see ``generate_batches``)."""
+        async with aclosing(self.generate_batches(request)) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    async def generate_batches(
+        self, request: EngineRequest
+    ) -> AsyncGenerator[list[TokenEvent], None]:
+        """Stream the request's tokens, each time every one that has arrived (a caller busy
+        elsewhere meanwhile gets them together). Bad input raises ``ValueError``, a
+        stopped engine ``EngineStoppedError`` (at once)."""
+        request_id = request.request_id
+        stream = self._streams.open(request_id)
+        try:
+            self._post(AddRequest(request))
+        except EngineStoppedError:
+            self._streams.close(request_id)
+            raise
+        try:
+            while not stream.done:
+                yield await stream.next_batch()
+        finally:
+            if not stream.ended:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks; its stream gets nothing more."""
+        self._streams.close(request_id)
+        try:
+            self._post(AbortRequest(request_id))
+        except EngineStoppedError:
+            pass  # the engine is gone, and the request with it
+
+    def counters(self) -> EngineCounters:
+        """As of the loop's last step (it publishes after every step or batch of commands)."""
+        return self._streams.counters
+
+    def take_routed_counts(self) -> dict[tuple[int, int], int]:
+        """Tokens routed per (layer, expert) since the last call; complete once idle."""
+        return self._streams.take_routed_counts()
+
+    def is_alive(self) -> bool:
+        raise NotImplementedError
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        raise NotImplementedError
+
+    def _refuse_new(self) -> None:
+        """Shutting down: new requests are refused, open ones end with ``EngineStoppedError``."""
+        self._streams.stop(SHUT_DOWN)
+
+    def _post(self, command: Command) -> None:
+        """Hand a command to the loop; ``EngineStoppedError`` if it cannot be reached."""
+        raise NotImplementedError

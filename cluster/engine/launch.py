@@ -1,0 +1,49 @@
+"""How an engine is built: one recipe (``EngineLaunch``), one place that follows it.
+
+Both transports build their engine with ``build_engine``, in the process that will step
+it: a child process receives the launch over its socket (so the recipe is picklable and
+carries an expert backend *factory*, never a live backend), the in-process transport calls
+it directly (``AsyncEngine.start``). Importing this module loads no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cluster.engine.config import EngineConfig
+
+if TYPE_CHECKING:
+    from cluster.engine.llm_engine import LLMEngine
+    from experts.backend import ExpertBackendFactory
+
+
+@dataclass(frozen=True)
+class EngineLaunch:
+    """What a process needs to build the engine."""
+
+    model_dir: str
+    config: EngineConfig
+    device: str = "cpu"
+    torch_threads: int | None = None  # None: torch's default in that process
+    count_routing: bool = False  # keep per-(layer, expert) counts for the metrics
+    # where the experts live when not with the backbone (a shard pool); built where it runs
+    experts: ExpertBackendFactory | None = None
+
+
+def build_engine(launch: EngineLaunch) -> LLMEngine:
+    """Load the checkpoint and its tokenizer, build the experts from their factory, and
+    make the engine, counting routing when asked (and the model has experts to count)."""
+    import torch
+
+    from cluster.engine.llm_engine import LLMEngine
+    from experts.model import MoEModel
+    from experts.tokenizer import load_tokenizer
+
+    if launch.torch_threads is not None:
+        torch.set_num_threads(launch.torch_threads)
+    experts = launch.experts.build() if launch.experts is not None else None
+    model = MoEModel.from_checkpoint(launch.model_dir, device=launch.device, experts=experts)
+    engine = LLMEngine(model, launch.config, load_tokenizer(launch.model_dir))
+    engine.runner.count_routing = launch.count_routing and model.spec.is_moe
+    return engine

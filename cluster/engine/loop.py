@@ -1,0 +1,130 @@
+"""The engine loop: commands applied between steps, one result out per step.
+
+Both transports run this one loop: the in-process one (``cluster.engine.async_engine``) on
+a background thread, the engine process (``cluster.engine.engine_process``) in its child.
+Only the channel differs: where commands come from (a queue, a socket) and where results
+go (the stream registry, the socket back to it). While any request is unfinished the loop
+applies every command that came, steps, and publishes one ``StepResult``; when idle it
+waits for a command. The messages here are plain dataclasses (torch-free, picklable): the
+engine process sends them over its socket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from cluster.engine.counters import EngineCounters
+from cluster.engine.requests import EngineRequest, TokenEvent
+
+if TYPE_CHECKING:
+    from cluster.engine.llm_engine import LLMEngine
+
+SHUT_DOWN = "the engine was shut down"
+_MAX_ERROR_CHARS = 200  # of an exception's repr quoted in a stopped engine's reason
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    request: EngineRequest
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class StopEngine:
+    """Abort every request (freeing its blocks) and end the loop."""
+
+
+Command = AddRequest | AbortRequest | StopEngine
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one pass of the loop did: after a step, or after commands while idle."""
+
+    events: list[TokenEvent]
+    rejected: list[tuple[str, str]]  # (request id, why): add_request refused it (ValueError)
+    failed: list[tuple[str, str]]  # (request id, why): the engine failed it alone
+    counters: EngineCounters
+    # tokens routed per (layer, expert), handed over when a request ends or the engine goes
+    # idle (a caller records them as its request ends); {} otherwise
+    routed: dict[tuple[int, int], int]
+
+
+@dataclass(frozen=True)
+class EngineStopped:
+    """The loop ended: shut down, or a step raised (``reason`` says which)."""
+
+    reason: str
+
+
+class EngineChannel(Protocol):
+    """Where a loop's commands come from and its results go."""
+
+    def receive(self, wait: bool) -> Command | None:
+        """The next command; None when there is none and ``wait`` is false."""
+        ...
+
+    def publish(self, result: StepResult) -> None: ...
+
+    def stopped(self, reason: str) -> None:
+        """The loop ends: every open request is over (``reason`` says why)."""
+        ...
+
+
+def describe_step_error(err: BaseException) -> str:
+    """Why an engine stopped, after a step raised ``err`` (bounded: never a whole input)."""
+    return f"engine step failed: {err!r}"[:_MAX_ERROR_CHARS]
+
+
+def run_engine_loop(engine: LLMEngine, channel: EngineChannel) -> None:
+    """Apply commands between steps, step, publish; until a ``StopEngine``.
+
+    A step that raises is reported (``channel.stopped``) and re-raised: the engine's state
+    is then unknown, so nothing more is asked of it. Errors of the channel itself (its
+    peer gone) propagate untouched.
+    """
+    while True:
+        rejected: list[tuple[str, str]] = []
+        command = channel.receive(wait=not engine.has_unfinished())
+        while command is not None:
+            if isinstance(command, StopEngine):
+                engine.abort_all()
+                channel.stopped(SHUT_DOWN)
+                return
+            _apply(engine, command, rejected)
+            command = channel.receive(wait=False)
+        events: list[TokenEvent] = []
+        failed: list[tuple[str, str]] = []
+        if engine.has_unfinished():
+            try:
+                events = engine.step()
+            except Exception as err:
+                channel.stopped(describe_step_error(err))
+                raise
+            failed = [(f.request_id, f.reason) for f in engine.failures]
+        ended = bool(failed) or any(e.finish_reason for e in events)
+        routed = _routed(engine, ended)
+        channel.publish(StepResult(events, rejected, failed, engine.counters(), routed))
+
+
+def _apply(engine: LLMEngine, command: Command, rejected: list[tuple[str, str]]) -> None:
+    if isinstance(command, AddRequest):
+        try:
+            engine.add_request(command.request)
+        except ValueError as err:
+            rejected.append((command.request.request_id, str(err)))
+    elif isinstance(command, AbortRequest):
+        engine.abort(command.request_id)
+
+
+def _routed(engine: LLMEngine, ended: bool) -> dict[tuple[int, int], int]:
+    """The routing counts to hand over now: when a request ``ended`` or the engine is idle
+    (a caller takes them as its request ends), so that not every step pays the copy."""
+    if not engine.runner.count_routing or not (ended or not engine.has_unfinished()):
+        return {}
+    return engine.runner.take_routed_counts()

@@ -1,0 +1,35 @@
+"""The scheduler, its sequences and the block bookkeeping import no torch (``../shared/
+ARCHITECTURE.md``: policy code works on ids and integers), nor do the engine loop's messages,
+the stream registry and the client side of the transports (a process that only talks to an
+engine process needs no torch). Each module is imported alone in a fresh interpreter, so one
+that leans on another's imports shows."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+TORCH_FREE = (
+    "cluster.engine.scheduler",
+    "cluster.engine.sequence",
+    "cache.block_manager",
+    "cache.kv_policy",
+    "cluster.engine.loop",
+    "cluster.engine.streams",
+    "cluster.engine.client",
+    "cluster.engine.launch",
+)
+HEAVY = ("torch", "transformers", "safetensors", "experts.model", "experts.sampling")
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_imports_no_torch(module: str) -> None:
+    probe = f"import sys, {module}; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    cmd = [sys.executable, "-c", probe]
+    loaded = subprocess.check_output(cmd, cwd=REPO, text=True, timeout=120).split()
+    assert not loaded, f"importing {module} loads {loaded}"
