@@ -46,7 +46,8 @@ test: lint typecheck pytest
 
 # Every bench, one after the other (about an hour): `make bench BENCH=dispatch` for one,
 # `make bench ARGS=--quick` for smoke runs. Each is `python -m bench.NAME` from this folder.
-BENCH ?= model_core engine_throughput dispatch serve_load overload tracing_overhead gil_contention
+BENCH ?= model_core engine_throughput dispatch serve_load overload tracing_overhead gil_contention \
+	expert_kernels
 bench: $(STAMP)
 	for name in $(BENCH); do $(BIN)/python -m bench.$$name $(ARGS) || exit 1; done
 
