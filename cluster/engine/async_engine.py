@@ -14,12 +14,16 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cluster.engine.client import EngineClient, EngineCore
 from cluster.engine.launch import EngineLaunch, build_engine
 from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.loop import Command, StepResult, StopEngine, run_engine_loop
 from cluster.engine.streams import EngineStoppedError, RequestFailedError, StreamRegistry
+
+if TYPE_CHECKING:
+    from experts.backend import ExpertBackend
 
 __all__ = ["AsyncEngine", "EngineCore", "EngineStoppedError", "RequestFailedError"]
 
@@ -58,9 +62,10 @@ class AsyncEngine(EngineClient):
         self._thread.start()
 
     @classmethod
-    def start(cls, launch: EngineLaunch) -> AsyncEngine:
-        """Build the engine as an engine process would (``build_engine``), here."""
-        return cls(build_engine(launch))
+    def start(cls, launch: EngineLaunch, experts: ExpertBackend | None = None) -> AsyncEngine:
+        """Build the engine as an engine process would (``build_engine``), here; ``experts``
+        may be a live backend (a shard pool's, reachable from this process only)."""
+        return cls(build_engine(launch, experts))
 
     def is_alive(self) -> bool:
         return not self._streams.stopped_because and self._thread.is_alive()

@@ -12,7 +12,7 @@ open or new, gets ``EngineStoppedError`` at once.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Protocol
 
@@ -33,9 +33,11 @@ class EngineCore(Protocol):
 
     def validate(self, request: EngineRequest) -> None: ...
 
-    def generate(self, request: EngineRequest) -> AsyncIterator[TokenEvent]: ...
+    def generate(self, request: EngineRequest) -> AsyncGenerator[TokenEvent, None]: ...
 
-    def generate_batches(self, request: EngineRequest) -> AsyncIterator[list[TokenEvent]]: ...
+    def generate_batches(
+        self, request: EngineRequest
+    ) -> AsyncGenerator[list[TokenEvent], None]: ...
 
     def counters(self) -> EngineCounters: ...
 

@@ -15,7 +15,7 @@ from cluster.engine.config import EngineConfig
 
 if TYPE_CHECKING:
     from cluster.engine.llm_engine import LLMEngine
-    from experts.backend import ExpertBackendFactory
+    from experts.backend import ExpertBackend, ExpertBackendFactory
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,10 @@ class EngineLaunch:
     experts: ExpertBackendFactory | None = None
 
 
-def build_engine(launch: EngineLaunch) -> LLMEngine:
-    """Load the checkpoint and its tokenizer, build the experts from their factory, and
-    make the engine, counting routing when asked (and the model has experts to count)."""
+def build_engine(launch: EngineLaunch, experts: ExpertBackend | None = None) -> LLMEngine:
+    """Load the checkpoint and its tokenizer, build the experts from their factory (or take
+    ``experts``, a live backend: in-process only), and make the engine, counting routing
+    when asked (and the model has experts to count)."""
     import torch
 
     from cluster.engine.llm_engine import LLMEngine
@@ -42,7 +43,9 @@ def build_engine(launch: EngineLaunch) -> LLMEngine:
 
     if launch.torch_threads is not None:
         torch.set_num_threads(launch.torch_threads)
-    experts = launch.experts.build() if launch.experts is not None else None
+    assert experts is None or launch.experts is None, "a live backend and a factory"
+    if launch.experts is not None:
+        experts = launch.experts.build()
     model = MoEModel.from_checkpoint(launch.model_dir, device=launch.device, experts=experts)
     engine = LLMEngine(model, launch.config, load_tokenizer(launch.model_dir))
     engine.runner.count_routing = launch.count_routing and model.spec.is_moe

@@ -197,36 +197,15 @@ class TierReplica:
             trace_parent=traced.traceparent,
             return_routing=request.return_routing or traced.wants_routing,
         )
-        events: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
-        pump = asyncio.create_task(self._pump(engine_request, events))
         self.num_streams += 1
         finished = False
         error: str | None = "cancelled before the end"
         tokens: list[TokenEvent] = []
+        # each batch holds every token that arrived while this stream's caller was busy
+        batches = self.engine.generate_batches(engine_request)
         try:
-            while not finished:
-                batch = [await events.get()]
-                while not events.empty():
-                    batch.append(events.get_nowait())
-                for item in batch:
-                    # the engine died or shut down (new requests are refused at once), or
-                    # failed this request alone
-                    if isinstance(item, EngineStoppedError):
-                        error = str(item)
-                        what = (
-                            "failed this request"
-                            if isinstance(item, RequestFailedError)
-                            else "stopped generating"
-                        )
-                        message = f"tier {self.name!r} {what} ({item}); retry"
-                        yield TierRejected("unavailable", message)
-                        return
-                    if isinstance(item, BaseException):
-                        error = str(item)
-                        raise item
-                tokens += [e for e in batch if isinstance(e, TokenEvent)]
-                if not tokens:
-                    continue
+            async for batch in batches:
+                tokens += batch
                 finished = tokens[-1].finish_reason is not None
                 # the first token goes out at once (time to first token); later ones in
                 # items whose size grows with the number of streams (see stream_interval_for)
@@ -237,11 +216,24 @@ class TierReplica:
                 yield _to_tokens(tokens, request.return_routing, attention)
                 tokens = []
             error = None
+        except EngineStoppedError as err:
+            # the engine died or shut down (new requests are refused at once), or failed
+            # this request alone
+            error = str(err)
+            what = (
+                "failed this request"
+                if isinstance(err, RequestFailedError)
+                else "stopped generating"
+            )
+            yield TierRejected("unavailable", f"tier {self.name!r} {what} ({err}); retry")
+        except Exception as err:  # refused by the engine itself (ValueError): recorded, raised
+            error = str(err)
+            raise
         finally:
+            await batches.aclose()  # leaving early aborts the request in the engine
             self.num_streams -= 1
             if not finished:
                 self.num_aborted += 1
-            pump.cancel()
             traced.finish(error)
             self._flush_metrics()
 
@@ -265,15 +257,6 @@ class TierReplica:
         evictions = self.engine.counters().num_evictions
         metrics.record_evictions(self.name, evictions - self._evictions_seen)
         self._evictions_seen = evictions
-
-    async def _pump(
-        self, request: EngineRequest, events: asyncio.Queue[TokenEvent | BaseException | None]
-    ) -> None:
-        try:
-            async for event in self.engine.generate(request):
-                events.put_nowait(event)
-        except Exception as err:  # refused (ValueError), or the engine stopped: pass it on
-            events.put_nowait(err)
 
     def shutdown(self) -> None:
         self.engine.shutdown()
