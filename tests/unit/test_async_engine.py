@@ -8,7 +8,6 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
-import torch
 
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.config import EngineConfig
@@ -18,6 +17,7 @@ from cluster.engine.streams import EngineStoppedError, RequestFailedError
 from experts.model import MoEModel
 from experts.sampling_params import SamplingParams
 from tests.checkpoints import build_family_checkpoint
+from tests.engine_runs import collect, random_request, run_to_end
 from tests.failing_rows import fail_row
 
 
@@ -34,29 +34,11 @@ def engine(model: MoEModel) -> Iterator[AsyncEngine]:
     async_engine.shutdown()
 
 
-def _request(rid: str, n: int = 12, length: int = 20) -> EngineRequest:
-    prompt = torch.randint(3, 256, (length,), generator=torch.Generator().manual_seed(len(rid)))
-    return EngineRequest(rid, prompt.tolist(), SamplingParams(max_tokens=n, ignore_eos=True))
-
-
-async def _collect(engine: AsyncEngine, request: EngineRequest) -> list[TokenEvent]:
-    return [event async for event in engine.generate(request)]
-
-
-def _solo(model: MoEModel, request: EngineRequest) -> list[int]:
-    engine = LLMEngine(model, EngineConfig(num_blocks=64))
-    engine.add_request(request)
-    tokens = []
-    while engine.has_unfinished():
-        tokens += [e.token_id for e in engine.step()]
-    return tokens
-
-
 @pytest.mark.parametrize("how", ["nan", "raise"])
 def test_a_failing_row_fails_its_stream_alone(
     engine: AsyncEngine, model: MoEModel, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    others = [_request("p" * (i + 1), n=10 + i) for i in range(3)]
+    others = [random_request("p" * (i + 1), n=10 + i) for i in range(3)]
     params = SamplingParams(max_tokens=50, temperature=0.9, seed=3, ignore_eos=True)
     bad = EngineRequest("bad", [9] * 25, params)
     fail_row(engine.engine, monkeypatch, "bad", after=3, how=how)
@@ -69,16 +51,17 @@ def test_a_failing_row_fails_its_stream_alone(
         return seen
 
     async def main() -> tuple[list[TokenEvent], list[list[TokenEvent]]]:
-        streams = [_collect(engine, r) for r in others]
+        streams = [collect(engine, r) for r in others]
         seen, *rest = await asyncio.gather(failing(), *streams)
         return seen, rest
 
     seen, rest = asyncio.run(asyncio.wait_for(main(), 60))
     assert [e.index for e in seen] == [0, 1, 2]
     for request, events in zip(others, rest, strict=True):
-        assert [e.token_id for e in events] == _solo(model, request)
+        alone = run_to_end(LLMEngine(model, EngineConfig(num_blocks=64)), [request])
+        assert [e.token_id for e in events] == [e.token_id for e in alone[request.request_id]]
     assert engine.is_alive()
-    assert len(asyncio.run(_collect(engine, _request("after", n=4)))) == 4
+    assert len(asyncio.run(collect(engine, random_request("after", n=4)))) == 4
     assert engine.engine.blocks.num_held == 0 and not engine.engine.samplers
 
 
@@ -86,7 +69,7 @@ def test_shutdown_aborts_every_request_and_frees_its_blocks(model: MoEModel) -> 
     async_engine = AsyncEngine(LLMEngine(model, EngineConfig(num_blocks=64)))
 
     async def main() -> None:
-        streams = [async_engine.generate(_request(f"long{i}", n=400)) for i in range(3)]
+        streams = [async_engine.generate(random_request(f"long{i}", n=400)) for i in range(3)]
         for stream in streams:
             assert (await anext(stream)).index == 0
         await asyncio.to_thread(async_engine.shutdown)
@@ -112,10 +95,10 @@ def test_a_crashed_loop_refuses_new_requests_at_once(
 
     async def main() -> None:
         with pytest.raises(EngineStoppedError, match="injected step failure"):
-            await _collect(async_engine, _request("first"))
+            await collect(async_engine, random_request("first"))
         for i in range(3):  # a hang guard, not a timing assertion: each is refused at once
             with pytest.raises(EngineStoppedError, match="injected step failure"):
-                await asyncio.wait_for(_collect(async_engine, _request(f"later{i}")), 10)
+                await asyncio.wait_for(collect(async_engine, random_request(f"later{i}")), 10)
 
     try:
         asyncio.run(main())

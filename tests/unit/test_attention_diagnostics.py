@@ -24,6 +24,7 @@ from cluster.engine.requests import EngineRequest, TokenEvent
 from cluster.engine.sequence import Sequence as Seq
 from experts.model import MoEModel
 from experts.sampling_params import SamplingParams
+from tests.engine_runs import run_to_end
 from tests.unit.kv_checks import simulate_window, visibility_mask
 
 FAMILIES = ("mixtral", "qwen3", "llama")  # GQA MoE, GQA with q/k norms, MQA
@@ -52,19 +53,6 @@ def _eager(path: Path) -> Any:
 def _prompts(vocab: int, lengths: Sequence[int], seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
-
-
-def _run(engine: LLMEngine, requests: Sequence[EngineRequest]) -> dict[str, list[TokenEvent]]:
-    for request in requests:
-        engine.add_request(request)
-    events: dict[str, list[TokenEvent]] = {r.request_id: [] for r in requests}
-    for _ in range(500):  # a livelock fails, not hangs
-        if not engine.has_unfinished():
-            break
-        for event in engine.step():
-            events[event.request_id].append(event)
-    assert not engine.has_unfinished() and engine.blocks.num_held == 0
-    return events
 
 
 def _requests(
@@ -110,7 +98,7 @@ def test_stats_match_eager_transformers(family: str, family_checkpoints: dict[st
     config = EngineConfig(block_size=16, num_blocks=64, max_num_batched_tokens=32)
     requests = _requests(prompts, FIRST_TOKENS)
     requests.append(EngineRequest("plain", prompts[0], requests[0].params))
-    events = _run(LLMEngine(model, config), requests)
+    events = run_to_end(LLMEngine(model, config), requests)
     assert all(e.attention is None for e in events["plain"])
     ref = _eager(family_checkpoints[family])
     for i, (prompt, first) in enumerate(zip(prompts, FIRST_TOKENS, strict=True)):
@@ -129,8 +117,8 @@ def test_probe_leaves_outputs_unchanged(mixtral: MoEModel) -> None:
     model = mixtral
     prompts = _prompts(model.spec.vocab_size, PROMPT_LENS, seed=3)
     config = EngineConfig(block_size=16, num_blocks=64, max_num_batched_tokens=32)
-    probed = _run(LLMEngine(model, config), _requests(prompts, FIRST_TOKENS, new=8))
-    plain = _run(LLMEngine(model, config), _requests(prompts, [0] * len(prompts), new=8))
+    probed = run_to_end(LLMEngine(model, config), _requests(prompts, FIRST_TOKENS, new=8))
+    plain = run_to_end(LLMEngine(model, config), _requests(prompts, [0] * len(prompts), new=8))
     for rid, events in plain.items():
         assert [e.token_id for e in probed[rid]] == [e.token_id for e in events]
         assert [e.logprob for e in probed[rid]] == [e.logprob for e in events]
@@ -167,7 +155,9 @@ def test_window_stats_match_the_masked_reference(
     prompt = _prompts(model.spec.vocab_size, [prompt_len], seed=5)[0]
     policy = KVPolicy(kind="window", window=window, sinks=sinks, anchors=anchors)
     config = EngineConfig(block_size=WINDOW_BLOCK, num_blocks=64, max_num_batched_tokens=budget)
-    events = _run(LLMEngine(model, config), _requests([prompt], [first], new, kv_policy=policy))
+    events = run_to_end(
+        LLMEngine(model, config), _requests([prompt], [first], new, kv_policy=policy)
+    )
     run = events["0"]
     assert run[-1].num_truncated_tokens > first, "the scenario must evict past the first tokens"
     trace = simulate_window(
@@ -193,7 +183,7 @@ def test_window_without_sinks_loses_the_first_tokens(mixtral: MoEModel) -> None:
     prompt = _prompts(model.spec.vocab_size, [14], seed=6)[0]
     policy = KVPolicy(kind="window", window=16, sinks=0)
     config = EngineConfig(block_size=WINDOW_BLOCK, num_blocks=64)
-    run = _run(LLMEngine(model, config), _requests([prompt], [4], 24, kv_policy=policy))["0"]
+    run = run_to_end(LLMEngine(model, config), _requests([prompt], [4], 24, kv_policy=policy))["0"]
     mass = engine_stats(run)[..., 1]  # [K, L]
     assert (mass[0] > 0).all(), "before any eviction the first tokens are attended"
     evicted = [k for k, e in enumerate(run) if e.num_truncated_tokens >= 4]

@@ -14,6 +14,7 @@ from cluster.engine.requests import EngineRequest, RequestFailure, TokenEvent
 from experts.model import MoEModel
 from experts.sampling_params import SamplingParams
 from tests.checkpoints import build_family_checkpoint
+from tests.engine_runs import run_to_end
 from tests.failing_rows import POISONED_TOKEN, fail_row, poison_token_embedding
 from tests.reference import reference_greedy, reference_model
 
@@ -44,17 +45,6 @@ def _requests(prompts: list[list[int]], params: list[SamplingParams]) -> list[En
     return [EngineRequest(str(i), p, s) for i, (p, s) in enumerate(pairs)]
 
 
-def _run(engine: LLMEngine, requests: list[EngineRequest]) -> dict[str, list[TokenEvent]]:
-    for request in requests:
-        engine.add_request(request)
-    events: dict[str, list[TokenEvent]] = {r.request_id: [] for r in requests}
-    while engine.has_unfinished():
-        for event in engine.step():
-            events[event.request_id].append(event)
-    assert engine.blocks.num_held == 0, "blocks leaked"
-    return events
-
-
 def _tokens(events: list[TokenEvent]) -> list[int]:
     return [e.token_id for e in events]
 
@@ -68,10 +58,12 @@ def test_batch_invariance_matches_solo_and_transformers(model: MoEModel, path: P
     reqs = [
         EngineRequest(str(i), p, s) for i, (p, s) in enumerate(zip(prompts, params, strict=True))
     ]
-    together = _run(engine, reqs)
+    together = run_to_end(engine, reqs)
     ref = reference_model(path)
     for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-        alone = _run(LLMEngine(model, EngineConfig(num_blocks=64)), [EngineRequest("x", prompt, p)])
+        alone = run_to_end(
+            LLMEngine(model, EngineConfig(num_blocks=64)), [EngineRequest("x", prompt, p)]
+        )
         assert _tokens(together[str(i)]) == _tokens(alone["x"])
         assert _tokens(together[str(i)]) == reference_greedy(ref, prompt, p.max_tokens)
         assert together[str(i)][-1].finish_reason == "length"
@@ -81,10 +73,10 @@ def test_prefix_reuse_computes_only_the_suffix(model: MoEModel) -> None:
     base = _prompts(seed=3, lengths=(150,))[0]
     follow = [*base, 7, 8, 9, 10, 11]
     engine = LLMEngine(model, EngineConfig(num_blocks=64, block_size=16))
-    first = _run(engine, [EngineRequest("a", base, _greedy(4))])
+    first = run_to_end(engine, [EngineRequest("a", base, _greedy(4))])
     assert first["a"][0].num_cached_prompt_tokens == 0
     assert engine.num_prompt_tokens_computed == 150
-    second = _run(engine, [EngineRequest("b", follow, _greedy(6))])
+    second = run_to_end(engine, [EngineRequest("b", follow, _greedy(6))])
     # a finished with 153 computed tokens: 9 full blocks, then 9 slots (base[144:] and 3 of
     # its replies) kept as a partial tail; b copies the 6 of them that agree with its prompt
     assert _tokens(first["a"])[0] != 7  # else one more would agree
@@ -93,7 +85,7 @@ def test_prefix_reuse_computes_only_the_suffix(model: MoEModel) -> None:
     assert engine.num_prompt_tokens_computed == 150 + len(follow) - cached
     cold = LLMEngine(model, EngineConfig(num_blocks=64, enable_prefix_caching=False))
     assert _tokens(second["b"]) == _tokens(
-        _run(cold, [EngineRequest("b", follow, _greedy(6))])["b"]
+        run_to_end(cold, [EngineRequest("b", follow, _greedy(6))])["b"]
     )
     assert cold.num_prompt_tokens_computed == len(follow)
 
@@ -101,8 +93,8 @@ def test_prefix_reuse_computes_only_the_suffix(model: MoEModel) -> None:
 def test_whole_prompt_cached_still_computes_one_token(model: MoEModel) -> None:
     prompt = _prompts(seed=4, lengths=(64,))[0]
     engine = LLMEngine(model, EngineConfig(num_blocks=32, block_size=16))
-    one = _run(engine, [EngineRequest("a", prompt, _greedy(5))])
-    two = _run(engine, [EngineRequest("b", prompt, _greedy(5))])
+    one = run_to_end(engine, [EngineRequest("a", prompt, _greedy(5))])
+    two = run_to_end(engine, [EngineRequest("b", prompt, _greedy(5))])
     assert two["b"][0].num_cached_prompt_tokens == 48
     assert _tokens(one["a"]) == _tokens(two["b"])
 
@@ -112,13 +104,15 @@ def test_preemption_recomputes_with_identical_output(model: MoEModel) -> None:
     params = [_greedy(40)] * 4
     solo = [
         _tokens(
-            _run(LLMEngine(model, EngineConfig(num_blocks=16)), [EngineRequest("x", p, s)])["x"]
+            run_to_end(LLMEngine(model, EngineConfig(num_blocks=16)), [EngineRequest("x", p, s)])[
+                "x"
+            ]
         )
         for p, s in zip(prompts, params, strict=True)
     ]
     # 4 sequences of up to 73 tokens need 20 blocks of 16; give them 12
     engine = LLMEngine(model, EngineConfig(num_blocks=12, enable_prefix_caching=False))
-    events = _run(engine, _requests(prompts, params))
+    events = run_to_end(engine, _requests(prompts, params))
     assert engine.scheduler.num_preemptions > 0
     assert [_tokens(events[str(i)]) for i in range(4)] == solo
 
@@ -128,12 +122,12 @@ def test_seeded_sampling_survives_preemption(model: MoEModel) -> None:
     params = [
         SamplingParams(max_tokens=40, temperature=1.0, seed=i, ignore_eos=True) for i in range(4)
     ]
-    roomy = _run(
+    roomy = run_to_end(
         LLMEngine(model, EngineConfig(num_blocks=64)),
         _requests(prompts, params),
     )
     tight_engine = LLMEngine(model, EngineConfig(num_blocks=12))
-    tight = _run(tight_engine, _requests(prompts, params))
+    tight = run_to_end(tight_engine, _requests(prompts, params))
     assert tight_engine.scheduler.num_preemptions > 0
     assert {k: _tokens(v) for k, v in tight.items()} == {k: _tokens(v) for k, v in roomy.items()}
 
@@ -195,7 +189,7 @@ def test_routing_matches_the_transformers_router(model: MoEModel, path: Path) ->
     prompt = _prompts(seed=8, lengths=(21,))[0]
     engine = LLMEngine(model, EngineConfig(num_blocks=16))
     request = EngineRequest("r", prompt, _greedy(6), return_routing=True)
-    events = _run(engine, [request])["r"]
+    events = run_to_end(engine, [request])["r"]
     ids = prompt + [e.token_id for e in events[:-1]]
     with torch.inference_mode():
         out = reference_model(path)(torch.tensor([ids]), output_router_logits=True)
@@ -207,7 +201,7 @@ def test_routing_matches_the_transformers_router(model: MoEModel, path: Path) ->
         for (_, chosen), logits in zip(event.routing, out.router_logits, strict=True):
             expected = torch.topk(logits[position], k).indices.tolist()
             assert sorted(chosen) == sorted(expected)
-    plain = _run(LLMEngine(model, EngineConfig(num_blocks=16)), [EngineRequest("p", prompt)])
+    plain = run_to_end(LLMEngine(model, EngineConfig(num_blocks=16)), [EngineRequest("p", prompt)])
     assert all(e.routing is None for e in plain["p"])
 
 
@@ -216,7 +210,7 @@ def test_text_deltas_add_up_to_the_decode_of_the_output(model: MoEModel) -> None
 
     tokenizer = demo_tokenizer()
     engine = LLMEngine(model, EngineConfig(block_size=4, num_blocks=128), tokenizer)
-    events = _run(engine, _requests(_prompts(lengths=(9, 30)), [_greedy(40), _greedy(25)]))
+    events = run_to_end(engine, _requests(_prompts(lengths=(9, 30)), [_greedy(40), _greedy(25)]))
     for stream in events.values():
         text = tokenizer.decode(_tokens(stream), skip_special_tokens=True)
         assert "".join(e.text for e in stream) == text
@@ -249,7 +243,7 @@ def test_a_row_that_cannot_be_sampled_fails_its_request_alone(
     assert [e.finish_reason for e in events["3"]] == [None] * 4
     assert engine.blocks.num_held == 0 and engine.num_requests == 0
     for request in requests[:3]:  # the others: what they produce alone
-        alone = _run(LLMEngine(model, EngineConfig(num_blocks=64)), [request])
+        alone = run_to_end(LLMEngine(model, EngineConfig(num_blocks=64)), [request])
         assert _tokens(events[request.request_id]) == _tokens(alone[request.request_id])
         assert events[request.request_id][-1].finish_reason == "length"
 
@@ -266,7 +260,7 @@ def test_a_failed_rows_new_kv_is_not_cached(
     assert engine.step() == [] and [f.request_id for f in engine.failures] == ["bad"]
     assert engine.blocks.num_held == 0 and not engine.has_unfinished()
     monkeypatch.undo()
-    again = _run(engine, [EngineRequest("again", prompt, _greedy(5))])
+    again = run_to_end(engine, [EngineRequest("again", prompt, _greedy(5))])
     assert again["again"][0].num_cached_prompt_tokens == 0
     assert engine.failures == []
 
@@ -286,7 +280,7 @@ def test_nan_kv_of_a_failed_row_never_reaches_other_requests(tmp_path: Path) -> 
     pending = [EngineRequest(str(i), p, _greedy(8)) for i, p in enumerate(prompts)]
     alone = {
         r.request_id: _tokens(
-            _run(LLMEngine(model, EngineConfig(num_blocks=16)), [r])[r.request_id]
+            run_to_end(LLMEngine(model, EngineConfig(num_blocks=16)), [r])[r.request_id]
         )
         for r in pending
     }
@@ -311,10 +305,10 @@ def test_tiny_temperatures_run_greedy_beside_the_others(model: MoEModel) -> None
         for t in tiny
     ] + [_sampled(10, seed=2)]
     engine = LLMEngine(model, EngineConfig(num_blocks=64))
-    events = _run(engine, _requests(prompts, params))
+    events = run_to_end(engine, _requests(prompts, params))
     assert engine.failures == []
     for i, prompt in enumerate(prompts[:3]):
         alone = EngineRequest("g", prompt, _greedy(10))
-        greedy = _run(LLMEngine(model, EngineConfig(num_blocks=64)), [alone])
+        greedy = run_to_end(LLMEngine(model, EngineConfig(num_blocks=64)), [alone])
         assert _tokens(events[str(i)]) == _tokens(greedy["g"])
     assert [len(v) for v in events.values()] == [10] * 4

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.client import EngineClient
@@ -25,6 +24,7 @@ from cluster.engine.requests import EngineRequest, TokenEvent
 from cluster.engine.streams import EngineStoppedError, RequestFailedError
 from experts.sampling_params import SamplingParams
 from tests.checkpoints import build_family_checkpoint
+from tests.engine_runs import collect, random_request, run_to_end
 from tests.failing_rows import POISONED_TOKEN, poison_token_embedding
 
 CONFIG = EngineConfig(num_blocks=64)
@@ -54,15 +54,6 @@ def engine(kind: str, model_dir: Path) -> Iterator[EngineClient]:
     core.shutdown()
 
 
-def _request(rid: str, n: int = 12, length: int = 20) -> EngineRequest:
-    prompt = torch.randint(3, 256, (length,), generator=torch.Generator().manual_seed(len(rid)))
-    return EngineRequest(rid, prompt.tolist(), SamplingParams(max_tokens=n, ignore_eos=True))
-
-
-async def _collect(engine: EngineClient, request: EngineRequest) -> list[TokenEvent]:
-    return [event async for event in engine.generate(request)]
-
-
 def _wait_idle(engine: EngineClient, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -74,19 +65,14 @@ def _wait_idle(engine: EngineClient, timeout: float = 10.0) -> None:
 
 
 def test_concurrent_streams_match_the_sync_engine(engine: EngineClient, model_dir: Path) -> None:
-    requests = [_request("m" * (i + 1), n=6 + i) for i in range(5)]
+    requests = [random_request("m" * (i + 1), n=6 + i) for i in range(5)]
 
     async def main() -> list[list[TokenEvent]]:
-        return await asyncio.gather(*(_collect(engine, r) for r in requests))
+        return await asyncio.gather(*(collect(engine, r) for r in requests))
 
     streams = asyncio.run(main())
     sync = build_engine(EngineLaunch(str(model_dir), CONFIG))  # stepped here, by hand
-    for request in requests:
-        sync.add_request(request)
-    expected: dict[str, list[TokenEvent]] = {r.request_id: [] for r in requests}
-    while sync.has_unfinished():
-        for event in sync.step():
-            expected[event.request_id].append(event)
+    expected = run_to_end(sync, requests)
     for request, got in zip(requests, streams, strict=True):
         want = expected[request.request_id]
         assert [e.token_id for e in got] == [e.token_id for e in want]
@@ -103,7 +89,7 @@ def test_concurrent_streams_match_the_sync_engine(engine: EngineClient, model_di
 def test_batches_hold_every_token_that_arrived(engine: EngineClient) -> None:
     async def main() -> list[list[TokenEvent]]:
         batches = []
-        async for batch in engine.generate_batches(_request("batched", n=30)):
+        async for batch in engine.generate_batches(random_request("batched", n=30)):
             batches.append(batch)
             await asyncio.sleep(0.05)  # busy elsewhere: tokens pile up meanwhile
         return batches
@@ -118,7 +104,7 @@ def test_batches_hold_every_token_that_arrived(engine: EngineClient) -> None:
 def test_counters_are_current_when_the_last_stream_ends(engine: EngineClient) -> None:
     # the step's counters land before its events: no wait for the loop or the reader
     for i in range(10):
-        asyncio.run(_collect(engine, _request(f"c{i}", n=2)))
+        asyncio.run(collect(engine, random_request(f"c{i}", n=2)))
         counters = engine.counters()
         assert (counters.num_running, counters.num_waiting, counters.num_blocks_held) == (0, 0, 0)
 
@@ -127,7 +113,7 @@ def test_streams_on_two_event_loops_at_once(engine: EngineClient) -> None:
     results: dict[str, list[TokenEvent]] = {}
 
     def caller(rid: str) -> None:
-        results[rid] = asyncio.run(_collect(engine, _request(rid, n=10)))
+        results[rid] = asyncio.run(collect(engine, random_request(rid, n=10)))
 
     threads = [threading.Thread(target=caller, args=(rid,)) for rid in ("loop-a", "loop-b")]
     for thread in threads:
@@ -139,12 +125,10 @@ def test_streams_on_two_event_loops_at_once(engine: EngineClient) -> None:
 
 def test_routing_counts_cross_over(engine: EngineClient, model_dir: Path) -> None:
     engine.take_routed_counts()  # start afresh
-    request = _request("routed", n=5, length=11)
-    asyncio.run(_collect(engine, request))
+    request = random_request("routed", n=5, length=11)
+    asyncio.run(collect(engine, request))
     local = build_engine(EngineLaunch(str(model_dir), CONFIG, count_routing=True))
-    local.add_request(request)
-    while local.has_unfinished():
-        local.step()
+    run_to_end(local, [request])
     want = local.runner.take_routed_counts()
     assert want and engine.take_routed_counts() == want  # complete as the stream ends
     assert engine.take_routed_counts() == {}
@@ -157,9 +141,9 @@ def test_a_request_the_engine_refuses_raises_value_error(engine: EngineClient) -
 
     async def main() -> None:
         with pytest.raises(ValueError, match="exceeds the model's context"):
-            await _collect(engine, too_long)  # ...and the engine checks again
+            await collect(engine, too_long)  # ...and the engine checks again
         with pytest.raises(ValueError, match="prompt is empty"):
-            await _collect(engine, EngineRequest("empty", []))
+            await collect(engine, EngineRequest("empty", []))
 
     asyncio.run(main())
     assert engine.is_alive()
@@ -170,11 +154,11 @@ def test_leaving_a_stream_early_aborts_and_frees_blocks(engine: EngineClient) ->
 
     async def main() -> tuple[int, list[TokenEvent]]:
         seen = 0
-        async for _ in engine.generate(_request("leaver", n=300)):
+        async for _ in engine.generate(random_request("leaver", n=300)):
             seen += 1
             if seen == 3:
                 break
-        return seen, await _collect(engine, _request("stayer", n=5))
+        return seen, await collect(engine, random_request("stayer", n=5))
 
     seen, other = asyncio.run(main())
     assert seen == 3 and len(other) == 5
@@ -184,7 +168,7 @@ def test_leaving_a_stream_early_aborts_and_frees_blocks(engine: EngineClient) ->
 
 def test_cancelling_the_task_aborts(engine: EngineClient) -> None:
     async def main() -> None:
-        task = asyncio.create_task(_collect(engine, _request("cancelled", n=400)))
+        task = asyncio.create_task(collect(engine, random_request("cancelled", n=400)))
         await asyncio.sleep(0.3)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -196,10 +180,10 @@ def test_cancelling_the_task_aborts(engine: EngineClient) -> None:
 
 def test_a_duplicate_request_id_is_refused(engine: EngineClient) -> None:
     async def main() -> None:
-        stream = engine.generate(_request("twice", n=300))
+        stream = engine.generate(random_request("twice", n=300))
         await anext(stream)
         with pytest.raises(ValueError, match="already in use"):
-            await _collect(engine, _request("twice"))
+            await collect(engine, random_request("twice"))
         await stream.aclose()
 
     asyncio.run(main())
@@ -208,19 +192,19 @@ def test_a_duplicate_request_id_is_refused(engine: EngineClient) -> None:
 
 def test_tiny_temperatures_are_greedy_and_stop_nothing(engine: EngineClient) -> None:
     """A subnormal temperature used to raise in the step, which then stopped the engine."""
-    prompt = _request("tiny").prompt_ids
+    prompt = random_request("tiny").prompt_ids
 
     def request(rid: str, temperature: float) -> EngineRequest:
         params = SamplingParams(max_tokens=8, temperature=temperature, seed=1, ignore_eos=True)
         return EngineRequest(rid, prompt, params)
 
     async def main() -> list[list[TokenEvent]]:
-        streams = [_collect(engine, request(f"t{t}", t)) for t in (1e-38, 1e-45, 5e-324)]
-        streams.append(_collect(engine, _request("beside", n=8)))
+        streams = [collect(engine, request(f"t{t}", t)) for t in (1e-38, 1e-45, 5e-324)]
+        streams.append(collect(engine, random_request("beside", n=8)))
         return list(await asyncio.wait_for(asyncio.gather(*streams), 60))
 
     *tiny, beside = asyncio.run(main())
-    greedy = asyncio.run(_collect(engine, request("greedy", 0.0)))
+    greedy = asyncio.run(collect(engine, request("greedy", 0.0)))
     for events in tiny:
         assert [e.token_id for e in events] == [e.token_id for e in greedy]
     assert len(beside) == 8 and engine.is_alive()
@@ -231,14 +215,14 @@ def test_shutdown_fails_pending_streams_and_refuses_new_ones(kind: str, model_di
     core = start(kind, model_dir)
 
     async def main() -> None:
-        stream = core.generate(_request("long", n=400, length=8))
+        stream = core.generate(random_request("long", n=400, length=8))
         assert (await anext(stream)).index == 0
         await asyncio.to_thread(core.shutdown)
         with pytest.raises(EngineStoppedError, match="shut down"):
             async for _ in stream:
                 pass
         with pytest.raises(EngineStoppedError, match="shut down"):
-            await _collect(core, _request("late"))
+            await collect(core, random_request("late"))
 
     asyncio.run(asyncio.wait_for(main(), 60))
     assert not core.is_alive()
@@ -256,16 +240,16 @@ def test_a_request_the_engine_fails_ends_alone(kind: str, poisoned_dir: Path) ->
     stream ends with ``RequestFailedError``; the others, in the same steps, are unaffected,
     and the engine serves on."""
     core = start(kind, poisoned_dir)
-    others = [_request("o" * (i + 1), n=8 + i) for i in range(3)]
+    others = [random_request("o" * (i + 1), n=8 + i) for i in range(3)]
     bad = EngineRequest("bad", [5, 6, POISONED_TOKEN, 7], SamplingParams(max_tokens=20))
 
     async def together() -> list[list[TokenEvent] | BaseException]:
-        streams = [_collect(core, r) for r in [bad, *others]]
+        streams = [collect(core, r) for r in [bad, *others]]
         return list(await asyncio.gather(*streams, return_exceptions=True))
 
     def alone(request: EngineRequest) -> list[int]:
         solo = EngineRequest(f"solo-{request.request_id}", request.prompt_ids, request.params)
-        return [e.token_id for e in asyncio.run(_collect(core, solo))]
+        return [e.token_id for e in asyncio.run(collect(core, solo))]
 
     try:
         failure, *results = asyncio.run(asyncio.wait_for(together(), 60))
