@@ -12,6 +12,7 @@ open or new, gets ``EngineStoppedError`` at once.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Protocol
@@ -48,7 +49,7 @@ class EngineCore(Protocol):
     def shutdown(self, timeout: float = 30.0) -> None: ...
 
 
-class EngineClient:
+class EngineClient(ABC):
     """Streams by request id over one engine loop; a transport supplies ``_post``,
     ``is_alive`` and ``shutdown``."""
 
@@ -109,16 +110,18 @@ class EngineClient:
         """Tokens routed per (layer, expert) since the last call; complete once idle."""
         return self._streams.take_routed_counts()
 
+    @abstractmethod
     def is_alive(self) -> bool:
-        raise NotImplementedError
+        """False once the loop stopped (shut down, a step failed, its process died)."""
 
+    @abstractmethod
     def shutdown(self, timeout: float = 30.0) -> None:
-        raise NotImplementedError
+        """Stop the loop; unfinished requests get ``EngineStoppedError``."""
 
     def _refuse_new(self) -> None:
         """Shutting down: new requests are refused, open ones end with ``EngineStoppedError``."""
         self._streams.stop(SHUT_DOWN)
 
+    @abstractmethod
     def _post(self, command: Command) -> None:
         """Hand a command to the loop; ``EngineStoppedError`` if it cannot be reached."""
-        raise NotImplementedError
