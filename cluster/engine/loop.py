@@ -26,11 +26,15 @@ _MAX_ERROR_CHARS = 200  # of an exception's repr quoted in a stopped engine's re
 
 @dataclass(frozen=True)
 class AddRequest:
+    """Queue a request; one the engine refuses comes back in ``StepResult.rejected``."""
+
     request: EngineRequest
 
 
 @dataclass(frozen=True)
 class AbortRequest:
+    """Stop a request and free its blocks (its caller left); unknown ids are ignored."""
+
     request_id: str
 
 

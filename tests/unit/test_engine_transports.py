@@ -103,7 +103,7 @@ def test_batches_hold_every_token_that_arrived(engine: EngineClient) -> None:
 
 def test_counters_are_current_when_the_last_stream_ends(engine: EngineClient) -> None:
     # the step's counters land before its events: no wait for the loop or the reader
-    for i in range(10):
+    for i in range(20):
         asyncio.run(collect(engine, random_request(f"c{i}", n=2)))
         counters = engine.counters()
         assert (counters.num_running, counters.num_waiting, counters.num_blocks_held) == (0, 0, 0)
