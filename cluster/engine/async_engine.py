@@ -4,9 +4,9 @@ The synchronous ``LLMEngine`` is stepped by ``run_engine_loop`` on one thread, w
 for a command while no request is unfinished. Callers never touch the engine: their
 commands go through a queue the loop drains between steps, and each step's result comes
 back through the ``StreamRegistry`` (see ``cluster.engine.client`` for what callers see).
-A tier needs this transport when its experts live in a shard pool (Ray actor handles
-reachable only from a Ray worker); otherwise ``cluster.engine.engine_process`` keeps the
-engine's GIL to itself.
+A tier needs this transport when its engine calls its experts through Ray (a shard pool
+on the ``ray`` data plane: actor handles work only in a Ray worker); otherwise
+``cluster.engine.engine_process`` keeps the engine's GIL to itself.
 """
 
 from __future__ import annotations
