@@ -16,16 +16,14 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cluster.engine.client import EngineClient, EngineCore
+from cluster.engine.client import EngineClient
 from cluster.engine.launch import EngineLaunch, build_engine
 from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.loop import Command, StepResult, StopEngine, run_engine_loop
-from cluster.engine.streams import EngineStoppedError, RequestFailedError, StreamRegistry
+from cluster.engine.streams import StreamRegistry
 
 if TYPE_CHECKING:
     from experts.backend import ExpertBackend
-
-__all__ = ["AsyncEngine", "EngineCore", "EngineStoppedError", "RequestFailedError"]
 
 
 @dataclass(frozen=True)

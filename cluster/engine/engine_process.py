@@ -56,8 +56,6 @@ from cluster.engine.loop import Command, EngineStopped, StepResult, StopEngine, 
 from cluster.engine.streams import EngineStoppedError
 from experts.spec import ModelSpec
 
-__all__ = ["EngineLaunch", "EngineProcess"]
-
 START_TIMEOUT_S = 600.0  # loading a large checkpoint onto a device can take minutes
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 

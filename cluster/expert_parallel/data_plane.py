@@ -1,12 +1,13 @@
 """The expert data plane: torch.distributed point-to-point channels from a backbone to its shards.
 
-Ray starts and places the shard actors and carries their control calls (load, drop, health);
-the per-layer tensors go over ``torch.distributed`` instead, with no Ray task per layer (a
-32-token round trip to two shards: ~1.4 ms against ~13 ms for numpy over Ray actor calls,
-``bench/data_plane.py``). A *channel* is one calling thread's set of two-rank gloo process
-groups, one per shard (rank 0 the backbone, rank 1 the shard). Pairs, not one world, so that
-several backbone replicas can share a pool and no shard needs to know the others; a broken
-channel (a shard died) is dropped whole and reopened on the next layer.
+Ray starts and places the shard actors and carries their control calls (load, drop, health); the
+per-layer tensors go over ``torch.distributed`` instead, with no Ray task per layer (a 32-token
+round trip to two shards: ~1.4 ms against ~13 ms for numpy over Ray actor calls, measured by a
+prototype bench since retired; ``bench/dispatch.py`` measures both data planes). A *channel* is
+one calling thread's set of two-rank gloo process groups, one per shard (rank 0 the backbone,
+rank 1 the shard). Pairs, not one world, so that several backbone replicas can share a pool and
+no shard needs to know the others; a broken channel (a shard died) is dropped whole and reopened
+on the next layer.
 
 Opening a channel has two halves (``Channel.open`` does both): the backbone's process hosts the
 rendezvous store and hands every shard its ticket through Ray (``host_rendezvous``), and the

@@ -125,7 +125,7 @@ ShardActor = ray.remote(ShardActorImpl)
 
 # Tensors cross actor calls as numpy arrays: numpy pickles ~15x faster than torch tensors (which
 # go through torch.save) and deserializes zero-copy from the object store; measured 19.0 ->
-# 12.7 ms for a 32-token round trip to two shards (bench/data_plane.py). Such arrays are
+# 12.7 ms for a 32-token round trip to two shards (a retired prototype bench). Such arrays are
 # read-only views of the store, and nothing here writes into them.
 _NUMPY_DTYPES = {torch.float32, torch.float16, torch.float64, torch.int64, torch.int32}
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

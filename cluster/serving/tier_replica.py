@@ -22,16 +22,13 @@ from collections.abc import AsyncGenerator
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from cluster.engine.async_engine import (
-    AsyncEngine,
-    EngineCore,
-    EngineStoppedError,
-    RequestFailedError,
-)
+from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.client import EngineCore
 from cluster.engine.config import EngineConfig
-from cluster.engine.engine_process import EngineLaunch, EngineProcess
-from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.engine_process import EngineProcess
+from cluster.engine.launch import EngineLaunch
 from cluster.engine.requests import EngineRequest, TokenEvent
+from cluster.engine.streams import EngineStoppedError, RequestFailedError
 from cluster.serving.request_trace import RequestTrace, ShardOf
 from cluster.serving.tier_messages import (
     TierInfo,
@@ -43,13 +40,18 @@ from cluster.serving.tier_messages import (
 )
 from cluster.telemetry.setup import get_telemetry
 from experts.backend import ExpertBackend, ExpertBackendFactory
-from experts.model import MoEModel
 from experts.tokenizer import load_tokenizer, max_token_bytes
 from router.routing_table import RoutingTable
 
 # a prompt longer than this is tokenized on a worker thread, off the event loop (70 ms for
 # 69 kB with the demo tokenizer; a 1 MiB prompt took 1-5 s)
 TOKENIZE_INLINE_CHARS = 16_384
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 class TierReplica:
@@ -88,26 +90,19 @@ class TierReplica:
         self.model_dir = str(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         telemetry = get_telemetry()
-        self.engine: EngineCore
-        if engine_process:
-            import torch
-
-            launch = EngineLaunch(
-                self.model_dir,
-                engine_config,
-                device,
-                torch_threads=torch.get_num_threads(),  # as this process has them
-                count_routing=telemetry.metrics_enabled,
-                experts=expert_factory,
-            )
-            self.engine = EngineProcess(launch)
-        else:
-            if expert_factory is not None:
-                experts = expert_factory.build()
-            model = MoEModel.from_checkpoint(model_dir, device=device, experts=experts)
-            engine = LLMEngine(model, engine_config, self.tokenizer)
-            engine.runner.count_routing = telemetry.metrics_enabled and model.spec.is_moe
-            self.engine = AsyncEngine(engine)
+        launch = EngineLaunch(
+            self.model_dir,
+            engine_config,
+            device,
+            # the child gets as many torch threads as this process has
+            torch_threads=_torch_threads() if engine_process else None,
+            count_routing=telemetry.metrics_enabled,
+            experts=expert_factory,
+        )
+        # one recipe, either transport: the child builds it, or this process does
+        self.engine: EngineCore = (
+            EngineProcess(launch) if engine_process else AsyncEngine.start(launch, experts)
+        )
         self.num_aborted = 0
         # where the experts live (a backend, or a factory's recipe): its routing table names
         # the shard of each (layer, expert) in traces

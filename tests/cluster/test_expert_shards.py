@@ -13,11 +13,12 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from cluster.engine.async_engine import EngineStoppedError
 from cluster.engine.config import EngineConfig
-from cluster.engine.engine_process import EngineLaunch, EngineProcess
+from cluster.engine.engine_process import EngineProcess
 from cluster.engine.generator import generate
+from cluster.engine.launch import EngineLaunch
 from cluster.engine.requests import EngineRequest
+from cluster.engine.streams import EngineStoppedError
 from cluster.expert_parallel.data_plane import DataPlaneError
 from cluster.expert_parallel.engine_experts import arrange_engine_experts
 from cluster.expert_parallel.expert_pool import ExpertPool, ShardSpec

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from cluster.engine.config import EngineConfig
-from cluster.engine.engine_process import EngineLaunch, EngineProcess
+from cluster.engine.engine_process import EngineProcess
+from cluster.engine.launch import EngineLaunch
 from cluster.engine.requests import EngineRequest, TokenEvent
 from cluster.engine.streams import EngineStoppedError
 from experts.sampling_params import SamplingParams

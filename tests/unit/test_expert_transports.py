@@ -17,11 +17,12 @@ from typing import Any, get_args
 import pytest
 import torch
 
-from cluster.engine.async_engine import EngineStoppedError
 from cluster.engine.config import EngineConfig
-from cluster.engine.engine_process import EngineLaunch, EngineProcess
+from cluster.engine.engine_process import EngineProcess
 from cluster.engine.generator import generate
+from cluster.engine.launch import EngineLaunch
 from cluster.engine.requests import EngineRequest
+from cluster.engine.streams import EngineStoppedError
 from cluster.expert_parallel import wire
 from cluster.expert_parallel.data_plane import ChannelTicket, DataPlaneError
 from cluster.expert_parallel.engine_experts import (
