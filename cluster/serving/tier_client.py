@@ -10,14 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any, Protocol
 
-from cluster.serving.tier_messages import (
-    TierInfo,
-    TierItem,
-    TierRejected,
-    TierRequest,
-    TierStats,
-    TierTokens,
-)
+from cluster.serving.tier_messages import TierInfo, TierItem, TierRequest, TierStats, is_last
 
 
 class TierBusyError(RuntimeError):
@@ -34,13 +27,6 @@ class TierClient(Protocol):
     async def info(self, tier: str) -> TierInfo: ...
 
     async def stats(self, tier: str) -> TierStats: ...
-
-
-def is_last(item: TierItem) -> bool:
-    """Whether the replica sends nothing after this item (a refusal, or the finishing tokens)."""
-    return isinstance(item, TierRejected) or (
-        isinstance(item, TierTokens) and item.finish_reason is not None
-    )
 
 
 class ServeTierClient:

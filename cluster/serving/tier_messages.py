@@ -64,6 +64,13 @@ class TierTokens:
 TierItem = TierRejected | TierTokens
 
 
+def is_last(item: TierItem) -> bool:
+    """Whether the replica sends nothing after this item (a refusal, or the finishing tokens)."""
+    return isinstance(item, TierRejected) or (
+        isinstance(item, TierTokens) and item.finish_reason is not None
+    )
+
+
 @dataclass(frozen=True)
 class TierInfo:
     name: str

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from cluster.serving.tier_client import ServeTierClient, is_last
-from cluster.serving.tier_messages import TierItem, TierRejected, TierRequest, TierTokens
+from cluster.serving.tier_client import ServeTierClient
+from cluster.serving.tier_messages import TierItem, TierRejected, TierRequest, TierTokens, is_last
 from experts.sampling_params import SamplingParams
 
 
