@@ -1,22 +1,28 @@
 """One MoE layer's routed-expert compute: the per-expert Python loop vs grouped alternatives.
 
-All alternatives compute the same weighted sum over each token's K experts, from one
-layer's experts stacked in slots (``experts.expert_slots``), at the ``bench`` demo preset's
-expert shapes (hidden 512, intermediate 1024, 16 experts, top-2; random weights):
+All alternatives compute the same weighted sum over each token's K experts of one layer,
+at the ``bench`` demo preset's expert shapes (hidden 512, intermediate 1024, 16 experts,
+top-2; random weights):
 
-- ``loop``: today's ``experts.ffn.run_routed_experts``, one expert at a time;
-- ``grouped_mm``: pairs sorted by slot, one ``torch._grouped_mm`` per projection
-  (``experts.grouped_ffn.routed_expert_sum``);
+- ``loop``: the per-expert loop as it was (``experts.ffn.run_routed_experts`` over one
+  [2I, H] / [H, I] tensor pair per expert, the checkpoint's layout);
+- ``grouped_mm``: pairs sorted by slot, one ``torch._grouped_mm`` per projection over the
+  experts stacked in slots (``experts.grouped_ffn.routed_expert_sum`` on ``ExpertSlots``,
+  gate_up [S, H, 2I], down [S, I, H]);
+- ``grouped_mm_ckpt_layout``: the same on stacks in the checkpoint's [S, 2I, H] / [S, H, I]
+  layout, read through a transposed view (the layout choice);
 - ``sorted_slices``: the same sorted pairs, one ``mm`` per non-empty slot over contiguous
   slices (the kernel's fallback where grouped_mm does not run);
 - ``gathered_bmm``: each pair's expert weights gathered (``gate_up[slot_ids]``), one ``bmm``
   per projection (transformers' ``batched_mm``), only for decode-sized batches
   (at most ``--bmm-max-pairs`` pairs: it copies a whole expert per pair).
 
-Timing: one round times every alternative at every batch size (tokens), in a rotating
-order, each as the mean of enough back-to-back calls to last ~``--call-s``; ratios are
+Timing: one round times every alternative at every batch size (tokens), each as the mean
+of enough calls to last ~``--call-s``, the alternatives' calls alternating one by one (in an
+order rotated every round) so that bursts of other work hit them alike; ratios are
 loop time / alternative time in the same round (above 1: faster than the loop), and the
-figures are medians over ``--rounds`` rounds, with the spread of the rounds as the noise.
+figures are medians over ``--rounds`` rounds, with the spread of the rounds as the noise
+(before each round, up to 5 s of waiting for a quiet machine).
 The winner per batch size is the alternative with the best median ratio. No target: the
 point is the choice, which ``experts.grouped_ffn`` applies. Writes
 ``bench/results/expert_kernels.json``.
@@ -36,36 +42,42 @@ import torch.nn.functional as F
 from bench.harness import median, parser, percentile, quick_or, say, wait_for_quiet, write_results
 from experts.expert_slots import ExpertSlots
 from experts.ffn import run_routed_experts
-from experts.grouped_ffn import grouped_mm_supported, routed_expert_sum
+from experts.grouped_ffn import grouped_mm_supported, routed_expert_sum, use_grouped_mm_for
 from experts.weights import MLPWeights
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, ids, w) -> out
-ALTERNATIVES = ("loop", "grouped_mm", "sorted_slices", "gathered_bmm")
+QUIET_WAIT_S = 5.0
+ALTERNATIVES = ("loop", "grouped_mm", "grouped_mm_ckpt_layout", "sorted_slices", "gathered_bmm")
 
 
 def gathered_bmm(
     hidden: torch.Tensor,  # [T, H]
     slot_ids: torch.Tensor,  # [T, K]
     weights: torch.Tensor,  # [T, K]
-    gate_up: torch.Tensor,  # [S, 2I, H]
-    down: torch.Tensor,  # [S, H, I]
+    gate_up: torch.Tensor,  # [S, H, 2I]
+    down: torch.Tensor,  # [S, I, H]
 ) -> torch.Tensor:  # [T, H]
     num_tokens, num_k = slot_ids.shape
     flat = slot_ids.reshape(-1)  # [P]
     x = hidden.repeat_interleave(num_k, dim=0)  # [P, H]
-    h = torch.bmm(gate_up[flat], x[:, :, None]).squeeze(-1)  # [P, 2I]
+    h = torch.bmm(x[:, None, :], gate_up[flat]).squeeze(1)  # [P, 2I]
     gate, up = h.chunk(2, dim=-1)  # [P, I] each
-    y = torch.bmm(down[flat], (F.silu(gate) * up)[:, :, None]).squeeze(-1)  # [P, H]
+    y = torch.bmm((F.silu(gate) * up)[:, None, :], down[flat]).squeeze(1)  # [P, H]
     y = y * weights.reshape(-1)[:, None]  # [P, H]
     return y.view(num_tokens, num_k, -1).sum(dim=1).to(hidden.dtype)  # [T, H]
 
 
-def kernels(slots: ExpertSlots) -> dict[str, Kernel]:
-    gu, dn = slots.gate_up, slots.down
-    mlps = [MLPWeights(gu[s], dn[s]) for s in range(slots.num_slots)]  # views of the slots
+def kernels(slots: ExpertSlots, mlps: list[MLPWeights]) -> dict[str, Kernel]:
+    """Slot s holds expert s; ``mlps`` are the same experts in the checkpoint's layout."""
+    gu, dn = slots.gate_up, slots.down  # [S, H, 2I], [S, I, H]
+    ckpt_gu = torch.stack([m.gate_up for m in mlps]).transpose(1, 2)  # [S, H, 2I] view
+    ckpt_dn = torch.stack([m.down for m in mlps]).transpose(1, 2)  # [S, I, H] view
     return {
         "loop": lambda x, ids, w: run_routed_experts(x, ids, w, lambda e: mlps[e]),
         "grouped_mm": lambda x, ids, w: routed_expert_sum(x, ids, w, gu, dn, use_grouped_mm=True),
+        "grouped_mm_ckpt_layout": lambda x, ids, w: routed_expert_sum(
+            x, ids, w, ckpt_gu, ckpt_dn, use_grouped_mm=True
+        ),
         "sorted_slices": lambda x, ids, w: routed_expert_sum(
             x, ids, w, gu, dn, use_grouped_mm=False
         ),
@@ -80,6 +92,13 @@ def inputs(
     logits = torch.randn(tokens, args.experts, generator=gen)  # [T, E]
     weights, ids = torch.softmax(logits, dim=-1).topk(args.top_k, dim=-1)  # [T, K] each
     return hidden, ids, weights / weights.sum(dim=-1, keepdim=True)
+
+
+def chosen_kernel(num_pairs: int, args: Any, dtype: torch.dtype) -> str:
+    """What ``routed_expert_sum`` runs for this many pairs (the layout is ExpertSlots')."""
+    cpu = torch.device("cpu")
+    use = use_grouped_mm_for(cpu, dtype, num_pairs, args.experts, args.hidden, args.inter)
+    return "grouped_mm" if use else "sorted_slices"
 
 
 def calls_for(fn: Callable[[], Any], call_s: float) -> int:
@@ -103,6 +122,8 @@ def main() -> None:
     p.add_argument("--bmm-max-pairs", type=int, default=128)
     args = p.parse_args()
     started = time.perf_counter()
+    if args.quiet_wait is None and not args.quick:  # per round: keeps a busy machine's run short
+        args.quiet_wait = QUIET_WAIT_S
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = quick_or(args, args.batches, [1, 16, 64], [1, 16, 64, 512])
@@ -112,11 +133,13 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
 
     slots = ExpertSlots(args.experts, args.experts, args.hidden, args.inter, dtype, "cpu")
+    mlps = []
     for e in range(args.experts):
         gate_up = torch.randn(2 * args.inter, args.hidden, generator=gen) * args.hidden**-0.5
         down = torch.randn(args.hidden, args.inter, generator=gen) * args.inter**-0.5
-        slots.add(e, MLPWeights(gate_up.to(dtype), down.to(dtype)))
-    fns = kernels(slots)
+        mlps.append(MLPWeights(gate_up.to(dtype), down.to(dtype)))  # [2I, H], [H, I]
+        slots.add(e, mlps[-1])
+    fns = kernels(slots, mlps)
     cases: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     wanted: dict[int, list[str]] = {}
     calls: dict[tuple[int, str], int] = {}
@@ -145,17 +168,22 @@ def main() -> None:
         for tokens in batches:
             x, slot_ids, w = cases[tokens]
             alts = wanted[tokens]
-            for alt in alts[r % len(alts) :] + alts[: r % len(alts)]:  # rotate who goes first
-                fn, n = fns[alt], calls[tokens, alt]
-                start = time.perf_counter()
-                for _ in range(n):
-                    fn(x, slot_ids, w)
-                times[tokens, alt].append((time.perf_counter() - start) / n)
+            alts = alts[r % len(alts) :] + alts[: r % len(alts)]  # rotate who goes first
+            spent = dict.fromkeys(alts, 0.0)
+            # call by call, alternating, so that a burst of other work hits every alternative
+            for i in range(max(calls[tokens, a] for a in alts)):
+                for alt in alts:
+                    if i < calls[tokens, alt]:
+                        start = time.perf_counter()
+                        fns[alt](x, slot_ids, w)
+                        spent[alt] += time.perf_counter() - start
+            for alt in alts:
+                times[tokens, alt].append(spent[alt] / calls[tokens, alt])
         say(f"round {r + 1}/{rounds} done")
 
     rows: dict[str, Any] = {}
     print(
-        f"{'tokens':>6} {'alternative':>14} {'median ms':>10} {'x loop':>7} {'rounds x loop':>16}"
+        f"{'tokens':>6} {'alternative':>22} {'median ms':>10} {'x loop':>7} {'rounds x loop':>16}"
     )
     for tokens in batches:
         row: dict[str, Any] = {}
@@ -174,12 +202,13 @@ def main() -> None:
             }
             spread = row[alt]["ratio_p10_p90"]
             print(
-                f"{tokens:>6} {alt:>14} {row[alt]['median_ms']:>10.3f} "
+                f"{tokens:>6} {alt:>22} {row[alt]['median_ms']:>10.3f} "
                 f"{row[alt]['ratio_vs_loop']:>7.2f} {spread[0]:>7.2f}-{spread[1]:<7.2f}"
             )
         winner = max(wanted[tokens], key=lambda a: row[a]["ratio_vs_loop"])
-        rows[str(tokens)] = {"winner": winner, "alternatives": row}
-        print(f"{tokens:>6} winner: {winner}")
+        chosen = chosen_kernel(tokens * args.top_k, args, dtype)
+        rows[str(tokens)] = {"winner": winner, "kernel_in_use": chosen, "alternatives": row}
+        print(f"{tokens:>6} winner: {winner}; the kernel uses {chosen}")
     report = {
         "shapes": {
             "hidden": args.hidden,

@@ -35,10 +35,14 @@ class MissingExpertError(LookupError):
 
 
 class ExpertSlots:
-    """S fixed slots of one layer's experts: ``gate_up`` [S, 2I, H] and ``down`` [S, H, I].
+    """S fixed slots of one layer's experts: ``gate_up`` [S, H, 2I] and ``down`` [S, I, H].
 
-    Not thread-safe by itself: the owner serialises changes (``ExpertShard`` holds a
-    lock) and decides when a released slot may be written again.
+    Each slot holds its projections as the matmul's right operand (``x @ W``), transposed
+    from the checkpoint's [out, in]: on CPU that read order is measurably faster for decode
+    batches (``bench/expert_kernels.py``), and it is what ``grouped_mm`` takes.
+
+        Not thread-safe by itself: the owner serialises changes (``ExpertShard`` holds a
+        lock) and decides when a released slot may be written again.
     """
 
     def __init__(
@@ -53,8 +57,8 @@ class ExpertSlots:
         assert num_slots > 0 and num_experts > 0, (num_slots, num_experts)
         self.num_experts = num_experts
         # zeros, not empty: a free slot is never read, but must never hold NaN if it were
-        self.gate_up = torch.zeros(num_slots, 2 * inter, hidden, dtype=dtype, device=device)
-        self.down = torch.zeros(num_slots, hidden, inter, dtype=dtype, device=device)
+        self.gate_up = torch.zeros(num_slots, hidden, 2 * inter, dtype=dtype, device=device)
+        self.down = torch.zeros(num_slots, inter, hidden, dtype=dtype, device=device)
         self._slots_of: dict[int, list[int]] = {}  # expert -> its slots, first one serves
         self._free: list[int] = list(range(num_slots))
         self._slot_map = torch.full((num_experts,), NO_SLOT, dtype=torch.long, device=device)  # [E]
@@ -83,16 +87,18 @@ class ExpertSlots:
         return tuple(self._slots_of.get(expert, ()))
 
     def write_slot(self, slot: int, weights: MLPWeights) -> None:
-        """Copy ``weights`` into ``slot`` in place (its storage never changes)."""
+        """Copy ``weights`` (checkpoint layout) into ``slot`` in place (same storage)."""
         assert 0 <= slot < self.num_slots, f"slot {slot} out of range [0, {self.num_slots})"
-        assert weights.gate_up.shape == self.gate_up.shape[1:], (
-            f"gate_up {tuple(weights.gate_up.shape)} does not fit {tuple(self.gate_up.shape[1:])}"
+        assert weights.gate_up.T.shape == self.gate_up.shape[1:], (
+            f"gate_up {tuple(weights.gate_up.shape)} does not fit [2I, H] = "
+            f"{tuple(self.gate_up.shape[:0:-1])}"
         )
-        assert weights.down.shape == self.down.shape[1:], (
-            f"down {tuple(weights.down.shape)} does not fit {tuple(self.down.shape[1:])}"
+        assert weights.down.T.shape == self.down.shape[1:], (
+            f"down {tuple(weights.down.shape)} does not fit [H, I] = "
+            f"{tuple(self.down.shape[:0:-1])}"
         )
-        self.gate_up[slot].copy_(weights.gate_up)  # [2I, H]
-        self.down[slot].copy_(weights.down)  # [H, I]
+        self.gate_up[slot].copy_(weights.gate_up.T)  # [H, 2I] from [2I, H]
+        self.down[slot].copy_(weights.down.T)  # [I, H] from [H, I]
 
     def take_free_slot(self) -> int:
         """The lowest free slot, now reserved (write it, then ``assign`` it)."""
@@ -155,8 +161,8 @@ class ExpertSlots:
         """
         assert num_slots > self.num_slots, (num_slots, self.num_slots)
         old = self.num_slots
-        gate_up = self.gate_up.new_zeros(num_slots, *self.gate_up.shape[1:])  # [S', 2I, H]
-        down = self.down.new_zeros(num_slots, *self.down.shape[1:])  # [S', H, I]
+        gate_up = self.gate_up.new_zeros(num_slots, *self.gate_up.shape[1:])  # [S', H, 2I]
+        down = self.down.new_zeros(num_slots, *self.down.shape[1:])  # [S', I, H]
         gate_up[:old].copy_(self.gate_up)
         down[:old].copy_(self.down)
         self.gate_up, self.down = gate_up, down

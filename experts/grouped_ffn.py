@@ -8,8 +8,10 @@ order and summed over K, in fp32 like the transformers reference.
 ``torch._grouped_mm`` (``F.grouped_mm`` when present) does the grouped matmul wherever it
 runs for the device, dtype and sizes (probed once per combination: on CPU it does in this
 build, for fp32 and bf16; on CUDA it depends on the GPU and dtype). Elsewhere the same
-sorted runs are multiplied slice by slice (one host sync for the offsets). Measured
-alternatives and the choice: ``bench/expert_kernels.py``.
+sorted runs are multiplied slice by slice (one host sync for the offsets), and so they are
+on CPU when there are few pairs for many slots: CPU grouped_mm runs one mm per slot, empty
+ones too, and at batch 1 the slices measured a few percent faster. Measured alternatives
+(gathered-weight bmm, the layouts) and the choice: ``bench/expert_kernels.py``.
 
 Legend: T tokens, K experts chosen per token, P = T*K pairs, S slots, H hidden,
 I intermediate.
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+CPU_SLICES_SLOTS_PER_PAIR = 8  # on CPU, slice by slice when S >= this * P (batch 1 of top-2/16)
 
 
 @functools.lru_cache(maxsize=64)
@@ -36,14 +39,28 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, hidden: int, 
         return False
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, hidden, generator=gen).to(device, dtype)  # [3, H]
-    w = torch.randn(3, 2 * inter, hidden, generator=gen).to(device, dtype)  # [3, 2I, H]
-    ends = torch.tensor([1, 1, 3], dtype=torch.int32, device=device)  # slot 1 empty
+    w = torch.randn(3, hidden, 2 * inter, generator=gen).to(device, dtype)  # [3, H, 2I]
+    ends = torch.tensor([1, 1, 3], dtype=torch.int32, device=device)  # slot 1 empty, unaligned
     try:
-        got = GROUPED_MM(x, w.transpose(1, 2), offs=ends)  # [3, 2I]
+        got = GROUPED_MM(x, w, offs=ends)  # [3, 2I]
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         return False
-    expected = torch.cat([x[:1] @ w[0].T, x[1:] @ w[2].T])  # [3, 2I]
+    expected = torch.cat([x[:1] @ w[0], x[1:] @ w[2]])  # [3, 2I]
     return bool(torch.allclose(got.float(), expected.float(), rtol=2e-2, atol=1e-2))
+
+
+def use_grouped_mm_for(
+    device: torch.device,
+    dtype: torch.dtype,
+    num_pairs: int,
+    num_slots: int,
+    hidden: int,
+    inter: int,
+) -> bool:
+    """The kernel choice per regime: grouped_mm where it runs, but slices for a few pairs on CPU."""
+    if device.type == "cpu" and num_pairs * CPU_SLICES_SLOTS_PER_PAIR <= num_slots:
+        return False
+    return grouped_mm_supported(device, dtype, hidden, inter)
 
 
 def sort_by_slot(
@@ -64,19 +81,19 @@ def sort_by_slot(
 
 def grouped_linear(
     x: torch.Tensor,  # [P, in] rows sorted by slot
-    weight: torch.Tensor,  # [S, out, in] (F.linear layout per slot)
+    weight: torch.Tensor,  # [S, in, out] (any strides)
     ends: torch.Tensor,  # [S] int32 run ends
     use_grouped_mm: bool,
 ) -> torch.Tensor:  # [P, out]; rows past ends[-1] are unspecified
-    """Row run ``s`` of ``x`` times ``weight[s].T``, for every slot at once."""
+    """Row run ``s`` of ``x`` times ``weight[s]``, for every slot at once."""
     if use_grouped_mm:
         assert GROUPED_MM is not None
-        return GROUPED_MM(x, weight.transpose(1, 2), offs=ends)  # [P, out]
-    out = x.new_zeros(x.shape[0], weight.shape[1])  # [P, out]
+        return GROUPED_MM(x, weight, offs=ends)  # [P, out]
+    out = x.new_zeros(x.shape[0], weight.shape[2])  # [P, out]
     start = 0
     for slot, end in enumerate(ends.tolist()):  # the fallback: one sync, then slice by slice
         if end > start:
-            torch.mm(x[start:end], weight[slot].T, out=out[start:end])  # [n, out]
+            torch.mm(x[start:end], weight[slot], out=out[start:end])  # [n, out]
         start = end
     return out
 
@@ -85,21 +102,26 @@ def routed_expert_sum(
     hidden: torch.Tensor,  # [T, H]
     slot_ids: torch.Tensor,  # [T, K] long: slot of each chosen expert, -1 to skip the pair
     weights: torch.Tensor,  # [T, K] fp32 gate weights
-    gate_up: torch.Tensor,  # [S, 2I, H]
-    down: torch.Tensor,  # [S, H, I]
+    gate_up: torch.Tensor,  # [S, H, 2I]
+    down: torch.Tensor,  # [S, I, H]
     use_grouped_mm: bool | None = None,
 ) -> torch.Tensor:  # [T, H]
     """Per token, the sum over its K pairs of weight * swiglu_slot(token); skipped pairs add 0.
 
-    ``use_grouped_mm`` None: use the grouped matmul where ``grouped_mm_supported``.
+    ``use_grouped_mm`` None: as ``use_grouped_mm_for`` chooses.
     """
     num_tokens, num_k = slot_ids.shape
-    num_slots, two_inter, hidden_size = gate_up.shape
+    num_slots, hidden_size, two_inter = gate_up.shape
     if num_tokens * num_k == 0:
         return torch.zeros_like(hidden)
     if use_grouped_mm is None:
-        use_grouped_mm = grouped_mm_supported(
-            gate_up.device, gate_up.dtype, hidden_size, two_inter // 2
+        use_grouped_mm = use_grouped_mm_for(
+            gate_up.device,
+            gate_up.dtype,
+            num_tokens * num_k,
+            num_slots,
+            hidden_size,
+            two_inter // 2,
         )
     order, keys, ends = sort_by_slot(slot_ids, num_slots)  # [P], [P], [S]
     x = hidden[order // num_k]  # [P, H] each pair's token, grouped by slot

@@ -129,7 +129,8 @@ def test_a_dropped_slots_storage_is_reused_in_place(path: Path) -> None:
     shard.load([(0, 6)])  # takes expert 1's storage slot: no reallocation
     assert storage.slots_of(6) == (1,) and storage.gate_up.data_ptr() == pointer
     w6 = load_expert(CheckpointReader(path), 0, 6, "cpu")
-    assert torch.equal(storage.gate_up[1], w6.gate_up) and torch.equal(storage.down[1], w6.down)
+    assert torch.equal(storage.gate_up[1], w6.gate_up.T)  # [H, 2I]: stored for x @ W
+    assert torch.equal(storage.down[1], w6.down.T)
 
 
 def test_sized_layers_take_new_experts_without_reallocating(path: Path) -> None:

@@ -28,14 +28,14 @@ def _slots(num_slots: int = 4) -> ExpertSlots:
 def test_writes_go_into_the_preallocated_storage() -> None:
     slots = _slots()
     pointers = (slots.gate_up.data_ptr(), slots.down.data_ptr())
-    assert slots.gate_up.shape == (4, 2 * INTER, H) and slots.down.shape == (4, H, INTER)
+    assert slots.gate_up.shape == (4, H, 2 * INTER) and slots.down.shape == (4, INTER, H)
     for e in (3, 1, 5):
         slots.add(e, _weights(e))
     slots.write_slot(slots.slots_of(1)[0], _weights(10))  # rewrite in place
     assert (slots.gate_up.data_ptr(), slots.down.data_ptr()) == pointers
     assert [slots.slots_of(e) for e in (3, 1, 5)] == [(0,), (1,), (2,)]
-    assert torch.equal(slots.gate_up[1], _weights(10).gate_up)
-    assert torch.equal(slots.down[2], _weights(5).down)
+    assert torch.equal(slots.gate_up[1], _weights(10).gate_up.T)  # stored as x @ W takes it
+    assert torch.equal(slots.down[2], _weights(5).down.T)
     assert slots.experts == [1, 3, 5] and slots.num_free == 1
 
 
@@ -49,7 +49,7 @@ def test_a_removed_experts_slot_is_reused_after_release() -> None:
     slots.release(freed)
     assert slots.add(2, _weights(2)) == 0
     assert slots.gate_up.data_ptr() == pointer
-    assert torch.equal(slots.gate_up[0], _weights(2).gate_up)
+    assert torch.equal(slots.gate_up[0], _weights(2).gate_up.T)
     with pytest.raises(MissingExpertError, match="expert 0 is not held"):
         slots.remove(0)
 
@@ -95,8 +95,8 @@ def test_grow_keeps_the_held_experts_and_adds_free_slots() -> None:
     slots.add(0, _weights(0))
     slots.add(1, _weights(1))  # no free slot: doubles
     assert slots.num_slots == 2 and slots.num_free == 0
-    assert torch.equal(slots.gate_up[0], _weights(0).gate_up)
-    assert torch.equal(slots.down[1], _weights(1).down)
+    assert torch.equal(slots.gate_up[0], _weights(0).gate_up.T)
+    assert torch.equal(slots.down[1], _weights(1).down.T)
 
 
 def test_a_weight_of_the_wrong_shape_is_refused() -> None:

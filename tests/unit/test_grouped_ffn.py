@@ -13,7 +13,7 @@ import torch
 import experts.grouped_ffn as grouped_ffn
 from experts.expert_slots import ExpertSlots
 from experts.ffn import run_routed_experts, swiglu_mlp
-from experts.grouped_ffn import grouped_mm_supported, routed_expert_sum
+from experts.grouped_ffn import grouped_mm_supported, routed_expert_sum, use_grouped_mm_for
 from experts.weights import MLPWeights
 
 H, INTER, E = 32, 16, 16
@@ -44,7 +44,7 @@ def _routing(tokens: int, k: int, seed: int, experts: int = E) -> tuple[torch.Te
 def _loop(slots: ExpertSlots, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> Any:
     def expert(e: int) -> MLPWeights:
         (slot, *_) = slots.slots_of(e)
-        return MLPWeights(slots.gate_up[slot], slots.down[slot])
+        return MLPWeights(slots.gate_up[slot].T, slots.down[slot].T)  # [2I, H], [H, I] views
 
     return run_routed_experts(hidden, ids, w, expert)
 
@@ -93,7 +93,7 @@ def test_padding_pairs_add_nothing(use_grouped_mm: bool) -> None:
         for e, weight in zip(ids[t].tolist(), w[t].tolist(), strict=True):
             if e >= 0:
                 (slot,) = slots.slots_of(e)
-                mlp = MLPWeights(slots.gate_up[slot], slots.down[slot])
+                mlp = MLPWeights(slots.gate_up[slot].T, slots.down[slot].T)
                 expected[t] += weight * swiglu_mlp(hidden[t : t + 1], mlp)[0]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[7], torch.zeros(H))
@@ -150,3 +150,12 @@ def test_bfloat16_sums_in_fp32_and_stays_close_to_the_loop() -> None:
     assert got.dtype == torch.bfloat16
     expected = _loop(slots, hidden, ids, w)
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_kernel_choice_per_regime() -> None:
+    """Slices for a few pairs over many slots on CPU (batch 1), grouped_mm where it runs else."""
+    assert not use_grouped_mm_for(CPU, torch.float32, 2, 16, H, INTER)
+    runs = grouped_mm_supported(CPU, torch.float32, H, INTER)
+    assert use_grouped_mm_for(CPU, torch.float32, 32, 16, H, INTER) == runs
+    # where the probe finds no working grouped_mm (here: meta tensors), slices, never a crash
+    assert not use_grouped_mm_for(torch.device("meta"), torch.float32, 32, 16, H, INTER)
