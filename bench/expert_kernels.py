@@ -6,13 +6,14 @@ top-2; random weights):
 
 - ``loop``: the per-expert loop as it was (``experts.ffn.run_routed_experts`` over one
   [2I, H] / [H, I] tensor pair per expert, the checkpoint's layout);
-- ``grouped_mm``: pairs sorted by slot, one ``torch._grouped_mm`` per projection over the
-  experts stacked in slots (``experts.grouped_ffn.routed_expert_sum`` on ``ExpertSlots``,
-  gate_up [S, H, 2I], down [S, I, H]);
-- ``grouped_mm_ckpt_layout``: the same on stacks in the checkpoint's [S, 2I, H] / [S, H, I]
-  layout, read through a transposed view (the layout choice);
+- ``grouped_mm_in_out``: pairs sorted by slot, one ``torch._grouped_mm`` per projection
+  over the experts stacked in slots (``experts.grouped_ffn.routed_expert_sum``), stored
+  [in, out] (gate_up [S, H, 2I], down [S, I, H] contiguous);
+- ``grouped_mm_out_in``: the same on stacks in the checkpoint's [out, in] layout
+  ([S, 2I, H], [S, H, I]) read through a transposed view (the storage layout choice,
+  ``experts.expert_slots.stores_in_out``);
 - ``sorted_slices``: the same sorted pairs, one ``mm`` per non-empty slot over contiguous
-  slices (the kernel's fallback where grouped_mm does not run);
+  slices (the kernel's fallback where grouped_mm does not run), on ``ExpertSlots``' layout;
 - ``gathered_bmm``: each pair's expert weights gathered (``gate_up[slot_ids]``), one ``bmm``
   per projection (transformers' ``batched_mm``), only for decode-sized batches
   (at most ``--bmm-max-pairs`` pairs: it copies a whole expert per pair).
@@ -40,14 +41,14 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import median, parser, percentile, quick_or, say, wait_for_quiet, write_results
-from experts.expert_slots import ExpertSlots
+from experts.expert_slots import ExpertSlots, stores_in_out
 from experts.ffn import run_routed_experts
-from experts.grouped_ffn import grouped_mm_supported, routed_expert_sum, use_grouped_mm_for
+from experts.grouped_ffn import grouped_mm_supported, routed_expert_sum
 from experts.weights import MLPWeights
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, ids, w) -> out
 QUIET_WAIT_S = 5.0
-ALTERNATIVES = ("loop", "grouped_mm", "grouped_mm_ckpt_layout", "sorted_slices", "gathered_bmm")
+ALTERNATIVES = ("loop", "grouped_mm_in_out", "grouped_mm_out_in", "sorted_slices", "gathered_bmm")
 
 
 def gathered_bmm(
@@ -69,14 +70,17 @@ def gathered_bmm(
 
 def kernels(slots: ExpertSlots, mlps: list[MLPWeights]) -> dict[str, Kernel]:
     """Slot s holds expert s; ``mlps`` are the same experts in the checkpoint's layout."""
-    gu, dn = slots.gate_up, slots.down  # [S, H, 2I], [S, I, H]
-    ckpt_gu = torch.stack([m.gate_up for m in mlps]).transpose(1, 2)  # [S, H, 2I] view
-    ckpt_dn = torch.stack([m.down for m in mlps]).transpose(1, 2)  # [S, I, H] view
+    gu, dn = slots.gate_up, slots.down  # [S, H, 2I], [S, I, H] in the slots' own layout
+    out_in_gu = torch.stack([m.gate_up for m in mlps]).transpose(1, 2)  # [S, H, 2I] view
+    out_in_dn = torch.stack([m.down for m in mlps]).transpose(1, 2)  # [S, I, H] view
+    in_out_gu, in_out_dn = out_in_gu.contiguous(), out_in_dn.contiguous()  # [S, H, 2I], [S, I, H]
     return {
         "loop": lambda x, ids, w: run_routed_experts(x, ids, w, lambda e: mlps[e]),
-        "grouped_mm": lambda x, ids, w: routed_expert_sum(x, ids, w, gu, dn, use_grouped_mm=True),
-        "grouped_mm_ckpt_layout": lambda x, ids, w: routed_expert_sum(
-            x, ids, w, ckpt_gu, ckpt_dn, use_grouped_mm=True
+        "grouped_mm_in_out": lambda x, ids, w: routed_expert_sum(
+            x, ids, w, in_out_gu, in_out_dn, use_grouped_mm=True
+        ),
+        "grouped_mm_out_in": lambda x, ids, w: routed_expert_sum(
+            x, ids, w, out_in_gu, out_in_dn, use_grouped_mm=True
         ),
         "sorted_slices": lambda x, ids, w: routed_expert_sum(
             x, ids, w, gu, dn, use_grouped_mm=False
@@ -94,11 +98,12 @@ def inputs(
     return hidden, ids, weights / weights.sum(dim=-1, keepdim=True)
 
 
-def chosen_kernel(num_pairs: int, args: Any, dtype: torch.dtype) -> str:
-    """What ``routed_expert_sum`` runs for this many pairs (the layout is ExpertSlots')."""
+def chosen_kernel(args: Any, dtype: torch.dtype) -> str:
+    """What ``routed_expert_sum`` runs on ``ExpertSlots``' layout (the same at every batch)."""
     cpu = torch.device("cpu")
-    use = use_grouped_mm_for(cpu, dtype, num_pairs, args.experts, args.hidden, args.inter)
-    return "grouped_mm" if use else "sorted_slices"
+    if not grouped_mm_supported(cpu, dtype, args.hidden, args.inter, stores_in_out(cpu, dtype)):
+        return "sorted_slices"
+    return "grouped_mm_in_out" if stores_in_out(cpu, dtype) else "grouped_mm_out_in"
 
 
 def calls_for(fn: Callable[[], Any], call_s: float) -> int:
@@ -183,7 +188,7 @@ def main() -> None:
 
     rows: dict[str, Any] = {}
     print(
-        f"{'tokens':>6} {'alternative':>22} {'median ms':>10} {'x loop':>7} {'rounds x loop':>16}"
+        f"{'tokens':>6} {'alternative':>18} {'median ms':>10} {'x loop':>7} {'rounds x loop':>16}"
     )
     for tokens in batches:
         row: dict[str, Any] = {}
@@ -202,11 +207,11 @@ def main() -> None:
             }
             spread = row[alt]["ratio_p10_p90"]
             print(
-                f"{tokens:>6} {alt:>22} {row[alt]['median_ms']:>10.3f} "
+                f"{tokens:>6} {alt:>18} {row[alt]['median_ms']:>10.3f} "
                 f"{row[alt]['ratio_vs_loop']:>7.2f} {spread[0]:>7.2f}-{spread[1]:<7.2f}"
             )
         winner = max(wanted[tokens], key=lambda a: row[a]["ratio_vs_loop"])
-        chosen = chosen_kernel(tokens * args.top_k, args, dtype)
+        chosen = chosen_kernel(args, dtype)
         rows[str(tokens)] = {"winner": winner, "kernel_in_use": chosen, "alternatives": row}
         print(f"{tokens:>6} winner: {winner}; the kernel uses {chosen}")
     report = {
@@ -217,9 +222,13 @@ def main() -> None:
             "top_k": args.top_k,
             "dtype": args.dtype,
         },
+        "slot_layout": "in_out" if stores_in_out(torch.device("cpu"), dtype) else "out_in",
         "grouped_mm_runs_here": grouped_mm_supported(
             torch.device("cpu"), dtype, args.hidden, args.inter
         ),
+        "choice": "grouped_mm wherever it runs, at every batch size: a winner within the "
+        "rounds' spread of it is a tie, and grouped_mm needs no host sync and is one kernel "
+        "on accelerators; the slot layout per device and dtype (experts.expert_slots)",
         "rounds": rounds,
         "ratio": "loop seconds / alternative seconds in the same round (above 1: faster)",
         "by_tokens": rows,

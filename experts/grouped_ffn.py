@@ -8,10 +8,10 @@ order and summed over K, in fp32 like the transformers reference.
 ``torch._grouped_mm`` (``F.grouped_mm`` when present) does the grouped matmul wherever it
 runs for the device, dtype and sizes (probed once per combination: on CPU it does in this
 build, for fp32 and bf16; on CUDA it depends on the GPU and dtype). Elsewhere the same
-sorted runs are multiplied slice by slice (one host sync for the offsets), and so they are
-on CPU when there are few pairs for many slots: CPU grouped_mm runs one mm per slot, empty
-ones too, and at batch 1 the slices measured a few percent faster. Measured alternatives
-(gathered-weight bmm, the layouts) and the choice: ``bench/expert_kernels.py``.
+sorted runs are multiplied slice by slice (one host sync for the offsets). On this CPU the
+two tie at batch 1 and grouped_mm leads from batch 16; a batched matmul over per-pair
+gathered weights is 2-25x slower than the old loop. Measured alternatives, the storage
+layouts and the choice: ``bench/expert_kernels.py``.
 
 Legend: T tokens, K experts chosen per token, P = T*K pairs, S slots, H hidden,
 I intermediate.
@@ -25,21 +25,24 @@ import torch
 import torch.nn.functional as F
 
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-CPU_SLICES_SLOTS_PER_PAIR = 8  # on CPU, slice by slice when S >= this * P (batch 1 of top-2/16)
 
 
 @functools.lru_cache(maxsize=64)
-def grouped_mm_supported(device: torch.device, dtype: torch.dtype, hidden: int, inter: int) -> bool:
+def grouped_mm_supported(
+    device: torch.device, dtype: torch.dtype, hidden: int, inter: int, row_major: bool = True
+) -> bool:
     """Whether the grouped matmul runs (and agrees with ``mm``) for these operands.
 
-    Probed on a small problem of the real row widths, with an empty group, because support
-    depends on the build, the device and alignment of ``H`` and ``2I``.
+    Probed on a small problem of the real row widths and weight layout (``row_major``:
+    [in, out] rows, else a transposed view of [out, in]), with an empty and an unaligned
+    group, because support depends on the build, the device, the layout and alignment.
     """
     if GROUPED_MM is None:
         return False
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, hidden, generator=gen).to(device, dtype)  # [3, H]
-    w = torch.randn(3, hidden, 2 * inter, generator=gen).to(device, dtype)  # [3, H, 2I]
+    w = torch.randn(3, 2 * inter, hidden, generator=gen).to(device, dtype)  # [3, 2I, H]
+    w = w.transpose(1, 2).contiguous() if row_major else w.transpose(1, 2)  # [3, H, 2I]
     ends = torch.tensor([1, 1, 3], dtype=torch.int32, device=device)  # slot 1 empty, unaligned
     try:
         got = GROUPED_MM(x, w, offs=ends)  # [3, 2I]
@@ -47,20 +50,6 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, hidden: int, 
         return False
     expected = torch.cat([x[:1] @ w[0], x[1:] @ w[2]])  # [3, 2I]
     return bool(torch.allclose(got.float(), expected.float(), rtol=2e-2, atol=1e-2))
-
-
-def use_grouped_mm_for(
-    device: torch.device,
-    dtype: torch.dtype,
-    num_pairs: int,
-    num_slots: int,
-    hidden: int,
-    inter: int,
-) -> bool:
-    """The kernel choice per regime: grouped_mm where it runs, but slices for a few pairs on CPU."""
-    if device.type == "cpu" and num_pairs * CPU_SLICES_SLOTS_PER_PAIR <= num_slots:
-        return False
-    return grouped_mm_supported(device, dtype, hidden, inter)
 
 
 def sort_by_slot(
@@ -108,20 +97,16 @@ def routed_expert_sum(
 ) -> torch.Tensor:  # [T, H]
     """Per token, the sum over its K pairs of weight * swiglu_slot(token); skipped pairs add 0.
 
-    ``use_grouped_mm`` None: as ``use_grouped_mm_for`` chooses.
+    ``use_grouped_mm`` None: the grouped matmul wherever ``grouped_mm_supported``.
     """
     num_tokens, num_k = slot_ids.shape
     num_slots, hidden_size, two_inter = gate_up.shape
     if num_tokens * num_k == 0:
         return torch.zeros_like(hidden)
     if use_grouped_mm is None:
-        use_grouped_mm = use_grouped_mm_for(
-            gate_up.device,
-            gate_up.dtype,
-            num_tokens * num_k,
-            num_slots,
-            hidden_size,
-            two_inter // 2,
+        row_major = gate_up.stride(-1) == 1 and down.stride(-1) == 1
+        use_grouped_mm = grouped_mm_supported(
+            gate_up.device, gate_up.dtype, hidden_size, two_inter // 2, row_major
         )
     order, keys, ends = sort_by_slot(slot_ids, num_slots)  # [P], [P], [S]
     x = hidden[order // num_k]  # [P, H] each pair's token, grouped by slot

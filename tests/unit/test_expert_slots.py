@@ -14,28 +14,31 @@ from experts.weights import MLPWeights
 H, INTER, E = 8, 4, 6
 
 
-def _weights(seed: int) -> MLPWeights:
+def _weights(seed: int, dtype: torch.dtype = torch.float32) -> MLPWeights:
     gen = torch.Generator().manual_seed(seed)
-    return MLPWeights(
-        torch.randn(2 * INTER, H, generator=gen), torch.randn(H, INTER, generator=gen)
-    )
+    gate_up = torch.randn(2 * INTER, H, generator=gen).to(dtype)  # [2I, H]
+    return MLPWeights(gate_up, torch.randn(H, INTER, generator=gen).to(dtype))
 
 
-def _slots(num_slots: int = 4) -> ExpertSlots:
-    return ExpertSlots(num_slots, E, H, INTER, torch.float32, "cpu")
+def _slots(num_slots: int = 4, dtype: torch.dtype = torch.float32) -> ExpertSlots:
+    return ExpertSlots(num_slots, E, H, INTER, dtype, "cpu")
 
 
-def test_writes_go_into_the_preallocated_storage() -> None:
-    slots = _slots()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_writes_go_into_the_preallocated_storage(dtype: torch.dtype) -> None:
+    slots = _slots(dtype=dtype)
+    # fp32 on CPU stores [in, out] rows, bf16 the checkpoint's [out, in]: both seen as x @ W
+    assert slots.in_out == (dtype == torch.float32)
+    assert slots.gate_up.is_contiguous() == slots.in_out
     pointers = (slots.gate_up.data_ptr(), slots.down.data_ptr())
     assert slots.gate_up.shape == (4, H, 2 * INTER) and slots.down.shape == (4, INTER, H)
     for e in (3, 1, 5):
-        slots.add(e, _weights(e))
-    slots.write_slot(slots.slots_of(1)[0], _weights(10))  # rewrite in place
+        slots.add(e, _weights(e, dtype))
+    slots.write_slot(slots.slots_of(1)[0], _weights(10, dtype))  # rewrite in place
     assert (slots.gate_up.data_ptr(), slots.down.data_ptr()) == pointers
     assert [slots.slots_of(e) for e in (3, 1, 5)] == [(0,), (1,), (2,)]
-    assert torch.equal(slots.gate_up[1], _weights(10).gate_up.T)  # stored as x @ W takes it
-    assert torch.equal(slots.down[2], _weights(5).down.T)
+    assert torch.equal(slots.gate_up[1], _weights(10, dtype).gate_up.T)  # as x @ W takes it
+    assert torch.equal(slots.down[2], _weights(5, dtype).down.T)
     assert slots.experts == [1, 3, 5] and slots.num_free == 1
 
 
@@ -90,13 +93,15 @@ def test_a_complete_table_and_a_move_between_slots() -> None:
     assert slots.num_free == 1
 
 
-def test_grow_keeps_the_held_experts_and_adds_free_slots() -> None:
-    slots = _slots(1)
-    slots.add(0, _weights(0))
-    slots.add(1, _weights(1))  # no free slot: doubles
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grow_keeps_the_held_experts_and_adds_free_slots(dtype: torch.dtype) -> None:
+    slots = _slots(1, dtype)
+    slots.add(0, _weights(0, dtype))
+    slots.add(1, _weights(1, dtype))  # no free slot: doubles
     assert slots.num_slots == 2 and slots.num_free == 0
-    assert torch.equal(slots.gate_up[0], _weights(0).gate_up.T)
-    assert torch.equal(slots.down[1], _weights(1).down.T)
+    assert slots.gate_up.is_contiguous() == slots.in_out  # the same storage layout
+    assert torch.equal(slots.gate_up[0], _weights(0, dtype).gate_up.T)
+    assert torch.equal(slots.down[1], _weights(1, dtype).down.T)
 
 
 def test_a_weight_of_the_wrong_shape_is_refused() -> None:

@@ -13,7 +13,7 @@ import torch
 import experts.grouped_ffn as grouped_ffn
 from experts.expert_slots import ExpertSlots
 from experts.ffn import run_routed_experts, swiglu_mlp
-from experts.grouped_ffn import grouped_mm_supported, routed_expert_sum, use_grouped_mm_for
+from experts.grouped_ffn import grouped_mm_supported, routed_expert_sum
 from experts.weights import MLPWeights
 
 H, INTER, E = 32, 16, 16
@@ -152,10 +152,20 @@ def test_bfloat16_sums_in_fp32_and_stays_close_to_the_loop() -> None:
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_the_kernel_choice_per_regime() -> None:
-    """Slices for a few pairs over many slots on CPU (batch 1), grouped_mm where it runs else."""
-    assert not use_grouped_mm_for(CPU, torch.float32, 2, 16, H, INTER)
-    runs = grouped_mm_supported(CPU, torch.float32, H, INTER)
-    assert use_grouped_mm_for(CPU, torch.float32, 32, 16, H, INTER) == runs
+def test_grouped_mm_is_used_wherever_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = grouped_ffn.GROUPED_MM
+    assert real is not None
+
+    def counting(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return real(x, w, offs=offs)
+
+    slots = _slots()
+    runs = grouped_mm_supported(CPU, torch.float32, H, INTER, slots.in_out)  # probed before
+    monkeypatch.setattr(grouped_ffn, "GROUPED_MM", counting)
+    hidden, ids, w = _routing(1, 2, seed=7)
+    routed_expert_sum(hidden, slots.lookup(ids), w, slots.gate_up, slots.down)
+    assert calls == ([2, 2] if runs else [])  # one call per projection, batch 1 included
     # where the probe finds no working grouped_mm (here: meta tensors), slices, never a crash
-    assert not use_grouped_mm_for(torch.device("meta"), torch.float32, 32, 16, H, INTER)
+    assert not grouped_mm_supported(torch.device("meta"), torch.float32, H, INTER)
