@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from bench.harness import median, parser, percentile, quick_or, say, wait_for_quiet, write_results
 from experts.expert_slots import ExpertSlots, stores_in_out
 from experts.ffn import run_routed_experts
-from experts.grouped_ffn import grouped_mm_supported, routed_expert_sum
+from experts.grouped_ffn import grouped_mm_supported, routed_expert_sum, use_grouped_mm_for
 from experts.weights import MLPWeights
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, ids, w) -> out
@@ -98,10 +98,12 @@ def inputs(
     return hidden, ids, weights / weights.sum(dim=-1, keepdim=True)
 
 
-def chosen_kernel(args: Any, dtype: torch.dtype) -> str:
-    """What ``routed_expert_sum`` runs on ``ExpertSlots``' layout (the same at every batch)."""
+def chosen_kernel(num_pairs: int, args: Any, dtype: torch.dtype) -> str:
+    """What ``routed_expert_sum`` runs for this many pairs, on ``ExpertSlots``' layout."""
     cpu = torch.device("cpu")
-    if not grouped_mm_supported(cpu, dtype, args.hidden, args.inter, stores_in_out(cpu, dtype)):
+    in_out = stores_in_out(cpu, dtype)
+    shape = (num_pairs, args.experts, args.hidden, args.inter, in_out)
+    if not use_grouped_mm_for(cpu, dtype, *shape):
         return "sorted_slices"
     return "grouped_mm_in_out" if stores_in_out(cpu, dtype) else "grouped_mm_out_in"
 
@@ -211,7 +213,7 @@ def main() -> None:
                 f"{row[alt]['ratio_vs_loop']:>7.2f} {spread[0]:>7.2f}-{spread[1]:<7.2f}"
             )
         winner = max(wanted[tokens], key=lambda a: row[a]["ratio_vs_loop"])
-        chosen = chosen_kernel(args, dtype)
+        chosen = chosen_kernel(tokens * args.top_k, args, dtype)
         rows[str(tokens)] = {"winner": winner, "kernel_in_use": chosen, "alternatives": row}
         print(f"{tokens:>6} winner: {winner}; the kernel uses {chosen}")
     report = {
@@ -226,9 +228,10 @@ def main() -> None:
         "grouped_mm_runs_here": grouped_mm_supported(
             torch.device("cpu"), dtype, args.hidden, args.inter
         ),
-        "choice": "grouped_mm wherever it runs, at every batch size: a winner within the "
-        "rounds' spread of it is a tie, and grouped_mm needs no host sync and is one kernel "
-        "on accelerators; the slot layout per device and dtype (experts.expert_slots)",
+        "choice": "experts.grouped_ffn.use_grouped_mm_for: grouped_mm wherever it runs, "
+        "except sorted slices on CPU for at most one pair per 8 slots (batch 1 here); a "
+        "winner within the rounds' spread of the kernel in use is a tie; the slot layout "
+        "per device and dtype: experts.expert_slots.stores_in_out",
         "rounds": rounds,
         "ratio": "loop seconds / alternative seconds in the same round (above 1: faster)",
         "by_tokens": rows,

@@ -8,10 +8,12 @@ order and summed over K, in fp32 like the transformers reference.
 ``torch._grouped_mm`` (``F.grouped_mm`` when present) does the grouped matmul wherever it
 runs for the device, dtype and sizes (probed once per combination: on CPU it does in this
 build, for fp32 and bf16; on CUDA it depends on the GPU and dtype). Elsewhere the same
-sorted runs are multiplied slice by slice (one host sync for the offsets). On this CPU the
-two tie at batch 1 and grouped_mm leads from batch 16; a batched matmul over per-pair
-gathered weights is 2-25x slower than the old loop. Measured alternatives, the storage
-layouts and the choice: ``bench/expert_kernels.py``.
+sorted runs are multiplied slice by slice (one host sync for the offsets), and so they are
+on CPU for a batch-1-sized call (at most one pair per 8 slots): CPU grouped_mm runs one mm
+per slot, empty ones too, and there the slices measured 0-13% faster (fp32 and bf16, top-2
+of 16 and top-8 of 64), while grouped_mm leads from a quarter of the slots on. A batched
+matmul over per-pair gathered weights is 2-25x slower than the old loop. Measured
+alternatives, the storage layouts and the choice: ``bench/expert_kernels.py``.
 
 Legend: T tokens, K experts chosen per token, P = T*K pairs, S slots, H hidden,
 I intermediate.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+CPU_SLICES_SLOTS_PER_PAIR = 8  # on CPU, slice by slice when S >= 8 P: most slots are empty
 
 
 @functools.lru_cache(maxsize=64)
@@ -50,6 +53,21 @@ def grouped_mm_supported(
         return False
     expected = torch.cat([x[:1] @ w[0], x[1:] @ w[2]])  # [3, 2I]
     return bool(torch.allclose(got.float(), expected.float(), rtol=2e-2, atol=1e-2))
+
+
+def use_grouped_mm_for(
+    device: torch.device,
+    dtype: torch.dtype,
+    num_pairs: int,
+    num_slots: int,
+    hidden: int,
+    inter: int,
+    row_major: bool = True,
+) -> bool:
+    """The kernel per regime: grouped_mm where it runs, except few pairs for many slots on CPU."""
+    if device.type == "cpu" and num_pairs * CPU_SLICES_SLOTS_PER_PAIR <= num_slots:
+        return False
+    return grouped_mm_supported(device, dtype, hidden, inter, row_major)
 
 
 def sort_by_slot(
@@ -97,7 +115,7 @@ def routed_expert_sum(
 ) -> torch.Tensor:  # [T, H]
     """Per token, the sum over its K pairs of weight * swiglu_slot(token); skipped pairs add 0.
 
-    ``use_grouped_mm`` None: the grouped matmul wherever ``grouped_mm_supported``.
+    ``use_grouped_mm`` None: as ``use_grouped_mm_for`` chooses.
     """
     num_tokens, num_k = slot_ids.shape
     num_slots, hidden_size, two_inter = gate_up.shape
@@ -105,8 +123,14 @@ def routed_expert_sum(
         return torch.zeros_like(hidden)
     if use_grouped_mm is None:
         row_major = gate_up.stride(-1) == 1 and down.stride(-1) == 1
-        use_grouped_mm = grouped_mm_supported(
-            gate_up.device, gate_up.dtype, hidden_size, two_inter // 2, row_major
+        use_grouped_mm = use_grouped_mm_for(
+            gate_up.device,
+            gate_up.dtype,
+            num_tokens * num_k,
+            num_slots,
+            hidden_size,
+            two_inter // 2,
+            row_major,
         )
     order, keys, ends = sort_by_slot(slot_ids, num_slots)  # [P], [P], [S]
     x = hidden[order // num_k]  # [P, H] each pair's token, grouped by slot

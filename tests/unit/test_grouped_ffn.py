@@ -13,7 +13,7 @@ import torch
 import experts.grouped_ffn as grouped_ffn
 from experts.expert_slots import ExpertSlots
 from experts.ffn import run_routed_experts, swiglu_mlp
-from experts.grouped_ffn import grouped_mm_supported, routed_expert_sum
+from experts.grouped_ffn import grouped_mm_supported, routed_expert_sum, use_grouped_mm_for
 from experts.weights import MLPWeights
 
 H, INTER, E = 32, 16, 16
@@ -152,7 +152,9 @@ def test_bfloat16_sums_in_fp32_and_stays_close_to_the_loop() -> None:
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_grouped_mm_is_used_wherever_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_grouped_mm_is_used_wherever_it_runs_but_batch_1_on_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     calls: list[int] = []
     real = grouped_ffn.GROUPED_MM
     assert real is not None
@@ -164,8 +166,15 @@ def test_grouped_mm_is_used_wherever_it_runs(monkeypatch: pytest.MonkeyPatch) ->
     slots = _slots()
     runs = grouped_mm_supported(CPU, torch.float32, H, INTER, slots.in_out)  # probed before
     monkeypatch.setattr(grouped_ffn, "GROUPED_MM", counting)
-    hidden, ids, w = _routing(1, 2, seed=7)
+    hidden, ids, w = _routing(4, 2, seed=7)
     routed_expert_sum(hidden, slots.lookup(ids), w, slots.gate_up, slots.down)
-    assert calls == ([2, 2] if runs else [])  # one call per projection, batch 1 included
+    assert calls == ([8, 8] if runs else [])  # one call per projection
+    calls.clear()  # batch 1 (2 pairs, 18 slots) on CPU: slices, which skip the empty slots
+    routed_expert_sum(hidden[:1], slots.lookup(ids[:1]), w[:1], slots.gate_up, slots.down)
+    assert calls == []
     # where the probe finds no working grouped_mm (here: meta tensors), slices, never a crash
     assert not grouped_mm_supported(torch.device("meta"), torch.float32, H, INTER)
+    # elsewhere (an accelerator where grouped_mm runs) batch 1 is grouped too: no host sync
+    monkeypatch.setattr(grouped_ffn, "grouped_mm_supported", lambda *args: True)
+    assert use_grouped_mm_for(torch.device("cuda"), torch.bfloat16, 2, 18, H, INTER)
+    assert not use_grouped_mm_for(CPU, torch.bfloat16, 2, 18, H, INTER)
