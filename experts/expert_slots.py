@@ -209,6 +209,7 @@ class ExpertSlots:
         expert_ids [T, K] long -> [T, K] long. Raises ``MissingExpertError`` naming the
         lowest expert that is not held (one host sync, skipped when every expert is held).
         """
+        expert_ids = expert_ids.to(self._slot_map.device)  # [T, K] (no-op when already there)
         pad = expert_ids < 0  # [T, K]
         slot_ids = self._slot_map[expert_ids.clamp(min=0)].masked_fill_(pad, NO_SLOT)  # [T, K]
         if not self.is_complete:

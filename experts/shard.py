@@ -171,6 +171,8 @@ class ExpertShard:
             f"hidden {tuple(hidden.shape)}, expert_ids {tuple(expert_ids.shape)}, "
             f"weights {tuple(weights.shape)} disagree"
         )
+        # a data plane may hand over the routing on the host: the kernel wants one device
+        expert_ids, weights = expert_ids.to(hidden.device), weights.to(hidden.device)
         with self._lock:  # the slots read here stay unwritten until this compute ends
             layer_slots = self._layers.get(layer)
             if layer_slots is None:
