@@ -162,13 +162,28 @@ def test_one_trace_spans_gateway_replica_and_shards(served: Served) -> None:
     chunks = list(served.stub.Generate(request, metadata=[("traceparent", traceparent)]))
     assert chunks[-1].trace_id == trace_id
 
+    def chain_of(span: SpanRecord, by_id: dict[str, SpanRecord]) -> list[SpanRecord]:
+        chain = [span]  # walk up to the root: every hop is a recorded span
+        while chain[-1].parent_span_id in by_id:
+            chain.append(by_id[chain[-1].parent_span_id])
+        return chain
+
     def spans() -> list[SpanRecord] | None:
+        """The trace once every process exported its part: the replica, its engine process
+        (the dispatch spans) and the shards export on their own batch timers."""
         if not served.spans.exists():
             return None
         mine = [s for s in read_spans(served.spans) if s.trace_id == trace_id]
         names = {s.name.split(" ")[0] for s in mine}
         wanted = {"text_completion", "moe.tier_request", "moe.decode", "moe.expert_shard"}
-        return mine if wanted <= names else None
+        if not wanted <= names:
+            return None
+        by_id = {s.span_id: s for s in mine}
+        shard_spans = [s for s in mine if s.name.startswith("moe.expert_shard")]
+        linked = all(
+            chain_of(s, by_id)[-1].parent_span_id == "b7ad6b7169203331" for s in shard_spans
+        )
+        return mine if linked else None
 
     mine = _wait_for("complete trace", spans)
     by_id = {s.span_id: s for s in mine}
@@ -177,9 +192,7 @@ def test_one_trace_spans_gateway_replica_and_shards(served: Served) -> None:
     root = next(s for s in mine if s.name.startswith("text_completion"))
     assert root.parent_span_id == "b7ad6b7169203331"
     for shard_span in (s for s in mine if s.name.startswith("moe.expert_shard")):
-        chain = [shard_span]  # walk up to the root: every hop is a recorded span
-        while chain[-1].parent_span_id in by_id:
-            chain.append(by_id[chain[-1].parent_span_id])
+        chain = chain_of(shard_span, by_id)
         assert chain[-1] is root, [s.name for s in chain]
 
     assert cli_main(["traces", "report", str(served.spans)]) == 0
