@@ -22,16 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from google.protobuf.json_format import MessageToDict
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from cluster.telemetry.otlp_json import encode_request
 
 logger = logging.getLogger(__name__)
 
 _SPAN_KINDS = ("UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER")
 _STATUS_CODES = ("UNSET", "OK", "ERROR")
-_ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -48,9 +47,7 @@ class JsonLinesSpanExporter(SpanExporter):
             return SpanExportResult.FAILURE
         if not spans:
             return SpanExportResult.SUCCESS
-        request = MessageToDict(encode_spans(spans), use_integers_for_enums=True)
-        _hex_ids(request)
-        line = json.dumps(request, separators=(",", ":")) + "\n"
+        line = json.dumps(encode_request(spans), separators=(",", ":")) + "\n"
         with self._lock:
             try:
                 with self.path.open("a", encoding="utf-8") as out:
@@ -67,17 +64,6 @@ class JsonLinesSpanExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return True  # every export() already flushed its line
-
-
-def _hex_ids(request: dict[str, Any]) -> None:
-    """Rewrite protobuf-JSON base64 ids as the hex strings the OTLP/JSON spec requires."""
-    for resource_spans in request.get("resourceSpans", []):
-        for scope_spans in resource_spans.get("scopeSpans", []):
-            for span in scope_spans.get("spans", []):
-                for holder in (span, *span.get("links", [])):
-                    for key in _ID_FIELDS:
-                        if key in holder:
-                            holder[key] = base64.b64decode(holder[key]).hex()
 
 
 class SpanEvent(NamedTuple):
