@@ -7,7 +7,9 @@ its keys through its block table and attends with a causal mask. Sequences
 with the same number of new tokens (and key counts within a factor 1.5) share
 one ``scaled_dot_product_attention``
 call, padded only in keys: all decodes of a step are one call, and a prefill
-chunk in the same step is another.
+chunk in the same step is another. A group that needs no mask (decodes with
+equal key counts; prompts of equal length with nothing cached, causal) passes
+none, which lets SDPA take its unmasked kernels.
 
 An optional ``AttentionProbe`` asks for diagnostics at some sequences' last
 query: the attention entropy and the mass on the sequence's first tokens,
@@ -59,7 +61,8 @@ class AttentionGroup:
 
     rows: torch.Tensor  # [G*Q] rows in [T] of the group's queries, sequence-major
     key_slots: torch.Tensor  # [G, C] flat slots of each sequence's keys (padding: slot 0)
-    mask: torch.Tensor  # [G, 1, Q, C] True where a query may attend a key
+    mask: torch.Tensor | None  # [G, 1, Q, C] True where a query may attend a key; None: below
+    causal: bool  # with no mask: Q == C and query i sees keys 0..i; else it sees every key
     in_order: bool  # rows are exactly 0..T-1: the group is the whole batch
 
 
@@ -161,8 +164,17 @@ class AttentionBatch:
             positions[rows] = group_positions
             slots[rows] = group_slots
             in_order = len(by_new) == 1  # one group: sequence-major rows are 0..T-1
+            unmasked = len({c.num_keys for c in group}) == 1 and (
+                num_new == 1 or all(c.num_cached == 0 for c in group)
+            )  # no key padding, and either one query or a plain causal square
             groups.append(
-                AttentionGroup(rows.to(device), key_slots.to(device), mask.to(device), in_order)
+                AttentionGroup(
+                    rows.to(device),
+                    key_slots.to(device),
+                    None if unmasked else mask.to(device),
+                    unmasked and num_new > 1,
+                    in_order,
+                )
             )
         last = [f + c.num_new - 1 for f, c in zip(first, chunks, strict=True)]
         return cls(
@@ -230,14 +242,15 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:  # [T, Hq * D]
     """Write the new K/V into the cache, then attend every query to its sequence's keys."""
-    k_cache[batch.slot_mapping] = k
-    v_cache[batch.slot_mapping] = v
+    k_cache.index_copy_(0, batch.slot_mapping, k)  # in place, into each token's slot
+    v_cache.index_copy_(0, batch.slot_mapping, v)
     if batch.probe is not None:
         batch.probe.results.append(_probe_stats(q, k_cache, batch.probe, scale))
     num_tokens, num_heads, head_dim = q.shape
     out = None if batch.groups[0].in_order else q.new_empty(num_tokens, num_heads, head_dim)
     for group in batch.groups:
-        num_seqs, _, max_q, max_c = group.mask.shape
+        num_seqs, max_c = group.key_slots.shape
+        max_q = group.rows.shape[0] // num_seqs
         q_group = q if group.in_order else q.index_select(0, group.rows)  # [G*Q, Hq, D]
         qb = q_group.view(num_seqs, max_q, num_heads, head_dim).transpose(1, 2)  # [G, Hq, Q, D]
         # index_select on the flat slot list is ~2x faster than advanced indexing with [G, C]
@@ -246,7 +259,13 @@ def paged_attention(
         kb = k_cache.index_select(0, flat_slots).view(kv_shape).transpose(1, 2)  # [G, Hkv, C, D]
         vb = v_cache.index_select(0, flat_slots).view(kv_shape).transpose(1, 2)  # [G, Hkv, C, D]
         attended = F.scaled_dot_product_attention(
-            qb, kb, vb, attn_mask=group.mask, scale=scale, enable_gqa=num_heads != kb.shape[1]
+            qb,
+            kb,
+            vb,
+            attn_mask=group.mask,
+            is_causal=group.causal,
+            scale=scale,
+            enable_gqa=num_heads != kb.shape[1],
         )  # [G, Hq, Q, D]
         attended = attended.transpose(1, 2).reshape(-1, num_heads, head_dim)  # [G*Q, Hq, D]
         if out is None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+RotaryAngles = tuple[torch.Tensor, torch.Tensor]  # cos, sin [T, 1, D]
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, computed in fp32 like the reference implementations."""
@@ -63,15 +65,22 @@ class RotaryEmbedding:
         self.max_positions = num_positions
         self.num_builds += 1
 
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryAngles:
+        """cos and sin [T, 1, D] at ``positions`` [T]: gathered once a forward, for every layer."""
+        cos = self.cos[positions].unsqueeze(1).to(dtype)  # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1).to(dtype)  # [T, 1, D]
+        return cos, sin
+
     def apply(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [T, Hq, D] and k [T, Hkv, D] by their token positions [T]."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        angles = self.at(positions, q.dtype)
+        return rotate(q, angles), rotate(k, angles)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, angles: RotaryAngles) -> torch.Tensor:
+    """Rotate every head of x [T, heads, D] by its token's angles (q and k heads alike)."""
+    cos, sin = angles
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin

@@ -24,9 +24,9 @@ from experts.backend import ColocatedExperts, ExpertBackend
 from experts.checkpoint import CheckpointReader
 from experts.ffn import swiglu_mlp
 from experts.gate import route
-from experts.layers import RotaryEmbedding, rms_norm
+from experts.layers import RotaryAngles, RotaryEmbedding, rms_norm, rotate
 from experts.spec import ModelSpec
-from experts.weights import BackboneWeights, LayerWeights, load_backbone
+from experts.weights import AttentionWeights, BackboneWeights, LayerWeights, load_backbone
 
 RouteObserver = Callable[[int, torch.Tensor], None]  # (layer, expert ids [T, K])
 
@@ -86,10 +86,11 @@ class MoEModel:
             f"{tuple(input_ids.shape)} ids vs {tuple(batch.positions.shape)} positions"
         )
         x = self.weights.embed[input_ids]  # [T, H]
+        angles = self.rope.at(batch.positions, x.dtype)  # shared by every layer
         eps = self.spec.rms_norm_eps
         for i, layer in enumerate(self.weights.layers):
             h = rms_norm(x, layer.input_norm, eps)
-            x = x + self._attention(i, layer, h, batch, kv)
+            x = x + self._attention(i, layer, h, angles, batch, kv)
             h = rms_norm(x, layer.post_attention_norm, eps)
             x = x + self._mlp(i, layer, h)
         return rms_norm(x, self.weights.final_norm, eps)
@@ -99,32 +100,45 @@ class MoEModel:
         return F.linear(hidden, self.weights.lm_head).float()
 
     def _attention(
-        self, i: int, layer: LayerWeights, h: torch.Tensor, batch: AttentionBatch, kv: KVLayers
+        self,
+        i: int,
+        layer: LayerWeights,
+        h: torch.Tensor,
+        angles: RotaryAngles,
+        batch: AttentionBatch,
+        kv: KVLayers,
     ) -> torch.Tensor:
         spec, a = self.spec, layer.attention
-        num_tokens = h.shape[0]
-        qkv = F.linear(h, a.qkv, a.qkv_bias)  # [T, Hq*D + 2*Hkv*D]
-        q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
-        if spec.family.qk_norm == "full":  # OLMoE: norm over all heads at once
-            assert a.q_norm is not None and a.k_norm is not None
-            q, k = (
-                rms_norm(q, a.q_norm, spec.rms_norm_eps),
-                rms_norm(k, a.k_norm, spec.rms_norm_eps),
-            )
-        if spec.clip_qkv is not None:
-            q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
-        q = q.reshape(num_tokens, spec.num_heads, spec.head_dim)  # [T, Hq, D]
-        k = k.reshape(num_tokens, spec.num_kv_heads, spec.head_dim)  # [T, Hkv, D]
-        v = v.reshape(num_tokens, spec.num_kv_heads, spec.head_dim)  # [T, Hkv, D]
-        if spec.family.qk_norm == "head":  # Qwen3: norm each head over D
-            assert a.q_norm is not None and a.k_norm is not None
-            q, k = (
-                rms_norm(q, a.q_norm, spec.rms_norm_eps),
-                rms_norm(k, a.k_norm, spec.rms_norm_eps),
-            )
-        q, k = self.rope.apply(q, k, batch.positions)
+        num_q, num_kv = spec.num_heads, spec.num_kv_heads
+        qkv = F.linear(h, a.qkv, a.qkv_bias)  # [T, (Hq + 2*Hkv)*D]
+        heads = qkv.view(h.shape[0], num_q + 2 * num_kv, spec.head_dim)  # [T, Hq+2Hkv, D]
+        qk, v = heads.split([num_q + num_kv, num_kv], dim=1)  # [T, Hq+Hkv, D], [T, Hkv, D]
+        if spec.family.qk_norm != "none" or spec.clip_qkv is not None:
+            qk, v = self._qk_norm_and_clip(a, qk, v)
+        # q and k heads rotate by the same angles: one rotation over both
+        q, k = rotate(qk, angles).split([num_q, num_kv], dim=1)  # [T, Hq, D], [T, Hkv, D]
         out = paged_attention(q, k, v, kv.key(i), kv.value(i), batch, self.scale)  # [T, Hq*D]
         return F.linear(out, a.o)  # [T, H]
+
+    def _qk_norm_and_clip(
+        self,
+        a: AttentionWeights,
+        qk: torch.Tensor,  # [T, Hq+Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # [T, Hq+Hkv, D], [T, Hkv, D]
+        """The families' q/k norms and qkv clipping, in their references' order."""
+        spec, eps = self.spec, self.spec.rms_norm_eps
+        q, k = qk.split([spec.num_heads, spec.num_kv_heads], dim=1)  # [T, Hq, D], [T, Hkv, D]
+        if spec.family.qk_norm == "full":  # OLMoE: norm over all heads at once, then clip
+            assert a.q_norm is not None and a.k_norm is not None
+            q = rms_norm(q.reshape(q.shape[0], -1), a.q_norm, eps).view(q.shape)
+            k = rms_norm(k.reshape(k.shape[0], -1), a.k_norm, eps).view(k.shape)
+        if spec.clip_qkv is not None:
+            q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
+        if spec.family.qk_norm == "head":  # Qwen3: norm each head over D
+            assert a.q_norm is not None and a.k_norm is not None
+            q, k = rms_norm(q, a.q_norm, eps), rms_norm(k, a.k_norm, eps)
+        return torch.cat([q, k], dim=1), v
 
     def _mlp(self, i: int, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         if layer.router is None:
