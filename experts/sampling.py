@@ -26,6 +26,7 @@ from experts.sampling_params import SamplingParams
 
 NON_FINITE_LOGITS = "its next-token logits are not finite (NaN or inf)"
 _MAX_ERROR_CHARS = 200  # of a sampler's exception text quoted in a row's failure
+_EXACT_FP32_INTS = 2**24  # token ids up to this travel exactly as fp32, beside log-probs
 
 
 class Sampler:
@@ -85,8 +86,15 @@ def sample_batch(
     assert logits.shape[0] == len(samplers), f"{logits.shape[0]} rows vs {len(samplers)} samplers"
     # max propagates NaN, so a row with NaN, +inf, or nothing but -inf has a non-finite best
     best, tokens = logits.max(dim=-1)  # [B] largest logit, [B] greedy token
-    picked = torch.where(torch.isfinite(best), tokens, -1).tolist()  # one device sync
-    failed: dict[int, str] = {}
+    picked_t = torch.where(torch.isfinite(best), tokens, -1)  # [B]
+    if all(s.params.greedy for s in samplers):  # the common case: one device-to-host copy
+        assert logits.shape[-1] <= _EXACT_FP32_INTS, f"vocab {logits.shape[-1]} too large"
+        both = torch.stack([picked_t.float(), _logprobs(logits, tokens).float()]).tolist()
+        picked = [int(t) for t in both[0]]
+        failed = {row: NON_FINITE_LOGITS for row, token in enumerate(picked) if token < 0}
+        return _batch(picked, both[1], failed)
+    picked = picked_t.tolist()  # one device sync
+    failed = {}
     for row, sampler in enumerate(samplers):
         if picked[row] < 0:
             failed[row] = NON_FINITE_LOGITS
@@ -98,7 +106,15 @@ def sample_batch(
                 picked[row] = -1
                 continue
             tokens[row] = picked[row]
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0].tolist()  # [B]
+    return _batch(picked, _logprobs(logits, tokens).tolist(), failed)
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:  # [B]
+    """Each row's log-probability of its token, from the unmodified distribution."""
+    return torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
+
+
+def _batch(picked: list[int], logprobs: list[float], failed: dict[int, str]) -> SampledBatch:
     for row in failed:
         logprobs[row] = math.nan
     return SampledBatch(picked, logprobs, failed)

@@ -182,7 +182,7 @@ class LLMEngine:
     def _step_input(self, chunk: ScheduledChunk) -> StepInput:
         seq = chunk.seq
         start = seq.num_computed
-        ids = seq.all_ids[start : start + chunk.num_tokens]
+        ids = seq.ids_between(start, start + chunk.num_tokens)
         first_keys = None
         # probe only the chunk whose last position gives a token (the final prefill chunk)
         if seq.attention_first_tokens and start + chunk.num_tokens == seq.num_tokens:

@@ -168,9 +168,9 @@ class Scheduler:
             count = min(seq.num_uncomputed, self._chunk_limit(seq, budget))
             assert count > 0, f"running sequence {seq.request_id} has nothing to compute"
             need = blocks_for(seq.num_keys + count, self.block_size) - len(seq.block_table)
-            while not self.blocks.can_allocate(need) and seq in self.running:
+            while not self.blocks.can_allocate(need) and seq.status is SequenceStatus.RUNNING:
                 out.preempted.append(self._preempt(self.running[-1]))
-            if seq not in self.running:
+            if seq.status is not SequenceStatus.RUNNING:
                 break  # it was the newest: preempted itself
             self._grow(seq, need)
             out.chunks.append(ScheduledChunk(seq, count))
@@ -225,10 +225,9 @@ class Scheduler:
         seq.num_computed += chunk.num_tokens
         if seq.num_dropped or not self.blocks.enable_prefix_caching:
             return
-        ids = seq.all_ids
         for j in range(len(seq.block_hashes), seq.num_computed // size):
             parent = seq.block_hashes[-1] if seq.block_hashes else seq.root_hash
-            block_hash = hash_block(parent, ids[j * size : (j + 1) * size])
+            block_hash = hash_block(parent, seq.ids_between(j * size, (j + 1) * size))
             self.blocks.register(seq.block_table[j], block_hash)
             seq.block_hashes.append(block_hash)
 
@@ -312,7 +311,7 @@ class Scheduler:
             return
         self.blocks.free(table[tail + 1 :])  # allocated, nothing computed yet
         parent = seq.block_hashes[-1] if tail else seq.root_hash
-        computed = seq.all_ids[tail * size : seq.num_computed]
+        computed = seq.ids_between(tail * size, seq.num_computed)
         self.blocks.release_partial(table[tail], parent, computed)
         self.blocks.free(table[:tail])  # after the tail: the tail is evicted first
 

@@ -23,9 +23,10 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """A request being generated.
+    """A request being generated (compared by identity: the scheduler looks sequences up in
+    its queues every step, and field-by-field equality would compare their token lists).
 
     ``num_computed`` counts tokens whose K/V have been computed (they are
     positions 0..num_computed-1). ``num_dropped`` of them were evicted by a
@@ -64,6 +65,15 @@ class Sequence:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def ids_between(self, start: int, end: int) -> list[int]:
+        """``all_ids[start:end]`` without copying the whole history (a decode step's chunk)."""
+        num_prompt = len(self.prompt_ids)
+        if start >= num_prompt:
+            return self.output_ids[start - num_prompt : end - num_prompt]
+        if end <= num_prompt:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[: end - num_prompt]
 
     @property
     def num_tokens(self) -> int:
