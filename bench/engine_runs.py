@@ -110,6 +110,27 @@ def random_ids(rng: random.Random, n: int, vocab_size: int) -> list[int]:
     return [rng.randrange(FIRST_ORDINARY_ID, vocab_size) for _ in range(n)]
 
 
+def make_workload(cfg: BenchConfig, vocab_size: int) -> list[Request]:
+    """Fixed-seed requests: uniform prompt and output lengths in the configured ranges."""
+    rng = random.Random(cfg.seed)
+    requests = []
+    for i in range(cfg.num_requests):
+        prompt_len = rng.randint(*cfg.prompt_len)
+        max_tokens = rng.randint(*cfg.output_len)
+        requests.append(Request(f"r{i:03d}", random_ids(rng, prompt_len, vocab_size), max_tokens))
+    return requests
+
+
+def poisson_offsets(n: int, rate: float, seed: int) -> list[float]:
+    """Arrival offsets (s) of a Poisson process at ``rate``/s; the first request arrives at 0."""
+    rng = random.Random(seed * 7919 + 1)
+    offsets, t = [0.0], 0.0
+    for _ in range(n - 1):
+        t += rng.expovariate(rate)
+        offsets.append(t)
+    return offsets
+
+
 def _vm_kib(field_name: str) -> int | None:
     try:
         status = Path("/proc/self/status").read_text()
