@@ -18,16 +18,10 @@ import threading
 from collections.abc import Sequence
 
 import torch
-from opentelemetry import trace
 
 from cluster.expert_parallel.transports import ShardCall, ShardCaller
-from cluster.telemetry.setup import (
-    Telemetry,
-    context_from_traceparent,
-    get_telemetry,
-    traceparent_of,
-)
-from cluster.telemetry.step_trace import current_step_trace
+from cluster.telemetry.dispatch_spans import DispatchSpans
+from cluster.telemetry.setup import get_telemetry
 from experts.dispatch_tensors import combine, gather_shard_inputs, split_by_owner
 from router.dispatch import plan_dispatch
 from router.routing_table import RoutingTable
@@ -42,7 +36,7 @@ class RemoteExperts:
         self._pool = pool
         self._table = table
         self.tier = tier  # for metric attributes
-        self._spans_made: dict[str, int] = {}  # dispatch spans per traced request (traceparent)
+        self._dispatch_spans = DispatchSpans()  # per traced request, recorded off this thread
         self._owners: dict[tuple[int, int], tuple[list[str], torch.Tensor] | None] = {}
         self._lock = threading.Lock()
         self.num_shard_calls = 0
@@ -72,7 +66,8 @@ class RemoteExperts:
             table = self._table
         shards, rows, sends, fan_out = self.split(table, layer, hidden, expert_ids, weights)
         telemetry = get_telemetry()
-        span, traceparent = self._dispatch_span(telemetry, layer, hidden.shape[0], len(shards))
+        span = self._dispatch_spans.start(telemetry, layer, hidden.shape[0], len(shards))
+        traceparent = span.traceparent if span is not None else ""
         pending = [
             self._pool.send(ShardCall(shard, layer, *sent, traceparent))
             for shard, sent in zip(shards, sends, strict=True)
@@ -85,7 +80,7 @@ class RemoteExperts:
         else:
             outputs = self._pool.wait(pending)
         if span is not None:
-            span.end()
+            self._dispatch_spans.end(telemetry, span)
         self.num_shard_calls += len(pending)
         self.last_fan_out = fan_out
         outputs = [out.to(hidden.device) for out in outputs]  # shards answer in host memory
@@ -151,32 +146,3 @@ class RemoteExperts:
                 self._owners.clear()
             self._owners[key] = owners
         return self._owners[key]
-
-    def _dispatch_span(
-        self, telemetry: Telemetry, layer: int, num_tokens: int, num_shards: int
-    ) -> tuple[trace.Span | None, str]:
-        """A span for this layer's dispatch when the step belongs to a traced request.
-
-        At most ``dispatch_spans`` per request (its first steps): a long generation would
-        otherwise make layers x steps x shards spans.
-        """
-        step = current_step_trace()
-        if not step or not telemetry.tracing:
-            return None, ""
-        made = self._spans_made.pop(step, 0)
-        self._spans_made[step] = made + 1  # most recent last: the oldest are forgotten first
-        if len(self._spans_made) > 4096:
-            del self._spans_made[next(iter(self._spans_made))]
-        parent = context_from_traceparent(step)
-        if parent is None or made >= telemetry.settings.dispatch_spans:
-            return None, ""
-        span = telemetry.tracer.start_span(
-            "moe.expert_dispatch",
-            context=parent,
-            attributes={
-                "moe.layer": layer,
-                "moe.dispatch.tokens": num_tokens,
-                "moe.dispatch.shards": num_shards,
-            },
-        )
-        return span, traceparent_of(span)

@@ -22,16 +22,24 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.trace import SpanContext
 
 from cluster.engine.requests import Routing, TokenEvent
 from cluster.telemetry.setup import Telemetry, context_from_traceparent, traceparent_of
+from cluster.telemetry.span_batch import SpanFactory
 
 ShardOf = Callable[[int, int], str]  # (layer, expert) -> shard holding it
 
 
-def _epoch_ns(monotonic_s: float) -> int:
+def _epoch_offset_ns() -> int:
+    """Wall-clock minus monotonic time, in nanoseconds, now."""
+    return time.time_ns() - int(time.monotonic() * 1e9)
+
+
+def _epoch_ns(monotonic_s: float, offset_ns: int) -> int:
     """Engine times are ``time.monotonic``; spans want wall-clock nanoseconds."""
-    return time.time_ns() - int((time.monotonic() - monotonic_s) * 1e9)
+    return offset_ns + int(monotonic_s * 1e9)
 
 
 class RequestTrace:
@@ -84,7 +92,11 @@ class RequestTrace:
         )
 
     def finish(self, error: str | None = None) -> None:
-        """Record spans (when traced) and per-request metrics; call once, at the end."""
+        """Record per-request metrics and end the span (when traced); call once, at the end.
+
+        The queue / prefill / decode children and their token events are built later, on the
+        span batcher's thread, from the events kept here (see ``_children``).
+        """
         last = self.events[-1] if self.events else None
         if last is not None:
             metrics = self.telemetry.metrics
@@ -97,7 +109,9 @@ class RequestTrace:
             return
         span = self.span
         if last is not None:
-            self._children(span, last)
+            first = self.events[0]
+            queue_s = (first.scheduled_time or first.arrival_time) - first.arrival_time
+            span.set_attribute("moe.latency.queue_s", queue_s)
             span.set_attribute("moe.usage.cached_prompt_tokens", last.num_cached_prompt_tokens)
             span.set_attribute("moe.usage.truncated_tokens", last.num_truncated_tokens)
             span.set_attribute("gen_ai.usage.output_tokens", len(self.events))
@@ -105,59 +119,95 @@ class RequestTrace:
             if attention is not None:  # per layer, index = layer
                 span.set_attribute("moe.attention.entropy", [a[0] for a in attention])
                 span.set_attribute("moe.attention.first_tokens_mass", [a[1] for a in attention])
+            factory, batcher = self.telemetry.span_factory, self.telemetry.span_batcher
+            assert factory is not None and batcher is not None, "a traced request without a batcher"
+            batcher.record(self._children, factory, span.get_span_context(), _epoch_offset_ns())
         if error is not None:
             span.set_status(trace.Status(trace.StatusCode.ERROR, error))
         span.end()
 
-    def _children(self, span: trace.Span, last: TokenEvent) -> None:
-        tracer = self.telemetry.tracer
-        parent = trace.set_span_in_context(span)
-        first = self.events[0]
-        arrival = _epoch_ns(first.arrival_time)
-        scheduled = _epoch_ns(first.scheduled_time or first.arrival_time)
-        first_token = _epoch_ns(first.time)
-        end = _epoch_ns(last.time)
-        queue = tracer.start_span("moe.queue", context=parent, start_time=arrival)
-        queue.end(end_time=scheduled)
-        prefill = tracer.start_span(
-            "moe.prefill",
-            context=parent,
-            start_time=scheduled,
-            attributes={
-                "gen_ai.usage.input_tokens": last.num_prompt_tokens,
-                "moe.usage.cached_prompt_tokens": last.num_cached_prompt_tokens,
-            },
+    def _children(
+        self, factory: SpanFactory, parent: SpanContext, offset_ns: int
+    ) -> list[ReadableSpan]:
+        """The queue, prefill and decode spans, from the engine's timestamps (``offset_ns``
+        turns them into wall-clock nanoseconds, as of ``finish``)."""
+        first, last = self.events[0], self.events[-1]
+        arrival = _epoch_ns(first.arrival_time, offset_ns)
+        scheduled = _epoch_ns(first.scheduled_time or first.arrival_time, offset_ns)
+        first_token = _epoch_ns(first.time, offset_ns)
+        prefill = {
+            "gen_ai.usage.input_tokens": last.num_prompt_tokens,
+            "moe.usage.cached_prompt_tokens": last.num_cached_prompt_tokens,
+        }
+        events, skipped = self._token_events(factory.limits.max_events, offset_ns)
+        spans = (
+            factory.finished("moe.queue", parent, arrival, scheduled),
+            factory.finished("moe.prefill", parent, scheduled, first_token, prefill),
+            factory.finished(
+                "moe.decode",
+                parent,
+                first_token,
+                _epoch_ns(last.time, offset_ns),
+                self._routing_attributes(),
+                events,
+                num_events_skipped=skipped,
+            ),
         )
-        prefill.end(end_time=first_token)
-        decode = tracer.start_span("moe.decode", context=parent, start_time=first_token)
-        self._token_events(decode)
-        decode.end(end_time=end)
-        span.set_attribute("moe.latency.queue_s", (scheduled - arrival) / 1e9)
+        return [s for s in spans if s is not None]
 
-    def _token_events(self, span: trace.Span) -> None:
+    def _routing_attributes(self) -> dict[str, Any]:
+        routing = self.events[-1].routing
+        if self.telemetry.settings.token_events <= 0 or routing is None:
+            return {}
+        return {
+            "moe.routing.layers": [layer for layer, _ in routing],
+            "moe.routing.top_k": len(routing[0][1]) if routing else 0,
+        }
+
+    def _token_events(self, room: int | None, offset_ns: int) -> tuple[list[Event], int]:
+        """Up to ``token_events`` ``moe.token`` events spread evenly over the output; past the
+        span's event limit only the last are built (an SDK span keeps the last), and the
+        others are counted as dropped."""
         limit = self.telemetry.settings.token_events
         events = self.events
         if limit <= 0 or not events:
-            return
-        routing = events[-1].routing
-        if routing is not None:
-            span.set_attribute("moe.routing.layers", [layer for layer, _ in routing])
-            span.set_attribute("moe.routing.top_k", len(routing[0][1]) if routing else 0)
+            return [], 0
         stride = -(-len(events) // limit)  # ceil: spread the kept events over the output
-        for i in range(0, len(events), stride):
+        kept = range(0, len(events), stride)
+        skipped = max(0, len(kept) - room) if room is not None else 0
+        fan_out = _FanOut(self.shard_of)
+        out = []
+        for i in kept[skipped:]:
             event = events[i]
             attributes: dict[str, Any] = {"moe.token.index": event.index}
             if i > 0:
                 attributes["moe.token.itl_s"] = event.time - events[i - 1].time
             if event.routing is not None:
-                attributes.update(self._fan_out(event.routing))
-            span.add_event("moe.token", attributes, timestamp=_epoch_ns(event.time))
+                attributes.update(fan_out(event.routing))
+            out.append(Event("moe.token", attributes, _epoch_ns(event.time, offset_ns)))
+        return out, skipped
 
-    def _fan_out(self, routing: Routing) -> dict[str, Any]:
-        pairs = [(layer, e) for layer, chosen in routing for e in chosen]
-        shards = {self.shard_of(layer, e) for layer, e in pairs} if self.shard_of else set()
+
+class _FanOut:
+    """A token's routing fan-out attributes; remembers the shard of each (layer, expert)."""
+
+    def __init__(self, shard_of: ShardOf | None) -> None:
+        self.shard_of = shard_of
+        self.shards: dict[tuple[int, int], str] = {}
+
+    def __call__(self, routing: Routing) -> dict[str, Any]:
+        flat = [e for _, chosen in routing for e in chosen]
+        shards: set[str] = set()
+        if self.shard_of is not None:
+            known = self.shards
+            for layer, chosen in routing:
+                for e in chosen:
+                    shard = known.get((layer, e))
+                    if shard is None:
+                        shard = known[(layer, e)] = self.shard_of(layer, e)
+                    shards.add(shard)
         return {
-            "moe.token.experts": len({e for _, e in pairs}),
+            "moe.token.experts": len(set(flat)),
             "moe.token.shards": len(shards),
-            "moe.token.routing": [e for _, chosen in routing for e in chosen],
+            "moe.token.routing": flat,
         }

@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 _FLAGS_HAS_IS_REMOTE = 0x100  # SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
 _FLAGS_IS_REMOTE = 0x200  # SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
+_NUM_SMALL_INTS = 4096
+_SMALL_INTS = tuple({"intValue": str(i)} for i in range(_NUM_SMALL_INTS))
 _DOUBLE_WORDS = {math.inf: "Infinity", -math.inf: "-Infinity"}
 
 Json = dict[str, Any]
@@ -187,14 +189,23 @@ def any_value(value: Any) -> Json:
     if kind is str:
         return {"stringValue": value}
     if kind is int:
-        return {"intValue": str(value)}
+        return _int_value(value)
     if kind is float:
         return {"doubleValue": _double(value)}
     if kind is bool:
         return {"boolValue": value}
     if kind is tuple or kind is list:
-        return {"arrayValue": {"values": [any_value(v) for v in value]} if value else {}}
+        if not value:
+            return {"arrayValue": {}}
+        if all(type(v) is int for v in value):  # routing ids and layer lists: the common array
+            return {"arrayValue": {"values": [_int_value(v) for v in value]}}
+        return {"arrayValue": {"values": [any_value(v) for v in value]}}
     return _other_value(value)
+
+
+def _int_value(value: int) -> Json:
+    # expert ids, layers, indices: small ints, whose encodings are shared (never mutated)
+    return _SMALL_INTS[value] if 0 <= value < _NUM_SMALL_INTS else {"intValue": str(value)}
 
 
 def _other_value(value: Any) -> Json:

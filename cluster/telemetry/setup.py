@@ -21,10 +21,11 @@ process set those only once, which would pin tests (and any re-setup) to the fir
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
@@ -39,6 +40,7 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from cluster.telemetry.exporters import (
@@ -49,6 +51,7 @@ from cluster.telemetry.exporters import (
 )
 from cluster.telemetry.metrics import Metrics
 from cluster.telemetry.settings import TelemetrySettings, settings_from_env
+from cluster.telemetry.span_batch import SpanBatcher, SpanFactory
 from cluster.telemetry.trace_file import (
     JsonLinesSpanExporter,
     SpanEvent,
@@ -87,6 +90,7 @@ class Telemetry:
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
         prometheus: PrometheusEndpoint | None = None,
+        span_processors: Sequence[SpanProcessor] = (),
     ) -> None:
         self.settings = settings
         self._tracer_provider = tracer_provider
@@ -95,6 +99,17 @@ class Telemetry:
         self.tracer: trace.Tracer = (
             tracer_provider.get_tracer(SCOPE_NAME) if tracer_provider else trace.NoOpTracer()
         )
+        # spans of hot paths: recorded as plain data, built and exported off the caller's thread
+        self.span_factory: SpanFactory | None = None
+        self.span_batcher: SpanBatcher | None = None
+        if tracer_provider is not None:
+            self.span_factory = SpanFactory(
+                tracer_provider.resource,
+                InstrumentationScope(SCOPE_NAME),
+                tracer_provider.sampler,
+                tracer_provider.id_generator,
+            )
+            self.span_batcher = SpanBatcher(span_processors)
         meter = meter_provider.get_meter(SCOPE_NAME) if meter_provider else NoOpMeter(SCOPE_NAME)
         self.metrics = Metrics(meter)
 
@@ -123,7 +138,10 @@ class Telemetry:
         return self._tracer_provider.resource if self._tracer_provider else None
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """Export everything recorded so far, the batched spans first."""
         ok = True
+        if self.span_batcher is not None:
+            self.span_batcher.flush()
         if self._tracer_provider is not None:
             ok = self._tracer_provider.force_flush(timeout_millis) and ok
         if self._meter_provider is not None:
@@ -131,6 +149,8 @@ class Telemetry:
         return ok
 
     def shutdown(self) -> None:
+        if self.span_batcher is not None:
+            self.span_batcher.shutdown()
         if self._tracer_provider is not None:
             self._tracer_provider.shutdown()
         if self._meter_provider is not None:
@@ -167,7 +187,7 @@ def setup_telemetry(
                 logger.warning("telemetry already set up; ignoring different settings %s", settings)
             return _current
         resource = _resource(effective, role, attributes or {})
-        tracer_provider = _tracer_provider(effective, resource, span_exporter)
+        tracer_provider, processors = _tracer_provider(effective, resource, span_exporter)
         readers: list[MetricReader] = [] if metric_reader is None else [metric_reader]
         prometheus = None
         for name in effective.metrics_exporters:
@@ -183,8 +203,19 @@ def setup_telemetry(
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
             prometheus=prometheus,
+            span_processors=processors,
         )
+        # after the provider's own exit hook, so it runs first (LIFO): batched spans reach
+        # the processors before they shut down
+        atexit.unregister(_flush_at_exit)
+        atexit.register(_flush_at_exit)
         return _current
+
+
+def _flush_at_exit() -> None:
+    current = _current
+    if current is not None and current.span_batcher is not None:
+        current.span_batcher.flush()
 
 
 def get_telemetry() -> Telemetry:
@@ -221,7 +252,7 @@ def _resource(settings: TelemetrySettings, role: str, attributes: Mapping[str, s
 
 def _tracer_provider(
     settings: TelemetrySettings, resource: Resource, injected: SpanExporter | None
-) -> TracerProvider | None:
+) -> tuple[TracerProvider | None, list[SpanProcessor]]:
     processors: list[SpanProcessor] = []
     for name in settings.traces_exporters:
         exporter = build_span_exporter(name, settings, os.environ)
@@ -231,11 +262,11 @@ def _tracer_provider(
     if injected is not None:
         processors.append(SimpleSpanProcessor(injected))
     if not processors:
-        return None
+        return None, []
     provider = TracerProvider(resource=resource, sampler=build_sampler(settings))
     for processor in processors:
         provider.add_span_processor(processor)
-    return provider
+    return provider, processors
 
 
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -259,3 +290,14 @@ def context_from_traceparent(traceparent: str) -> Context | None:
     if not trace.get_current_span(context).get_span_context().is_valid:
         return None
     return context
+
+
+def span_context_of(traceparent: str) -> trace.SpanContext | None:
+    """The remote parent a ``traceparent`` names, or None for a missing/invalid header."""
+    context = context_from_traceparent(traceparent)
+    return None if context is None else trace.get_current_span(context).get_span_context()
+
+
+def traceparent_for(context: trace.SpanContext) -> str:
+    """The ``traceparent`` of a span known only by its context (a span still to be built)."""
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"

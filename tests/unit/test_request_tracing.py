@@ -26,7 +26,7 @@ from cluster.expert_parallel.remote_experts import RemoteExperts
 from cluster.serving.tier_client import InProcessTierClient
 from cluster.serving.tier_replica import TierReplica
 from cluster.telemetry.settings import TelemetrySettings
-from cluster.telemetry.setup import reset_telemetry, setup_telemetry
+from cluster.telemetry.setup import get_telemetry, reset_telemetry, setup_telemetry
 from deploy.api import ApiError
 from deploy.config import ClusterConfig, parse_config
 from deploy.gateway import Gateway
@@ -105,6 +105,12 @@ def _request(**fields: Any) -> pb.GenerateRequest:
     return pb.GenerateRequest(**(base | fields))
 
 
+def _finished(exporter: InMemorySpanExporter) -> Sequence[ReadableSpan]:
+    """Every span so far: the replica's children and dispatch spans are built in batches."""
+    get_telemetry().force_flush()
+    return exporter.get_finished_spans()
+
+
 def _by_name(spans: Sequence[ReadableSpan], prefix: str) -> list[ReadableSpan]:
     return [s for s in spans if s.name.startswith(prefix)]
 
@@ -124,7 +130,7 @@ def test_span_tree_continues_the_client_trace(
 ) -> None:
     exporter.clear()
     chunks = _run(gateway, _request(), {"traceparent": TRACEPARENT, "request_id": "req-1"})
-    spans = exporter.get_finished_spans()
+    spans = _finished(exporter)
     assert {format(s.context.trace_id, "032x") for s in spans} == {CLIENT_TRACE}
     assert chunks[-1].trace_id == CLIENT_TRACE
 
@@ -152,7 +158,7 @@ def test_root_attributes_follow_genai_conventions(
 ) -> None:
     exporter.clear()
     chunks = _run(gateway, _request(), {"traceparent": TRACEPARENT})
-    root = _one(exporter.get_finished_spans(), "text_completion ")
+    root = _one(_finished(exporter), "text_completion ")
     attrs = dict(root.attributes or {})
     assert attrs["gen_ai.operation.name"] == "text_completion"
     assert attrs["gen_ai.provider.name"] == "moe-cluster"
@@ -172,7 +178,7 @@ def test_per_token_events_carry_routing_fan_out(
 ) -> None:
     exporter.clear()
     _run(gateway, _request(), {"traceparent": TRACEPARENT})
-    decode = _one(exporter.get_finished_spans(), "moe.decode")
+    decode = _one(_finished(exporter), "moe.decode")
     events = [e for e in decode.events if e.name == "moe.token"]
     assert len(events) == 3  # 6 tokens, at most token_events=4: every second one
     attrs = decode.attributes or {}
@@ -205,7 +211,7 @@ def test_errors_mark_the_root_span(gateway: Gateway, exporter: InMemorySpanExpor
     exporter.clear()
     with pytest.raises(ApiError):
         _run(gateway, _request(tier="nope"), {"traceparent": TRACEPARENT})
-    root = _one(exporter.get_finished_spans(), "text_completion")
+    root = _one(_finished(exporter), "text_completion")
     assert root.status.status_code is StatusCode.ERROR
     assert (root.attributes or {})["rpc.grpc.status_code"] == 3  # INVALID_ARGUMENT
 
@@ -218,7 +224,7 @@ def test_attention_diagnostics_reach_the_response_and_the_trace(
     attention = list(chunks[-1].attention)
     assert [a.layer for a in attention] == [0, 1, 2]
     assert all(a.entropy >= 0 and 0 <= a.first_tokens_mass <= 1 for a in attention)
-    tier = _one(exporter.get_finished_spans(), "moe.tier_request strong")
+    tier = _one(_finished(exporter), "moe.tier_request strong")
     masses = list((tier.attributes or {})["moe.attention.first_tokens_mass"])
     assert masses == pytest.approx([a.first_tokens_mass for a in attention], rel=1e-5)
 
@@ -243,7 +249,7 @@ def test_dispatch_spans_are_bounded_per_request(
 ) -> None:
     exporter.clear()
     _run(gateway, _request(max_tokens=40), {"traceparent": TRACEPARENT})
-    spans = exporter.get_finished_spans()
+    spans = _finished(exporter)
     # 40 steps x 3 MoE layers = 120 dispatches; only the first dispatch_spans are recorded
     assert len(_by_name(spans, "moe.expert_dispatch")) == TelemetrySettings().dispatch_spans
     assert len(_one(spans, "moe.decode").events) == 4  # token_events=4
@@ -256,7 +262,7 @@ def test_an_engine_process_replica_traces_and_counts_the_same(
     process; its token events' times and routing cross over, so the spans and metrics match."""
     exporter.clear()
     _run(gateway, _request(tier="fast"), {"traceparent": TRACEPARENT})
-    spans = exporter.get_finished_spans()
+    spans = _finished(exporter)
     tier = _one(spans, "moe.tier_request fast")
     queue, prefill, decode = (_one(spans, n) for n in ("moe.queue", "moe.prefill", "moe.decode"))
     for span in (queue, prefill, decode):
