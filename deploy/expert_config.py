@@ -17,10 +17,12 @@ class ExpertsSettings(BaseModel):
     experts are spread round-robin. Shards are placed through a placement group
     (``strategy``), and ``shard_resources[i]`` can pin shard i to nodes that offer
     those custom resources. ``data_plane`` picks how a layer's tokens reach the shards:
-    ``torch_dist`` (point-to-point gloo channels; Ray only opens them) or ``ray`` (an
-    actor call per shard per layer); ``dispatch_timeout_s`` bounds a layer's wait. With
-    ``torch_dist`` the tier's engine can run in an engine process (the default), which joins
-    the channels that its replica opened; ``ray`` needs the engine in the replica's process.
+    ``torch_dist`` (point-to-point channels that Ray only opens: shared memory to shards on
+    the backbone's node, gloo to the others), ``gloo`` (the same channels, gloo for every
+    pair) or ``ray`` (an actor call per shard per layer); ``dispatch_timeout_s`` bounds a
+    layer's wait. With ``torch_dist`` or ``gloo`` the tier's engine can run in an engine
+    process (the default), which joins the channels that its replica opened; ``ray`` needs
+    the engine in the replica's process.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -31,7 +33,7 @@ class ExpertsSettings(BaseModel):
     num_cpus_per_shard: float = Field(default=0.0, ge=0)
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "SPREAD"
     shard_resources: tuple[dict[str, float], ...] = ()
-    data_plane: Literal["torch_dist", "ray"] = "torch_dist"
+    data_plane: Literal["torch_dist", "gloo", "ray"] = "torch_dist"
     dispatch_timeout_s: float = Field(default=60.0, gt=0, le=3600)
 
     @model_validator(mode="after")

@@ -17,6 +17,12 @@ sides, and its engine process, which makes no Ray call, joins with the tickets i
 (``cluster.expert_parallel.engine_experts``). Such a channel cannot be reopened from the engine
 process: when it breaks, the layer fails, the engine stops and the replica is replaced.
 
+Same node. A shard on the backbone's own Ray node (``host_rendezvous``'s ``same_node``, which
+``TorchDistTransport.locate`` fills from the actors' node ids) gets a shared-memory pair instead
+of gloo: tensors in a segment both map, a Unix socket as doorbell and as the sign of a dead
+peer (``cluster.expert_parallel.shm_link`` writes down its protocol). The same ticket, key
+handshake, limits, errors and timeouts apply; only the bytes take another road.
+
 Per layer and shard, the backbone sends a fixed-size header (op, layer, sizes, dtype, the
 dispatching span's trace context) and one packed byte payload (hidden, expert ids, gate
 weights), and receives ``[N * H + 1]`` in the hidden dtype: the shard's output and a status
@@ -59,23 +65,21 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from cluster.expert_parallel import shm_link
+from cluster.expert_parallel.channel_server import serve_channel
 from cluster.expert_parallel.wire import (
     DTYPES,
     HEADER_LEN,
-    IDLE_WAIT,
     KEY_LEN,
     MAX_ERROR_BYTES,
     OP_COMPUTE,
-    OP_STOP,
-    STATUS_FAILED,
     STATUS_OK,
     TAG_ERROR,
     TAG_ERROR_LEN,
@@ -89,14 +93,10 @@ from cluster.expert_parallel.wire import (
     PayloadLimits,
     PayloadRefused,
     ShardComputeError,
-    answer_backbone,
     bind_store,
-    decode_trace,
     greet_shard,
     pack,
     pair_group,
-    payload_size,
-    unpack,
 )
 
 __all__ = [  # the wire's names that callers of the data plane use, importable from here too
@@ -113,106 +113,65 @@ __all__ = [  # the wire's names that callers of the data plane use, importable f
 
 logger = logging.getLogger("moe_cluster.data_plane")
 
-# compute(layer, hidden [N, H], expert_ids [N, K'], weights [N, K'], traceparent) -> [N, H]
-Compute = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, str], torch.Tensor]
 # asks one shard to serve a channel
 StartPeer = Callable[[str, ChannelTicket], None]
 Tickets = Mapping[str, ChannelTicket]  # shard id -> its ticket, for one channel
 
 
-# ----------------------------------------------------------------------------- shard side
-
-
-def serve_channel(
-    compute: Compute,
-    ticket: ChannelTicket,
-    bind_host: str,
-    timeout_s: float,
-    limits: PayloadLimits,
-    name: str = "",
-) -> threading.Thread:
-    """Serve one backbone's channel on a daemon thread of this (shard) process."""
-    prefix = ticket.prefix
-
-    def serve() -> None:
-        try:
-            store = dist.TCPStore(
-                ticket.store_host,
-                ticket.store_port,
-                is_master=False,
-                timeout=timedelta(seconds=timeout_s),
-            )
-            group = pair_group(store, prefix, 1, bind_host, timeout_s)
-        except Exception:
-            logger.exception("shard %s: could not join data-plane channel %s", name, prefix)
-            return
-        try:
-            answer_backbone(group, ticket.key, prefix, limits, timeout_s)
-            _serve_loop(group, compute, limits, name)
-        except HandshakeError as err:
-            logger.warning("shard %s: refused data-plane channel %s: %s", name, prefix, err)
-        except PayloadRefused as err:  # nothing was allocated; the stream is out of step
-            logger.error("shard %s: closed data-plane channel %s: %s", name, prefix, err)
-        except RuntimeError as err:  # the backbone went away, or closed: nothing left to serve
-            logger.info("shard %s: channel %s closed (%s)", name, prefix, str(err).split("\n")[0])
-
-    thread = threading.Thread(target=serve, name=f"data-plane-{prefix}", daemon=True)
-    thread.start()
-    return thread
-
-
-def _serve_loop(group: Group, compute: Compute, limits: PayloadLimits, name: str) -> None:
-    header = torch.empty(HEADER_LEN, dtype=torch.int64)
-    while True:
-        group.recv([header], 0, TAG_HEADER).wait(IDLE_WAIT)  # a dead backbone closes it sooner
-        fields = header.tolist()
-        if fields[0] == OP_STOP:
-            return
-        op, _, n, h, k, dtype_index = fields[:6]
-        limits.check(op, n, h, k, dtype_index)  # before anything is allocated for it
-        payload = torch.empty(payload_size(fields), dtype=torch.uint8)
-        group.recv([payload], 0, TAG_PAYLOAD).wait()
-        hidden, ids, weights = unpack(fields, payload)
-        n, h = hidden.shape
-        reply = torch.empty(n * h + 1, dtype=hidden.dtype)  # [N * H + 1]
-        message = b""
-        try:
-            out = compute(fields[1], hidden, ids, weights, decode_trace(fields[6:10]))  # [N, H]
-            reply[:-1] = out.reshape(-1)
-            reply[-1] = STATUS_OK
-        except Exception as err:  # reported to the caller, who raises it with the shard's name
-            logger.exception("shard %s: compute failed on layer %d", name, fields[1])
-            reply[-1] = STATUS_FAILED
-            message = f"{type(err).__name__}: {err}".encode()[:MAX_ERROR_BYTES]
-        group.send([reply], 0, TAG_REPLY).wait()
-        if message:
-            group.send([torch.tensor([len(message)], dtype=torch.int64)], 0, TAG_ERROR_LEN).wait()
-            group.send(
-                [torch.frombuffer(bytearray(message), dtype=torch.uint8)], 0, TAG_ERROR
-            ).wait()
-
-
 # ----------------------------------------------------------------------------- backbone side
 
 
+def _connect_shm(shard_id: str, ticket: ChannelTicket, timeout_s: float) -> shm_link.ShmLink:
+    try:
+        return shm_link.ShmLink.connect(ticket, shard_id, timeout_s)
+    except (OSError, HandshakeError) as err:
+        raise DataPlaneError(
+            f"expert shard {shard_id!r} did not join the data plane over shared memory, or "
+            f"failed its handshake ({type(err).__name__}: {err}); channel refused"
+        ) from err
+
+
 def host_rendezvous(
-    shard_ids: list[str], start_peer: StartPeer, host: str, timeout_s: float
-) -> tuple[dist.TCPStore, dict[str, ChannelTicket]]:
+    shard_ids: list[str],
+    start_peer: StartPeer,
+    host: str,
+    timeout_s: float,
+    same_node: Collection[str] = (),
+) -> tuple[dist.TCPStore | None, dict[str, ChannelTicket]]:
     """Host one channel's rendezvous store on ``host`` and start every shard's side of it.
 
     Each shard gets its ticket (store address, its pair's prefix under a fresh 128-bit channel
     id, the channel's fresh key) through ``start_peer``, a Ray control call. The store must
     stay alive until the backbone's side has joined (``Channel.join``); the shards then wait
-    for that side for up to the ``timeout_s`` that ``start_peer`` gave them.
+    for that side for up to the ``timeout_s`` that ``start_peer`` gave them. Shards in
+    ``same_node`` (on this node) get shared-memory pairs instead (``shm_link``), where the
+    platform has them; the store is hosted only when some pair uses gloo (else ``None``).
     """
-    store = bind_store(host, timeout_s)
+    shm = {sid for sid in shard_ids if sid in same_node and shm_link.AVAILABLE}
+    store = bind_store(host, timeout_s) if set(shard_ids) - shm else None
+    port = store.port if store is not None else 0
     channel_id, key = secrets.token_hex(16), secrets.token_bytes(KEY_LEN)
     tickets = {
-        sid: ChannelTicket(host, store.port, f"{channel_id}/{sid}", key) for sid in shard_ids
+        sid: ChannelTicket(host, port, f"{channel_id}/{sid}", key, sid in shm) for sid in shard_ids
     }
     for sid in shard_ids:
         start_peer(sid, tickets[sid])
     return store, tickets
+
+
+@dataclass
+class PendingShm:
+    """One shard's answer for one layer, in flight over a same-node pair."""
+
+    channel: Channel
+    reply: shm_link.ShmReply
+
+    def result(self) -> torch.Tensor:  # [N, H]
+        try:
+            return self.reply.result(self.channel.timeout_s)
+        except DataPlaneError:
+            self.channel.broken = True
+            raise
 
 
 @dataclass
@@ -248,16 +207,19 @@ class PendingReply:
 
 
 class Channel:
-    """One calling thread's two-rank groups, one per shard; not shared between threads."""
+    """One calling thread's pairs, one per shard (gloo groups, and same-node shared-memory
+    links); not shared between threads."""
 
     def __init__(
         self,
         groups: Mapping[str, Group],
-        store: dist.Store,
+        store: dist.Store | None,
         timeout_s: float,
         limits: Mapping[str, PayloadLimits],
+        links: Mapping[str, shm_link.ShmLink] | None = None,
     ):
         self.groups = dict(groups)
+        self.links = dict(links or {})  # same-node pairs
         self.store = store  # the rendezvous; kept for the groups' lifetime
         self.timeout_s = timeout_s
         self.limits = dict(limits)  # what each shard accepts, from its handshake
@@ -265,10 +227,15 @@ class Channel:
 
     @classmethod
     def open(
-        cls, shard_ids: list[str], start_peer: StartPeer, host: str, timeout_s: float
+        cls,
+        shard_ids: list[str],
+        start_peer: StartPeer,
+        host: str,
+        timeout_s: float,
+        same_node: Collection[str] = (),
     ) -> Channel:
         """Host a rendezvous store on ``host``, have every shard join, and check each pair."""
-        store, tickets = host_rendezvous(shard_ids, start_peer, host, timeout_s)
+        store, tickets = host_rendezvous(shard_ids, start_peer, host, timeout_s, same_node)
         return cls.join(tickets, host, timeout_s, store)
 
     @classmethod
@@ -281,16 +248,21 @@ class Channel:
         tickets name is reached as a client (an engine process, whose replica hosts it).
         ``host`` is where this side's gloo devices listen: the node's cluster address.
         """
-        if store is None:
-            first = next(iter(tickets.values()))
+        over_gloo = [t for t in tickets.values() if not t.same_node]
+        if store is None and over_gloo:
             store = dist.TCPStore(
-                first.store_host,
-                first.store_port,
+                over_gloo[0].store_host,
+                over_gloo[0].store_port,
                 is_master=False,
                 timeout=timedelta(seconds=timeout_s),
             )
-        groups, limits = {}, {}
+        groups, limits, links = {}, {}, {}
         for sid, ticket in tickets.items():
+            if ticket.same_node:
+                links[sid] = _connect_shm(sid, ticket, timeout_s)
+                limits[sid] = links[sid].limits
+                continue
+            assert store is not None
             try:
                 groups[sid] = pair_group(store, ticket.prefix, 0, host, timeout_s)
             except RuntimeError as err:
@@ -305,7 +277,7 @@ class Channel:
                     f"expert shard {sid!r} failed the data-plane handshake "
                     f"({str(err).splitlines()[0]}); channel refused"
                 ) from err
-        return cls(groups, store, timeout_s, limits)
+        return cls(groups, store, timeout_s, limits, links)
 
     def send(
         self,
@@ -315,8 +287,7 @@ class Channel:
         expert_ids: torch.Tensor,  # [N, K']
         weights: torch.Tensor,  # [N, K']
         traceparent: str = "",
-    ) -> PendingReply:
-        group = self.groups[shard_id]
+    ) -> PendingReply | PendingShm:
         n, h = hidden.shape
         try:  # the shard would close the channel on such a header: fail here, keep it
             dtype_index = DTYPES.index(hidden.dtype)
@@ -325,6 +296,17 @@ class Channel:
             raise PayloadRefused(
                 f"expert shard {shard_id!r} refuses layer {layer} of {n} tokens: {err}"
             ) from err
+        if shard_id in self.links:
+            try:
+                sent = self.links[shard_id].send(layer, hidden, expert_ids, weights, traceparent)
+            except OSError as err:
+                self.broken = True
+                raise DataPlaneError(
+                    f"expert shard {shard_id!r} cannot be reached for layer {layer} over shared "
+                    f"memory ({err}); the shard may have died or be restarting"
+                ) from err
+            return PendingShm(self, sent)
+        group = self.groups[shard_id]
         header, payload = pack(layer, hidden, expert_ids, weights, traceparent)
         reply = torch.empty(n * h + 1, dtype=hidden.dtype)
         try:  # a connection already known to be closed fails here rather than in wait
@@ -364,4 +346,7 @@ class Channel:
                     group.send([stop], 1, TAG_HEADER).wait(timedelta(seconds=5))
                 except RuntimeError as err:  # the shard is gone already: nothing to stop
                     logger.debug("data plane: stop not delivered to %s (%s)", group, err)
+        for link in self.links.values():
+            link.close(stop=not self.broken)
         self.groups.clear()
+        self.links.clear()

@@ -8,7 +8,9 @@ does). It then hands the engine process an ``EngineExpertsFactory``: the routing
 name, the layer timeout and, per shard, its ``ChannelTicket`` (whose key crosses only the
 replica's socket pair to its child). In the child, ``build`` joins every pair, runs the key
 handshake (learning each shard's payload limits) and returns a ``RemoteExperts`` over that
-one channel. The wire, HMAC and failure rules are those of ``cluster.expert_parallel.data_plane``.
+one channel. The wire, HMAC and failure rules are those of ``cluster.expert_parallel.data_plane``;
+shards on the replica's node get shared-memory pairs (``shm_link``), which the child connects
+to as the replica would (the ticket says which kind each pair is).
 
 Only the ``torch_dist`` data plane can work so: ``ray`` needs Ray calls on every layer, and
 ``arrange_engine_experts`` refuses it (the config refuses ``engine_process: true`` with it, and
@@ -101,10 +103,11 @@ class EngineExpertsFactory:
 @dataclass(frozen=True)
 class EngineExperts:
     """What a replica arranged for its engine process: the recipe to hand over, and the
-    rendezvous store, which the replica keeps for as long as the engine process runs."""
+    rendezvous store (``None`` when every shard is on this node), which the replica keeps
+    for as long as the engine process runs."""
 
     factory: EngineExpertsFactory
-    store: dist.TCPStore
+    store: dist.TCPStore | None
 
 
 def arrange_engine_experts(
@@ -129,7 +132,7 @@ def arrange_engine_experts(
     wait_s = max(transport.timeout_s, join_timeout_s)
     host = transport.host()
     store, tickets = host_rendezvous(
-        list(transport.handles), transport.start_peer(wait_s), host, wait_s
+        list(transport.handles), transport.start_peer(wait_s), host, wait_s, transport.locate()
     )
     factory = EngineExpertsFactory(
         tier=tier,

@@ -8,7 +8,8 @@ the config's ``experts.data_plane`` values:
 ``torch_dist`` (``TorchDistTransport``, the default): data-plane channels
 (``cluster.expert_parallel.data_plane``), one per calling thread, opened on its first layer
 and reopened after a failure. Ray only opens them: each shard gets its ticket and key through
-the ``open_channel`` actor call.
+the ``open_channel`` actor call. A shard on the caller's Ray node gets a shared-memory pair
+(``shm_link``), the others gloo; ``gloo`` is the same with gloo for every pair.
 
 ``ray`` (``RayCallTransport``): one actor call per shard per layer, numpy arrays on the wire.
 It needs a Ray worker on every layer, so it cannot serve an engine process.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -96,9 +97,11 @@ class TorchDistTransport(ChannelCalls):
     """Data-plane channels, one per calling thread, so several backbones can share a pool.
 
     A thread's channel opens on its first layer and again after it broke (a shard died or
-    restarted): the failed layer raises, the next one reconnects. ``open_on_shard`` and
-    ``host`` default to the ``open_channel`` actor call and this node's cluster address;
-    tests give their own to run shards as threads without Ray.
+    restarted): the failed layer raises, the next one reconnects. ``open_on_shard``, ``host``
+    and ``locate`` default to the ``open_channel`` actor call, this node's cluster address and
+    the shards whose actors run on this Ray node (asked at every opening: a restarted shard
+    may have moved); tests give their own to run shards as threads without Ray. With
+    ``same_node_shm=False`` every pair uses gloo.
     """
 
     def __init__(
@@ -107,17 +110,30 @@ class TorchDistTransport(ChannelCalls):
         timeout_s: float,
         open_on_shard: OpenOnShard | None = None,
         host: Callable[[], str] | None = None,
+        locate: Callable[[], Collection[str]] | None = None,
+        same_node_shm: bool = True,
     ) -> None:
         self.handles = dict(handles)
         self.timeout_s = timeout_s  # how long a layer may wait for a shard's answer
         self._open_on_shard = open_on_shard or self._open_over_ray
         self.host = host or ray.util.get_node_ip_address  # where this side listens
+        self._locate = locate or self._same_node_over_ray
+        self.same_node_shm = same_node_shm
         self._local = threading.local()
         self._channels: list[Channel] = []
         self._lock = threading.Lock()
 
     def _open_over_ray(self, shard_id: str, ticket: ChannelTicket, wait_s: float) -> None:
         ray.get(self.handles[shard_id].open_channel.remote(ticket, wait_s))
+
+    def _same_node_over_ray(self) -> set[str]:
+        here = ray.get_runtime_context().get_node_id()
+        refs = {sid: handle.node_id.remote() for sid, handle in self.handles.items()}
+        return {sid for sid, ref in refs.items() if ray.get(ref, timeout=self.timeout_s) == here}
+
+    def locate(self) -> Collection[str]:
+        """The shards to reach over shared memory: those on this node (none if disabled)."""
+        return self._locate() if self.same_node_shm else ()
 
     def start_peer(self, wait_s: float) -> StartPeer:
         """Starts one shard's side of a channel (returns at once); the shard then waits up to
@@ -132,7 +148,11 @@ class TorchDistTransport(ChannelCalls):
         if channel is not None:
             self._forget(channel)
         channel = Channel.open(
-            list(self.handles), self.start_peer(self.timeout_s), self.host(), self.timeout_s
+            list(self.handles),
+            self.start_peer(self.timeout_s),
+            self.host(),
+            self.timeout_s,
+            self.locate(),
         )
         self._local.channel = channel
         with self._lock:
@@ -208,6 +228,7 @@ class RayCallTransport:
 TransportFactory = Callable[[Mapping[str, Any], float], PoolTransport]
 TRANSPORTS: dict[str, TransportFactory] = {
     "torch_dist": TorchDistTransport,
+    "gloo": lambda handles, timeout_s: TorchDistTransport(handles, timeout_s, same_node_shm=False),
     "ray": RayCallTransport,
 }
 

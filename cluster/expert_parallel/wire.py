@@ -16,7 +16,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -60,9 +60,7 @@ class ChannelTicket:
     store_port: int
     prefix: str  # the pair's store keys: "<128-bit random channel id>/<shard id>"
     key: bytes = field(repr=False)  # the channel's secret: never logged, never on the data plane
-
-
-# asks one shard to serve a channel
+    same_node: bool = False  # the pair runs over shared memory (``shm_link``), not gloo
 
 
 @dataclass(frozen=True)
@@ -141,6 +139,27 @@ def _mac(key: bytes, role: bytes, prefix: str, *parts: bytes) -> bytes:
     return hmac.new(key, b"|".join((role, prefix.encode(), *parts)), hashlib.sha256).digest()
 
 
+class ByteLink(Protocol):
+    """Whole messages both ways: a gloo pair (``GlooBytes``) or a same-node socket."""
+
+    def send(self, data: bytes) -> None: ...
+
+    def recv(self, size: int) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class GlooBytes:
+    group: Group
+    peer: int
+    wait: timedelta
+
+    def send(self, data: bytes) -> None:
+        send_bytes(self.group, data, self.peer, self.wait)
+
+    def recv(self, size: int) -> bytes:
+        return recv_bytes(self.group, size, self.peer, self.wait)
+
+
 def send_bytes(group: Group, data: bytes, peer: int, wait: timedelta) -> None:
     group.send([torch.frombuffer(bytearray(data), dtype=torch.uint8)], peer, TAG_HELLO).wait(wait)
 
@@ -151,32 +170,37 @@ def recv_bytes(group: Group, size: int, peer: int, wait: timedelta) -> bytes:
     return buffer.numpy().tobytes()
 
 
-def greet_shard(group: Group, key: bytes, prefix: str, timeout_s: float) -> PayloadLimits:
+def greet(link: ByteLink, key: bytes, prefix: str) -> PayloadLimits:
     """The backbone's half of the handshake: check the shard's proof, give ours, learn limits."""
-    wait = timedelta(seconds=timeout_s)
     nonce = secrets.token_bytes(NONCE_LEN)
-    send_bytes(group, nonce, 1, wait)
-    reply = recv_bytes(group, NONCE_LEN + LIMITS.size + MAC_LEN, 1, wait)
+    link.send(nonce)
+    reply = link.recv(NONCE_LEN + LIMITS.size + MAC_LEN)
     theirs, limits, proof = reply[:NONCE_LEN], reply[NONCE_LEN:-MAC_LEN], reply[-MAC_LEN:]
     if not hmac.compare_digest(proof, _mac(key, b"shard", prefix, nonce, theirs, limits)):
         raise HandshakeError("its proof of the channel key is wrong")
-    send_bytes(group, _mac(key, b"backbone", prefix, nonce, theirs), 1, wait)
+    link.send(_mac(key, b"backbone", prefix, nonce, theirs))
     return PayloadLimits(*LIMITS.unpack(limits))
+
+
+def answer(link: ByteLink, key: bytes, prefix: str, limits: PayloadLimits) -> None:
+    """The shard's half of the handshake; raises ``HandshakeError`` on a wrong proof."""
+    theirs = link.recv(NONCE_LEN)
+    nonce, packed = secrets.token_bytes(NONCE_LEN), limits.pack()
+    link.send(nonce + packed + _mac(key, b"shard", prefix, theirs, nonce, packed))
+    if not hmac.compare_digest(link.recv(MAC_LEN), _mac(key, b"backbone", prefix, theirs, nonce)):
+        raise HandshakeError("the backbone's proof of the channel key is wrong")
+
+
+def greet_shard(group: Group, key: bytes, prefix: str, timeout_s: float) -> PayloadLimits:
+    """``greet`` over a gloo pair (the backbone is rank 0)."""
+    return greet(GlooBytes(group, 1, timedelta(seconds=timeout_s)), key, prefix)
 
 
 def answer_backbone(
     group: Group, key: bytes, prefix: str, limits: PayloadLimits, timeout_s: float
 ) -> None:
-    """The shard's half of the handshake; raises ``HandshakeError`` on a wrong proof."""
-    wait = timedelta(seconds=timeout_s)
-    theirs = recv_bytes(group, NONCE_LEN, 0, wait)
-    nonce, packed = secrets.token_bytes(NONCE_LEN), limits.pack()
-    proof = _mac(key, b"shard", prefix, theirs, nonce, packed)
-    send_bytes(group, nonce + packed + proof, 0, wait)
-    if not hmac.compare_digest(
-        recv_bytes(group, MAC_LEN, 0, wait), _mac(key, b"backbone", prefix, theirs, nonce)
-    ):
-        raise HandshakeError("the backbone's proof of the channel key is wrong")
+    """``answer`` over a gloo pair (the shard is rank 1)."""
+    answer(GlooBytes(group, 0, timedelta(seconds=timeout_s)), key, prefix, limits)
 
 
 # ----------------------------------------------------------------------------- wire format

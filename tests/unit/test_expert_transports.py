@@ -71,7 +71,10 @@ def _transport(shards: dict[str, ShardActorImpl]) -> TorchDistTransport:
     def open_on_shard(shard_id: str, ticket: ChannelTicket, wait_s: float) -> None:
         shards[shard_id].open_channel(ticket, wait_s)
 
-    return TorchDistTransport(dict.fromkeys(shards), TIMEOUT_S, open_on_shard, lambda: HOST)
+    # s0 shares this node (shared memory), s1 does not (gloo): both kinds in every test
+    return TorchDistTransport(
+        dict.fromkeys(shards), TIMEOUT_S, open_on_shard, lambda: HOST, lambda: {"s0"}
+    )
 
 
 def _prompts() -> list[list[int]]:
@@ -93,9 +96,10 @@ def expected(path: Path) -> list[list[int]]:
 
 
 def test_an_unknown_data_plane_fails_listing_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown data plane 'nccl'; known: ray, torch_dist"):
+    known = "known: gloo, ray, torch_dist"
+    with pytest.raises(ValueError, match=rf"unknown data plane 'nccl'; {known}"):
         make_transport("nccl", {}, 1.0)
-    with pytest.raises(ValueError, match=r"unknown data plane 'x'; known: ray, torch_dist"):
+    with pytest.raises(ValueError, match=rf"unknown data plane 'x'; {known}"):
         ExpertPool({}, data_plane="x")
 
 
@@ -104,6 +108,8 @@ def test_the_registry_serves_every_data_plane_the_config_allows() -> None:
     assert sorted(allowed) == sorted(TRANSPORTS)
     assert isinstance(make_transport("ray", {}, 1.0), RayCallTransport)
     assert isinstance(ExpertPool({}).transport, TorchDistTransport)  # the default
+    gloo = make_transport("gloo", {}, 1.0)
+    assert isinstance(gloo, TorchDistTransport) and gloo.locate() == ()
 
 
 # --- torch_dist without Ray --------------------------------------------------------------------
@@ -119,6 +125,7 @@ def test_each_thread_gets_its_channel_and_a_broken_one_is_reopened(
     call = ShardCall("s0", layer, torch.randn(3, hidden_size), ids, weights)
     try:
         first = transport.channel()
+        assert set(first.links) == {"s0"} and set(first.groups) == {"s1"}
         (out,) = transport.wait([transport.send(call)])
         assert torch.equal(out, shards["s0"].shard.compute(layer, call.hidden, ids, weights))
         other: list[Any] = []
@@ -217,7 +224,7 @@ def test_a_shard_that_goes_away_stops_the_engine_with_its_name(
 
         threading.Thread(target=join_then_leave, daemon=True).start()
 
-    transport = TorchDistTransport(dict.fromkeys(SHARDS), 5.0, vanishing_shard, lambda: HOST)
+    transport = TorchDistTransport(dict.fromkeys(SHARDS), 5.0, vanishing_shard, lambda: HOST, set)
     arranged = arrange_engine_experts(transport, table, "t", join_timeout_s=TIMEOUT_S)
     launch = EngineLaunch(str(path), EngineConfig(num_blocks=64), experts=arranged.factory)
     engine = EngineProcess(launch)

@@ -1,0 +1,314 @@
+"""Same-node pairs of the data plane: tensors in shared memory, a Unix socket as the doorbell.
+
+When a backbone and a shard run on one node (same Ray node id), their pair of a channel skips
+gloo and TCP. The shard listens on an abstract Unix socket (``SOCK_SEQPACKET``: every message
+arrives whole) whose name is an HMAC of the pair's prefix under the channel key, bound before
+``open_channel`` returns. The backbone connects, checks the peer's uid (``SO_PEERCRED``), and
+both run the same key handshake as over gloo (``wire.greet`` / ``wire.answer``), over the socket.
+
+Memory. The backbone creates the segment with ``memfd_create`` (no name in ``/dev/shm``: nothing
+to guess, list or unlink) and hands its descriptor to the shard over the authenticated socket
+(``SCM_RIGHTS``), announced by an ``OP_SEGMENT`` header carrying its size. A segment holds one
+layer's request (hidden, expert ids, gate weights, each 64-byte aligned) then its reply
+([N, H] in the hidden dtype); it is kept between layers and replaced by a larger one (powers of
+two, at least ``MIN_SEGMENT``) when a layer needs more. It is freed when both sides have closed
+it: on ``close``, when either process dies, or on the next segment. The shard checks every
+header against its ``PayloadLimits`` and the segment's real size before it touches the memory.
+
+Per layer: the backbone copies its tensors into the segment (from any device: an explicit copy
+to host memory), sends the 10-int64 header, and waits for a status message (``STATUS``: 0 ok,
+1 failed, followed by the message); the shard reads its inputs in place and writes its answer
+into the reply area. Each wait is bounded by the layer timeout; a dead shard closes its socket,
+so the wait ends at once with ``DataPlaneError`` naming it, never a hang.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import mmap
+import os
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from cluster.expert_parallel.wire import (
+    DTYPES,
+    HEADER_LEN,
+    MAX_ERROR_BYTES,
+    OP_COMPUTE,
+    OP_STOP,
+    ChannelTicket,
+    DataPlaneError,
+    HandshakeError,
+    PayloadLimits,
+    PayloadRefused,
+    ShardComputeError,
+    answer,
+    decode_trace,
+    encode_trace,
+    greet,
+)
+
+logger = logging.getLogger("moe_cluster.data_plane")
+
+AVAILABLE = sys.platform == "linux" and hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+OP_SEGMENT = 2  # a header whose third field is the size of the segment sent with it
+HEADER = struct.Struct(f"<{HEADER_LEN}q")
+STATUS = struct.Struct("<qq")  # 0 ok / 1 failed, bytes of the message that follows
+MIN_SEGMENT = 1 << 20
+ALIGN = 64
+
+# compute(layer, hidden [N, H], expert_ids [N, K'], weights [N, K'], traceparent) -> [N, H]
+Compute = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, str], torch.Tensor]
+
+
+def address(ticket: ChannelTicket) -> bytes:
+    """The pair's abstract socket name: reveals nothing of the prefix or the key."""
+    digest = hmac.new(ticket.key, ticket.prefix.encode(), hashlib.sha256).hexdigest()[:32]
+    return b"\0moe-data-plane/" + digest.encode()
+
+
+def _aligned(size: int) -> int:
+    return -(-size // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Byte offsets of one layer's parts in a segment."""
+
+    n: int
+    h: int
+    k: int
+    dtype: torch.dtype
+
+    @property
+    def ids_at(self) -> int:
+        return _aligned(self.n * self.h * self.dtype.itemsize)
+
+    @property
+    def weights_at(self) -> int:
+        return self.ids_at + _aligned(self.n * self.k * 8)
+
+    @property
+    def reply_at(self) -> int:
+        return self.weights_at + _aligned(self.n * self.k * 4)
+
+    @property
+    def end(self) -> int:
+        return self.reply_at + self.n * self.h * self.dtype.itemsize
+
+    def views(self, segment: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """hidden [N, H], ids [N, K'], weights [N, K'] and reply [N, H], in ``segment``."""
+        n, h, k, size = self.n, self.h, self.k, self.n * self.h * self.dtype.itemsize
+        return (
+            segment[:size].view(self.dtype).view(n, h),
+            segment[self.ids_at : self.ids_at + n * k * 8].view(torch.int64).view(n, k),
+            segment[self.weights_at : self.weights_at + n * k * 4].view(torch.float32).view(n, k),
+            segment[self.reply_at : self.end].view(self.dtype).view(n, h),
+        )
+
+
+@dataclass(frozen=True)
+class SocketBytes:
+    """The handshake's messages over a ``SOCK_SEQPACKET`` socket."""
+
+    sock: socket.socket
+
+    def send(self, data: bytes) -> None:
+        self.sock.send(data)
+
+    def recv(self, size: int) -> bytes:
+        data = self.sock.recv(size)
+        if len(data) != size:
+            raise HandshakeError(f"the peer closed or sent {len(data)} bytes, not {size}")
+        return data
+
+
+def _map(fd: int) -> torch.Tensor:
+    try:
+        size = os.fstat(fd).st_size
+        return torch.frombuffer(mmap.mmap(fd, size), dtype=torch.uint8) if size else torch.empty(0)
+    finally:
+        os.close(fd)  # the mapping keeps the memory
+
+
+# ----------------------------------------------------------------------------- shard side
+
+
+def listen(ticket: ChannelTicket) -> socket.socket:
+    """Bind the pair's socket now, so the backbone can connect once ``open_channel`` returned."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.bind(address(ticket))
+        sock.listen(1)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(
+    listener: socket.socket,
+    compute: Compute,
+    ticket: ChannelTicket,
+    limits: PayloadLimits,
+    timeout_s: float,
+    name: str,
+) -> None:
+    """Accept the backbone (one connection), check its key, serve its layers until it leaves."""
+    try:
+        listener.settimeout(timeout_s)
+        sock, _ = listener.accept()
+    finally:
+        listener.close()
+    with sock:
+        sock.settimeout(timeout_s)
+        answer(SocketBytes(sock), ticket.key, ticket.prefix, limits)
+        sock.settimeout(None)  # a live backbone's next layer may be far off; a dead one closes
+        _serve_loop(sock, compute, limits, name)
+
+
+def _serve_loop(sock: socket.socket, compute: Compute, limits: PayloadLimits, name: str) -> None:
+    segment = torch.empty(0, dtype=torch.uint8)
+    while True:
+        message, fds, flags, _ = socket.recv_fds(sock, HEADER.size, 1)
+        if not message:
+            return  # the backbone went away
+        if len(message) != HEADER.size or flags & socket.MSG_TRUNC:
+            raise PayloadRefused(f"a {len(message)}-byte header (expected {HEADER.size})")
+        fields = list(HEADER.unpack(message))
+        if fields[0] == OP_SEGMENT and len(fds) == 1:
+            segment = _map(fds[0])
+            continue
+        for fd in fds:
+            os.close(fd)
+        if fields[0] == OP_STOP:
+            return
+        op, layer, n, h, k, dtype_index = fields[:6]
+        limits.check(op, n, h, k, dtype_index)  # before the segment is read
+        layout = Layout(n, h, k, DTYPES[dtype_index])
+        if layout.end > segment.numel():
+            raise PayloadRefused(f"layer {layer} needs {layout.end} bytes of a {segment.numel()}")
+        hidden, ids, weights, reply = layout.views(segment)
+        try:
+            out = compute(layer, hidden, ids, weights, decode_trace(fields[6:10]))  # [N, H]
+            reply.copy_(out.reshape(n, h))
+            sock.send(STATUS.pack(0, 0))
+        except Exception as err:  # reported to the caller, who raises it with the shard's name
+            logger.exception("shard %s: compute failed on layer %d", name, layer)
+            text = f"{type(err).__name__}: {err}".encode()[:MAX_ERROR_BYTES]
+            sock.send(STATUS.pack(1, len(text)) + text)
+
+
+# ----------------------------------------------------------------------------- backbone side
+
+
+class ShmLink:
+    """The backbone's side of one same-node pair; used by one thread at a time."""
+
+    def __init__(self, sock: socket.socket, shard_id: str, limits: PayloadLimits) -> None:
+        self.sock = sock
+        self.shard_id = shard_id
+        self.limits = limits
+        self.segment = torch.empty(0, dtype=torch.uint8)
+
+    @classmethod
+    def connect(cls, ticket: ChannelTicket, shard_id: str, timeout_s: float) -> ShmLink:
+        """Reach the shard's socket, check it runs as our user, and run the key handshake."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.settimeout(timeout_s)
+            sock.connect(address(ticket))
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            uid = struct.unpack("3i", creds)[1]
+            if uid != os.getuid():
+                raise HandshakeError(f"its socket belongs to uid {uid}, not ours ({os.getuid()})")
+            limits = greet(SocketBytes(sock), ticket.key, ticket.prefix)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, shard_id, limits)
+
+    def _room(self, size: int) -> None:
+        """Give the shard a larger segment when this layer does not fit."""
+        if size <= self.segment.numel():
+            return
+        capacity = max(MIN_SEGMENT, 1 << (size - 1).bit_length())
+        fd = os.memfd_create("moe-data-plane", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, capacity)
+            announce = HEADER.pack(OP_SEGMENT, 0, capacity, *[0] * (HEADER_LEN - 3))
+            socket.send_fds(self.sock, [announce], [fd])
+            self.segment = torch.frombuffer(mmap.mmap(fd, capacity), dtype=torch.uint8)
+        finally:
+            os.close(fd)
+
+    def send(
+        self,
+        layer: int,
+        hidden: torch.Tensor,  # [N, H]
+        expert_ids: torch.Tensor,  # [N, K']
+        weights: torch.Tensor,  # [N, K']
+        traceparent: str,
+    ) -> ShmReply:
+        """Write the layer into the segment and ring; raises ``OSError`` if the shard is gone."""
+        n, h = hidden.shape
+        k = expert_ids.shape[1]
+        layout = Layout(n, h, k, hidden.dtype)
+        self._room(layout.end)
+        into_hidden, into_ids, into_weights, reply = layout.views(self.segment)
+        into_hidden.copy_(hidden)  # to host memory from any device
+        into_ids.copy_(expert_ids)
+        into_weights.copy_(weights)
+        trace = encode_trace(traceparent)
+        self.sock.send(HEADER.pack(OP_COMPUTE, layer, n, h, k, DTYPES.index(hidden.dtype), *trace))
+        return ShmReply(self, layer, reply)
+
+    def close(self, stop: bool) -> None:
+        """Close the socket (the shard's loop ends) and release this side's segment."""
+        if stop:
+            try:
+                self.sock.send(HEADER.pack(*[OP_STOP] * HEADER_LEN))
+            except OSError as err:  # the shard is gone already: nothing to stop
+                logger.debug("data plane: stop not delivered to %s (%s)", self.shard_id, err)
+        self.sock.close()
+        self.segment = torch.empty(0, dtype=torch.uint8)
+
+
+@dataclass
+class ShmReply:
+    """One shard's answer for one layer, in flight over a same-node pair."""
+
+    link: ShmLink
+    layer: int
+    reply: torch.Tensor  # [N, H], a view of the segment
+
+    def result(self, timeout_s: float) -> torch.Tensor:  # [N, H], a copy in host memory
+        sid = self.link.shard_id
+        try:
+            self.link.sock.settimeout(timeout_s)
+            message = self.link.sock.recv(STATUS.size + MAX_ERROR_BYTES)
+        except OSError as err:  # TimeoutError among them
+            raise DataPlaneError(
+                f"expert shard {sid!r} gave no answer for layer {self.layer} within "
+                f"{timeout_s:g}s over shared memory ({type(err).__name__}: {err}); the shard "
+                "may be stuck, or have died"
+            ) from err
+        if len(message) < STATUS.size:
+            raise DataPlaneError(
+                f"expert shard {sid!r} closed its data-plane socket before answering layer "
+                f"{self.layer}: the shard died or is restarting"
+            )
+        status, _ = STATUS.unpack(message[: STATUS.size])
+        if status != 0:
+            raise ShardComputeError(
+                f"expert shard {sid!r} failed on layer {self.layer}: "
+                f"{message[STATUS.size :].decode(errors='replace')}"
+            )
+        return self.reply.clone()
