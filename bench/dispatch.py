@@ -8,11 +8,13 @@ on ``s0``, odd ones on ``s1``), through the product's ``RemoteExperts`` and ``Ex
    one-layer random checkpoint written by transformers into a temporary folder). For 1, 32
    and 256 tokens, fixed-seed inputs routed by a random gate go, every repetition, through
    colocated experts (this process, torch's default threads), ``RemoteExperts`` on the
-   default ``torch_dist`` data plane, the same over no-op shards (the data plane alone),
-   both again over the ``ray`` data plane, and a timed pool that splits a layer's time into
-   phases (bench/dispatch_layer.py). Overhead = median remote - median colocated: it mixes
-   the data plane with a compute difference (two 1-thread shards in parallel against one
-   2-thread process), which the no-op run separates out.
+   default ``torch_dist`` data plane (here every shard shares the driver's node, so its pairs
+   are shared memory), the same over no-op shards (the data plane alone), no-op shards over
+   ``gloo`` pairs (what a shard on another node gets), both again over the ``ray`` data
+   plane, and a timed pool that splits a layer's time into phases (bench/dispatch_layer.py).
+   Overhead = median remote - median colocated: it mixes the data plane with a compute
+   difference (two 1-thread shards in parallel against one 2-thread process), which the
+   no-op run separates out.
 2. **End to end**: a demo checkpoint (``bench``; ``--quick``: ``tiny``) loaded three times,
    with colocated experts and with ``RemoteExperts`` over two shard actors on each data
    plane. The same ``--requests`` requests (fixed-seed prompts of 32..64 tokens, greedy,
@@ -200,8 +202,8 @@ def bench_engine(args: Any) -> dict[str, Any]:
 
 
 def print_tables(layers: Sequence[dict[str, Any]], engine: dict[str, Any]) -> None:
-    names = ("colocated", "remote", "noop", "remote_ray", "noop_ray")
-    print("One MoE layer, median ms (remote/noop: torch_dist data plane; *_ray: Ray calls)")
+    names = ("colocated", "remote", "noop", "noop_gloo", "remote_ray", "noop_ray")
+    print("One MoE layer, median ms (remote/noop: torch_dist, shared memory; *_ray: Ray calls)")
     print(f"{'tokens':>6} | " + " | ".join(f"{n:>10}" for n in names) + " | overhead |  wire")
     for r in layers:
         cells = " | ".join(f"{r[n]['median_ms']:>10.3f}" for n in names)

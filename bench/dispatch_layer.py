@@ -46,7 +46,7 @@ LAYER_MODEL: dict[str, int] = {
     "num_key_value_heads": 4,
 }
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden [T, H], ids [T, K], w [T, K]
-BACKENDS = ("colocated", "remote", "noop", "remote_ray", "noop_ray", "timed")
+BACKENDS = ("colocated", "remote", "noop", "noop_gloo", "remote_ray", "noop_ray", "timed")
 
 
 class TimedShardImpl(ShardActorImpl):
@@ -176,8 +176,9 @@ class LayerBench:
             ray.remote(TimedShardImpl), lambda sid: (str(model_dir), "cpu", table.experts_on(sid))
         )
         self.pools = {
-            "remote": pool,  # the default torch_dist data plane
+            "remote": pool,  # the default torch_dist data plane: shared memory on one node
             "noop": ExpertPool(noop),
+            "noop_gloo": ExpertPool(noop, "gloo"),  # the same, gloo pairs as across nodes
             "remote_ray": ExpertPool(pool.handles, "ray"),  # the same actors, Ray calls
             "noop_ray": ExpertPool(noop, "ray"),
             "timed": ExpertPool(self.timed),
