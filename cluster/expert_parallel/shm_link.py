@@ -8,10 +8,11 @@ both run the same key handshake as over gloo (``wire.greet`` / ``wire.answer``),
 
 Memory. The backbone creates the segment with ``memfd_create`` (no name in ``/dev/shm``: nothing
 to guess, list or unlink) and hands its descriptor to the shard over the authenticated socket
-(``SCM_RIGHTS``), announced by an ``OP_SEGMENT`` header carrying its size. A segment holds one
-layer's request (hidden, expert ids, gate weights, each 64-byte aligned) then its reply
-([N, H] in the hidden dtype); it is kept between layers and replaced by a larger one (powers of
-two, at least ``MIN_SEGMENT``) when a layer needs more. It is freed when both sides have closed
+(``SCM_RIGHTS``), announced by an ``OP_SEGMENT`` header carrying its size, and sealed so that
+neither side can shrink it under the other's reads. A segment holds one layer's request
+(hidden, expert ids, gate weights, each 64-byte aligned) then its reply ([N, H] in the hidden
+dtype); it is kept between layers and replaced by a larger one (powers of two, at least
+``MIN_SEGMENT``) when a layer needs more. It is freed when both sides have closed
 it: on ``close``, when either process dies, or on the next segment. The shard checks every
 header against its ``PayloadLimits`` and the segment's real size before it touches the memory.
 
@@ -24,6 +25,7 @@ so the wait ends at once with ``DataPlaneError`` naming it, never a hang.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import logging
@@ -31,7 +33,6 @@ import mmap
 import os
 import socket
 import struct
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ from cluster.expert_parallel.wire import (
 
 logger = logging.getLogger("moe_cluster.data_plane")
 
-AVAILABLE = sys.platform == "linux" and hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+AVAILABLE = hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")  # Linux
 OP_SEGMENT = 2  # a header whose third field is the size of the segment sent with it
 HEADER = struct.Struct(f"<{HEADER_LEN}q")
 STATUS = struct.Struct("<qq")  # 0 ok / 1 failed, bytes of the message that follows
@@ -131,9 +132,14 @@ class SocketBytes:
 
 
 def _map(fd: int) -> torch.Tensor:
+    """Map a segment the peer sent, sealed against shrinking (which would fault our reads)."""
     try:
+        if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+            raise PayloadRefused("a segment that is not sealed against shrinking")
         size = os.fstat(fd).st_size
-        return torch.frombuffer(mmap.mmap(fd, size), dtype=torch.uint8) if size else torch.empty(0)
+        if size <= 0:
+            raise PayloadRefused("an empty segment")
+        return torch.frombuffer(mmap.mmap(fd, size), dtype=torch.uint8)
     finally:
         os.close(fd)  # the mapping keeps the memory
 
@@ -240,12 +246,14 @@ class ShmLink:
         if size <= self.segment.numel():
             return
         capacity = max(MIN_SEGMENT, 1 << (size - 1).bit_length())
-        fd = os.memfd_create("moe-data-plane", os.MFD_CLOEXEC)
+        fd = os.memfd_create("moe-data-plane", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, capacity)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+            segment = torch.frombuffer(mmap.mmap(fd, capacity), dtype=torch.uint8)
             announce = HEADER.pack(OP_SEGMENT, 0, capacity, *[0] * (HEADER_LEN - 3))
             socket.send_fds(self.sock, [announce], [fd])
-            self.segment = torch.frombuffer(mmap.mmap(fd, capacity), dtype=torch.uint8)
+            self.segment = segment  # only once the shard has it too
         finally:
             os.close(fd)
 

@@ -238,3 +238,19 @@ def test_a_peer_of_another_user_is_refused(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(socket.socket, "getsockopt", other_uid)
     with pytest.raises(dp.DataPlaneError, match=r"'a' did not join .* belongs to uid"):
         _open(["a"], Peers().start)
+
+
+def test_a_segment_that_could_shrink_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    """A peer could truncate an unsealed segment under the shard's reads (a fault, not an error)."""
+    ticket = dp.ChannelTicket(HOST, 0, "raw/d", b"s" * wire.KEY_LEN, same_node=True)
+    with caplog.at_level(logging.INFO, logger="moe_cluster.data_plane"):
+        thread = dp.serve_channel(fake_compute, ticket, HOST, TIMEOUT_S, LIMITS, "d")
+        link = shm_link.ShmLink.connect(ticket, "d", TIMEOUT_S)
+        fd = os.memfd_create("unsealed")
+        os.ftruncate(fd, 1 << 20)
+        announce = shm_link.HEADER.pack(shm_link.OP_SEGMENT, 0, 1 << 20, *[0] * 7)
+        socket.send_fds(link.sock, [announce], [fd])
+        os.close(fd)
+        thread.join(timeout=TIMEOUT_S)
+    assert not thread.is_alive() and "not sealed against shrinking" in caplog.text
+    link.close(stop=False)
