@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from cluster.telemetry.otlp_json import encode_request
+from cluster.telemetry.otlp_json import encode_line
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class JsonLinesSpanExporter(SpanExporter):
             return SpanExportResult.FAILURE
         if not spans:
             return SpanExportResult.SUCCESS
-        line = json.dumps(encode_request(spans), separators=(",", ":")) + "\n"
+        line = encode_line(spans) + "\n"
         with self._lock:
             try:
                 with self.path.open("a", encoding="utf-8") as out:
