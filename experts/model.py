@@ -110,7 +110,8 @@ class MoEModel:
     ) -> torch.Tensor:
         spec, a = self.spec, layer.attention
         num_q, num_kv = spec.num_heads, spec.num_kv_heads
-        qkv = F.linear(h, a.qkv, a.qkv_bias)  # [T, (Hq + 2*Hkv)*D]
+        qkv = h @ a.qkv if a.qkv_bias is None else torch.addmm(a.qkv_bias, h, a.qkv)
+        # qkv: [T, (Hq + 2*Hkv)*D]
         heads = qkv.view(h.shape[0], num_q + 2 * num_kv, spec.head_dim)  # [T, Hq+2Hkv, D]
         qk, v = heads.split([num_q + num_kv, num_kv], dim=1)  # [T, Hq+Hkv, D], [T, Hkv, D]
         if spec.family.qk_norm != "none" or spec.clip_qkv is not None:
@@ -118,7 +119,7 @@ class MoEModel:
         # q and k heads rotate by the same angles: one rotation over both
         q, k = rotate(qk, angles).split([num_q, num_kv], dim=1)  # [T, Hq, D], [T, Hkv, D]
         out = paged_attention(q, k, v, kv.key(i), kv.value(i), batch, self.scale)  # [T, Hq*D]
-        return F.linear(out, a.o)  # [T, H]
+        return out @ a.o  # [T, H]
 
     def _qk_norm_and_clip(
         self,
