@@ -8,7 +8,9 @@ timed decode steps (plain wall time per ``step()``), then ``--steps`` more under
 profiled op (``aten::`` and the other ``ns::op`` events; self times partition the top-level
 ops' totals, so nothing is counted twice); outside = profiled wall - inside, as a share of
 the profiled wall. The profiler's own per-op cost lands mostly outside, so the share is an
-upper bound; compare shares taken the same way. ``--rounds`` repeats the pair of
+upper bound; compare shares taken the same way, on a machine equally busy (each round
+records the load average: other work on the cores inflates the multi-threaded ops more than
+the Python between them, so a busy machine shows a smaller share). ``--rounds`` repeats the pair of
 measurements per batch size; the figures are medians over rounds.
 
 ``--label before`` writes ``bench/results/engine_step.before.json`` (taken before a change);
@@ -31,6 +33,7 @@ from bench.engine_runs import random_ids
 from bench.harness import (
     RESULTS,
     demo_checkpoint,
+    load_average,
     median,
     parser,
     quick_or,
@@ -84,7 +87,9 @@ def measure(model: MoEModel, batch: int, prompt_len: int, steps: int) -> dict[st
         "step_ms": plain_s * 1e3,
         "profiled_step_ms": profiled_s / steps * 1e3,
         "inside_ops_ms": inside_s / steps * 1e3,
+        "outside_ms": (profiled_s - inside_s) / steps * 1e3,
         "outside_share": max(0.0, 1 - inside_s / profiled_s),
+        "load_average_1min": load_average(),
     }
 
 

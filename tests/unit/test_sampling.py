@@ -169,6 +169,21 @@ def test_rows_that_cannot_be_sampled_fail_alone() -> None:
     assert [sampled.logprobs[r] for r in good] == pytest.approx(alone.logprobs)
 
 
+def test_an_all_greedy_batch_fails_its_bad_rows_alone() -> None:
+    """The all-greedy path (one device-to-host copy) fails and reports rows as the mixed one."""
+    logits = _logits(4, vocab=30, seed=13)
+    logits[1, 3] = float("nan")
+    logits[2] = float("-inf")
+    sampled = sample_batch(logits, [Sampler(SamplingParams()) for _ in range(4)])
+    assert sampled.failed == dict.fromkeys((1, 2), NON_FINITE_LOGITS)
+    assert sampled.tokens[1:3] == [-1, -1]
+    assert all(math.isnan(sampled.logprobs[r]) for r in (1, 2))
+    for r in (0, 3):
+        assert sampled.tokens[r] == int(logits[r].argmax())
+        expected = float(torch.log_softmax(logits[r], -1)[sampled.tokens[r]])
+        assert sampled.logprobs[r] == pytest.approx(expected)
+
+
 class _BrokenSampler(Sampler):
     def pick(self, logits: torch.Tensor) -> int:
         raise RuntimeError("broken " + "x" * 10_000)

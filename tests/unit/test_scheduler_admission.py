@@ -127,3 +127,16 @@ def test_add_refuses_a_request_that_can_never_fit() -> None:
     h.run_until_done()
     assert fits.output_ids == expected_outputs(fits.prompt_ids, 6)
     assert h.blocks.num_held == 0
+
+
+def test_ids_between_slices_the_history_without_joining_it() -> None:
+    seq = make_seq("s", [10, 11, 12])
+    seq.output_ids += [20, 21]
+    spans = [(0, 5), (0, 2), (1, 3), (2, 4), (3, 5), (4, 5), (5, 5)]
+    for start, end in spans:
+        assert seq.ids_between(start, end) == seq.all_ids[start:end], (start, end)
+
+
+def test_sequences_compare_by_identity() -> None:
+    a, b = make_seq("s", [1, 2]), make_seq("s", [1, 2])
+    assert a != b and a == a and a in [b, a] and b not in [a]
