@@ -22,6 +22,7 @@ process set those only once, which would pin tests (and any re-setup) to the fir
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import threading
@@ -286,6 +287,13 @@ def context_from_traceparent(traceparent: str) -> Context | None:
     """A context whose current span is the remote parent, or None for a missing/invalid header."""
     if not traceparent:
         return None
+    return _parsed_traceparent(traceparent)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_traceparent(traceparent: str) -> Context | None:
+    # cached: a traced step's traceparent comes back for every shard call of a layer, and
+    # contexts are immutable, so one parse serves them all
     context = _PROPAGATOR.extract({"traceparent": traceparent})
     if not trace.get_current_span(context).get_span_context().is_valid:
         return None
