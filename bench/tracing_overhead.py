@@ -10,12 +10,15 @@ per shard call. ``--experts colocated`` drops the shard spans (the common deploy
 
 "On" is: sample ratio 1, per-token events (256 per request at most), spans exported
 by a batch processor to a JSON-lines file, metrics recorded (in-memory reader,
-collected once per round the way a scraper would). "Off" is telemetry not set up:
-every instrument is a no-op. The same fixed-seed workload (requests submitted at
-once, mixed prompt lengths, greedy, fixed output lengths) runs in alternating rounds,
-off/on then on/off, so machine noise hits both; throughput is output tokens over
-the round's wall time. The target is the median over rounds of on / off, each round's
-pair run back to back. Writes ``bench/results/tracing_overhead.json``.
+collected once per round the way a scraper would). The dispatch spans and a request's
+queue / prefill / decode spans with their token events are recorded as plain data and
+built on the span batcher's thread (``cluster.telemetry.span_batch``), inside the round.
+"Off" is telemetry not set up: every instrument is a no-op. The same fixed-seed
+workload (requests submitted at once, mixed prompt lengths, greedy, fixed output
+lengths) runs in alternating rounds, off/on then on/off, so machine noise hits both;
+throughput is output tokens over the round's wall time. The target is the median over
+rounds of on / off, each round's pair run back to back. Writes
+``bench/results/tracing_overhead.json``.
 """
 
 from __future__ import annotations
