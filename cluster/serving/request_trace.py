@@ -6,6 +6,9 @@ the request (its context goes into the engine, so expert-shard work in the
 request's steps joins the trace). The queue / prefill / decode children and
 the per-token events are written when the request ends, from the engine's own
 timestamps: nothing is added to the decode loop but a list append per token.
+``finish`` only ends the tier span and records the request's events with the
+process's span batcher, whose thread builds the children (plain ``Event``s, each
+(layer, expert)'s shard looked up once) and hands them to the exporters.
 
 Per-token event (``moe.token``, at most ``token_events`` per request, spread
 evenly over the output): index, inter-token latency, and the routing fan-out:
