@@ -299,20 +299,22 @@ class ShmReply:
 
     def result(self, timeout_s: float) -> torch.Tensor:  # [N, H], a copy in host memory
         sid = self.link.shard_id
+        gone = (
+            f"expert shard {sid!r} closed its data-plane socket before answering layer "
+            f"{self.layer}: the shard died or is restarting"
+        )
         try:
             self.link.sock.settimeout(timeout_s)
             message = self.link.sock.recv(STATUS.size + MAX_ERROR_BYTES)
-        except OSError as err:  # TimeoutError among them
+        except TimeoutError as err:
             raise DataPlaneError(
                 f"expert shard {sid!r} gave no answer for layer {self.layer} within "
-                f"{timeout_s:g}s over shared memory ({type(err).__name__}: {err}); the shard "
-                "may be stuck, or have died"
+                f"{timeout_s:g}s over shared memory; the shard may be stuck, or have died"
             ) from err
+        except OSError as err:  # a reset connection: the shard's process is gone
+            raise DataPlaneError(f"{gone} ({type(err).__name__})") from err
         if len(message) < STATUS.size:
-            raise DataPlaneError(
-                f"expert shard {sid!r} closed its data-plane socket before answering layer "
-                f"{self.layer}: the shard died or is restarting"
-            )
+            raise DataPlaneError(gone)
         status, _ = STATUS.unpack(message[: STATUS.size])
         if status != 0:
             raise ShardComputeError(

@@ -74,11 +74,13 @@ def _greedy(model: MoEModel) -> list[list[int]]:
     return [r.token_ids for r in generate(model, prompts, params)]
 
 
-def _engine_process(path: Path, pool: ExpertPool, colocated: MoEModel) -> EngineProcess:
+def _engine_process(
+    path: Path, pool: ExpertPool, colocated: MoEModel, shards: tuple[str, ...] = ("s0", "s1")
+) -> EngineProcess:
     """An engine process over the pool: this process (a Ray driver, as a replica is a worker)
     opens the shards' sides of its channel, the child joins it without any Ray call."""
     spec = colocated.spec
-    table = round_robin(spec.moe_layers, spec.num_experts, ["s0", "s1"])
+    table = round_robin(spec.moe_layers, spec.num_experts, list(shards))
     arranged = arrange_engine_experts(pool.transport, table, "t")
     launch = EngineLaunch(str(path), EngineConfig(num_blocks=64), experts=arranged.factory)
     return EngineProcess(launch)  # the shards' tickets are spent once it has joined
@@ -95,9 +97,11 @@ def _engine_greedy(engine: EngineProcess) -> list[list[int]]:
     return asyncio.run(every())
 
 
-def _remote_model(path: Path, pool: ExpertPool, colocated: MoEModel) -> MoEModel:
+def _remote_model(
+    path: Path, pool: ExpertPool, colocated: MoEModel, shards: tuple[str, ...] = ("s0", "s1")
+) -> MoEModel:
     spec = colocated.spec
-    backend = RemoteExperts(pool, round_robin(spec.moe_layers, spec.num_experts, ["s0", "s1"]))
+    backend = RemoteExperts(pool, round_robin(spec.moe_layers, spec.num_experts, list(shards)))
     return MoEModel.from_checkpoint(path, experts=backend)
 
 
@@ -214,3 +218,41 @@ def test_loading_a_slot_while_serving(path: Path, pool: tuple[ExpertPool, MoEMod
     assert backend.table.shards_for(layer, hot) == ("s0", "s1")
     assert before == expected and during == [expected] and after == expected
     expert_pool.drop("s1", [(layer, hot)])
+
+
+def test_a_shard_on_the_backbones_node_is_reached_over_shared_memory(
+    path: Path, pool: tuple[ExpertPool, MoEModel]
+) -> None:
+    """h0 shares this driver's node (shared memory), s1 does not (gloo); a killed h0 fails the
+    next layer at once, naming it, here and in an engine process."""
+    _, colocated = pool
+    spec, shards = colocated.spec, ("h0", "s1")
+    table = round_robin(spec.moe_layers, spec.num_experts, list(shards))
+    here = ray.get_runtime_context().get_node_id()
+    mixed = ExpertPool.start(
+        str(path),
+        [
+            ShardSpec("h0", tuple(table.experts_on("h0")), node_id=here),
+            ShardSpec("s1", tuple(table.experts_on("s1")), resources=(("expert_node_b", 0.01),)),
+        ],
+    )
+    try:
+        remote = _remote_model(path, mixed, colocated, shards)
+        expected = _greedy(colocated)
+        assert _greedy(remote) == expected
+        channel = mixed.transport.channel()  # type: ignore[attr-defined]
+        assert set(channel.links) == {"h0"} and set(channel.groups) == {"s1"}
+        engine = _engine_process(path, mixed, colocated, shards)
+        try:
+            assert _engine_greedy(engine) == expected
+            ray.kill(mixed.handles["h0"], no_restart=True)
+            start = time.monotonic()
+            with pytest.raises(DataPlaneError, match=r"expert shard 'h0' (closed|cannot be)"):
+                _greedy(remote)
+            assert time.monotonic() - start < 30  # the socket closed: no layer timeout
+            with pytest.raises(EngineStoppedError, match=r"DataPlaneError.*expert shard 'h0'"):
+                _engine_greedy(engine)
+        finally:
+            engine.shutdown()
+    finally:
+        mixed.shutdown()
