@@ -83,7 +83,7 @@ class TierConfig(Section):
     experts: ExpertsSettings = ExpertsSettings()
     max_tokens_limit: int = Field(default=DEFAULT_MAX_TOKENS_LIMIT, ge=1)
     # tokens gathered per streamed item after the first (which goes out at once): each item
-    # costs two Ray streaming hops (replica -> gateway -> gRPC proxy); 1 = every token
+    # costs a Ray streaming hop (replica -> gateway) and a gRPC message; 1 = every token
     stream_interval: int = Field(default=1, ge=1, le=256)
     # under load, items grow so that a replica streams about this many items per engine step
     # across all its requests (an item per request per step would cost more CPU than the

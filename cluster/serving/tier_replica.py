@@ -1,6 +1,6 @@
 """A model tier's replica: one engine behind the gateway channel, no Ray in sight.
 
-The Serve deployment in ``deploy/app.py`` only wraps this class. It runs the
+The Serve deployment in ``deploy/tier_hosts.py`` only wraps this class. It runs the
 engine, in a process of its own (``cluster.engine.engine_process``, where the replica's
 own Python threads cannot take its GIL; it reaches sharded experts itself) or in this
 one (``cluster.engine.async_engine``, needed by a shard pool's ``ray`` data plane),
@@ -9,7 +9,7 @@ produced while the caller was busy are sent as one batch, which keeps the per-it
 transport cost off the decode loop.
 
 Each streamed item costs CPU in every process it crosses (this replica, the
-gateway, Serve's gRPC proxy, the client), whatever it carries, while the engine's
+gateway, the client), whatever it carries, while the engine's
 step gets cheaper per token as the batch grows. So under load a stream's tokens
 go out in bigger items: see ``stream_interval_for``.
 """
