@@ -16,7 +16,10 @@ top-2; random weights):
   slices (the kernel's fallback where grouped_mm does not run), on ``ExpertSlots``' layout;
 - ``gathered_bmm``: each pair's expert weights gathered (``gate_up[slot_ids]``), one ``bmm``
   per projection (transformers' ``batched_mm``), only for decode-sized batches
-  (at most ``--bmm-max-pairs`` pairs: it copies a whole expert per pair).
+  (at most ``--bmm-max-pairs`` pairs: it copies a whole expert per pair);
+- ``packed``: the same sorted pairs, one oneDNN ``linear`` per non-empty slot over weights
+  prepacked per slot (``ExpertSlots`` layout ``packed``, ``experts.grouped_ffn.
+  packed_expert_sum``), where oneDNN prepacks the dtype on this CPU.
 
 Timing: one round times every alternative at every batch size (tokens), each as the mean
 of enough calls to last ~``--call-s``, the alternatives' calls alternating one by one (in an
@@ -25,7 +28,8 @@ loop time / alternative time in the same round (above 1: faster than the loop), 
 figures are medians over ``--rounds`` rounds, with the spread of the rounds as the noise
 (before each round, up to 5 s of waiting for a quiet machine).
 The winner per batch size is the alternative with the best median ratio. No target: the
-point is the choice, which ``experts.grouped_ffn`` applies. Writes
+point is the choice, which ``experts.expert_slots.choose_layout`` (packed where oneDNN
+prepacks, else stacked) and ``experts.grouped_ffn`` (the stacked kernel per regime) apply. Writes
 ``bench/results/expert_kernels.json``.
 """
 
@@ -41,14 +45,21 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import median, parser, percentile, quick_or, say, wait_for_quiet, write_results
-from experts.expert_slots import ExpertSlots, stores_in_out
+from experts.expert_slots import ExpertSlots, choose_layout, packing_supported, stores_in_out
 from experts.ffn import run_routed_experts
 from experts.grouped_ffn import grouped_mm_supported, routed_expert_sum, use_grouped_mm_for
 from experts.weights import MLPWeights
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, ids, w) -> out
 QUIET_WAIT_S = 5.0
-ALTERNATIVES = ("loop", "grouped_mm_in_out", "grouped_mm_out_in", "sorted_slices", "gathered_bmm")
+ALTERNATIVES = (
+    "loop",
+    "grouped_mm_in_out",
+    "grouped_mm_out_in",
+    "sorted_slices",
+    "gathered_bmm",
+    "packed",
+)
 
 
 def gathered_bmm(
@@ -68,8 +79,11 @@ def gathered_bmm(
     return y.view(num_tokens, num_k, -1).sum(dim=1).to(hidden.dtype)  # [T, H]
 
 
-def kernels(slots: ExpertSlots, mlps: list[MLPWeights]) -> dict[str, Kernel]:
-    """Slot s holds expert s; ``mlps`` are the same experts in the checkpoint's layout."""
+def kernels(
+    slots: ExpertSlots, packed: ExpertSlots | None, mlps: list[MLPWeights]
+) -> dict[str, Kernel]:
+    """Slot s holds expert s in ``slots`` (stacked) and ``packed``; ``mlps`` are the same
+    experts in the checkpoint's layout."""
     gu, dn = slots.gate_up, slots.down  # [S, H, 2I], [S, I, H] in the slots' own layout
     out_in_gu = torch.stack([m.gate_up for m in mlps]).transpose(1, 2)  # [S, H, 2I] view
     out_in_dn = torch.stack([m.down for m in mlps]).transpose(1, 2)  # [S, I, H] view
@@ -86,6 +100,9 @@ def kernels(slots: ExpertSlots, mlps: list[MLPWeights]) -> dict[str, Kernel]:
             x, ids, w, gu, dn, use_grouped_mm=False
         ),
         "gathered_bmm": lambda x, ids, w: gathered_bmm(x, ids, w, gu, dn),
+        **(
+            {"packed": lambda x, ids, w: packed.expert_sum(x, ids, w)} if packed is not None else {}
+        ),
     }
 
 
@@ -99,8 +116,10 @@ def inputs(
 
 
 def chosen_kernel(num_pairs: int, args: Any, dtype: torch.dtype) -> str:
-    """What ``routed_expert_sum`` runs for this many pairs, on ``ExpertSlots``' layout."""
+    """What ``ExpertSlots`` runs for this many pairs, in the layout it picks here."""
     cpu = torch.device("cpu")
+    if choose_layout(cpu, dtype) == "packed":
+        return "packed"
     in_out = stores_in_out(cpu, dtype)
     shape = (num_pairs, args.experts, args.hidden, args.inter, in_out)
     if not use_grouped_mm_for(cpu, dtype, *shape):
@@ -139,14 +158,19 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
 
-    slots = ExpertSlots(args.experts, args.experts, args.hidden, args.inter, dtype, "cpu")
+    shape = (args.experts, args.experts, args.hidden, args.inter, dtype, "cpu")
+    slots = ExpertSlots(*shape, layout="stacked")
+    can_pack = packing_supported(torch.device("cpu"), dtype)
+    packed = ExpertSlots(*shape, layout="packed") if can_pack else None
     mlps = []
     for e in range(args.experts):
         gate_up = torch.randn(2 * args.inter, args.hidden, generator=gen) * args.hidden**-0.5
         down = torch.randn(args.hidden, args.inter, generator=gen) * args.inter**-0.5
         mlps.append(MLPWeights(gate_up.to(dtype), down.to(dtype)))  # [2I, H], [H, I]
         slots.add(e, mlps[-1])
-    fns = kernels(slots, mlps)
+        if packed is not None:
+            packed.add(e, mlps[-1])
+    fns = kernels(slots, packed, mlps)
     cases: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     wanted: dict[int, list[str]] = {}
     calls: dict[tuple[int, str], int] = {}
@@ -158,7 +182,7 @@ def main() -> None:
         wanted[tokens] = [
             a
             for a in ALTERNATIVES
-            if a != "gathered_bmm" or tokens * args.top_k <= args.bmm_max_pairs
+            if (a != "gathered_bmm" or tokens * args.top_k <= args.bmm_max_pairs) and a in fns
         ]
         reference = fns["loop"](x, slot_ids, w).float()
         max_error[str(tokens)] = {}
@@ -224,14 +248,16 @@ def main() -> None:
             "top_k": args.top_k,
             "dtype": args.dtype,
         },
-        "slot_layout": "in_out" if stores_in_out(torch.device("cpu"), dtype) else "out_in",
+        "slot_layout": choose_layout("cpu", dtype),
+        "stacked_storage": "in_out" if stores_in_out(torch.device("cpu"), dtype) else "out_in",
         "grouped_mm_runs_here": grouped_mm_supported(
             torch.device("cpu"), dtype, args.hidden, args.inter
         ),
-        "choice": "experts.grouped_ffn.use_grouped_mm_for: grouped_mm wherever it runs, "
-        "except sorted slices on CPU for at most one pair per 8 slots (batch 1 here); a "
-        "winner within the rounds' spread of the kernel in use is a tie; the slot layout "
-        "per device and dtype: experts.expert_slots.stores_in_out",
+        "choice": "experts.expert_slots.choose_layout: packed slots wherever oneDNN prepacks "
+        "the dtype (CPU), else stacked slots with experts.grouped_ffn.use_grouped_mm_for: "
+        "grouped_mm wherever it runs, except sorted slices on CPU for at most one pair per 8 "
+        "slots; a winner within the rounds' spread of the kernel in use is a tie; the stacked "
+        "storage per device and dtype: experts.expert_slots.stores_in_out",
         "rounds": rounds,
         "ratio": "loop seconds / alternative seconds in the same round (above 1: faster)",
         "by_tokens": rows,

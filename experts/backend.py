@@ -4,7 +4,7 @@ The backbone computes the gate and hands each layer's tokens, chosen experts
 and weights to a backend. ``ColocatedExperts`` computes them in-process; the
 remote backend (expert shards on Ray) implements the same Protocol, so
 placement is a choice of backend, never a branch in the model maths. Both run
-the same grouped kernel over experts stacked in slots (``experts.grouped_ffn``).
+the same kernels over experts held in fixed slots (``experts.expert_slots``).
 
 Legend: T tokens, K experts per token, H hidden.
 """
@@ -18,7 +18,6 @@ import torch
 
 from experts.checkpoint import CheckpointReader
 from experts.expert_slots import ExpertSlots, MissingExpertError, load_expert_slots
-from experts.grouped_ffn import routed_expert_sum
 
 
 class ExpertBackend(Protocol):
@@ -79,4 +78,4 @@ class ColocatedExperts:
         if slots is None:
             raise MissingExpertError(f"no expert of layer {layer} is loaded here")
         slot_ids = slots.lookup(expert_ids)  # [T, K]
-        return routed_expert_sum(hidden, slot_ids, weights, slots.gate_up, slots.down)
+        return slots.expert_sum(hidden, slot_ids, weights)

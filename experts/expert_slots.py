@@ -7,18 +7,33 @@ reallocation, and computes that hold the tensors keep running. A slot table maps
 held expert to its slot(s); an expert may sit in more than one slot while it moves
 (the new slot is written, then the old one released), and computes use its first.
 
+Two storage layouts, chosen per device and dtype (``choose_layout``):
+- ``stacked``: ``gate_up`` [S, H, 2I] and ``down`` [S, I, H], for ``grouped_mm`` (CUDA, and
+  CPU dtypes oneDNN cannot prepack here);
+- ``packed`` (CPU, where oneDNN prepacks the dtype): one oneDNN-prepacked tensor per slot and
+  projection, in a fixed list. oneDNN's blocked layout is opaque per tensor, so the slots
+  cannot share one stacked tensor; a slot is still rewritten in place (a prepacked copy into
+  the slot's own tensor), and growing appends slots without touching the others.
+
 Legend: S slots, E experts of the layer, T tokens, K experts per token, H hidden,
 I intermediate.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from experts.checkpoint import CheckpointReader
+from experts.grouped_ffn import packed_expert_sum, packed_linear, routed_expert_sum
 from experts.weights import MLPWeights, load_expert
+
+Layout = Literal["stacked", "packed"]
+PACK_ROWS_HINT = 16  # rows oneDNN prepacks for; measured the same from 8 to 32 rows
 
 NO_SLOT = -1  # slot id of a pair to skip: a padding pair, or (on lookup) an expert not held
 
@@ -45,6 +60,62 @@ def stores_in_out(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32
 
 
+@functools.lru_cache(maxsize=16)
+def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether oneDNN prepacks ``dtype`` weights for ``linear`` here, and agrees with ``mm``.
+
+    CPU only; probed once, because support depends on the build and the CPU's instructions
+    (bf16 needs AVX-512 or AVX-NE-CONVERT).
+    """
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 16, generator=gen).to(dtype)  # [out, in]
+    x = torch.randn(3, 16, generator=gen).to(dtype)  # [N, in]
+    try:
+        got = packed_linear(x, torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT))
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+    expected = x.float() @ w.float().T  # [3, 24]
+    return bool(torch.allclose(got.float(), expected, rtol=2e-2, atol=1e-2))
+
+
+def choose_layout(device: str | torch.device, dtype: torch.dtype) -> Layout:
+    """``packed`` where oneDNN prepacks the dtype (CPU), else ``stacked`` for grouped_mm."""
+    return "packed" if packing_supported(torch.device(device), dtype) else "stacked"
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    """A [out, in] weight prepacked for ``packed_linear``."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS_HINT)
+
+
+@dataclass(frozen=True)
+class SlotWeights:
+    """The projections of a layer's slots at one moment: what one compute reads.
+
+    Taken under the owner's lock and used outside it; a later ``grow`` replaces the
+    owner's tensors (or lists) but never these.
+    """
+
+    layout: Layout
+    gate_up: torch.Tensor | tuple[torch.Tensor, ...]  # stacked [S, H, 2I] | S packed [2I, H]
+    down: torch.Tensor | tuple[torch.Tensor, ...]  # stacked [S, I, H] | S packed [H, I]
+
+    def expert_sum(
+        self,
+        hidden: torch.Tensor,  # [T, H]
+        slot_ids: torch.Tensor,  # [T, K] long, NO_SLOT to skip a pair
+        weights: torch.Tensor,  # [T, K] fp32
+    ) -> torch.Tensor:  # [T, H]
+        """Per token, the weighted sum of its chosen slots' outputs."""
+        if isinstance(self.gate_up, tuple):
+            assert isinstance(self.down, tuple)
+            return packed_expert_sum(hidden, slot_ids, weights, self.gate_up, self.down)
+        assert isinstance(self.down, torch.Tensor)
+        return routed_expert_sum(hidden, slot_ids, weights, self.gate_up, self.down)
+
+
 def _stack(
     num_slots: int,
     rows: int,
@@ -60,12 +131,13 @@ def _stack(
 
 
 class ExpertSlots:
-    """S fixed slots of one layer's experts: ``gate_up`` [S, H, 2I] and ``down`` [S, I, H].
+    """S fixed slots of one layer's experts, in one of two layouts (see the module).
 
-    Both are seen as the matmul's right operand (``x @ W``), what ``grouped_mm`` takes; the
-    storage under them is either that ([in, out] rows) or the checkpoint's [out, in] read
-    through a transposed view, whichever ``stores_in_out`` says is faster for the device
-    and dtype.
+    ``stacked``: ``gate_up`` [S, H, 2I] and ``down`` [S, I, H], both seen as the matmul's
+    right operand (``x @ W``), what ``grouped_mm`` takes; the storage under them is either
+    that ([in, out] rows) or the checkpoint's [out, in] read through a transposed view,
+    whichever ``stores_in_out`` says is faster for the device and dtype. ``packed``:
+    ``packed_gate_up`` and ``packed_down``, one oneDNN-prepacked tensor per slot.
 
     Not thread-safe by itself: the owner serialises changes (``ExpertShard`` holds a
     lock) and decides when a released slot may be written again.
@@ -79,27 +151,77 @@ class ExpertSlots:
         inter: int,
         dtype: torch.dtype,
         device: str | torch.device,
+        layout: Layout | None = None,
     ) -> None:
         assert num_slots > 0 and num_experts > 0, (num_slots, num_experts)
         self.num_experts = num_experts
-        self.in_out = stores_in_out(torch.device(device), dtype)
-        self.gate_up = _stack(num_slots, hidden, 2 * inter, dtype, device, self.in_out)
-        self.down = _stack(num_slots, inter, hidden, dtype, device, self.in_out)
+        self.layout: Layout = layout or choose_layout(device, dtype)
+        self._shape = (hidden, inter)
+        self._dtype, self._device = dtype, torch.device(device)
+        self.in_out = stores_in_out(self._device, dtype)
+        self.packed_gate_up: list[torch.Tensor] = []  # packed: [2I, H] per slot
+        self.packed_down: list[torch.Tensor] = []  # packed: [H, I] per slot
+        if self.layout == "packed":
+            assert packing_supported(self._device, dtype), f"oneDNN cannot prepack {dtype} here"
+            self.gate_up = self.down = torch.empty(0)  # not used in this layout
+            self._append_packed(num_slots)
+        else:
+            self.gate_up = _stack(num_slots, hidden, 2 * inter, dtype, device, self.in_out)
+            self.down = _stack(num_slots, inter, hidden, dtype, device, self.in_out)
+        self._num_slots = num_slots
         self._slots_of: dict[int, list[int]] = {}  # expert -> its slots, first one serves
         self._free: list[int] = list(range(num_slots))
         self._slot_map = torch.full((num_experts,), NO_SLOT, dtype=torch.long, device=device)  # [E]
 
+    def _append_packed(self, count: int) -> None:
+        """``count`` more packed slots, zero (a free slot is never read, but is never NaN)."""
+        hidden, inter = self._shape
+        zero_gate_up = _pack(torch.zeros(2 * inter, hidden, dtype=self._dtype))  # [2I, H]
+        zero_down = _pack(torch.zeros(hidden, inter, dtype=self._dtype))  # [H, I]
+        for _ in range(count):
+            self.packed_gate_up.append(zero_gate_up.clone())
+            self.packed_down.append(zero_down.clone())
+
     @property
     def num_slots(self) -> int:
-        return self.gate_up.shape[0]
+        return self._num_slots
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.gate_up.dtype
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
-        return self.gate_up.device
+        return self._device
+
+    def snapshot(self) -> SlotWeights:
+        """The slots' projections as one compute reads them (see ``SlotWeights``)."""
+        if self.layout == "packed":
+            return SlotWeights("packed", tuple(self.packed_gate_up), tuple(self.packed_down))
+        return SlotWeights("stacked", self.gate_up, self.down)
+
+    def expert_sum(
+        self, hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:  # [T, H]
+        """Per token [T, H], the weighted sum of its chosen slots ([T, K]) outputs."""
+        return self.snapshot().expert_sum(hidden, slot_ids, weights)
+
+    def storage_ids(self) -> tuple[int, ...]:
+        """What identifies the storage the slots live in: equal while nothing is reallocated
+        (a rewrite in place keeps it; ``grow`` changes it in the stacked layout)."""
+        if self.layout == "packed":
+            return tuple(id(t) for t in (*self.packed_gate_up, *self.packed_down))
+        return (self.gate_up.data_ptr(), self.down.data_ptr())
+
+    def read_slot(self, slot: int) -> MLPWeights:
+        """A copy of ``slot``'s weights in the checkpoint layout ([2I, H] and [H, I])."""
+        if self.layout == "packed":
+            gate_up = self.packed_gate_up[slot].to_dense()  # [2I, H]
+            down = self.packed_down[slot].to_dense()  # [H, I]
+        else:
+            gate_up = self.gate_up[slot].T.contiguous()
+            down = self.down[slot].T.contiguous()
+        return MLPWeights(gate_up=gate_up, down=down)
 
     @property
     def num_free(self) -> int:
@@ -123,14 +245,17 @@ class ExpertSlots:
     def write_slot(self, slot: int, weights: MLPWeights) -> None:
         """Copy ``weights`` (checkpoint layout) into ``slot`` in place (same storage)."""
         assert 0 <= slot < self.num_slots, f"slot {slot} out of range [0, {self.num_slots})"
-        assert weights.gate_up.T.shape == self.gate_up.shape[1:], (
-            f"gate_up {tuple(weights.gate_up.shape)} does not fit [2I, H] = "
-            f"{tuple(self.gate_up.shape[:0:-1])}"
+        hidden, inter = self._shape
+        assert tuple(weights.gate_up.shape) == (2 * inter, hidden), (
+            f"gate_up {tuple(weights.gate_up.shape)} does not fit [2I, H] = {(2 * inter, hidden)}"
         )
-        assert weights.down.T.shape == self.down.shape[1:], (
-            f"down {tuple(weights.down.shape)} does not fit [H, I] = "
-            f"{tuple(self.down.shape[:0:-1])}"
+        assert tuple(weights.down.shape) == (hidden, inter), (
+            f"down {tuple(weights.down.shape)} does not fit [H, I] = {(hidden, inter)}"
         )
+        if self.layout == "packed":  # prepacked aside, then copied into the slot's tensor
+            self.packed_gate_up[slot].copy_(_pack(weights.gate_up.to(self._dtype)))
+            self.packed_down[slot].copy_(_pack(weights.down.to(self._dtype)))
+            return
         self.gate_up[slot].copy_(weights.gate_up.T)  # [H, 2I] from [2I, H]
         self.down[slot].copy_(weights.down.T)  # [I, H] from [H, I]
 
@@ -195,13 +320,18 @@ class ExpertSlots:
         """
         assert num_slots > self.num_slots, (num_slots, self.num_slots)
         old = self.num_slots
-        (_, hidden, two_inter), inter = self.gate_up.shape, self.down.shape[1]
+        self._num_slots = num_slots
+        self._free.extend(range(old, num_slots))
+        if self.layout == "packed":  # new slot tensors; the old ones stay where they are
+            self._append_packed(num_slots - old)
+            return
+        hidden, inter = self._shape
+        two_inter = 2 * inter
         gate_up = _stack(num_slots, hidden, two_inter, self.dtype, self.device, self.in_out)
         down = _stack(num_slots, inter, hidden, self.dtype, self.device, self.in_out)
         gate_up[:old].copy_(self.gate_up)
         down[:old].copy_(self.down)
         self.gate_up, self.down = gate_up, down
-        self._free.extend(range(old, num_slots))
 
     def lookup(self, expert_ids: torch.Tensor) -> torch.Tensor:
         """Slot of each chosen expert, ``NO_SLOT`` where the id is negative (padding).

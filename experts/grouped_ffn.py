@@ -15,6 +15,14 @@ of 16 and top-8 of 64), while grouped_mm leads from a quarter of the slots on. A
 matmul over per-pair gathered weights is 2-25x slower than the old loop. Measured
 alternatives, the storage layouts and the choice: ``bench/expert_kernels.py``.
 
+On CPU, where oneDNN can prepack a weight for ``linear`` (fp32 on this machine's AVX2; bf16
+needs AVX-512 or AVX-NE-CONVERT), each slot is one prepacked tensor instead
+(``ExpertSlots`` layout ``packed``) and ``packed_expert_sum`` multiplies the same sorted
+runs slot by slot through oneDNN: MKL's sgemm, which ``mm`` and CPU ``grouped_mm`` call, is
+slow at a few rows on this AMD CPU, and oneDNN's prepacked kernel measured 1.2x at 2 rows,
+2.1x at 4, 1.65x at 64 (one row: within 15%), and the bench preset's batch-16 engine step
+1.4x faster (``bench/expert_kernels.py`` measures the kernels).
+
 Legend: T tokens, K experts chosen per token, P = T*K pairs, S slots, H hidden,
 I intermediate.
 """
@@ -22,6 +30,7 @@ I intermediate.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -136,8 +145,51 @@ def routed_expert_sum(
     x = hidden[order // num_k]  # [P, H] each pair's token, grouped by slot
     gate, up = grouped_linear(x, gate_up, ends, use_grouped_mm).chunk(2, dim=-1)  # [P, I] each
     y = grouped_linear(F.silu(gate) * up, down, ends, use_grouped_mm)  # [P, H]
+    return _weighted_pair_sum(y, hidden, order, keys, weights, num_slots)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x`` [N, in] times one oneDNN-prepacked weight (logical [out, in]) -> [N, out]."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def packed_expert_sum(
+    hidden: torch.Tensor,  # [T, H]
+    slot_ids: torch.Tensor,  # [T, K] long: slot of each chosen expert, -1 to skip the pair
+    weights: torch.Tensor,  # [T, K] fp32 gate weights
+    gate_up: Sequence[torch.Tensor],  # S prepacked [2I, H]
+    down: Sequence[torch.Tensor],  # S prepacked [H, I]
+) -> torch.Tensor:  # [T, H]
+    """``routed_expert_sum`` over oneDNN-prepacked slots: the same sorted runs, one run at a
+    time (one host sync for the run ends; prepacking is CPU-only)."""
+    num_tokens, num_k = slot_ids.shape
+    num_slots = len(gate_up)
+    if num_tokens * num_k == 0:
+        return torch.zeros_like(hidden)
+    order, keys, ends = sort_by_slot(slot_ids, num_slots)  # [P], [P], [S]
+    x = hidden[order // num_k]  # [P, H] each pair's token, grouped by slot
+    y = torch.zeros_like(x)  # [P, H]: skipped pairs' rows stay 0
+    start = 0
+    for slot, end in enumerate(ends.tolist()):
+        if end > start:
+            gate, up = packed_linear(x[start:end], gate_up[slot]).chunk(2, dim=-1)  # [n, I]
+            y[start:end] = packed_linear(F.silu(gate) * up, down[slot])  # [n, H]
+        start = end
+    return _weighted_pair_sum(y, hidden, order, keys, weights, num_slots)
+
+
+def _weighted_pair_sum(
+    y: torch.Tensor,  # [P, H] each sorted pair's expert output; rows of skipped pairs: any
+    hidden: torch.Tensor,  # [T, H]
+    order: torch.Tensor,  # [P] flat pair index of each sorted row
+    keys: torch.Tensor,  # [P] sorted slot per row (num_slots: a skipped pair)
+    weights: torch.Tensor,  # [T, K] fp32 gate weights
+    num_slots: int,
+) -> torch.Tensor:  # [T, H]
+    """Weight each pair's output, put the rows back in pair order and sum over K in fp32."""
+    num_tokens, num_k = weights.shape
     y = y * weights.reshape(-1)[order, None]  # [P, H] fp32, like the reference
     # skipped pairs' rows were never computed (may hold anything on some devices): exact 0
     y = torch.where((keys < num_slots)[:, None], y, 0.0)  # [P, H]
     pairs = torch.empty_like(y).index_copy_(0, order, y)  # [P, H] back in pair order
-    return pairs.view(num_tokens, num_k, hidden_size).sum(dim=1).to(hidden.dtype)  # [T, H]
+    return pairs.view(num_tokens, num_k, -1).sum(dim=1).to(hidden.dtype)  # [T, H]

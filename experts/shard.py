@@ -22,7 +22,6 @@ import torch
 
 from experts.checkpoint import CheckpointReader
 from experts.expert_slots import NO_SLOT, ExpertSlots, MissingExpertError
-from experts.grouped_ffn import routed_expert_sum
 from experts.weights import MLPWeights, load_expert
 
 PAD_EXPERT = NO_SLOT  # expert id of a padding pair (its weight is 0); compute skips it
@@ -184,11 +183,11 @@ class ExpertShard:
                 slot_ids = layer_slots.lookup(expert_ids)  # [N, K']
             except MissingExpertError as err:
                 raise self._missing(layer, err.expert) from None
-            gate_up, down = layer_slots.gate_up, layer_slots.down
+            slot_weights = layer_slots.snapshot()
             started = self._num_drops
             self._running[started] = self._running.get(started, 0) + 1
         try:
-            return routed_expert_sum(hidden, slot_ids, weights, gate_up, down)
+            return slot_weights.expert_sum(hidden, slot_ids, weights)
         finally:
             with self._lock:
                 self._running[started] -= 1

@@ -124,20 +124,20 @@ def test_bad_drop_and_failed_load_change_nothing(path: Path) -> None:
 def test_a_dropped_slots_storage_is_reused_in_place(path: Path) -> None:
     shard = ExpertShard(path, slots=[(0, 0), (0, 1)])
     storage = shard._layers[0]
-    pointer = storage.gate_up.data_ptr()
+    before = storage.storage_ids()
     shard.drop([(0, 1)])
     shard.load([(0, 6)])  # takes expert 1's storage slot: no reallocation
-    assert storage.slots_of(6) == (1,) and storage.gate_up.data_ptr() == pointer
+    assert storage.slots_of(6) == (1,) and storage.storage_ids() == before
     w6 = load_expert(CheckpointReader(path), 0, 6, "cpu")
-    assert torch.equal(storage.gate_up[1], w6.gate_up.T)  # [H, 2I]: stored for x @ W
-    assert torch.equal(storage.down[1], w6.down.T)
+    assert torch.equal(storage.read_slot(1).gate_up, w6.gate_up)  # [2I, H]
+    assert torch.equal(storage.read_slot(1).down, w6.down)
 
 
 def test_sized_layers_take_new_experts_without_reallocating(path: Path) -> None:
     shard = ExpertShard(path, slots=[(0, 0)], slots_per_layer=4)
-    pointer = shard._layers[0].gate_up.data_ptr()
+    before = shard._layers[0].storage_ids()
     shard.load([(0, 3), (0, 5), (0, 7)])
-    assert shard._layers[0].gate_up.data_ptr() == pointer and shard._layers[0].num_free == 0
+    assert shard._layers[0].storage_ids() == before and shard._layers[0].num_free == 0
     shard.load([(0, 2)])  # a fifth expert: the layer grows (doubles)
     assert shard._layers[0].num_slots == 8 and shard.has(0, 2)
 
@@ -146,21 +146,21 @@ def test_a_running_compute_keeps_the_weights_it_started_with(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A drop during a compute must not let a load overwrite the storage the compute reads."""
-    import experts.shard as shard_module
+    from experts.expert_slots import SlotWeights
 
     shard = ExpertShard(path, slots=[(0, 0), (0, 1)])
     hidden = _hidden(5, seed=2)
     ids, weights = _routing(5, [0, 1], seed=2)
     expected = shard.compute(0, hidden, ids, weights)
     started, release = threading.Event(), threading.Event()
-    real = shard_module.routed_expert_sum
+    real = SlotWeights.expert_sum
 
     def slow(*args: Any) -> torch.Tensor:
         started.set()
         assert release.wait(30)
         return real(*args)
 
-    monkeypatch.setattr(shard_module, "routed_expert_sum", slow)
+    monkeypatch.setattr(SlotWeights, "expert_sum", slow)
     results: list[torch.Tensor] = []
     worker = threading.Thread(target=lambda: results.append(shard.compute(0, hidden, ids, weights)))
     worker.start()

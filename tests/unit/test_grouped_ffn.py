@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import experts.grouped_ffn as grouped_ffn
-from experts.expert_slots import ExpertSlots
+from experts.expert_slots import ExpertSlots, Layout, packing_supported
 from experts.ffn import run_routed_experts, swiglu_mlp
 from experts.grouped_ffn import grouped_mm_supported, routed_expert_sum, use_grouped_mm_for
 from experts.weights import MLPWeights
@@ -21,10 +21,14 @@ CPU = torch.device("cpu")
 REGIMES = [True, False] if grouped_mm_supported(CPU, torch.float32, H, INTER) else [False]
 
 
-def _slots(dtype: torch.dtype = torch.float32, order: list[int] | None = None) -> ExpertSlots:
+def _slots(
+    dtype: torch.dtype = torch.float32,
+    order: list[int] | None = None,
+    layout: Layout = "stacked",
+) -> ExpertSlots:
     """Every expert in a slot; ``order`` says which expert goes into slot 0, 1, ..."""
     gen = torch.Generator().manual_seed(0)
-    slots = ExpertSlots(E + 2, E, H, INTER, dtype, "cpu")  # two slots stay free
+    slots = ExpertSlots(E + 2, E, H, INTER, dtype, "cpu", layout)  # two slots stay free
     for e in order or range(E):
         w = MLPWeights(
             torch.randn(2 * INTER, H, generator=gen) * 0.3, torch.randn(H, INTER, generator=gen)
@@ -44,6 +48,8 @@ def _routing(tokens: int, k: int, seed: int, experts: int = E) -> tuple[torch.Te
 def _loop(slots: ExpertSlots, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> Any:
     def expert(e: int) -> MLPWeights:
         (slot, *_) = slots.slots_of(e)
+        if slots.layout == "packed":
+            return slots.read_slot(slot)  # [2I, H], [H, I]
         return MLPWeights(slots.gate_up[slot].T, slots.down[slot].T)  # [2I, H], [H, I] views
 
     return run_routed_experts(hidden, ids, w, expert)
@@ -67,6 +73,21 @@ def test_matches_the_per_expert_loop(use_grouped_mm: bool, tokens: int, k: int) 
         assert torch.equal(got, expected)
     else:  # the loop sums in expert order, the kernel in k order (as transformers does)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    not packing_supported(CPU, torch.float32),
+    reason="this CPU build of torch has no oneDNN weight prepacking for fp32",
+)
+@pytest.mark.parametrize("tokens", [1, 16, 64])
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_packed_slots_match_the_per_expert_loop(tokens: int, k: int) -> None:
+    """oneDNN's prepacked kernel sums in another order than MKL's: close, not bit-equal."""
+    slots = _slots(order=list(range(E - 1, -1, -1)), layout="packed")
+    hidden, ids, w = _routing(tokens, k, seed=tokens * 10 + k)
+    got = slots.expert_sum(hidden, slots.lookup(ids), w)
+    torch.testing.assert_close(got, _loop(slots, hidden, ids, w), rtol=1e-5, atol=1e-5)
+    assert torch.equal(slots.expert_sum(hidden[:0], slots.lookup(ids[:0]), w[:0]), hidden[:0])
 
 
 @pytest.mark.parametrize("use_grouped_mm", REGIMES)
