@@ -14,6 +14,9 @@ Batch-1 decode is also set against this machine's memory-bandwidth roofline
 (``bench.roofline``): each round measures the read bandwidth (after the quiet wait) and
 times our decode steps (from the first generated token to the last, so prefill is out);
 the share is decode tok/s over ``bandwidth / bytes read per token``, median over rounds.
+Each round also times the batch-1 expert kernel alone over slots that no cache holds
+(``bench.roofline.ExpertKernelRead``): its share of the same bandwidth is the ceiling the
+matmul library sets before any of our code runs.
 Writes ``bench/results/model_core.json``.
 """
 
@@ -40,7 +43,7 @@ from bench.harness import (
     wait_for_quiet,
     write_results,
 )
-from bench.roofline import decode_bytes_per_token, read_bandwidth
+from bench.roofline import ExpertKernelRead, decode_bytes_per_token, read_bandwidth
 from bench.transformers_runs import hf_generate, load_hf
 from cluster.engine.generator import generate
 from experts.model import MoEModel
@@ -60,6 +63,7 @@ class BatchResult:
     first_mismatch: list[int | None] = field(default_factory=list)  # per sequence
     decode_s: list[float] = field(default_factory=list)  # ours, per round: first to last token
     bandwidth: list[dict[str, Any]] = field(default_factory=list)  # per round (batch 1)
+    kernel_read: list[dict[str, Any]] = field(default_factory=list)  # per round (batch 1)
 
     @property
     def decode_tok_s(self) -> list[float]:
@@ -115,7 +119,9 @@ def run_ours(
     return [r.token_ids for r in results]
 
 
-def bench_batch(args: Any, batch_size: int, ours: MoEModel, hf: Any) -> BatchResult:
+def bench_batch(
+    args: Any, batch_size: int, ours: MoEModel, hf: Any, kernel: ExpertKernelRead | None
+) -> BatchResult:
     prompts = make_prompts(batch_size, args.prompt_len, ours.spec.vocab_size, args.seed)
     result = BatchResult(batch_size, batch_size * args.new_tokens)
     engines: dict[str, Callable[[], list[list[int]]]] = {
@@ -132,6 +138,8 @@ def bench_batch(args: Any, batch_size: int, ours: MoEModel, hf: Any) -> BatchRes
         result.quiet.append(wait_for_quiet(args))
         if batch_size == 1:
             result.bandwidth.append(read_bandwidth())
+            if kernel is not None:
+                result.kernel_read.append(kernel.measure())
         for name in list(engines) if rep % 2 == 0 else list(reversed(engines)):
             seconds, tokens = timed(engines[name])
             assert tokens == outputs[name], f"{name} is not deterministic across runs"
@@ -150,6 +158,8 @@ def roofline_report(args: Any, model: MoEModel, result: BatchResult) -> dict[str
     bandwidth = [b["bytes_per_s"] for b in result.bandwidth]
     roofline = [bw / needed["total"] for bw in bandwidth]  # tok/s, per round
     shares = [t / r for t, r in zip(result.decode_tok_s, roofline, strict=True)]
+    kernel_bw = [k["bytes_per_s"] for k in result.kernel_read]
+    ceiling = [k / bw for k, bw in zip(kernel_bw, bandwidth, strict=True)]
     return {
         "method": (
             "bytes per token: embedding row, every backbone tensor of each layer (norms, "
@@ -165,6 +175,18 @@ def roofline_report(args: Any, model: MoEModel, result: BatchResult) -> dict[str
         "decode_tok_s_by_round": [round(t, 2) for t in result.decode_tok_s],
         "share_by_round": [round(x, 4) for x in shares],
         "share_median": median(shares),
+        "expert_kernel": {
+            "method": (
+                "one token through one expert slot's two projections at a time (the matmul "
+                "calls alone), over slots of the model's expert shape and layout totalling "
+                "256 MiB (every call reads its expert from memory); bytes/s, median of 5 "
+                "passes, each round after the sum() reads"
+            ),
+            "layout": result.kernel_read[0]["layout"] if result.kernel_read else None,
+            "bandwidth_gb_s_by_round": [round(k / 1e9, 2) for k in kernel_bw],
+            "share_of_read_bandwidth_by_round": [round(c, 4) for c in ceiling],
+            "share_of_read_bandwidth_median": median(ceiling) if ceiling else None,
+        },
     }
 
 
@@ -187,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ours = MoEModel.from_checkpoint(model_dir)
     transformers.utils.logging.disable_progress_bar()
     hf = load_hf(model_dir)
-    results = [bench_batch(args, b, ours, hf) for b in args.batch_sizes]
+    kernel = ExpertKernelRead(ours) if ours.spec.is_moe and 1 in args.batch_sizes else None
+    results = [bench_batch(args, b, ours, hf, kernel) for b in args.batch_sizes]
     header = (
         f"{'batch':>5} | {'ours tok/s':>10} | {'transformers tok/s':>18} | {'ratio':>6} | match"
     )
@@ -228,6 +251,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         share = report["roofline_batch1"]["share_median"]
         targets["decode_roofline_share_batch1"] = target(share, ROOFLINE_GOAL, True)
         print(f"batch-1 decode: {share:.1%} of the memory-bandwidth roofline (median of rounds)")
+        ceiling = report["roofline_batch1"]["expert_kernel"]["share_of_read_bandwidth_median"]
+        if ceiling is not None:
+            print(
+                f"the batch-1 expert kernel alone reads at {ceiling:.1%} of that bandwidth "
+                "(the matmul library's ceiling on this machine)"
+            )
     write_results(
         args, report, targets, "" if args.preset == "bench" else f".{args.preset}", started
     )

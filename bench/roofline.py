@@ -8,6 +8,13 @@ tensor of the layer), the K chosen experts' weights, and the K/V cache read at t
 step's context; the final norm and the LM head. Bandwidth: a plain sum over a tensor
 far larger than the last-level cache, the median of several reads, measured in the
 same run as the decode it is compared with.
+
+The expert kernel's own ceiling: ``ExpertKernelRead`` times the matmuls the model runs for a
+batch-1 expert (one token through one slot's two projections, in the layout the model holds
+its slots in, and none of the routing around them) over
+slots far larger than the last-level cache, so every call reads its expert from memory.
+Its bytes/s over ``read_bandwidth``'s says how much of the roofline the matmul library
+itself can reach on this machine, before any of our code runs.
 """
 
 from __future__ import annotations
@@ -20,7 +27,10 @@ from typing import Any
 import torch
 
 from experts.backend import ColocatedExperts
+from experts.expert_slots import ExpertSlots
+from experts.grouped_ffn import packed_linear
 from experts.model import MoEModel
+from experts.weights import MLPWeights
 
 READ_BYTES = 512 * 2**20  # 16x a 32 MiB L3; large enough that caches do not matter
 READS = 5  # median of these, after one untimed read
@@ -40,10 +50,9 @@ def tensor_bytes(obj: Any) -> int:
 def expert_bytes(model: MoEModel) -> int:
     """Bytes of one routed expert's weights (gate, up and down)."""
     spec = model.spec
-    if isinstance(model.experts, ColocatedExperts):
-        slots = model.experts.layer_slots(spec.moe_layers[0])
-        return tensor_bytes(slots.gate_up[0]) + tensor_bytes(slots.down[0])
     itemsize = model.weights.embed.element_size()
+    if isinstance(model.experts, ColocatedExperts):
+        itemsize = model.experts.layer_slots(spec.moe_layers[0]).dtype.itemsize
     return 3 * spec.hidden_size * spec.moe_intermediate_size * itemsize
 
 
@@ -77,3 +86,62 @@ def read_bandwidth(num_bytes: int = READ_BYTES, reads: int = READS) -> dict[str,
         "bytes_per_s": num_bytes / statistics.median(seconds),
         "read_s": [round(s, 5) for s in seconds],
     }
+
+
+class ExpertKernelRead:
+    """The batch-1 expert kernel's read rate over slots that do not fit in any cache."""
+
+    def __init__(self, model: MoEModel, num_bytes: int = READ_BYTES // 2) -> None:
+        spec = model.spec
+        hidden, inter = spec.hidden_size, spec.moe_intermediate_size
+        layout_of = (
+            model.experts.layer_slots(spec.moe_layers[0])
+            if isinstance(model.experts, ColocatedExperts)
+            else None
+        )
+        dtype = layout_of.dtype if layout_of is not None else model.dtype
+        self.expert_bytes = expert_bytes(model)
+        count = max(2, num_bytes // self.expert_bytes)
+        self.slots = ExpertSlots(
+            count, count, hidden, inter, dtype, "cpu", layout_of.layout if layout_of else None
+        )
+        gen = torch.Generator().manual_seed(0)
+        for e in range(count):
+            gate_up = torch.randn(2 * inter, hidden, generator=gen).to(dtype)  # [2I, H]
+            self.slots.add(
+                e, MLPWeights(gate_up, torch.randn(hidden, inter, generator=gen).to(dtype))
+            )
+        self.token = torch.randn(1, hidden, generator=gen).to(dtype)  # [1, H]
+        self.count = count
+
+    def measure(self, reads: int = READS) -> dict[str, Any]:
+        """Bytes/s of one token through each slot's two projections in turn (the matmul
+        calls alone, none of the routing around them), the median of ``reads`` passes."""
+        slots, token = self.slots, self.token
+        inter = slots.read_slot(0).down.shape[1]
+        act = token.new_ones(1, inter)  # [1, I]
+        if slots.layout == "packed":
+            pairs = list(zip(slots.packed_gate_up, slots.packed_down, strict=True))
+
+            def one_pass() -> None:
+                for gate_up, down in pairs:
+                    packed_linear(token, gate_up)  # [1, 2I]
+                    packed_linear(act, down)  # [1, H]
+        else:
+
+            def one_pass() -> None:
+                for s in range(self.count):
+                    token @ slots.gate_up[s]  # [1, 2I]
+                    act @ slots.down[s]  # [1, H]
+
+        one_pass()  # warm-up
+        seconds = []
+        for _ in range(reads):
+            start = time.perf_counter()
+            one_pass()
+            seconds.append(time.perf_counter() - start)
+        return {
+            "bytes_per_s": self.count * self.expert_bytes / statistics.median(seconds),
+            "layout": slots.layout,
+            "pass_s": [round(s, 5) for s in seconds],
+        }
