@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deploy.sections import runtime_section
+from router.replan_policy import ReplanConfig
 
 MIN_BUNDLE_CPU = 0.01
 
@@ -22,7 +25,8 @@ class ExpertsSettings(BaseModel):
     pair) or ``ray`` (an actor call per shard per layer); ``dispatch_timeout_s`` bounds a
     layer's wait. With ``torch_dist`` or ``gloo`` the tier's engine can run in an engine
     process (the default), which joins the channels that its replica opened; ``ray`` needs
-    the engine in the replica's process.
+    the engine in the replica's process. ``replan`` (sharded only) turns on live re-placement
+    by the cluster's placement controller and holds its thresholds (``ReplanConfig``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -35,6 +39,7 @@ class ExpertsSettings(BaseModel):
     shard_resources: tuple[dict[str, float], ...] = ()
     data_plane: Literal["torch_dist", "gloo", "ray"] = "torch_dist"
     dispatch_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    replan: Annotated[ReplanConfig, runtime_section(ReplanConfig)] = ReplanConfig()
 
     @model_validator(mode="after")
     def _resources_per_shard(self) -> ExpertsSettings:
@@ -42,6 +47,10 @@ class ExpertsSettings(BaseModel):
             raise ValueError(
                 f"shard_resources has {len(self.shard_resources)} entries but num_shards is "
                 f"{self.num_shards}: give one mapping per shard, or none"
+            )
+        if self.replan.enabled and self.placement != "sharded":
+            raise ValueError(
+                "replan.enabled needs placement: sharded (colocated experts are never moved)"
             )
         return self
 
