@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,10 +29,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class _ThreadChannel:
-    """The loop's side of the in-process transport: a queue in, the registry out."""
+    """The loop's side of the in-process transport: a queue in, the client's results out."""
 
     inbox: queue.SimpleQueue[Command]
     streams: StreamRegistry
+    deliver: Callable[[StepResult], None]
 
     def receive(self, wait: bool) -> Command | None:
         try:
@@ -40,7 +42,7 @@ class _ThreadChannel:
             return None
 
     def publish(self, result: StepResult) -> None:
-        self.streams.deliver(result)
+        self.deliver(result)
 
     def stopped(self, reason: str) -> None:
         self.streams.stop(reason)
@@ -53,7 +55,7 @@ class AsyncEngine(EngineClient):
         super().__init__(engine.model.spec, engine.config, engine.counters())
         self.engine = engine
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
-        channel = _ThreadChannel(self._inbox, self._streams)
+        channel = _ThreadChannel(self._inbox, self._streams, self._deliver)
         self._thread = threading.Thread(
             target=run_engine_loop, args=(engine, channel), name="engine-loop", daemon=True
         )

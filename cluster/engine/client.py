@@ -20,7 +20,14 @@ from typing import Protocol
 from cluster.engine.admission import validate_request
 from cluster.engine.config import EngineConfig
 from cluster.engine.counters import EngineCounters
-from cluster.engine.loop import SHUT_DOWN, AbortRequest, AddRequest, Command
+from cluster.engine.loop import (
+    SHUT_DOWN,
+    AbortRequest,
+    AddRequest,
+    Command,
+    SetRoutingTable,
+    StepResult,
+)
 from cluster.engine.requests import EngineRequest, TokenEvent
 from cluster.engine.streams import EngineStoppedError, StreamRegistry
 from experts.spec import ModelSpec
@@ -44,6 +51,13 @@ class EngineCore(Protocol):
 
     def take_routed_counts(self) -> dict[tuple[int, int], int]: ...
 
+    def set_routing_table(
+        self, version: int, placement: tuple[tuple[tuple[int, int], tuple[str, ...]], ...]
+    ) -> None: ...
+
+    @property
+    def table_version(self) -> int: ...
+
     def is_alive(self) -> bool: ...
 
     def shutdown(self, timeout: float = 30.0) -> None: ...
@@ -57,6 +71,7 @@ class EngineClient(ABC):
         self._spec = spec
         self.config = config
         self._streams = StreamRegistry(counters, self.abort)
+        self._table_version = -1  # as of the loop's last StepResult
 
     @property
     def spec(self) -> ModelSpec:
@@ -109,6 +124,23 @@ class EngineClient(ABC):
     def take_routed_counts(self) -> dict[tuple[int, int], int]:
         """Tokens routed per (layer, expert) since the last call; complete once idle."""
         return self._streams.take_routed_counts()
+
+    def set_routing_table(
+        self, version: int, placement: tuple[tuple[tuple[int, int], tuple[str, ...]], ...]
+    ) -> None:
+        """Have the loop swap its experts' routing table between two steps (a re-placement);
+        ``table_version`` shows it once done. ``EngineStoppedError`` if the loop is gone."""
+        self._post(SetRoutingTable(version, placement))
+
+    @property
+    def table_version(self) -> int:
+        """The routing table version the engine's experts run (-1: none), as of its last step."""
+        return self._table_version
+
+    def _deliver(self, result: StepResult) -> None:
+        """A loop result, from the transport: the table version, then the streams."""
+        self._table_version = result.table_version
+        self._streams.deliver(result)
 
     @abstractmethod
     def is_alive(self) -> bool:

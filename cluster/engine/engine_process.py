@@ -15,9 +15,10 @@ pickled messages (``multiprocessing.connection``), one message per engine step h
 many requests it served::
 
     to the child     ("start", EngineLaunch) once, then the loop's commands:
-                     AddRequest, AbortRequest, StopEngine
+                     AddRequest, AbortRequest, SetRoutingTable, StopEngine
     from the child   ("ready", ModelSpec, EngineCounters) or ("error", message) once,
-                     then a StepResult after each step or batch of commands, and
+                     then a StepResult after each step or batch of commands (its
+                     table_version acknowledges a SetRoutingTable), and
                      EngineStopped(reason) when the loop ends (shut down, or a step raised)
 
 The child is started with ``python -m cluster.engine.engine_process``, not
@@ -150,7 +151,7 @@ class EngineProcess(EngineClient):
                 if isinstance(message, EngineStopped):
                     reason = message.reason
                     break
-                self._streams.deliver(message)
+                self._deliver(message)
         except (EOFError, OSError):
             pass
         except Exception as err:  # a message that does not unpickle: trust nothing after it

@@ -43,7 +43,21 @@ class StopEngine:
     """Abort every request (freeing its blocks) and end the loop."""
 
 
-Command = AddRequest | AbortRequest | StopEngine
+@dataclass(frozen=True)
+class SetRoutingTable:
+    """Swap the expert backend's routing table, between two steps (a live re-placement).
+
+    The table travels as its version and placement items (plain data, picklable); one not
+    newer than the running table is ignored (a late duplicate). ``StepResult.table_version``
+    then reports the version the engine runs, which is the acknowledgement the placement
+    controller waits for before it drops the old slots.
+    """
+
+    version: int
+    placement: tuple[tuple[tuple[int, int], tuple[str, ...]], ...]
+
+
+Command = AddRequest | AbortRequest | StopEngine | SetRoutingTable
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,8 @@ class StepResult:
     # tokens routed per (layer, expert), handed over when a request ends or the engine goes
     # idle (a caller records them as its request ends); {} otherwise
     routed: dict[tuple[int, int], int]
+    # the routing table version the expert backend runs after this pass (-1: no table)
+    table_version: int = -1
 
 
 @dataclass(frozen=True)
@@ -113,7 +129,8 @@ def run_engine_loop(engine: LLMEngine, channel: EngineChannel) -> None:
             failed = [(f.request_id, f.reason) for f in engine.failures]
         ended = bool(failed) or any(e.finish_reason for e in events)
         routed = _routed(engine, ended)
-        channel.publish(StepResult(events, rejected, failed, engine.counters(), routed))
+        version = _table_version(engine)
+        channel.publish(StepResult(events, rejected, failed, engine.counters(), routed, version))
 
 
 def _apply(engine: LLMEngine, command: Command, rejected: list[tuple[str, str]]) -> None:
@@ -124,6 +141,25 @@ def _apply(engine: LLMEngine, command: Command, rejected: list[tuple[str, str]])
             rejected.append((command.request.request_id, str(err)))
     elif isinstance(command, AbortRequest):
         engine.abort(command.request_id)
+    elif isinstance(command, SetRoutingTable):
+        _set_table(engine, command)
+
+
+def _set_table(engine: LLMEngine, command: SetRoutingTable) -> None:
+    """Install a newer table in the expert backend; no step is running (between steps)."""
+    from router.routing_table import RoutingTable
+
+    backend = engine.model.experts
+    set_table = getattr(backend, "set_table", None)
+    if set_table is None or command.version <= _table_version(engine):
+        return  # colocated experts have no table; an older or equal one is stale
+    set_table(RoutingTable(command.version, dict(command.placement)))
+
+
+def _table_version(engine: LLMEngine) -> int:
+    table = getattr(engine.model.experts, "table", None)
+    version = getattr(table, "version", -1)
+    return version if isinstance(version, int) else -1
 
 
 def _routed(engine: LLMEngine, ended: bool) -> dict[tuple[int, int], int]:
