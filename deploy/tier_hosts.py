@@ -15,7 +15,9 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.expert_parallel.engine_experts import EngineExperts, arrange_engine_experts
 from cluster.expert_parallel.expert_pool import ExpertPool, ShardSpec
+from cluster.expert_parallel.placement_controller import TierSetup, start_controller
 from cluster.expert_parallel.remote_experts import RemoteExperts
+from cluster.serving.placement_reporter import PlacementReporter
 from cluster.serving.tier_messages import TierInfo, TierItem, TierRequest, TierStats
 from cluster.serving.tier_replica import TierReplica
 from cluster.telemetry.settings import TelemetrySettings
@@ -58,6 +60,25 @@ class ExpertPoolHost:
                 for i, shard_id in enumerate(shard_ids)
             ],
         )
+        self._tier, self._spec = tier, spec
+        if settings.replan.enabled:  # the cluster's controller re-places this tier's experts
+            self._register(tier, spec)
+
+    def _register(self, tier: TierConfig, spec: Any) -> None:
+        """Hand the tier to the placement controller (started here if none runs yet)."""
+        item = {"float32": 4, "float16": 2, "bfloat16": 2}.get(spec.dtype, 4)
+        setup = TierSetup(
+            tier.name,
+            tuple(spec.moe_layers),
+            spec.num_experts,
+            self.pool.node_ids(),
+            3 * spec.hidden_size * spec.moe_intermediate_size * item,  # gate, up, down
+            tier.experts.replan,
+        )
+        placement = tuple(self.table.placement.items())
+        start_controller().register_tier.remote(
+            setup, self.table.version, placement, self.pool.handles
+        )
 
     def describe(self) -> tuple[dict[str, Any], RoutingTable]:
         """The shard actor handles and the routing table, for backbone replicas."""
@@ -68,6 +89,11 @@ class ExpertPoolHost:
 
     def check_health(self) -> None:
         self.pool.node_ids()  # raises if a shard died; Serve then replaces this replica
+        if self._tier.experts.replan.enabled:  # a restarted controller: tell it of the tier
+            import ray
+
+            if ray.get(start_controller().table.remote(self._tier.name)) is None:
+                self._register(self._tier, self._spec)
 
 
 class TierHost:
@@ -99,6 +125,8 @@ class TierHost:
                 handles, table = waiter.submit(
                     lambda: expert_pool.describe.remote().result()
                 ).result()
+                if tier.experts.replan.enabled:  # a re-placement may have moved slots since
+                    table = waiter.submit(_controller_table, tier.name, table).result()
             settings = tier.experts
             pool = ExpertPool(handles, settings.data_plane, settings.dispatch_timeout_s)
             if tier.runs_engine_process:  # this replica opens the shards' side, its child ours
@@ -120,9 +148,15 @@ class TierHost:
             engine_process=tier.runs_engine_process,
             max_queue_wait_s=tier.max_queue_wait_s,
             expert_factory=factory,
+            count_routing=tier.experts.replan.enabled,
         )
+        self._reporter: PlacementReporter | None = None
+        if expert_pool is not None and tier.experts.replan.enabled:
+            self._reporter = _reporter(self.replica, tier.experts.replan.report_interval_s)
 
     async def generate(self, request: TierRequest) -> AsyncGenerator[TierItem, None]:
+        if self._reporter is not None:
+            self._reporter.start()  # on the replica's event loop, once
         async for item in self.replica.generate(request):
             yield item
 
@@ -141,6 +175,39 @@ class TierHost:
         replica = getattr(self, "replica", None)
         if replica is not None:
             replica.shutdown()
+
+
+def _controller_table(tier: str, fallback: RoutingTable) -> RoutingTable:
+    """The controller's current table of ``tier`` (the pool's own until it has one)."""
+    import ray
+
+    from cluster.expert_parallel.placement_controller import CONTROLLER_NAME
+
+    try:
+        controller = ray.get_actor(CONTROLLER_NAME)
+    except ValueError:  # no controller yet: the pool's table is the one in force
+        return fallback
+    found: Any = ray.get(controller.table.remote(tier))
+    return fallback if found is None else RoutingTable(found[0], dict(found[1]))
+
+
+def _reporter(replica: TierReplica, interval_s: float) -> PlacementReporter:
+    """A reporter sending ``replica``'s routed counts to the cluster's placement controller."""
+    import ray
+
+    from cluster.expert_parallel.placement_controller import CONTROLLER_NAME, ReportReply
+
+    async def send(tier: str, rid: str, counts: dict[tuple[int, int], int], v: int) -> ReportReply:
+        controller = ray.get_actor(CONTROLLER_NAME)  # found again after a restart
+        reply: ReportReply = await controller.report.remote(tier, rid, counts, v)
+        return reply
+
+    replica_id = ray.get_runtime_context().get_actor_id() or replica.name
+    reporter = PlacementReporter(
+        replica.name, replica_id, replica.engine, send, interval_s, replica._flush_metrics
+    )
+    replica.on_routed = reporter.add
+    return reporter
 
 
 TierDeployment = serve.deployment()(TierHost)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -67,10 +67,12 @@ class TierReplica:
         engine_process: bool = False,
         max_queue_wait_s: float | None = None,
         expert_factory: ExpertBackendFactory | None = None,
+        count_routing: bool = False,
     ) -> None:
         """``experts``: a live expert backend (in-process engine only); ``expert_factory``: a
         recipe for one, built where the engine runs (in the engine process, which reaches a
-        shard pool's experts itself); neither: the checkpoint's own experts."""
+        shard pool's experts itself); neither: the checkpoint's own experts.
+        ``count_routing``: count routed tokens even without metrics (live re-placement)."""
         if stream_interval < 1:
             raise ValueError(f"stream_interval={stream_interval} must be >= 1")
         if stream_items_per_step < 0:
@@ -96,7 +98,7 @@ class TierReplica:
             device,
             # the child gets as many torch threads as this process has
             torch_threads=_torch_threads() if engine_process else None,
-            count_routing=telemetry.metrics_enabled,
+            count_routing=telemetry.metrics_enabled or count_routing,
             experts=expert_factory,
         )
         # one recipe, either transport: the child builds it, or this process does
@@ -114,6 +116,8 @@ class TierReplica:
         self.max_prompt_bytes = self.engine.spec.max_position_embeddings * per_token
         telemetry.metrics.add_kv_source(name, self._kv_usage)
         self._evictions_seen = 0
+        # the routed counts also go here (``PlacementReporter.add``) when re-placement is on
+        self.on_routed: Callable[[dict[tuple[int, int], int]], None] | None = None
 
     def _kv_usage(self) -> tuple[int, int]:
         counters = self.engine.counters()
@@ -248,7 +252,10 @@ class TierReplica:
     def _flush_metrics(self) -> None:
         """Engine-wide counters since the last request ended, into the metrics."""
         metrics = get_telemetry().metrics
-        metrics.record_routing(self.name, self.engine.take_routed_counts())
+        routed = self.engine.take_routed_counts()
+        metrics.record_routing(self.name, routed)
+        if self.on_routed is not None and routed:
+            self.on_routed(routed)
         evictions = self.engine.counters().num_evictions
         metrics.record_evictions(self.name, evictions - self._evictions_seen)
         self._evictions_seen = evictions
