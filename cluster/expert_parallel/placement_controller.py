@@ -151,7 +151,10 @@ class TierPlacement:
             drops = self._ready_drops(now)
         for _, replicas in drops:
             self._drop(replicas)
-        self.check(now)
+        try:
+            self.check(now)
+        except Exception:  # a planner bug must not cost the replica its report or its table
+            log.exception("tier %s: planning failed; placement unchanged", self.setup.tier)
         cfg = self.setup.config
         if table_version < table.version:
             return ReportReply(table.version, tuple(table.placement.items()), SOON_S)
