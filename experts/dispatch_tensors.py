@@ -1,20 +1,88 @@
-"""The tensor side of dispatch: gather one shard's inputs, and combine shards' partial sums.
+"""The tensor side of dispatch: split a layer's tokens by shard, and combine shards' partial sums.
 
-The plan itself (``router.dispatch``) is ids and ints; these helpers take its plain lists
-(``ShardWork.token_index`` and ``ShardWork.pairs``), so ``experts/`` never imports the
-router.
+``split_by_shard`` is the hot path: given the shard of every (token, k) pair, it gathers each
+shard's rows with a fixed number of whole-tensor ops whatever the number of shards (one
+comparison against every shard index, one ``nonzero``, one gather per input tensor, and the
+per-shard views cut from those with ``torch.split``), and its only host read is the per-shard
+row counts. ``gather_shard_inputs`` is the same for one shard from a plan's plain lists
+(``router.dispatch``'s ``ShardWork``), pair by pair: the reference that the split is tested
+against, so that ``experts/`` never imports the router.
 
-Legend: T tokens in the step, K experts chosen per token, H hidden, N tokens sent to
-one shard, K' pairs per token on that shard (padded to the shard's longest row).
+Legend: T tokens in the step, K experts chosen per token, H hidden, S shards, N tokens sent to
+one shard, R rows sent to all shards together (sum of N; a token sent to two shards counts
+twice), K' pairs per token on a shard (padded to the shard's longest row).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from experts.shard import PAD_EXPERT
+
+
+@dataclass(frozen=True)
+class ShardSplit:
+    """One layer's tokens grouped by shard: shard ``s`` owns the ``counts[s]`` rows after the
+    rows of shards ``0..s-1`` in each of ``token_index``, ``hidden``, ``expert_ids`` and
+    ``weights``; a shard's tokens are increasing. Pairs of other shards are padding
+    (``PAD_EXPERT``, weight 0), which a shard skips; K' = K."""
+
+    counts: list[int]  # [S] rows per shard, on the host
+    token_index: torch.Tensor  # [R] long: the step token of each row
+    hidden: torch.Tensor  # [R, H]
+    expert_ids: torch.Tensor  # [R, K] long
+    weights: torch.Tensor  # [R, K] fp32
+    touched: torch.Tensor  # [S, T] bool: shard s computes at least one pair of token t
+
+    def parts(self) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(shard index, token_index [N], hidden [N, H], ids [N, K], weights [N, K]) per shard
+        with work, in shard order; views of this split's tensors."""
+        pieces = zip(
+            range(len(self.counts)),
+            self.counts,
+            self.token_index.split(self.counts),
+            self.hidden.split(self.counts),
+            self.expert_ids.split(self.counts),
+            self.weights.split(self.counts),
+            strict=True,
+        )
+        return [(s, rows, h, ids, w) for s, n, rows, h, ids, w in pieces if n]
+
+    @property
+    def fan_out(self) -> torch.Tensor:  # [T] long
+        """For each token of the step, how many shards it is sent to."""
+        return self.touched.sum(dim=0)
+
+
+def split_by_shard(
+    shard_of_pair: torch.Tensor,  # [T, K] long in 0..S-1: the shard computing each pair
+    num_shards: int,
+    hidden: torch.Tensor,  # [T, H]
+    expert_ids: torch.Tensor,  # [T, K] long
+    weights: torch.Tensor,  # [T, K] fp32
+) -> ShardSplit:
+    """Each shard's rows and ``ExpertShard.compute`` inputs, gathered once for all shards.
+
+    A pair's shard index selects it into row ``s * T + t`` of a [S * T, K] mask; the rows
+    with any pair set, found by one ``nonzero``, are the (shard, token) rows to send, already
+    ordered by shard then token. Every gather and mask below is one op over all R rows.
+    Gives each shard the same tensors as ``gather_shard_inputs`` with K' = K (the same sums).
+    """
+    num_tokens, num_k = shard_of_pair.shape
+    shard_index = torch.arange(num_shards, device=shard_of_pair.device).view(num_shards, 1, 1)
+    mine = shard_of_pair.unsqueeze(0) == shard_index  # [S, T, K]
+    touched = mine.any(dim=2)  # [S, T]
+    flat = touched.view(-1).nonzero().squeeze(1)  # [R] s * T + t, ordered by shard, then token
+    counts = touched.sum(dim=1).tolist()  # [S]
+    token_index = flat.remainder(num_tokens) if num_shards > 1 else flat  # [R]
+    mine_rows = mine.view(num_shards * num_tokens, num_k).index_select(0, flat)  # [R, K]
+    ids = torch.where(mine_rows, expert_ids.index_select(0, token_index), PAD_EXPERT)  # [R, K]
+    gate = torch.where(mine_rows, weights.index_select(0, token_index), 0.0)  # [R, K]
+    rows = hidden.index_select(0, token_index)  # [R, H]
+    return ShardSplit(counts, token_index, rows, ids, gate, touched)
 
 
 def gather_shard_inputs(
@@ -52,7 +120,7 @@ def combine(
     Each token's output is ``0 + p_1 + p_2 + ...`` over the shards that computed it, in
     the order of ``partials``. A token served by one shard gets that shard's partial
     bit for bit. ``dtype`` and ``device`` default to the first partial's (fp32 on CPU
-    when there is none).
+    when there is none); a partial on another device is copied to ``device``.
     """
     first = partials[0][1] if partials else torch.empty(0)
     dtype = first.dtype if dtype is None else dtype
@@ -64,35 +132,8 @@ def combine(
             f"expected ({len(token_index)}, {hidden_size}) {out.dtype}"
         )
         rows = torch.as_tensor(token_index, dtype=torch.long, device=out.device)  # [N]
-        # rows are unique within a partial; index_put_ is far cheaper than index_add_ on CPU
-        out.index_put_((rows,), part, accumulate=True)
-    return out
-
-
-def split_by_owner(
-    owner: torch.Tensor,  # [E] long: the shard index holding each expert (one replica each)
-    num_shards: int,
-    hidden: torch.Tensor,  # [T, H]
-    expert_ids: torch.Tensor,  # [T, K] long
-    weights: torch.Tensor,  # [T, K] fp32
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None]:
-    """Each shard's rows and ``ExpertShard.compute`` inputs, with whole-tensor ops only.
-
-    The fast path of dispatch when every expert has exactly one shard: no per-pair Python.
-    Per shard: the tokens with at least one pair on it ``[N]``, their hidden rows, and all K
-    pair slots with those of other shards padded (``PAD_EXPERT``, weight 0), which the shard
-    skips: the same sums as ``gather_shard_inputs``, K' = K. ``None`` for a shard with no work.
-    """
-    shard_of_pair = owner[expert_ids]  # [T, K]
-    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
-    for s in range(num_shards):
-        mine = shard_of_pair == s  # [T, K]
-        rows = mine.any(dim=1).nonzero().squeeze(1)  # [N]
-        if rows.numel() == 0:
-            out.append(None)
-            continue
-        mine = mine[rows]  # [N, K]
-        ids = expert_ids[rows].masked_fill(~mine, PAD_EXPERT)  # [N, K]
-        shard_weights = weights[rows].masked_fill(~mine, 0.0)  # [N, K]
-        out.append((rows, hidden[rows], ids, shard_weights))
+        # rows are unique within a partial: one add per element and partial, exact and
+        # deterministic. On CPU, index_put_ accumulates serially: index_add_ is faster on one
+        # thread but forks its pool, 10x slower at 32 tokens with two threads on a busy node
+        out.index_put_((rows,), part.to(out.device), accumulate=True)
     return out

@@ -1,32 +1,46 @@
 """The remote expert backend: each MoE layer's routed tokens go to the shards holding their experts.
 
-Per layer: plan which shard computes each (token, expert) pair (one call per
-shard, ``router.dispatch``), send every shard its tokens at once, wait for all,
-and add the partial sums into the layer's output. When the engine step belongs
-to a traced request, each layer's dispatch is a ``moe.expert_dispatch`` span
-whose context travels with the shard calls, so the shards' own
-``moe.expert_shard`` spans land under the request across processes. It implements the same
-``ExpertBackend`` interface as the colocated one, so the model maths does not
-know where its experts live. The routing table can be swapped between steps.
+Per layer: choose the shard of every (token, k) pair, gather each shard's tokens with
+whole-tensor ops (``experts.dispatch_tensors.split_by_shard``), send every shard its tokens
+at once, wait for all, and add the partial sums into the layer's output. When every expert
+of the layer has one shard, the pairs' shards are one lookup in an [E] table; with replicas,
+the plan (``router.dispatch``) chooses among them pair by pair. When the engine step belongs
+to a traced request, each layer's dispatch is a ``moe.expert_dispatch`` span whose context
+travels with the shard calls, so the shards' own ``moe.expert_shard`` spans land under the
+request across processes; spans and the per-shard round-trip metrics are handed over as
+plain data and built on a batcher's thread, not this one. It implements the same
+``ExpertBackend`` interface as the colocated one, so the model maths does not know where its
+experts live. The routing table can be swapped between steps.
 
-Legend: T tokens, K experts per token, H hidden, N tokens sent to one shard.
+Legend: T tokens, K experts per token, H hidden, E experts placed in the layer, S shards of
+the layer, N tokens sent to one shard.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from cluster.expert_parallel.transports import ShardCall, ShardCaller
 from cluster.telemetry.dispatch_spans import DispatchSpans
 from cluster.telemetry.setup import get_telemetry
-from experts.dispatch_tensors import combine, gather_shard_inputs, split_by_owner
+from experts.dispatch_tensors import ShardSplit, combine, split_by_shard
 from router.dispatch import plan_dispatch
 from router.routing_table import RoutingTable
 
-Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden [N, H], ids [N, K'], w [N, K']
+MAX_ROUTES_CACHED = 1024  # (table version, layer, device) routes kept
+
+
+@dataclass(frozen=True)
+class LayerRoute:
+    """Where one layer's experts live under one routing table."""
+
+    shard_ids: list[str]  # [S] every shard holding an expert of the layer, sorted
+    # [E + 1] long: the shard index of each expert, then S for an id past the table's experts;
+    # None when some expert has several shards (or an expert id below E is not placed)
+    owner: torch.Tensor | None
 
 
 class RemoteExperts:
@@ -37,14 +51,20 @@ class RemoteExperts:
         self._table = table
         self.tier = tier  # for metric attributes
         self._dispatch_spans = DispatchSpans()  # per traced request, recorded off this thread
-        self._owners: dict[tuple[int, int], tuple[list[str], torch.Tensor] | None] = {}
+        self._routes: dict[tuple[int, int, torch.device], LayerRoute] = {}
         self._lock = threading.Lock()
         self.num_shard_calls = 0
-        self.last_fan_out: list[int] = []  # shards each token touched, last layer computed
+        self._last_touched: torch.Tensor | None = None  # [S, T] of the last layer computed
 
     @property
     def table(self) -> RoutingTable:
         return self._table
+
+    @property
+    def last_fan_out(self) -> list[int]:
+        """Shards each token touched in the last layer computed (read on demand: a host copy)."""
+        touched = self._last_touched
+        return [] if touched is None else touched.sum(dim=0).tolist()
 
     def set_table(self, table: RoutingTable) -> None:
         """Install a newer routing table; the next layer computed uses it."""
@@ -64,33 +84,28 @@ class RemoteExperts:
     ) -> torch.Tensor:  # [T, H]
         with self._lock:
             table = self._table
-        shards, rows, sends, fan_out = self.split(table, layer, hidden, expert_ids, weights)
+        shard_ids, split = self.split(table, layer, hidden, expert_ids, weights)
+        parts = split.parts()
         telemetry = get_telemetry()
-        span = self._dispatch_spans.start(telemetry, layer, hidden.shape[0], len(shards))
+        span = self._dispatch_spans.start(telemetry, layer, hidden.shape[0], len(parts))
         traceparent = span.traceparent if span is not None else ""
+        called = [shard_ids[s] for s, *_ in parts]
         pending = [
-            self._pool.send(ShardCall(shard, layer, *sent, traceparent))
-            for shard, sent in zip(shards, sends, strict=True)
+            self._pool.send(ShardCall(shard, layer, h, ids, w, traceparent))
+            for shard, (_, _, h, ids, w) in zip(called, parts, strict=True)
         ]
-        if telemetry.metrics_enabled:  # per-shard round trips, as each shard answers
+        if telemetry.metrics_enabled:  # per-shard round trips, recorded off this thread
             timed = self._pool.wait_timed(pending)
             outputs = [out for out, _ in timed]
-            for shard, (_, seconds) in zip(shards, timed, strict=True):
-                telemetry.metrics.record_dispatch(self.tier, shard, seconds)
+            telemetry.metrics.record_dispatch_layer(self.tier, called, [s for _, s in timed])
         else:
             outputs = self._pool.wait(pending)
         if span is not None:
             self._dispatch_spans.end(telemetry, span)
         self.num_shard_calls += len(pending)
-        self.last_fan_out = fan_out
-        outputs = [out.to(hidden.device) for out in outputs]  # shards answer in host memory
-        return combine(
-            hidden.shape[0],
-            hidden.shape[1],
-            list(zip(rows, outputs, strict=True)),
-            dtype=hidden.dtype,
-            device=hidden.device,
-        )
+        self._last_touched = split.touched
+        partials = [(rows, out) for (_, rows, *_), out in zip(parts, outputs, strict=True)]
+        return combine(hidden.shape[0], hidden.shape[1], partials, hidden.dtype, hidden.device)
 
     def split(
         self,
@@ -99,50 +114,48 @@ class RemoteExperts:
         hidden: torch.Tensor,  # [T, H]
         expert_ids: torch.Tensor,  # [T, K]
         weights: torch.Tensor,  # [T, K]
-    ) -> tuple[list[str], list[Sequence[int] | torch.Tensor], list[Inputs], list[int]]:
-        """The shards called, their rows, their inputs, and the shards each token touches.
-
-        Gathered on the step's device (the pool moves only these rows to the host). When
-        every expert of the layer has one shard, whole-tensor ops do it; otherwise the
-        plan (``router.dispatch``) chooses among replicas pair by pair.
+    ) -> tuple[list[str], ShardSplit]:
+        """The layer's shard ids [S] and its tokens split among them (shard index s is
+        ``shard_ids[s]``), gathered on the step's device (the transport moves them to the host).
         """
-        owners = self._owner_map(table, layer)
-        if owners is not None and expert_ids.numel() and int(expert_ids.max()) < len(owners[1]):
-            shard_ids, owner = owners
-            parts = split_by_owner(
-                owner.to(expert_ids.device), len(shard_ids), hidden, expert_ids, weights
-            )
-            kept = [(sid, part) for sid, part in zip(shard_ids, parts, strict=True) if part]
-            fan_out = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
-            for _, (token_index, *_) in kept:
-                fan_out[token_index] += 1
-            return (
-                [sid for sid, _ in kept],
-                [token_index for _, (token_index, *_) in kept],
-                [(h, ids, w) for _, (_, h, ids, w) in kept],
-                fan_out.tolist(),
-            )
-        plan = plan_dispatch(layer, expert_ids.tolist(), table)
-        sends = [
-            gather_shard_inputs(work.token_index, work.pairs, hidden, weights)
-            for work in plan.per_shard.values()
-        ]
-        rows = [work.token_index for work in plan.per_shard.values()]
-        return list(plan.per_shard), list(rows), sends, plan.fan_out
+        route = self._route(table, layer, expert_ids.device)
+        num_tokens, num_k = expert_ids.shape
+        num_shards = len(route.shard_ids)
+        if route.owner is not None:
+            placed = route.owner.shape[0] - 1
+            flat_ids = expert_ids.reshape(-1).clamp(max=placed)  # [T * K] unplaced -> E
+            shard_of_pair = route.owner.index_select(0, flat_ids).view(num_tokens, num_k)
+            # shard index S: an expert the table does not place; the plan names it below
+            split = split_by_shard(shard_of_pair, num_shards + 1, hidden, expert_ids, weights)
+            if not split.counts[num_shards]:
+                return route.shard_ids, split
+        plan = plan_dispatch(layer, expert_ids.tolist(), table)  # raises for an unplaced expert
+        index = {sid: i for i, sid in enumerate(route.shard_ids)}
+        flat = [0] * (num_tokens * num_k)
+        for sid, work in plan.per_shard.items():
+            for t, row in zip(work.token_index, work.pairs, strict=True):
+                for k, _ in row:
+                    flat[t * num_k + k] = index[sid]
+        shard_of_pair = torch.tensor(flat, dtype=torch.long, device=expert_ids.device)
+        shard_of_pair = shard_of_pair.view(num_tokens, num_k)  # [T, K]
+        return route.shard_ids, split_by_shard(
+            shard_of_pair, num_shards, hidden, expert_ids, weights
+        )
 
-    def _owner_map(self, table: RoutingTable, layer: int) -> tuple[list[str], torch.Tensor] | None:
-        """(shard ids, [E] shard index per expert) when each expert of ``layer`` has one shard."""
-        key = (table.version, layer)
-        if key not in self._owners:
+    def _route(self, table: RoutingTable, layer: int, device: torch.device) -> LayerRoute:
+        """The layer's shards, and its [E + 1] owner table on ``device`` when unreplicated."""
+        key = (table.version, layer, device)
+        route = self._routes.get(key)
+        if route is None:
             placed = {e: shards for (lyr, e), shards in table.placement.items() if lyr == layer}
-            owners = None
-            if placed and all(len(s) == 1 for s in placed.values()):
-                if sorted(placed) == list(range(len(placed))):  # every expert placed
-                    shard_ids = sorted({s[0] for s in placed.values()})
-                    index = {sid: i for i, sid in enumerate(shard_ids)}
-                    owner = torch.tensor([index[placed[e][0]] for e in range(len(placed))])
-                    owners = (shard_ids, owner)
-            if len(self._owners) > 1024:
-                self._owners.clear()
-            self._owners[key] = owners
-        return self._owners[key]
+            shard_ids = sorted({s for shards in placed.values() for s in shards})
+            owner = None
+            every = sorted(placed) == list(range(len(placed)))  # experts 0..E-1, none skipped
+            if placed and every and all(len(s) == 1 for s in placed.values()):
+                index = {sid: i for i, sid in enumerate(shard_ids)}
+                owners = [index[placed[e][0]] for e in range(len(placed))] + [len(shard_ids)]
+                owner = torch.tensor(owners, dtype=torch.long, device=device)  # [E + 1]
+            if len(self._routes) >= MAX_ROUTES_CACHED:
+                self._routes.clear()
+            route = self._routes[key] = LayerRoute(shard_ids, owner)
+        return route

@@ -4,15 +4,23 @@ Every attribute set is bounded by the deployment, never by traffic: tier names, 
 finish reasons, MoE layer and expert indices, shard indices. Request ids, sessions and text
 belong on spans, not here, so a Prometheus scrape stays small however long the cluster runs.
 Built on a no-op meter when metrics are off, every method is then a cheap no-op.
+
+Hot paths record plain data instead (``record_dispatch_layer``: one deque append per MoE layer):
+a ``SpanBatcher`` of this object's own turns it into measurements on its thread, and every
+collection drains what is still queued before it reads, so a scrape or a ``force_flush`` sees
+each layer recorded before it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.sdk.trace import ReadableSpan
+
+from cluster.telemetry.span_batch import SpanBatcher
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +108,7 @@ class Metrics:
         self._escalations = counters["moe.escalations"]
         self._kv_sources: dict[str, KvSource] = {}
         self._kv_lock = threading.Lock()
+        self._later = SpanBatcher(())  # hot-path records, made measurements on its thread
         meter.create_observable_gauge(
             "moe.kv.blocks_in_use",
             callbacks=[self._observe_blocks_in_use],
@@ -139,6 +148,24 @@ class Metrics:
     def record_dispatch(self, tier: str, shard: str, seconds: float) -> None:
         self._dispatch.record(seconds, {"moe.tier": tier, "moe.shard": shard})
 
+    def record_dispatch_layer(
+        self, tier: str, shards: Sequence[str], seconds: Sequence[float]
+    ) -> None:
+        """One MoE layer's shard round trips (``seconds[i]`` for ``shards[i]``), for the engine's
+        thread: queued as plain data and recorded like ``record_dispatch`` off that thread."""
+        self._later.record(self._record_dispatches, tier, tuple(shards), tuple(seconds))
+
+    def _record_dispatches(
+        self, tier: str, shards: tuple[str, ...], seconds: tuple[float, ...]
+    ) -> Sequence[ReadableSpan]:
+        for shard, s in zip(shards, seconds, strict=True):
+            self._dispatch.record(s, {"moe.tier": tier, "moe.shard": shard})
+        return ()  # a measurement, no span
+
+    def flush(self) -> None:
+        """Record every queued hot-path measurement now, on the calling thread."""
+        self._later.flush()
+
     def record_prefix(self, tier: str, looked_up: int, hit: int) -> None:
         attrs = {"moe.tier": tier}
         if looked_up > 0:
@@ -172,10 +199,15 @@ class Metrics:
         with self._kv_lock:
             self._kv_sources.pop(tier, None)
 
+    # A collection calls these callbacks before it reads the synchronous instruments (the
+    # SDK's order, held by test_telemetry), so draining the queue here puts every layer
+    # recorded before a collection into it; recording from a callback takes no lock it holds.
     def _observe_blocks_in_use(self, options: CallbackOptions) -> Iterable[Observation]:
+        self.flush()
         return [Observation(used, {"moe.tier": tier}) for tier, (used, _) in self._kv_sample()]
 
     def _observe_blocks_total(self, options: CallbackOptions) -> Iterable[Observation]:
+        self.flush()
         return [Observation(total, {"moe.tier": tier}) for tier, (_, total) in self._kv_sample()]
 
     def _kv_sample(self) -> list[tuple[str, tuple[int, int]]]:

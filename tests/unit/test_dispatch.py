@@ -14,7 +14,7 @@ from cluster.engine.generator import generate
 from experts.attention import AttentionBatch, SequenceChunk
 from experts.backend import ColocatedExperts
 from experts.checkpoint import CheckpointReader
-from experts.dispatch_tensors import combine, gather_shard_inputs, split_by_owner
+from experts.dispatch_tensors import combine, gather_shard_inputs, split_by_shard
 from experts.model import MoEModel
 from experts.sampling_params import SamplingParams
 from experts.shard import ExpertShard
@@ -241,19 +241,18 @@ def test_split_tokens_are_exact_for_two_experts_and_close_for_three(
 
 @pytest.mark.parametrize("num_shards", [2, 3])
 def test_whole_tensor_split_matches_the_plan_bit_for_bit(path: Path, num_shards: int) -> None:
-    """``split_by_owner`` (one replica per expert) sends each shard the plan's rows, and the
+    """``split_by_shard`` (one replica per expert) sends each shard the plan's rows, and the
     shards' partial sums come out identical to the plan path's."""
     table = round_robin(LAYERS, NUM_EXPERTS, [f"s{i}" for i in range(num_shards)])
     shards = _shards_for(path, table)
     hidden, ids, weights = _layer_inputs(37, 3, seed=4)
     ids[0] = torch.tensor([0, 0 + num_shards, 0 + 2 * num_shards])  # a token on one shard only
     owner = torch.tensor([e % num_shards for e in range(NUM_EXPERTS)])
-    parts = split_by_owner(owner, num_shards, hidden, ids, weights)
+    parts = split_by_shard(owner[ids], num_shards, hidden, ids, weights).parts()
     plan = plan_dispatch(1, ids.tolist(), table)
-    assert [f"s{i}" for i, p in enumerate(parts) if p is not None] == list(plan.per_shard)
+    assert [f"s{s}" for s, *_ in parts] == list(plan.per_shard)
     partials = []
-    for (shard_id, work), part in zip(plan.per_shard.items(), (p for p in parts if p), strict=True):
-        rows, *inputs = part
+    for (shard_id, work), (_, rows, *inputs) in zip(plan.per_shard.items(), parts, strict=True):
         assert rows.tolist() == work.token_index
         out = shards[shard_id].compute(1, *inputs)
         planned = gather_shard_inputs(work.token_index, work.pairs, hidden, weights)
