@@ -2,8 +2,9 @@
 
 Every remote figure is ``RemoteExperts.forward`` itself, over an ``ExpertPool`` of the
 product's shard actors (``ShardActorImpl``) or of two subclasses: one that times
-``compute`` inside the actor, one that computes nothing (zeros of the input's shape, so
-the same split, payloads, data plane and combine with no expert compute). The phase
+``compute_tensors`` (what every data plane calls) inside the actor, one that computes
+nothing (zeros of the input's shape, so the same split, payloads, data plane and combine
+with no expert compute). The phase
 breakdown comes from a ``ShardCaller`` wrapper that stamps the backend's own calls
 (send, wait) on their way to the pool: split = forward start to the first send, submit =
 the sends, wait = the wait, combine = the rest; wire = submit + wait - the slowest
@@ -19,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 
@@ -56,9 +56,11 @@ class TimedShardImpl(ShardActorImpl):
         super().__init__(model_dir, device, slots)
         self.compute_s: list[float] = []
 
-    def compute(self, layer: int, hidden: Any, expert_ids: Any, weights: Any, tp: str = "") -> Any:
+    def compute_tensors(
+        self, layer: int, hidden: Any, expert_ids: Any, weights: Any, tp: str = ""
+    ) -> torch.Tensor:
         start = time.perf_counter()
-        out = super().compute(layer, hidden, expert_ids, weights, tp)
+        out = super().compute_tensors(layer, hidden, expert_ids, weights, tp)
         self.compute_s.append(time.perf_counter() - start)
         return out
 
@@ -81,8 +83,10 @@ class NoopShardImpl(ShardActorImpl):
     def niceness(self) -> int:
         return os.nice(0)
 
-    def compute(self, layer: int, hidden: Any, expert_ids: Any, weights: Any, tp: str = "") -> Any:
-        return np.zeros_like(hidden) if isinstance(hidden, np.ndarray) else torch.zeros_like(hidden)
+    def compute_tensors(
+        self, layer: int, hidden: Any, expert_ids: Any, weights: Any, tp: str = ""
+    ) -> torch.Tensor:
+        return torch.zeros_like(hidden)
 
 
 @dataclass

@@ -20,12 +20,8 @@ import ray
 import torch
 
 from cluster.expert_parallel.data_plane import ChannelTicket, PayloadLimits, serve_channel
-from cluster.telemetry.setup import (
-    TelemetrySettings,
-    context_from_traceparent,
-    get_telemetry,
-    setup_telemetry,
-)
+from cluster.telemetry.dispatch_spans import ShardSpan
+from cluster.telemetry.setup import TelemetrySettings, get_telemetry, setup_telemetry
 
 Slot = tuple[int, int]  # (layer, expert)
 
@@ -74,21 +70,8 @@ class ShardActorImpl:
         The ticket (with the channel's key) comes only through this Ray call.
         """
         bind_host = ray.util.get_node_ip_address()  # this node's cluster address, not 0.0.0.0
-        serve_channel(
-            self._compute_tensors, ticket, bind_host, timeout_s, self.limits, self.shard_id
-        )
-
-    def _compute_tensors(
-        self,
-        layer: int,
-        hidden: torch.Tensor,
-        expert_ids: torch.Tensor,
-        weights: torch.Tensor,
-        traceparent: str,
-    ) -> torch.Tensor:
-        out = self.compute(layer, hidden, expert_ids, weights, traceparent)
-        assert isinstance(out, torch.Tensor)
-        return out
+        compute, limits = self.compute_tensors, self.limits
+        serve_channel(compute, ticket, bind_host, timeout_s, limits, self.shard_id)
 
     def compute(
         self,
@@ -98,27 +81,38 @@ class ShardActorImpl:
         weights: torch.Tensor | np.ndarray,  # [N, K']
         traceparent: str = "",  # the dispatching span, when the request is traced
     ) -> torch.Tensor | np.ndarray:  # [N, H], numpy when the inputs came as numpy
-        parent = context_from_traceparent(traceparent) if traceparent else None
-        telemetry = get_telemetry()
-        span = None
-        if parent is not None and telemetry.tracing:
-            span = telemetry.tracer.start_span(
-                f"moe.expert_shard {self.shard_id}",
-                context=parent,
-                attributes={
-                    "moe.shard": self.shard_id,
-                    "moe.layer": layer,
-                    "moe.shard.tokens": int(hidden.shape[0]),
-                },
-            )
+        """A layer's tokens by Ray actor call (the ``ray`` data plane) or in-process."""
         as_numpy = isinstance(hidden, np.ndarray)  # the pool's wire format; tensors in-process
         hidden_t, ids_t, weights_t = (from_wire(x) for x in (hidden, expert_ids, weights))
-        with torch.inference_mode():
-            out = self.shard.compute(layer, hidden_t.to(self.device), ids_t, weights_t)
-        out = out.cpu()
-        if span is not None:
-            span.end()
+        out = self.compute_tensors(layer, hidden_t, ids_t, weights_t, traceparent)
         return to_wire(out) if as_numpy else out
+
+    def compute_tensors(
+        self,
+        layer: int,
+        hidden: torch.Tensor,  # [N, H] in host memory, or on this shard's device
+        expert_ids: torch.Tensor,  # [N, K'] (-1 = padding)
+        weights: torch.Tensor,  # [N, K']
+        traceparent: str = "",
+    ) -> torch.Tensor:  # [N, H] in host memory
+        """A layer's tokens from a data-plane channel (or from ``compute``).
+
+        When the call came traced, its ``moe.expert_shard`` span is two clocks here and is
+        built off this thread (``ShardSpan``).
+        """
+        telemetry = get_telemetry()
+        span = ShardSpan.start(telemetry, traceparent, self.shard_id, layer, hidden.shape[0])
+        error = ""
+        try:
+            with torch.inference_mode():
+                out = self.shard.compute(layer, hidden.to(self.device), expert_ids, weights)
+            return out.cpu()
+        except Exception as err:
+            error = f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            if span is not None:
+                span.end(telemetry, error)
 
 
 ShardActor = ray.remote(ShardActorImpl)

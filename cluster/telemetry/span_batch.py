@@ -5,7 +5,9 @@ two clocks), but making it an SDK span there costs the step: the sampler, a lock
 collections per span, attribute checks per value. A ``SpanBatcher`` takes a builder and its
 plain arguments instead (one tuple appended to a deque), and its own thread turns each batch
 into ``ReadableSpan``s (``SpanFactory.finished``) and hands them to the span processors, whose
-exporters run on their own threads as before.
+exporters run on their own threads as before. A builder may also return no span: the
+per-layer dispatch metrics (``Metrics.record_dispatch_layer``) use a batcher of their own to
+record measurements off the hot thread the same way.
 
 Order is kept (one FIFO, drained by one thread at a time), nothing recorded is lost on flush or
 shutdown (``Telemetry.force_flush`` drains the batcher before the processors), and memory is
