@@ -16,15 +16,20 @@ dtype); it is kept between layers and replaced by a larger one (powers of two, a
 it: on ``close``, when either process dies, or on the next segment. The shard checks every
 header against its ``PayloadLimits`` and the segment's real size before it touches the memory.
 
-Per layer: the backbone copies its tensors into the segment (from any device: an explicit copy
-to host memory), sends the 10-int64 header, and waits for a status message (``STATUS``: 0 ok,
-1 failed, followed by the message); the shard reads its inputs in place and writes its answer
-into the reply area. Each wait is bounded by the layer timeout; a dead shard closes its socket,
-so the wait ends at once with ``DataPlaneError`` naming it, never a hang.
+Per layer: the backbone copies each of its tensors once, straight into its place in the segment
+(from any device: an explicit copy to host memory; nothing is packed first), sends the 10-int64
+header, and waits for a status message (``STATUS``: 0 ok, 1 failed, followed by the message);
+the shard reads its inputs in place and writes its answer into the reply area. Both sides keep
+the views of each layer shape they have seen in the current segment (a shape's sizes are
+checked against the limits once, when its views are made; the op on every header), so a layer
+costs a few copies and two small socket messages, with no allocation but the answer's copy.
+Each wait is bounded by the layer timeout; a dead shard closes its socket, so the wait ends at
+once with ``DataPlaneError`` naming it, never a hang.
 """
 
 from __future__ import annotations
 
+import array
 import fcntl
 import hashlib
 import hmac
@@ -62,8 +67,10 @@ AVAILABLE = hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")  # Lin
 OP_SEGMENT = 2  # a header whose third field is the size of the segment sent with it
 HEADER = struct.Struct(f"<{HEADER_LEN}q")
 STATUS = struct.Struct("<qq")  # 0 ok / 1 failed, bytes of the message that follows
+STATUS_OK_MESSAGE = STATUS.pack(0, 0)
 MIN_SEGMENT = 1 << 20
 ALIGN = 64
+MAX_LAYOUTS = 256  # per segment and side: (N, K', dtype) shapes whose views are kept
 
 # compute(layer, hidden [N, H], expert_ids [N, K'], weights [N, K'], traceparent) -> [N, H]
 Compute = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, str], torch.Tensor]
@@ -182,34 +189,58 @@ def serve(
 
 def _serve_loop(sock: socket.socket, compute: Compute, limits: PayloadLimits, name: str) -> None:
     segment = torch.empty(0, dtype=torch.uint8)
+    views: dict[tuple[int, int, int, int], tuple[torch.Tensor, ...]] = {}  # this segment's
+    ancillary = socket.CMSG_LEN(struct.calcsize("i"))  # room for one descriptor
     while True:
-        message, fds, flags, _ = socket.recv_fds(sock, HEADER.size, 1)
+        message, ancdata, flags, _ = sock.recvmsg(HEADER.size, ancillary)
+        fds = _descriptors(ancdata)
         if not message:
             return  # the backbone went away
-        if len(message) != HEADER.size or flags & socket.MSG_TRUNC:
+        if len(message) != HEADER.size or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            for fd in fds:
+                os.close(fd)
             raise PayloadRefused(f"a {len(message)}-byte header (expected {HEADER.size})")
-        fields = list(HEADER.unpack(message))
+        fields = HEADER.unpack(message)
         if fields[0] == OP_SEGMENT and len(fds) == 1:
-            segment = _map(fds[0])
+            segment, views = _map(fds[0]), {}
             continue
         for fd in fds:
             os.close(fd)
         if fields[0] == OP_STOP:
             return
         op, layer, n, h, k, dtype_index = fields[:6]
-        limits.check(op, n, h, k, dtype_index)  # before the segment is read
-        layout = Layout(n, h, k, DTYPES[dtype_index])
-        if layout.end > segment.numel():
-            raise PayloadRefused(f"layer {layer} needs {layout.end} bytes of a {segment.numel()}")
-        hidden, ids, weights, reply = layout.views(segment)
+        shape = (n, h, k, dtype_index)
+        parts = views.get(shape)
+        if parts is None:
+            limits.check(op, n, h, k, dtype_index)  # before the segment is read
+            layout = Layout(n, h, k, DTYPES[dtype_index])
+            if layout.end > segment.numel():
+                raise PayloadRefused(
+                    f"layer {layer} needs {layout.end} bytes of a {segment.numel()}"
+                )
+            if len(views) >= MAX_LAYOUTS:
+                views.clear()
+            parts = views[shape] = layout.views(segment)
+        elif op != OP_COMPUTE:  # the sizes passed the check when cached: only the op is new
+            limits.check(op, n, h, k, dtype_index)
+        hidden, ids, weights, reply = parts
         try:
             out = compute(layer, hidden, ids, weights, decode_trace(fields[6:10]))  # [N, H]
             reply.copy_(out.reshape(n, h))
-            sock.send(STATUS.pack(0, 0))
+            sock.send(STATUS_OK_MESSAGE)
         except Exception as err:  # reported to the caller, who raises it with the shard's name
             logger.exception("shard %s: compute failed on layer %d", name, layer)
             text = f"{type(err).__name__}: {err}".encode()[:MAX_ERROR_BYTES]
             sock.send(STATUS.pack(1, len(text)) + text)
+
+
+def _descriptors(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The file descriptors passed with a message (``SCM_RIGHTS``)."""
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+    return list(fds)
 
 
 # ----------------------------------------------------------------------------- backbone side
@@ -223,6 +254,8 @@ class ShmLink:
         self.shard_id = shard_id
         self.limits = limits
         self.segment = torch.empty(0, dtype=torch.uint8)
+        # (N, H, K', dtype) -> the views of a layer of that shape in this segment
+        self._views: dict[tuple[int, int, int, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
     @classmethod
     def connect(cls, ticket: ChannelTicket, shard_id: str, timeout_s: float) -> ShmLink:
@@ -253,9 +286,26 @@ class ShmLink:
             segment = torch.frombuffer(mmap.mmap(fd, capacity), dtype=torch.uint8)
             announce = HEADER.pack(OP_SEGMENT, 0, capacity, *[0] * (HEADER_LEN - 3))
             socket.send_fds(self.sock, [announce], [fd])
-            self.segment = segment  # only once the shard has it too
+            self.segment, self._views = segment, {}  # only once the shard has it too
         finally:
             os.close(fd)
+
+    def views(
+        self, n: int, h: int, k: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, ...]:  # hidden [N, H], ids [N, K'], weights [N, K'], reply [N, H]
+        """Where a layer of this shape goes in the segment (grown first when it does not fit).
+
+        Kept per shape: a decode step's layers, and the next steps', reuse them.
+        """
+        key = (n, h, k, dtype)
+        views = self._views.get(key)
+        if views is None:
+            layout = Layout(n, h, k, dtype)
+            self._room(layout.end)
+            if len(self._views) >= MAX_LAYOUTS:
+                self._views.clear()
+            views = self._views[key] = layout.views(self.segment)
+        return views
 
     def send(
         self,
@@ -265,17 +315,21 @@ class ShmLink:
         weights: torch.Tensor,  # [N, K']
         traceparent: str,
     ) -> ShmReply:
-        """Write the layer into the segment and ring; raises ``OSError`` if the shard is gone."""
+        """Write the layer into the segment and ring; raises ``OSError`` if the shard is gone.
+
+        Each input is copied once, straight into its place in the segment (to host memory
+        from any device): nothing is packed first.
+        """
         n, h = hidden.shape
         k = expert_ids.shape[1]
-        layout = Layout(n, h, k, hidden.dtype)
-        self._room(layout.end)
-        into_hidden, into_ids, into_weights, reply = layout.views(self.segment)
-        into_hidden.copy_(hidden)  # to host memory from any device
+        into_hidden, into_ids, into_weights, reply = self.views(n, h, k, hidden.dtype)
+        into_hidden.copy_(hidden)
         into_ids.copy_(expert_ids)
         into_weights.copy_(weights)
-        trace = encode_trace(traceparent)
-        self.sock.send(HEADER.pack(OP_COMPUTE, layer, n, h, k, DTYPES.index(hidden.dtype), *trace))
+        header = HEADER.pack(
+            OP_COMPUTE, layer, n, h, k, DTYPES.index(hidden.dtype), *encode_trace(traceparent)
+        )
+        self.sock.send(header)
         return ShmReply(self, layer, reply)
 
     def close(self, stop: bool) -> None:
@@ -286,7 +340,7 @@ class ShmLink:
             except OSError as err:  # the shard is gone already: nothing to stop
                 logger.debug("data plane: stop not delivered to %s (%s)", self.shard_id, err)
         self.sock.close()
-        self.segment = torch.empty(0, dtype=torch.uint8)
+        self.segment, self._views = torch.empty(0, dtype=torch.uint8), {}
 
 
 @dataclass
@@ -298,27 +352,32 @@ class ShmReply:
     reply: torch.Tensor  # [N, H], a view of the segment
 
     def result(self, timeout_s: float) -> torch.Tensor:  # [N, H], a copy in host memory
-        sid = self.link.shard_id
-        gone = (
-            f"expert shard {sid!r} closed its data-plane socket before answering layer "
-            f"{self.layer}: the shard died or is restarting"
-        )
+        sock = self.link.sock
         try:
-            self.link.sock.settimeout(timeout_s)
-            message = self.link.sock.recv(STATUS.size + MAX_ERROR_BYTES)
+            if sock.gettimeout() != timeout_s:
+                sock.settimeout(timeout_s)
+            message = sock.recv(STATUS.size + MAX_ERROR_BYTES)
         except TimeoutError as err:
             raise DataPlaneError(
-                f"expert shard {sid!r} gave no answer for layer {self.layer} within "
-                f"{timeout_s:g}s over shared memory; the shard may be stuck, or have died"
+                f"expert shard {self.link.shard_id!r} gave no answer for layer {self.layer} "
+                f"within {timeout_s:g}s over shared memory; the shard may be stuck, or have died"
             ) from err
         except OSError as err:  # a reset connection: the shard's process is gone
-            raise DataPlaneError(f"{gone} ({type(err).__name__})") from err
+            raise DataPlaneError(f"{self._gone()} ({type(err).__name__})") from err
+        if message == STATUS_OK_MESSAGE:
+            return self.reply.clone()
         if len(message) < STATUS.size:
-            raise DataPlaneError(gone)
+            raise DataPlaneError(self._gone())
         status, _ = STATUS.unpack(message[: STATUS.size])
         if status != 0:
             raise ShardComputeError(
-                f"expert shard {sid!r} failed on layer {self.layer}: "
+                f"expert shard {self.link.shard_id!r} failed on layer {self.layer}: "
                 f"{message[STATUS.size :].decode(errors='replace')}"
             )
         return self.reply.clone()
+
+    def _gone(self) -> str:
+        return (
+            f"expert shard {self.link.shard_id!r} closed its data-plane socket before answering "
+            f"layer {self.layer}: the shard died or is restarting"
+        )

@@ -29,7 +29,13 @@ from typing import Any, Protocol
 import ray
 import torch
 
-from cluster.expert_parallel.data_plane import Channel, ChannelTicket, DataPlaneError, StartPeer
+from cluster.expert_parallel.data_plane import (
+    Channel,
+    ChannelTicket,
+    DataPlaneError,
+    ShardComputeError,
+    StartPeer,
+)
 from cluster.expert_parallel.shard_actor import from_wire, to_wire
 
 # (shard id, ticket, seconds the shard waits for the backbone): start a shard's side
@@ -82,14 +88,31 @@ class ChannelCalls:
         )
 
     def wait(self, pending: Sequence[Any]) -> list[torch.Tensor]:
-        return [reply.result() for reply in pending]
+        return [out for out, _ in self.wait_timed(pending)]
 
     def wait_timed(self, pending: Sequence[Any]) -> list[tuple[torch.Tensor, float]]:
+        """The answers in order (a later shard is often ready already).
+
+        A shard whose compute failed (``ShardComputeError``) leaves the channel usable, so the
+        other shards' answers, already on their way, are read before it is raised: left
+        unread, one would be taken for that shard's answer to the next layer. A broken
+        channel (``DataPlaneError``) raises at once; it is reopened whole.
+        """
         start = time.perf_counter()
         timed = []
-        for reply in pending:  # in order: a later shard is often ready already
-            out = reply.result()
+        failed: ShardComputeError | None = None
+        for reply in pending:
+            try:
+                out = reply.result()
+            except ShardComputeError as err:
+                failed = failed or err
+                continue
             timed.append((out, time.perf_counter() - start))
+        if failed is not None:
+            try:
+                raise failed
+            finally:  # no cycle through this frame: it holds the replies' segment views
+                del failed
         return timed
 
 

@@ -8,12 +8,14 @@ Legend: N tokens sent to one shard, K' (expert, weight) pairs per token on it, H
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
 import secrets
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
@@ -210,21 +212,25 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def encode_trace(traceparent: str) -> list[int]:
-    """W3C ``00-<trace id>-<span id>-<flags>`` as four int64s (flags ``NO_TRACE`` if none)."""
+@functools.lru_cache(maxsize=256)
+def encode_trace(traceparent: str) -> tuple[int, int, int, int]:
+    """W3C ``00-<trace id>-<span id>-<flags>`` as four int64s (flags ``NO_TRACE`` if none).
+
+    Cached: a layer sends the same traceparent to each of its shards.
+    """
     parts = traceparent.split("-")
     if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
-        return [0, 0, 0, NO_TRACE]
+        return (0, 0, 0, NO_TRACE)
     trace_id, span_id, flags = parts[1], parts[2], parts[3]
-    return [
+    return (
         _signed(int(trace_id[:16], 16)),
         _signed(int(trace_id[16:], 16)),
         _signed(int(span_id, 16)),
         int(flags, 16),
-    ]
+    )
 
 
-def decode_trace(fields: list[int]) -> str:
+def decode_trace(fields: Sequence[int]) -> str:
     hi, lo, span, flags = fields
     if flags == NO_TRACE:
         return ""
@@ -233,32 +239,32 @@ def decode_trace(fields: list[int]) -> str:
     )
 
 
-def _bytes(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous().view(-1).view(torch.uint8)
-
-
 def pack(
     layer: int,
-    hidden: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: torch.Tensor,
+    hidden: torch.Tensor,  # [N, H] on any device
+    expert_ids: torch.Tensor,  # [N, K']
+    weights: torch.Tensor,  # [N, K']
     traceparent: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The header ``[HEADER_LEN]`` int64 and the payload bytes for one shard's tokens."""
+) -> tuple[torch.Tensor, torch.Tensor]:  # [HEADER_LEN] int64, [payload_size] uint8
+    """The header and the payload bytes for one shard's tokens.
+
+    Each input is copied once, straight into its place in the payload (to host memory from
+    any device, converting ids to int64 and weights to fp32): no per-tensor host copy and
+    no concatenation.
+    """
     n, h = hidden.shape
     k = expert_ids.shape[1]
-    header = torch.tensor(
-        [OP_COMPUTE, layer, n, h, k, DTYPES.index(hidden.dtype), *encode_trace(traceparent)],
-        dtype=torch.int64,
-    )
-    ids = expert_ids.to(torch.int64)  # [N, K']
-    gate = weights.to(torch.float32)  # [N, K']
-    return header, torch.cat([_bytes(hidden.cpu()), _bytes(ids.cpu()), _bytes(gate.cpu())])
+    fields = [OP_COMPUTE, layer, n, h, k, DTYPES.index(hidden.dtype), *encode_trace(traceparent)]
+    payload = torch.empty(payload_size(fields), dtype=torch.uint8)
+    for into, x in zip(unpack(fields, payload), (hidden, expert_ids, weights), strict=True):
+        into.copy_(x)
+    return torch.tensor(fields, dtype=torch.int64), payload
 
 
 def unpack(
-    header: list[int], payload: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    header: Sequence[int], payload: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # [N, H], [N, K'] int64, [N, K'] fp32
+    """Views of a payload's hidden rows, expert ids and weights (the layout ``pack`` writes)."""
     _, _, n, h, k, dtype_index = header[:6]
     dtype = DTYPES[dtype_index]
     hidden_bytes = n * h * dtype.itemsize
@@ -269,6 +275,6 @@ def unpack(
     return hidden, ids, weights
 
 
-def payload_size(header: list[int]) -> int:
+def payload_size(header: Sequence[int]) -> int:
     _, _, n, h, k, dtype_index = header[:6]
     return n * h * DTYPES[dtype_index].itemsize + n * k * (8 + 4)

@@ -57,7 +57,9 @@ def channel() -> Iterator[tuple[dp.Channel, Peers]]:
     chan.close()
 
 
-def _inputs(n: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+def _inputs(
+    n: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(n)
     hidden = torch.randn(n, 64, generator=gen).to(dtype)  # [N, H]
     ids = torch.randint(-1, 8, (n, 2), generator=gen)  # [N, K'] with padding
@@ -82,7 +84,7 @@ def test_round_trip_to_two_shards(
 def check_round_trip(chan: dp.Channel, num_tokens: int, dtype: torch.dtype) -> None:
     """Shards a and b answer exactly, each for its own inputs, sent before either waits."""
     hidden, ids, weights = _inputs(num_tokens, dtype)
-    a_in, b_in = (hidden, ids, weights), tuple(x.flip(0) for x in (hidden, ids, weights))
+    a_in, b_in = (hidden, ids, weights), (hidden.flip(0), ids.flip(0), weights.flip(0))
     pending = [chan.send("a", 3, *a_in), chan.send("b", 3, *b_in)]
     out_a, out_b = (reply.result() for reply in pending)
     assert out_a.dtype == dtype and out_a.shape == hidden.shape

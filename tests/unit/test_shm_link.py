@@ -17,6 +17,7 @@ import torch
 
 from cluster.expert_parallel import data_plane as dp
 from cluster.expert_parallel import shm_link, wire
+from cluster.expert_parallel.transports import ChannelCalls, ShardCall
 from tests.unit.test_data_plane import LIMITS, Peers, _inputs, check_round_trip, fake_compute
 
 pytestmark = pytest.mark.skipif(not shm_link.AVAILABLE, reason="needs Linux memfd")
@@ -83,6 +84,53 @@ def test_limits_trace_and_failures_as_over_gloo(channel: tuple[dp.Channel, Peers
     test_data_plane.seen.clear()
     chan.send("a", 0, *_inputs(2), traceparent=traceparent).result()
     assert test_data_plane.seen == [traceparent] and not chan.broken
+
+
+class _OneChannel(ChannelCalls):
+    def __init__(self, chan: dp.Channel) -> None:
+        self.chan = chan
+
+    def channel(self) -> dp.Channel:
+        return self.chan
+
+
+@pytest.mark.parametrize("same_node", [["a", "b"], ["a"]])
+def test_a_failed_compute_leaves_the_other_answers_read(same_node: list[str]) -> None:
+    """Left unread, shard b's answer to the failed layer would pass for its next one."""
+    chan = dp.Channel.open(["a", "b"], Peers().start, HOST, TIMEOUT_S, same_node=same_node)
+    calls = _OneChannel(chan)
+    try:
+        for layer in (99, 3):  # shard a fails layer 99; both answer layer 3
+            for size in (5, 6):
+                sent = {sid: _inputs(size + i) for i, sid in enumerate(("a", "b"))}
+                pending = [calls.send(ShardCall(sid, layer, *x)) for sid, x in sent.items()]
+                if layer == 99:
+                    with pytest.raises(dp.ShardComputeError, match=r"shard 'a' failed on layer 99"):
+                        calls.wait(pending)
+                    continue
+                for sid, out in zip(sent, calls.wait(pending), strict=True):
+                    assert torch.equal(out, fake_compute(layer, *sent[sid], ""))
+        assert not chan.broken
+    finally:
+        chan.close()
+
+
+def test_a_known_shape_with_an_unknown_op_still_closes_the_pair(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The shard keeps each shape's views once checked; the op is checked on every header."""
+    ticket = dp.ChannelTicket(HOST, 0, "raw/e", b"s" * wire.KEY_LEN, same_node=True)
+    with caplog.at_level(logging.INFO, logger="moe_cluster.data_plane"):
+        thread = dp.serve_channel(fake_compute, ticket, HOST, TIMEOUT_S, LIMITS, "e")
+        link = shm_link.ShmLink.connect(ticket, "e", TIMEOUT_S)
+        hidden, ids, weights = _inputs(8)
+        for _ in range(2):
+            got = link.send(3, hidden, ids, weights, "").result(TIMEOUT_S)
+            assert torch.equal(got, fake_compute(3, hidden, ids, weights, ""))
+        link.sock.send(shm_link.HEADER.pack(7, 3, 8, 64, 2, 0, 0, 0, 0, wire.NO_TRACE))
+        thread.join(timeout=TIMEOUT_S)
+    assert not thread.is_alive() and "unknown op 7" in caplog.text
+    link.close(stop=False)
 
 
 def test_a_mixed_channel_uses_gloo_for_other_nodes() -> None:
