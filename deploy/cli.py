@@ -6,6 +6,7 @@ Subcommands:
   up          deploy the Serve application on Ray and serve gRPC until stopped
   replay      re-run a request from the audit log on a cluster and compare the tokens
   traces      report latency, expert fan-out and hot experts from JSON-lines trace files
+  plan        place experts on shards from a load matrix (replicas, packing, moves)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from deploy.plan_cli import add_plan_parser, cmd_plan
 from deploy.prompts import read_prompts_file, request_from_flags
 from deploy.replay import add_replay_parser, cmd_replay
 from deploy.traces_report import add_traces_parser, cmd_traces
@@ -111,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--verbose", action="store_true", help="show Ray and Serve logs here")
     add_replay_parser(sub)
     add_traces_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 
@@ -225,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "up": _cmd_up,
         "replay": cmd_replay,
         "traces": cmd_traces,
+        "plan": cmd_plan,
     }
     try:
         return handlers[args.command](args)
