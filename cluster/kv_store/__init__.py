@@ -1,0 +1,1 @@
+"""The cluster KV store's Ray side: shard actors, their client, the engine process's relay."""
