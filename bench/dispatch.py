@@ -11,7 +11,8 @@ on ``s0``, odd ones on ``s1``), through the product's ``RemoteExperts`` and ``Ex
    default ``torch_dist`` data plane (here every shard shares the driver's node, so its pairs
    are shared memory), the same over no-op shards (the data plane alone), no-op shards over
    ``gloo`` pairs (what a shard on another node gets), both again over the ``ray`` data
-   plane, and a timed pool that splits a layer's time into phases (bench/dispatch_layer.py).
+   plane, and timed pools that split a layer's time, and the no-op round trip's, into
+   phases (bench/dispatch_layer.py).
    Overhead = median remote - median colocated: it mixes the data plane with a compute
    difference (two 1-thread shards in parallel against one 2-thread process), which the
    no-op run separates out.
@@ -209,6 +210,11 @@ def print_tables(layers: Sequence[dict[str, Any]], engine: dict[str, Any]) -> No
         cells = " | ".join(f"{r[n]['median_ms']:>10.3f}" for n in names)
         wire = r["timed_breakdown"]["wire"]["median_ms"]
         print(f"{r['num_tokens']:>6} | {cells} | {r['overhead_ms_median']:>8.3f} | {wire:5.2f}")
+    print("No-op round trip by phase (shared memory), median ms")
+    for r in layers:
+        phases = r["noop_breakdown"]
+        cells = ", ".join(f"{k} {v['median_ms']:.3f}" for k, v in phases.items())
+        print(f"{r['num_tokens']:>6} | {cells}")
     print(f"End to end ({engine['requests']} requests, {engine['new_tokens']} new tokens)")
     for name in MODELS:
         print(f"{name:>10} | {engine[name]['tok_s_median']:>8.1f} tok/s (median of rounds)")

@@ -8,7 +8,9 @@ with no expert compute). The phase
 breakdown comes from a ``ShardCaller`` wrapper that stamps the backend's own calls
 (send, wait) on their way to the pool: split = forward start to the first send, submit =
 the sends, wait = the wait, combine = the rest; wire = submit + wait - the slowest
-shard's in-actor compute.
+shard's in-actor compute. The same clock around the no-op shards' pool (``noop_timed``,
+a backend of its own so that the ``noop`` figure carries no clock) splits the no-op round
+trip the same way (``noop_breakdown``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from bench.harness import median, percentile, say, wait_for_quiet
 from cluster.expert_parallel.expert_pool import ExpertPool, ShardActorImpl, ShardSpec
 from cluster.expert_parallel.remote_experts import RemoteExperts
-from cluster.expert_parallel.transports import ShardCall
+from cluster.expert_parallel.transports import ShardCall, ShardCaller
 from cluster.expert_parallel.wire import PayloadLimits
 from experts.backend import ColocatedExperts
 from experts.checkpoint import CheckpointReader
@@ -46,7 +48,17 @@ LAYER_MODEL: dict[str, int] = {
     "num_key_value_heads": 4,
 }
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden [T, H], ids [T, K], w [T, K]
-BACKENDS = ("colocated", "remote", "noop", "noop_gloo", "remote_ray", "noop_ray", "timed")
+BACKENDS = (
+    "colocated",
+    "remote",
+    "noop",
+    "noop_gloo",
+    "remote_ray",
+    "noop_ray",
+    "timed",
+    "noop_timed",
+)
+CLOCKED = {"timed": "timed", "noop_timed": "noop"}  # backend -> the pool its PhaseClock wraps
 
 
 class TimedShardImpl(ShardActorImpl):
@@ -187,13 +199,14 @@ class LayerBench:
             "noop_ray": ExpertPool(noop, "ray"),
             "timed": ExpertPool(self.timed),
         }
-        self.clock = PhaseClock(self.pools["timed"])
+        self.clocks = {name: PhaseClock(self.pools[pool]) for name, pool in CLOCKED.items()}
         colocated = ColocatedExperts.from_checkpoint(reader)
         self.backends: dict[str, Callable[[Triple], torch.Tensor]] = {
             "colocated": lambda x: colocated.forward(LAYER, *x)
         }
-        for name, p in self.pools.items():
-            remote = RemoteExperts(self.clock if name == "timed" else p, table)
+        callers: dict[str, ShardCaller] = {**self.pools, **self.clocks}
+        for name, caller in callers.items():
+            remote = RemoteExperts(caller, table)
             self.backends[name] = lambda x, f=remote.forward: f(LAYER, *x)  # type: ignore[misc]
         self.niceness = {sid: ray.get(h.niceness.remote()) for sid, h in noop.items()}
 
@@ -217,11 +230,11 @@ class LayerBench:
 
 def measure(bench: LayerBench, args: Any, num_tokens: int, reps: int) -> dict[str, Any]:
     """``reps`` timed repetitions (after ``args.warmup``), every backend once per repetition
-    on the same input, the order rotating; medians, the timed backend's phases, the outputs'
-    largest difference from colocated."""
+    on the same input, the order rotating; medians, the phases of the timed and the clocked
+    no-op backends, the outputs' largest difference from colocated."""
     inputs = make_inputs(num_tokens, args.layer_inputs, args.seed)
     runs: dict[str, list[float]] = {name: [] for name in BACKENDS}
-    phases: list[dict[str, float]] = []
+    phases: dict[str, list[dict[str, float]]] = {name: [] for name in CLOCKED}
     shards_called: list[list[str]] = []
     payload: list[int] = []
     max_diff = 0.0
@@ -232,15 +245,17 @@ def measure(bench: LayerBench, args: Any, num_tokens: int, reps: int) -> dict[st
             shift = rep % len(BACKENDS)
             outs: dict[str, torch.Tensor] = {}
             for name in BACKENDS[shift:] + BACKENDS[:shift]:
-                if name == "timed":
-                    bench.clock.start()
+                clock = bench.clocks.get(name)
+                if clock is not None:
+                    clock.start()
                 start = time.perf_counter()
                 outs[name] = bench.backends[name](x)
                 end = time.perf_counter()
+                if clock is not None:
+                    phases[name].append(clock.phases(end))
                 if name == "timed":
-                    phases.append(bench.clock.phases(end))
-                    shards_called.append(list(bench.clock.shards))
-                    payload.append(bench.clock.payload_bytes)
+                    shards_called.append(list(bench.clocks["timed"].shards))
+                    payload.append(bench.clocks["timed"].payload_bytes)
                 if rep >= args.warmup:
                     runs[name].append(end - start)
             for name in ("remote", "remote_ray", "timed"):
@@ -248,9 +263,11 @@ def measure(bench: LayerBench, args: Any, num_tokens: int, reps: int) -> dict[st
     in_actor = {sid: ray.get(h.take_compute_s.remote()) for sid, h in bench.timed.items()}
     slowest = [max(in_actor[sid].pop(0) for sid in called) for called in shards_called]
     assert not any(in_actor.values()), "unmatched in-actor compute times"
-    kept = phases[args.warmup :]
+    kept = phases["timed"][args.warmup :]
     wire = [p["submit"] + p["wait"] - c for p, c in zip(kept, slowest[args.warmup :], strict=True)]
     breakdown = {key: summary_ms([p[key] for p in kept]) for key in kept[0]}
+    noop_kept = phases["noop_timed"][args.warmup :]
+    noop_breakdown = {key: summary_ms([p[key] for p in noop_kept]) for key in noop_kept[0]}
     breakdown["shard_compute_slowest_in_actor"] = summary_ms(slowest[args.warmup :])
     breakdown["wire"] = summary_ms(wire)
     overhead = (median(runs["remote"]) - median(runs["colocated"])) * 1e3
@@ -261,9 +278,10 @@ def measure(bench: LayerBench, args: Any, num_tokens: int, reps: int) -> dict[st
     return {
         "num_tokens": num_tokens,
         "timed_repetitions": reps,
-        **{name: summary_ms(runs[name]) for name in BACKENDS if name != "timed"},
+        **{name: summary_ms(runs[name]) for name in BACKENDS if name not in CLOCKED},
         "overhead_ms_median": round(overhead, 4),
         "timed_breakdown": breakdown,
+        "noop_breakdown": noop_breakdown,
         "mean_payload_kib": round(sum(payload[args.warmup :]) / len(kept) / 1024, 1),
         "max_abs_diff_vs_colocated": max_diff,
         **quiet,

@@ -40,13 +40,14 @@ class ShardSplit:
     def parts(self) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(shard index, token_index [N], hidden [N, H], ids [N, K], weights [N, K]) per shard
         with work, in shard order; views of this split's tensors."""
+        counts = self.counts
         pieces = zip(
-            range(len(self.counts)),
-            self.counts,
-            self.token_index.split(self.counts),
-            self.hidden.split(self.counts),
-            self.expert_ids.split(self.counts),
-            self.weights.split(self.counts),
+            range(len(counts)),
+            counts,
+            self.token_index.split_with_sizes(counts),  # Tensor.split's Python wrapper costs
+            self.hidden.split_with_sizes(counts),  # more than the op at these sizes
+            self.expert_ids.split_with_sizes(counts),
+            self.weights.split_with_sizes(counts),
             strict=True,
         )
         return [(s, rows, h, ids, w) for s, n, rows, h, ids, w in pieces if n]
@@ -63,26 +64,34 @@ def split_by_shard(
     hidden: torch.Tensor,  # [T, H]
     expert_ids: torch.Tensor,  # [T, K] long
     weights: torch.Tensor,  # [T, K] fp32
+    shard_index: torch.Tensor | None = None,  # [S, 1, 1] long: 0..S-1 (a caller may keep one)
 ) -> ShardSplit:
     """Each shard's rows and ``ExpertShard.compute`` inputs, gathered once for all shards.
 
-    A pair's shard index selects it into row ``s * T + t`` of a [S * T, K] mask; the rows
-    with any pair set, found by one ``nonzero``, are the (shard, token) rows to send, already
-    ordered by shard then token. Every gather and mask below is one op over all R rows.
-    Gives each shard the same tensors as ``gather_shard_inputs`` with K' = K (the same sums).
+    Every pair is compared with every shard index: row ``s * T + t`` of the [S * T, K] result
+    marks token t's pairs on shard s. The rows with any pair set, found by one ``nonzero``,
+    are the (shard, token) rows to send, already ordered by shard then token; each input is
+    then one masked copy and one gather over all R rows. Gives each shard the same tensors as
+    ``gather_shard_inputs`` with K' = K (the same sums).
     """
     num_tokens, num_k = shard_of_pair.shape
-    shard_index = torch.arange(num_shards, device=shard_of_pair.device).view(num_shards, 1, 1)
+    if shard_index is None:
+        shard_index = torch.arange(num_shards, device=shard_of_pair.device).view(-1, 1, 1)
     mine = shard_of_pair.unsqueeze(0) == shard_index  # [S, T, K]
     touched = mine.any(dim=2)  # [S, T]
     flat = touched.view(-1).nonzero().squeeze(1)  # [R] s * T + t, ordered by shard, then token
     counts = touched.sum(dim=1).tolist()  # [S]
     token_index = flat.remainder(num_tokens) if num_shards > 1 else flat  # [R]
-    mine_rows = mine.view(num_shards * num_tokens, num_k).index_select(0, flat)  # [R, K]
-    ids = torch.where(mine_rows, expert_ids.index_select(0, token_index), PAD_EXPERT)  # [R, K]
-    gate = torch.where(mine_rows, weights.index_select(0, token_index), 0.0)  # [R, K]
-    rows = hidden.index_select(0, token_index)  # [R, H]
-    return ShardSplit(counts, token_index, rows, ids, gate, touched)
+    ids = torch.where(mine, expert_ids, PAD_EXPERT).view(-1, num_k)  # [S * T, K]
+    gate = torch.where(mine, weights, 0.0).view(-1, num_k)  # [S * T, K]
+    return ShardSplit(
+        counts,
+        token_index,
+        hidden.index_select(0, token_index),  # [R, H]
+        ids.index_select(0, flat),  # [R, K]
+        gate.index_select(0, flat),  # [R, K]
+        touched,
+    )
 
 
 def gather_shard_inputs(
@@ -133,7 +142,8 @@ def combine(
         )
         rows = torch.as_tensor(token_index, dtype=torch.long, device=out.device)  # [N]
         # rows are unique within a partial: one add per element and partial, exact and
-        # deterministic. On CPU, index_put_ accumulates serially: index_add_ is faster on one
-        # thread but forks its pool, 10x slower at 32 tokens with two threads on a busy node
-        out.index_put_((rows,), part.to(out.device), accumulate=True)
+        # deterministic. On CPU index_add_ took 7 us at 32 tokens and one thread against
+        # 15-22 for index_put_(accumulate=True), but forks the OpenMP team past a few rows
+        # (~100 us on a busy node): RemoteExperts runs its combine on one thread
+        out.index_add_(0, rows, part.to(out.device))
     return out

@@ -41,6 +41,7 @@ class LayerRoute:
     # [E + 1] long: the shard index of each expert, then S for an id past the table's experts;
     # None when some expert has several shards (or an expert id below E is not placed)
     owner: torch.Tensor | None
+    shard_index: torch.Tensor  # [S + 1, 1, 1] long: 0..S, for split_by_shard
 
 
 class RemoteExperts:
@@ -76,6 +77,27 @@ class RemoteExperts:
             self._table = table
 
     def forward(
+        self,
+        layer: int,
+        hidden: torch.Tensor,  # [T, H]
+        expert_ids: torch.Tensor,  # [T, K]
+        weights: torch.Tensor,  # [T, K]
+    ) -> torch.Tensor:  # [T, H]
+        # Dispatch's tensor work is small gathers and copies. On CPU, torch would fork its
+        # OpenMP team for those past 32K elements (a 32-token layer at hidden 1024), and on a
+        # node whose cores the shards share, the forked thread waits for a core: measured
+        # 0.5 ms vs 8 ms per layer medians, run to run, with two threads. So this thread
+        # runs the layer's dispatch on one (the setting is per OS thread; restored after).
+        threads = torch.get_num_threads() if hidden.device.type == "cpu" else 1
+        if threads == 1:
+            return self._forward(layer, hidden, expert_ids, weights)
+        torch.set_num_threads(1)
+        try:
+            return self._forward(layer, hidden, expert_ids, weights)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _forward(
         self,
         layer: int,
         hidden: torch.Tensor,  # [T, H]
@@ -126,7 +148,9 @@ class RemoteExperts:
             flat_ids = expert_ids.reshape(-1).clamp(max=placed)  # [T * K] unplaced -> E
             shard_of_pair = route.owner.index_select(0, flat_ids).view(num_tokens, num_k)
             # shard index S: an expert the table does not place; the plan names it below
-            split = split_by_shard(shard_of_pair, num_shards + 1, hidden, expert_ids, weights)
+            split = split_by_shard(
+                shard_of_pair, num_shards + 1, hidden, expert_ids, weights, route.shard_index
+            )
             if not split.counts[num_shards]:
                 return route.shard_ids, split
         plan = plan_dispatch(layer, expert_ids.tolist(), table)  # raises for an unplaced expert
@@ -138,8 +162,9 @@ class RemoteExperts:
                     flat[t * num_k + k] = index[sid]
         shard_of_pair = torch.tensor(flat, dtype=torch.long, device=expert_ids.device)
         shard_of_pair = shard_of_pair.view(num_tokens, num_k)  # [T, K]
+        shard_index = route.shard_index[:num_shards]  # [S, 1, 1]
         return route.shard_ids, split_by_shard(
-            shard_of_pair, num_shards, hidden, expert_ids, weights
+            shard_of_pair, num_shards, hidden, expert_ids, weights, shard_index
         )
 
     def _route(self, table: RoutingTable, layer: int, device: torch.device) -> LayerRoute:
@@ -157,5 +182,6 @@ class RemoteExperts:
                 owner = torch.tensor(owners, dtype=torch.long, device=device)  # [E + 1]
             if len(self._routes) >= MAX_ROUTES_CACHED:
                 self._routes.clear()
-            route = self._routes[key] = LayerRoute(shard_ids, owner)
+            shard_index = torch.arange(len(shard_ids) + 1, device=device).view(-1, 1, 1)
+            route = self._routes[key] = LayerRoute(shard_ids, owner, shard_index)
         return route

@@ -204,3 +204,43 @@ def test_remote_experts_give_the_plan_paths_output_bit_for_bit(path: Path, seed:
     assert torch.equal(got, expected)
     assert pool.calls == list(plan.per_shard) and backend.num_shard_calls == len(plan.per_shard)
     assert backend.last_fan_out == plan.fan_out
+
+
+class _ThreadsSeen(_LocalShards):
+    """Records the torch threads each call was sent with; fails the wait when asked."""
+
+    def __init__(self, shards: dict[str, ExpertShard], fail: bool = False) -> None:
+        super().__init__(shards)
+        self.threads: list[int] = []
+        self.fail = fail
+
+    def send(self, call: ShardCall) -> Any:
+        self.threads.append(torch.get_num_threads())
+        return super().send(call)
+
+    def wait(self, pending: Sequence[Any]) -> list[torch.Tensor]:
+        if self.fail:
+            raise RuntimeError("shard gone")
+        return super().wait(pending)
+
+
+def test_dispatch_runs_on_one_thread_and_gives_the_callers_back(path: Path) -> None:
+    """Small gathers and copies must not fork torch's OpenMP team (see ``forward``)."""
+    table = round_robin((0, LAYER), NUM_EXPERTS, ["s0", "s1"])
+    shards = {s: ExpertShard(path, slots=table.experts_on(s)) for s in table.shards}
+    hidden, ids, weights = _routing(8, 2, torch.Generator().manual_seed(2))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for fail in (False, True):
+            pool = _ThreadsSeen(shards, fail)
+            backend = RemoteExperts(pool, table)
+            if fail:
+                with pytest.raises(RuntimeError, match="shard gone"):
+                    backend.forward(LAYER, hidden, ids, weights)
+            else:
+                backend.forward(LAYER, hidden, ids, weights)
+            assert pool.threads and set(pool.threads) == {1}
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
