@@ -57,7 +57,7 @@ _NUMBER_TYPES = frozenset({int, float})
 # One improvement step: (new max load, slots moved, kind, expert a on the heaviest shard A,
 # the other shard B, the other expert b or -1)
 _Step = tuple[float, int, int, int, int, int]
-_DROP, _RELOCATE, _SWAP, _REPURPOSE = range(4)
+_RELOCATE, _SWAP, _REPURPOSE = range(3)
 
 
 @dataclass(frozen=True)
@@ -698,11 +698,10 @@ class _Layer:
         replicas to a free slot (1 slot moved) or swapping it with one on another shard
         (2), looking at the ``candidates`` lightest shards, all shards if those offer
         nothing; re-purposing a spare replica of a cold expert elsewhere as a new replica
-        of one on ``A`` (1) when swaps offer nothing or when repairing; dropping a spare
-        replica on ``A`` (0) when repairing. A step must leave every shard it touches
-        below ``A``'s load, which shrinks the sorted load vector, so the loop ends. It
-        takes the lowest new maximum; when repairing, the cheapest step that reaches
-        ``target``. At most ``budget`` slots move.
+        of one on ``A`` (1) when swaps offer nothing or when repairing. A step must leave
+        every shard it touches below ``A``'s load, which shrinks the sorted load vector,
+        so the loop ends. It takes the lowest new maximum; when repairing, the cheapest
+        step that reaches ``target``. At most ``budget`` slots move.
         """
         shards, shard_load, w, slots = self.shards, self.shard_load, self.w, self.slots
         num_shards = len(shards)
@@ -714,15 +713,7 @@ class _Layer:
                 break
             room = 3 if budget is None else budget - used
             choice = _Choice(top, target, room, cheapest=repair)
-            bar = choice.bar
             held_a = shards[a_shard]
-            if repair:
-                for a in held_a:
-                    if self.may_drop(a, a_shard):
-                        rise = self.load[a] / (self.counts[a] - 1) - w[a]
-                        val = max([top - w[a]] + [shard_load[g] + rise for g in self.where[a]])
-                        if val < bar:
-                            choice.offer((val, 0, _DROP, a, a_shard, -1))
             pool = heapq.nsmallest(candidates + 1, range(num_shards), key=shard_load.__getitem__)
             if repair:
                 pool += [g for g in range(num_shards) if len(shards[g]) < slots and g not in pool]
@@ -768,10 +759,7 @@ class _Layer:
             if chosen is None:
                 break
             _, cost, kind, a, b_shard, b = chosen
-            if kind == _DROP:
-                self.remove(a, a_shard)
-                self.reweight(a, self.counts[a] - 1)
-            elif kind == _REPURPOSE:
+            if kind == _REPURPOSE:
                 self.remove(b, b_shard)
                 self.reweight(b, self.counts[b] - 1)
                 self.reweight(a, self.counts[a] + 1)
@@ -803,7 +791,7 @@ class _Layer:
             holds_x = self.where[x]
             for rise, y in spare:
                 if y == x or rise >= fall:
-                    continue
+                    continue  # y's replicas would gain more than x's lose
                 holds_y = self.where[y]
                 changed = {g: shard_load[g] - fall for g in holds_x}
                 for g in holds_y:
@@ -821,14 +809,17 @@ class _Layer:
 
     # ------------------------------------------------------------------------- repair
 
-    def repair(self, wanted: Sequence[int], target: float, budget: int | None) -> int | None:
+    def repair(
+        self, wanted: Sequence[int], target: float, budget: int | None, match: bool = False
+    ) -> int | None:
         """Fix this layer (built from the current plan) with few moves; slots moved.
 
         First what is mandatory (an expert with no slot; an expert on fewer nodes than it
-        could be), then replica counts where the largest load per replica alone would
-        keep the maximum above ``target``, then ``improve``. ``wanted`` is the from-scratch
-        replica count, whose largest load per replica is the bar. None when the mandatory
-        fixes alone exceed ``budget``.
+        could be); with ``match``, replica counts moved to ``wanted`` (the from-scratch
+        counts: one slot per replica handed from an expert over its count to one under);
+        then replica counts where the largest load per replica alone would keep the
+        maximum above ``target`` (``wanted``'s largest load per replica is the bar); then
+        ``improve``. None when the mandatory fixes alone exceed ``budget``.
         """
         used = 0
         for e in range(len(self.load)):
@@ -839,6 +830,13 @@ class _Layer:
         used += self.spread_nodes()
         if budget is not None and used > budget:
             return None
+        if match:
+            short = [e for e, c in enumerate(self.counts) if c < wanted[e]]
+            for e in sorted(short, key=self.w.__getitem__, reverse=True):
+                while self.counts[e] < wanted[e] and (budget is None or used < budget):
+                    if not self._add_replica(e, force=False, spare=wanted):
+                        break
+                    used += 1
         bar = max(x / c for x, c in zip(self.load, wanted, strict=True)) * (1 + 1e-9)
         # an expert's shard holds S - 1 other replicas, at least the lightest ones
         others = _lightest(self.w, self.counts, self.slots - 1)
@@ -857,11 +855,12 @@ class _Layer:
         used += self.improve(target, None if budget is None else budget - used, repair=True)
         return used
 
-    def _add_replica(self, e: int, force: bool) -> bool:
+    def _add_replica(self, e: int, force: bool, spare: Sequence[int] | None = None) -> bool:
         """One more replica of ``e``, in a free slot or in place of a spare replica.
 
-        The donor is the replicated expert whose per-replica load rises least; unless
-        ``force``, only if that stays below ``e``'s load per replica now.
+        The donor is the replicated expert (with more replicas than ``spare`` says, when
+        given) whose per-replica load rises least; unless ``force``, only if that stays
+        below ``e``'s load per replica now.
         """
         free = [
             g
@@ -874,7 +873,9 @@ class _Layer:
             self.add(e, g)
             return True
         donors = sorted(
-            (self.load[d] / (c - 1), d) for d, c in enumerate(self.counts) if c >= 2 and d != e
+            (self.load[d] / (c - 1), d)
+            for d, c in enumerate(self.counts)
+            if c >= 2 and d != e and (spare is None or c > spare[d])
         )
         current = self.w[e] if self.counts[e] else math.inf
         for after, d in donors:
@@ -1026,14 +1027,17 @@ def _repair_layer(
     layer = _Layer.from_shards(load, current, geometry)
     wanted = greedy_counts(load, geometry.num_shards * geometry.slots, geometry.max_replicas)
     target = best_max * (1 + tolerance)
-    if layer.repair(wanted, target, left) is None:
+    if layer.repair(wanted, target, left, match=True) is None:
         raise ValueError(
             f"max_moved_slots={budget} is too small: layer {index} of the current plan needs "
             "moves for experts without a slot or replicas on one node"
         )
-    if layer.max_load <= target or (left is not None and moved_slots(current, best) > left):
-        return _keep_slot_order(current, layer.shards)
-    return _keep_slot_order(current, best)
+    repaired = _keep_slot_order(current, layer.shards)
+    options = [(moved_slots(current, best), 1, best)]  # the best plan qualifies by definition
+    if layer.max_load <= target:
+        options.append((moved_slots(current, repaired), 0, repaired))
+    fits = [o for o in options if left is None or o[0] <= left]
+    return _keep_slot_order(current, min(fits)[2]) if fits else repaired
 
 
 class _View:
