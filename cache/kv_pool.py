@@ -1,6 +1,10 @@
 """The KV tensor pool: preallocated key and value blocks for every layer.
 
-Legend: L layers, N blocks, S = N * block_size slots, Hkv kv heads, D head dim.
+A model whose cache holds one entry per token instead of a key and a value (multi-head
+latent attention: a latent and a rotary key) uses one plane (``num_planes=1``): ``key``
+is that entry, and there is no ``value``.
+
+Legend: L layers, N blocks, S = N * block_size slots, Hkv kv heads, D head dim, P planes.
 """
 
 from __future__ import annotations
@@ -20,23 +24,31 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        num_planes: int = 2,
     ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be > 0")
+        assert num_planes in (1, 2), f"num_planes={num_planes}: keys and values, or one entry"
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.num_planes = num_planes
         slots = num_blocks * block_size
-        # [L, 2, S, Hkv, D]: one allocation, so the budget is exact and views are free
+        # [L, P, S, Hkv, D]: one allocation, so the budget is exact and views are free
         self._data = torch.zeros(
-            num_layers, 2, slots, num_kv_heads, head_dim, dtype=dtype, device=device
+            num_layers, num_planes, slots, num_kv_heads, head_dim, dtype=dtype, device=device
         )
 
     @staticmethod
     def bytes_per_block(
-        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+        num_layers: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        num_planes: int = 2,
     ) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return num_layers * 2 * block_size * num_kv_heads * head_dim * itemsize
+        return num_layers * num_planes * block_size * num_kv_heads * head_dim * itemsize
 
     @property
     def nbytes(self) -> int:
@@ -46,6 +58,7 @@ class KVPool:
         return self._data[layer, 0]
 
     def value(self, layer: int) -> torch.Tensor:  # [S, Hkv, D]
+        assert self.num_planes == 2, "a one-plane pool holds no values"
         return self._data[layer, 1]
 
     @torch.inference_mode()
@@ -60,5 +73,5 @@ class KVPool:
         if src_block == dst_block:
             return
         src, dst = src_block * self.block_size, dst_block * self.block_size
-        # [L, 2, count, Hkv, D]
+        # [L, P, count, Hkv, D]
         self._data[:, :, dst : dst + count] = self._data[:, :, src : src + count]

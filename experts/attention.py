@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from experts.attention_masks import group_mask, with_sinks
+
 
 @dataclass(frozen=True)
 class SequenceChunk:
@@ -240,15 +242,22 @@ def paged_attention(
     v_cache: torch.Tensor,  # [S, Hkv, D]
     batch: AttentionBatch,
     scale: float,
+    masks: Sequence[torch.Tensor] | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, Hq * D]
-    """Write the new K/V into the cache, then attend every query to its sequence's keys."""
+    """Write the new K/V into the cache, then attend every query to its sequence's keys.
+
+    ``masks`` replace the groups' own (one per group: a sliding layer's window masks);
+    ``sinks`` [Hq] add a learned sink logit per head (``experts.attention_masks``). The
+    probe's diagnostics ignore both (they describe the plain causal softmax).
+    """
     k_cache.index_copy_(0, batch.slot_mapping, k)  # in place, into each token's slot
     v_cache.index_copy_(0, batch.slot_mapping, v)
     if batch.probe is not None:
         batch.probe.results.append(_probe_stats(q, k_cache, batch.probe, scale))
     num_tokens, num_heads, head_dim = q.shape
     out = None if batch.groups[0].in_order else q.new_empty(num_tokens, num_heads, head_dim)
-    for group in batch.groups:
+    for index, group in enumerate(batch.groups):
         num_seqs, max_c = group.key_slots.shape
         max_q = group.rows.shape[0] // num_seqs
         q_group = q if group.in_order else q.index_select(0, group.rows)  # [G*Q, Hq, D]
@@ -258,12 +267,18 @@ def paged_attention(
         kv_shape = (num_seqs, max_c, k_cache.shape[1], head_dim)  # [G, C, Hkv, D]
         kb = k_cache.index_select(0, flat_slots).view(kv_shape).transpose(1, 2)  # [G, Hkv, C, D]
         vb = v_cache.index_select(0, flat_slots).view(kv_shape).transpose(1, 2)  # [G, Hkv, C, D]
+        mask, causal = group.mask, group.causal
+        if masks is not None:
+            mask, causal = masks[index], False
+        if sinks is not None:  # [G, Hkv, C+1, D] x2, float bias [G, Hq, Q, C+1]
+            kb, vb, mask = with_sinks(kb, vb, group_mask(group) if mask is None else mask, sinks)
+            causal = False
         attended = F.scaled_dot_product_attention(
             qb,
             kb,
             vb,
-            attn_mask=group.mask,
-            is_causal=group.causal,
+            attn_mask=mask,
+            is_causal=causal,
             scale=scale,
             enable_gqa=num_heads != kb.shape[1],
         )  # [G, Hq, Q, D]

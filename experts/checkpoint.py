@@ -3,19 +3,23 @@
 A ``CheckpointReader`` knows which file holds each tensor (from
 ``model.safetensors.index.json`` or the headers of the files) but reads no
 tensor data until asked. Expert shards use it to load only their own
-(layer, expert) weights; ``tensors_read`` records what was actually read.
+(layer, expert) weights, and from fused [E, ...] expert tensors only their slices
+(``load_slice``); ``tensors_read`` records what was actually read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from experts.spec import SUPPORTED_DTYPES, CheckpointError, ModelSpec
+from experts.errors import CheckpointError
+from experts.spec import SUPPORTED_DTYPES, ModelSpec
 
 _DTYPES = {name: getattr(torch, name) for name in SUPPORTED_DTYPES}
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -83,6 +87,31 @@ class CheckpointReader:
         device: str | torch.device = "cpu",
     ) -> torch.Tensor:
         """Read one tensor, checking it is present, of ``shape`` and of a supported dtype."""
+        with self._open(name, shape) as (handle, _):
+            tensor = handle.get_tensor(name)
+        self.tensors_read.append(name)
+        return tensor.to(device=device, dtype=dtype or _DTYPES[self.spec.dtype])
+
+    def load_slice(
+        self,
+        name: str,
+        index: int,
+        shape: tuple[int, ...],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Row ``index`` of the tensor ``name`` of ``shape`` (e.g. one expert of [E, ...]),
+        reading only that row's bytes; logged in ``tensors_read`` as ``name[index]``."""
+        if not 0 <= index < shape[0]:
+            raise CheckpointError(f"index {index} of {name!r} is outside [0, {shape[0]})")
+        with self._open(name, shape) as (_, tensor_slice):
+            tensor = tensor_slice[index : index + 1][0]
+        self.tensors_read.append(f"{name}[{index}]")
+        return tensor.to(device=device, dtype=dtype or _DTYPES[self.spec.dtype])
+
+    @contextlib.contextmanager
+    def _open(self, name: str, shape: tuple[int, ...]) -> Iterator[tuple[Any, Any]]:
+        """(file handle, lazy slice) of ``name``, checked present, of ``shape`` and a dtype."""
         fpath = self._files.get(name)
         if fpath is None:
             raise CheckpointError(f"tensor {name!r} is missing from checkpoint {self.path}")
@@ -100,10 +129,7 @@ class CheckpointReader:
                     f"tensor {name!r} has dtype {tensor_slice.get_dtype()}, not supported "
                     f"(supported: {', '.join(_SAFETENSORS_DTYPES)})"
                 )
-            tensor = handle.get_tensor(name)
-        self.tensors_read.append(name)
-        target = dtype or _DTYPES[self.spec.dtype]
-        return tensor.to(device=device, dtype=target)
+            yield handle, tensor_slice
 
     def load_many(
         self,

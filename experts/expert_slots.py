@@ -15,6 +15,9 @@ Two storage layouts, chosen per device and dtype (``choose_layout``):
   cannot share one stacked tensor; a slot is still rewritten in place (a prepacked copy into
   the slot's own tensor), and growing appends slots without touching the others.
 
+gpt-oss experts also carry a bias per projection, kept as [S, 2I] and [S, H] tensors in
+either layout, and compute the clamped SwiGLU (``ExpertSlots.for_spec`` sets both up).
+
 Legend: S slots, E experts of the layer, T tokens, K experts per token, H hidden,
 I intermediate.
 """
@@ -29,7 +32,14 @@ from typing import Literal
 import torch
 
 from experts.checkpoint import CheckpointReader
-from experts.grouped_ffn import packed_expert_sum, packed_linear, routed_expert_sum
+from experts.grouped_ffn import (
+    ClampedSwiGLU,
+    ExpertBiases,
+    packed_expert_sum,
+    packed_linear,
+    routed_expert_sum,
+)
+from experts.spec import ModelSpec
 from experts.weights import MLPWeights, load_expert
 
 Layout = Literal["stacked", "packed"]
@@ -101,6 +111,8 @@ class SlotWeights:
     layout: Layout
     gate_up: torch.Tensor | tuple[torch.Tensor, ...]  # stacked [S, H, 2I] | S packed [2I, H]
     down: torch.Tensor | tuple[torch.Tensor, ...]  # stacked [S, I, H] | S packed [H, I]
+    biases: ExpertBiases | None = None  # gpt-oss
+    activation: ClampedSwiGLU | None = None  # gpt-oss; None: SwiGLU
 
     def expert_sum(
         self,
@@ -111,9 +123,19 @@ class SlotWeights:
         """Per token, the weighted sum of its chosen slots' outputs."""
         if isinstance(self.gate_up, tuple):
             assert isinstance(self.down, tuple)
-            return packed_expert_sum(hidden, slot_ids, weights, self.gate_up, self.down)
+            return packed_expert_sum(
+                hidden, slot_ids, weights, self.gate_up, self.down, self.biases, self.activation
+            )
         assert isinstance(self.down, torch.Tensor)
-        return routed_expert_sum(hidden, slot_ids, weights, self.gate_up, self.down)
+        return routed_expert_sum(
+            hidden,
+            slot_ids,
+            weights,
+            self.gate_up,
+            self.down,
+            biases=self.biases,
+            activation=self.activation,
+        )
 
 
 def _stack(
@@ -152,8 +174,18 @@ class ExpertSlots:
         dtype: torch.dtype,
         device: str | torch.device,
         layout: Layout | None = None,
+        biased: bool = False,
+        activation: ClampedSwiGLU | None = None,
     ) -> None:
         assert num_slots > 0 and num_experts > 0, (num_slots, num_experts)
+        self.activation = activation
+        # [S, 2I] and [S, H] projection biases (gpt-oss); zeros, like free slots
+        self.biases: ExpertBiases | None = None
+        if biased:
+            self.biases = ExpertBiases(
+                torch.zeros(num_slots, 2 * inter, dtype=dtype, device=device),
+                torch.zeros(num_slots, hidden, dtype=dtype, device=device),
+            )
         self.num_experts = num_experts
         self.layout: Layout = layout or choose_layout(device, dtype)
         self._shape = (hidden, inter)
@@ -172,6 +204,31 @@ class ExpertSlots:
         self._slots_of: dict[int, list[int]] = {}  # expert -> its slots, first one serves
         self._free: list[int] = list(range(num_slots))
         self._slot_map = torch.full((num_experts,), NO_SLOT, dtype=torch.long, device=device)  # [E]
+
+    @classmethod
+    def for_spec(
+        cls,
+        spec: ModelSpec,
+        num_slots: int,
+        dtype: torch.dtype,
+        device: str | torch.device,
+        layout: Layout | None = None,
+    ) -> ExpertSlots:
+        """Slots for one MoE layer of ``spec``'s model: biased, clamped experts for gpt-oss."""
+        activation = None
+        if spec.swiglu_limit:
+            activation = ClampedSwiGLU(spec.swiglu_alpha, spec.swiglu_limit)
+        return cls(
+            num_slots,
+            spec.num_experts,
+            spec.hidden_size,
+            spec.moe_intermediate_size,
+            dtype,
+            device,
+            layout,
+            biased=spec.family.fused_experts,
+            activation=activation,
+        )
 
     def _append_packed(self, count: int) -> None:
         """``count`` more packed slots, zero (a free slot is never read, but is never NaN)."""
@@ -197,8 +254,14 @@ class ExpertSlots:
     def snapshot(self) -> SlotWeights:
         """The slots' projections as one compute reads them (see ``SlotWeights``)."""
         if self.layout == "packed":
-            return SlotWeights("packed", tuple(self.packed_gate_up), tuple(self.packed_down))
-        return SlotWeights("stacked", self.gate_up, self.down)
+            return SlotWeights(
+                "packed",
+                tuple(self.packed_gate_up),
+                tuple(self.packed_down),
+                self.biases,
+                self.activation,
+            )
+        return SlotWeights("stacked", self.gate_up, self.down, self.biases, self.activation)
 
     def expert_sum(
         self, hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor
@@ -221,7 +284,11 @@ class ExpertSlots:
         else:
             gate_up = self.gate_up[slot].T.contiguous()
             down = self.down[slot].T.contiguous()
-        return MLPWeights(gate_up=gate_up, down=down)
+        if self.biases is None:
+            return MLPWeights(gate_up=gate_up, down=down)
+        return MLPWeights(
+            gate_up, down, self.biases.gate_up[slot].clone(), self.biases.down[slot].clone()
+        )
 
     @property
     def num_free(self) -> int:
@@ -252,6 +319,14 @@ class ExpertSlots:
         assert tuple(weights.down.shape) == (hidden, inter), (
             f"down {tuple(weights.down.shape)} does not fit [H, I] = {(hidden, inter)}"
         )
+        has_bias = weights.gate_up_bias is not None and weights.down_bias is not None
+        assert has_bias == (self.biases is not None), (
+            f"expert biases given: {has_bias}, slots hold biases: {self.biases is not None}"
+        )
+        if self.biases is not None:
+            assert weights.gate_up_bias is not None and weights.down_bias is not None
+            self.biases.gate_up[slot].copy_(weights.gate_up_bias)  # [2I]
+            self.biases.down[slot].copy_(weights.down_bias)  # [H]
         if self.layout == "packed":  # prepacked aside, then copied into the slot's tensor
             self.packed_gate_up[slot].copy_(_pack(weights.gate_up.to(self._dtype)))
             self.packed_down[slot].copy_(_pack(weights.down.to(self._dtype)))
@@ -322,6 +397,13 @@ class ExpertSlots:
         old = self.num_slots
         self._num_slots = num_slots
         self._free.extend(range(old, num_slots))
+        if self.biases is not None:  # new tensors: computes holding the old ones keep them
+            hidden, inter = self._shape
+            gate_up_bias = self.biases.gate_up.new_zeros(num_slots, 2 * inter)
+            down_bias = self.biases.down.new_zeros(num_slots, hidden)
+            gate_up_bias[:old].copy_(self.biases.gate_up)
+            down_bias[:old].copy_(self.biases.down)
+            self.biases = ExpertBiases(gate_up_bias, down_bias)
         if self.layout == "packed":  # new slot tensors; the old ones stay where they are
             self._append_packed(num_slots - old)
             return
@@ -367,13 +449,8 @@ def load_expert_slots(
     for expert in experts:
         weights = load_expert(reader, layer, expert, str(device))
         if slots is None:
-            slots = ExpertSlots(
-                num_slots or len(experts),
-                spec.num_experts,
-                spec.hidden_size,
-                spec.moe_intermediate_size,
-                weights.gate_up.dtype,
-                device,
+            slots = ExpertSlots.for_spec(
+                spec, num_slots or len(experts), weights.gate_up.dtype, device
             )
         slots.add(expert, weights)
     assert slots is not None

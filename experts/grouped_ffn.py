@@ -23,6 +23,9 @@ slow at a few rows on this AMD CPU, and oneDNN's prepacked kernel measured 1.2x 
 2.1x at 4, 1.65x at 64 (one row: within 15%), and the bench preset's batch-16 engine step
 1.4x faster (``bench/expert_kernels.py`` measures the kernels).
 
+gpt-oss experts add a bias to each projection and clamp their SwiGLU (``ClampedSwiGLU``);
+both are optional arguments, and without them every path runs exactly the ops it ran before.
+
 Legend: T tokens, K experts chosen per token, P = T*K pairs, S slots, H hidden,
 I intermediate.
 """
@@ -31,12 +34,42 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 CPU_SLICES_SLOTS_PER_PAIR = 8  # on CPU, slice by slice when S >= 8 P: most slots are empty
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation: gate clamped from above and up on both sides at
+    ``limit``, then ``(up + 1) * gate * sigmoid(alpha * gate)`` (transformers'
+    ``GptOssExperts._apply_gate``, with gate and up already de-interleaved)."""
+
+    alpha: float
+    limit: float
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # [N, I]
+        gate = gate.clamp(min=None, max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+def glu(gate_up: torch.Tensor, activation: ClampedSwiGLU | None) -> torch.Tensor:
+    """[N, 2I] gate and up projections -> [N, I]: SwiGLU, or the clamped variant."""
+    gate, up = gate_up.chunk(2, dim=-1)  # [N, I] each
+    return F.silu(gate) * up if activation is None else activation(gate, up)
+
+
+@dataclass(frozen=True)
+class ExpertBiases:
+    """Per-slot projection biases (gpt-oss experts): added after each matmul."""
+
+    gate_up: torch.Tensor  # [S, 2I]
+    down: torch.Tensor  # [S, H]
 
 
 @functools.lru_cache(maxsize=64)
@@ -121,10 +154,13 @@ def routed_expert_sum(
     gate_up: torch.Tensor,  # [S, H, 2I]
     down: torch.Tensor,  # [S, I, H]
     use_grouped_mm: bool | None = None,
+    biases: ExpertBiases | None = None,
+    activation: ClampedSwiGLU | None = None,
 ) -> torch.Tensor:  # [T, H]
     """Per token, the sum over its K pairs of weight * swiglu_slot(token); skipped pairs add 0.
 
-    ``use_grouped_mm`` None: as ``use_grouped_mm_for`` chooses.
+    ``use_grouped_mm`` None: as ``use_grouped_mm_for`` chooses. ``biases`` and
+    ``activation``: gpt-oss's biased projections and clamped SwiGLU.
     """
     num_tokens, num_k = slot_ids.shape
     num_slots, hidden_size, two_inter = gate_up.shape
@@ -143,14 +179,26 @@ def routed_expert_sum(
         )
     order, keys, ends = sort_by_slot(slot_ids, num_slots)  # [P], [P], [S]
     x = hidden[order // num_k]  # [P, H] each pair's token, grouped by slot
-    gate, up = grouped_linear(x, gate_up, ends, use_grouped_mm).chunk(2, dim=-1)  # [P, I] each
-    y = grouped_linear(F.silu(gate) * up, down, ends, use_grouped_mm)  # [P, H]
+    if biases is None and activation is None:  # the plain SwiGLU families' path, unchanged
+        gate, up = grouped_linear(x, gate_up, ends, use_grouped_mm).chunk(2, dim=-1)  # [P, I]
+        y = grouped_linear(F.silu(gate) * up, down, ends, use_grouped_mm)  # [P, H]
+        return _weighted_pair_sum(y, hidden, order, keys, weights, num_slots)
+    row_slot = keys.clamp(max=num_slots - 1)  # [P] (skipped pairs: any slot, zeroed later)
+    projected = grouped_linear(x, gate_up, ends, use_grouped_mm)  # [P, 2I]
+    if biases is not None:
+        projected = projected + biases.gate_up[row_slot]
+    y = grouped_linear(glu(projected, activation), down, ends, use_grouped_mm)  # [P, H]
+    if biases is not None:
+        y = y + biases.down[row_slot]
     return _weighted_pair_sum(y, hidden, order, keys, weights, num_slots)
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """``x`` [N, in] times one oneDNN-prepacked weight (logical [out, in]) -> [N, out]."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x`` [N, in] times one oneDNN-prepacked weight (logical [out, in]), plus ``bias``
+    [out] if given -> [N, out]."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def packed_expert_sum(
@@ -159,6 +207,8 @@ def packed_expert_sum(
     weights: torch.Tensor,  # [T, K] fp32 gate weights
     gate_up: Sequence[torch.Tensor],  # S prepacked [2I, H]
     down: Sequence[torch.Tensor],  # S prepacked [H, I]
+    biases: ExpertBiases | None = None,
+    activation: ClampedSwiGLU | None = None,
 ) -> torch.Tensor:  # [T, H]
     """``routed_expert_sum`` over oneDNN-prepacked slots: the same sorted runs, one run at a
     time (one host sync for the run ends; prepacking is CPU-only)."""
@@ -170,10 +220,17 @@ def packed_expert_sum(
     x = hidden[order // num_k]  # [P, H] each pair's token, grouped by slot
     y = torch.zeros_like(x)  # [P, H]: skipped pairs' rows stay 0
     start = 0
+    plain = biases is None and activation is None
     for slot, end in enumerate(ends.tolist()):
-        if end > start:
+        if end > start and plain:
             gate, up = packed_linear(x[start:end], gate_up[slot]).chunk(2, dim=-1)  # [n, I]
             y[start:end] = packed_linear(F.silu(gate) * up, down[slot])  # [n, H]
+        elif end > start:
+            up_bias, down_bias = (
+                (None, None) if biases is None else (biases.gate_up[slot], biases.down[slot])
+            )
+            projected = packed_linear(x[start:end], gate_up[slot], up_bias)  # [n, 2I]
+            y[start:end] = packed_linear(glu(projected, activation), down[slot], down_bias)
         start = end
     return _weighted_pair_sum(y, hidden, order, keys, weights, num_slots)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from experts.rope import RopeScaling
+
 RotaryAngles = tuple[torch.Tensor, torch.Tensor]  # cos, sin [T, 1, D]
 
 
@@ -19,7 +21,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """Precomputed cos/sin tables for the default (unscaled) RoPE, indexed by position.
+    """Precomputed cos/sin tables for RoPE (plain, or YaRN-scaled), indexed by position.
+
+    ``head_dim`` is the rotated width (the whole head, or its rotary part); YaRN blends the
+    frequencies and scales cos and sin by its attention factor (``experts.rope``).
 
     The tables start at ``max_positions`` (the trained context) and double when a
     windowed sequence runs past them, up to ``limit``: a few rebuilds over the model's
@@ -33,9 +38,11 @@ class RotaryEmbedding:
         max_positions: int,
         device: torch.device,
         limit: int | None = None,
+        scaling: RopeScaling | None = None,
     ):
-        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
-        self._inv_freq = 1.0 / (theta**exponent)  # [D/2]
+        scaling = scaling or RopeScaling()
+        self._inv_freq = scaling.inv_freq(head_dim, theta)  # [D/2]
+        self._cos_sin_scale = scaling.cos_sin_scale
         self._device = device
         self.limit = max(max_positions, limit or 0)
         self.max_positions = 0
@@ -60,8 +67,11 @@ class RotaryEmbedding:
         positions = torch.arange(num_positions, dtype=torch.float32)
         freqs = torch.outer(positions, self._inv_freq)  # [P, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
-        self.cos = emb.cos().to(self._device)
-        self.sin = emb.sin().to(self._device)
+        cos, sin = emb.cos(), emb.sin()
+        if self._cos_sin_scale != 1.0:  # YaRN's attention factor, in fp32 like the reference
+            cos, sin = cos * self._cos_sin_scale, sin * self._cos_sin_scale
+        self.cos = cos.to(self._device)
+        self.sin = sin.to(self._device)
         self.max_positions = num_positions
         self.num_builds += 1
 
@@ -80,7 +90,14 @@ class RotaryEmbedding:
 
 
 def rotate(x: torch.Tensor, angles: RotaryAngles) -> torch.Tensor:
-    """Rotate every head of x [T, heads, D] by its token's angles (q and k heads alike)."""
+    """Rotate every head of x [T, heads, D] by its token's angles (q and k heads alike).
+
+    Angles narrower than D (partial rotary, R = their width) rotate the first R dims of each
+    head and pass the rest through, as GLM's reference does.
+    """
     cos, sin = angles
+    width = cos.shape[-1]
+    if width != x.shape[-1]:  # partial rotary: [T, heads, R] rotated, [T, heads, D-R] kept
+        return torch.cat((rotate(x[..., :width], angles), x[..., width:]), dim=-1)
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin

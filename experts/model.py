@@ -3,7 +3,9 @@
 One ``forward`` serves prefill chunks and decode tokens of many sequences at
 once (see ``experts.attention``). MoE layers compute the gate here and hand
 the routed tokens to the expert backend; dense and shared-expert MLPs stay in
-the backbone.
+the backbone. DeepSeek-V3 layers attend with multi-head latent attention
+(``experts.mla``); gpt-oss layers add attention sinks, and its sliding layers a
+window mask (``experts.attention_masks``).
 
 Legend: T tokens, H hidden, V vocab, E experts, K experts per token,
 Hq/Hkv query/kv heads, D head dim.
@@ -20,19 +22,28 @@ import torch.nn.functional as F
 
 from cache.kv_policy import window_position_limit
 from experts.attention import AttentionBatch, paged_attention
+from experts.attention_masks import window_masks
 from experts.backend import ColocatedExperts, ExpertBackend
 from experts.checkpoint import CheckpointReader
 from experts.ffn import swiglu_mlp
-from experts.gate import route
+from experts.gate import route, route_grouped_sigmoid, route_topk_softmax
 from experts.layers import RotaryAngles, RotaryEmbedding, rms_norm, rotate
+from experts.mla import mla_attention
 from experts.spec import ModelSpec
-from experts.weights import AttentionWeights, BackboneWeights, LayerWeights, load_backbone
+from experts.weights import (
+    AttentionWeights,
+    BackboneWeights,
+    LayerWeights,
+    MLAWeights,
+    load_backbone,
+)
 
 RouteObserver = Callable[[int, torch.Tensor], None]  # (layer, expert ids [T, K])
 
 
 class KVLayers(Protocol):
-    """Per-layer flat views of a paged KV pool: [slots, Hkv, D] each."""
+    """Per-layer flat views of a paged KV pool: [slots, Hkv, D] each (MLA models use
+    ``key`` only: [slots, 1, R + Dr] latent entries, ``ModelSpec.kv_cache_shape``)."""
 
     def key(self, layer: int) -> torch.Tensor: ...
 
@@ -59,9 +70,17 @@ class MoEModel:
         # admission enforces (cache.kv_policy): the tables grow by doubling to cover them
         context = spec.max_position_embeddings
         self.rope = RotaryEmbedding(
-            spec.head_dim, spec.rope_theta, context, self.device, window_position_limit(context)
+            spec.rotary_width,
+            spec.rope_theta,
+            context,
+            self.device,
+            window_position_limit(context),
+            spec.rope_scaling,
         )
         self.scale = spec.head_dim**-0.5
+        if spec.is_mla:  # YaRN's mscale applies to the whole q.k for MLA (DeepSeek)
+            self.scale = spec.rope_scaling.softmax_scale(self.scale)
+        self.mla_absorb: bool | None = None  # None: per group, by cost (experts.mla)
         self.route_observer: RouteObserver | None = None
 
     @classmethod
@@ -87,10 +106,15 @@ class MoEModel:
         )
         x = self.weights.embed[input_ids]  # [T, H]
         angles = self.rope.at(batch.positions, x.dtype)  # shared by every layer
-        eps = self.spec.rms_norm_eps
+        eps, spec = self.spec.rms_norm_eps, self.spec
+        windows = None  # [G|1, 1, Q, C] per group, shared by the sliding layers
+        if spec.has_sliding_layers:
+            assert spec.sliding_window is not None
+            windows = window_masks(batch, spec.sliding_window)
         for i, layer in enumerate(self.weights.layers):
             h = rms_norm(x, layer.input_norm, eps)
-            x = x + self._attention(i, layer, h, angles, batch, kv)
+            masks = windows if spec.is_sliding_layer(i) else None
+            x = x + self._attention(i, layer, h, angles, batch, kv, masks)
             h = rms_norm(x, layer.post_attention_norm, eps)
             x = x + self._mlp(i, layer, h)
         return rms_norm(x, self.weights.final_norm, eps)
@@ -107,19 +131,24 @@ class MoEModel:
         angles: RotaryAngles,
         batch: AttentionBatch,
         kv: KVLayers,
+        masks: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         spec, a = self.spec, layer.attention
+        if isinstance(a, MLAWeights):
+            return mla_attention(spec, a, h, angles, batch, kv.key(i), self.scale, self.mla_absorb)
         num_q, num_kv = spec.num_heads, spec.num_kv_heads
         qkv = h @ a.qkv if a.qkv_bias is None else torch.addmm(a.qkv_bias, h, a.qkv)
         # qkv: [T, (Hq + 2*Hkv)*D]
         heads = qkv.view(h.shape[0], num_q + 2 * num_kv, spec.head_dim)  # [T, Hq+2Hkv, D]
         qk, v = heads.split([num_q + num_kv, num_kv], dim=1)  # [T, Hq+Hkv, D], [T, Hkv, D]
-        if spec.family.qk_norm != "none" or spec.clip_qkv is not None:
+        if spec.qk_norm != "none" or spec.clip_qkv is not None:
             qk, v = self._qk_norm_and_clip(a, qk, v)
         # q and k heads rotate by the same angles: one rotation over both
         q, k = rotate(qk, angles).split([num_q, num_kv], dim=1)  # [T, Hq, D], [T, Hkv, D]
-        out = paged_attention(q, k, v, kv.key(i), kv.value(i), batch, self.scale)  # [T, Hq*D]
-        return out @ a.o  # [T, H]
+        out = paged_attention(
+            q, k, v, kv.key(i), kv.value(i), batch, self.scale, masks, a.sinks
+        )  # [T, Hq*D]
+        return out @ a.o if a.o_bias is None else torch.addmm(a.o_bias, out, a.o)  # [T, H]
 
     def _qk_norm_and_clip(
         self,
@@ -130,13 +159,13 @@ class MoEModel:
         """The families' q/k norms and qkv clipping, in their references' order."""
         spec, eps = self.spec, self.spec.rms_norm_eps
         q, k = qk.split([spec.num_heads, spec.num_kv_heads], dim=1)  # [T, Hq, D], [T, Hkv, D]
-        if spec.family.qk_norm == "full":  # OLMoE: norm over all heads at once, then clip
+        if spec.qk_norm == "full":  # OLMoE: norm over all heads at once, then clip
             assert a.q_norm is not None and a.k_norm is not None
             q = rms_norm(q.reshape(q.shape[0], -1), a.q_norm, eps).view(q.shape)
             k = rms_norm(k.reshape(k.shape[0], -1), a.k_norm, eps).view(k.shape)
         if spec.clip_qkv is not None:
             q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
-        if spec.family.qk_norm == "head":  # Qwen3: norm each head over D
+        if spec.qk_norm == "head":  # Qwen3, GLM-4.5: norm each head over D
             assert a.q_norm is not None and a.k_norm is not None
             q, k = rms_norm(q, a.q_norm, eps), rms_norm(k, a.k_norm, eps)
         return torch.cat([q, k], dim=1), v
@@ -146,14 +175,35 @@ class MoEModel:
             assert layer.dense_mlp is not None, f"layer {i} has neither router nor MLP"
             return swiglu_mlp(h, layer.dense_mlp)
         assert self.experts is not None
-        ids, weights = route(
-            h, layer.router, self.spec.num_experts_per_tok, self.spec.norm_topk_prob
-        )  # [T, K], [T, K]
+        ids, weights = self._route(layer, h)  # [T, K], [T, K]
         if self.route_observer is not None:
             self.route_observer(i, ids)
         out = self.experts.forward(i, h, ids, weights)  # [T, H]
         if layer.shared_expert is not None:
-            assert layer.shared_expert_gate is not None
-            gate = torch.sigmoid(F.linear(h, layer.shared_expert_gate))  # [T, 1]
-            out = out + gate * swiglu_mlp(h, layer.shared_expert)
+            shared = swiglu_mlp(h, layer.shared_expert)  # [T, H]
+            if layer.shared_expert_gate is not None:  # Qwen2-MoE
+                shared = torch.sigmoid(F.linear(h, layer.shared_expert_gate)) * shared
+            out = out + shared
         return out
+
+    def _route(
+        self, layer: LayerWeights, h: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # ids [T, K], weights [T, K] fp32
+        spec, gate = self.spec, self.spec.family.gate
+        assert layer.router is not None
+        if gate == "grouped_sigmoid":
+            assert layer.score_bias is not None
+            return route_grouped_sigmoid(
+                h,
+                layer.router,
+                layer.score_bias,
+                spec.num_experts_per_tok,
+                spec.n_group,
+                spec.topk_group,
+                spec.norm_topk_prob,
+                spec.routed_scaling_factor,
+            )
+        if gate == "topk_softmax":
+            assert layer.router_bias is not None
+            return route_topk_softmax(h, layer.router, layer.router_bias, spec.num_experts_per_tok)
+        return route(h, layer.router, spec.num_experts_per_tok, spec.norm_topk_prob)

@@ -101,15 +101,9 @@ class ExpertShard:
     def _new_layer(
         self, layer: int, loaded: dict[Slot, MLPWeights], first: MLPWeights
     ) -> ExpertSlots:
-        spec = self.reader.spec
         count = self.slots_per_layer or sum(1 for other, _ in loaded if other == layer)
-        self._layers[layer] = ExpertSlots(
-            count,
-            spec.num_experts,
-            spec.hidden_size,
-            spec.moe_intermediate_size,
-            first.gate_up.dtype,
-            self.device,
+        self._layers[layer] = ExpertSlots.for_spec(
+            self.reader.spec, count, first.gate_up.dtype, self.device
         )
         return self._layers[layer]
 

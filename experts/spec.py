@@ -6,12 +6,14 @@ needs is here; derived values are properties, never written back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from experts.errors import CheckpointError
+from experts.family_config import family_args
+from experts.rope import RopeScaling, parse_rope
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used; the message says what is wrong and how to fix it."""
+__all__ = ["FAMILIES", "SUPPORTED_DTYPES", "CheckpointError", "FamilyInfo", "ModelSpec"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,15 @@ class FamilyInfo:
     default_norm_topk: bool
     has_shared_expert: bool = False
     is_moe: bool = True
+    shared_expert_prefix: str = "shared_expert"  # "shared_experts" (DeepSeek, GLM): no gate
+    gate: str = "softmax"  # | "grouped_sigmoid" (DeepSeek, GLM) | "topk_softmax" (gpt-oss)
+    attention: str = "mha"  # "mha" | "mla" (DeepSeek's multi-head latent attention)
+    fused_experts: bool = False  # experts stored as [E, ...] tensors (gpt-oss), read by slicing
+    router_name: str = "gate"  # the router's sub-module inside the MoE block
+    o_proj_bias: bool = False  # the output projection has a bias when attention_bias is set
+    attention_sinks: bool = False  # a learned per-head sink logit in every softmax (gpt-oss)
+    rope_types: tuple[str, ...] = ("default",)
+    default_partial_rotary: float = 1.0
 
 
 FAMILIES: dict[str, FamilyInfo] = {
@@ -45,6 +56,44 @@ FAMILIES: dict[str, FamilyInfo] = {
     "OlmoeForCausalLM": FamilyInfo(
         "olmoe", "mlp", ("gate_proj", "up_proj", "down_proj"), "full", default_norm_topk=False
     ),
+    "Glm4MoeForCausalLM": FamilyInfo(
+        "glm4_moe",
+        "mlp",
+        ("gate_proj", "up_proj", "down_proj"),
+        "none",  # q/k norm per head when use_qk_norm (ModelSpec.qk_norm)
+        default_norm_topk=True,
+        has_shared_expert=True,
+        shared_expert_prefix="shared_experts",
+        gate="grouped_sigmoid",
+        rope_types=("default", "yarn"),
+        default_partial_rotary=0.5,
+    ),
+    "DeepseekV3ForCausalLM": FamilyInfo(
+        "deepseek_v3",
+        "mlp",
+        ("gate_proj", "up_proj", "down_proj"),
+        "none",
+        default_norm_topk=True,
+        has_shared_expert=True,
+        shared_expert_prefix="shared_experts",
+        gate="grouped_sigmoid",
+        attention="mla",
+        o_proj_bias=True,
+        rope_types=("default", "yarn"),
+    ),
+    "GptOssForCausalLM": FamilyInfo(
+        "gpt_oss",
+        "mlp",
+        ("gate_up_proj", "gate_up_proj", "down_proj"),  # fused: [E, H, 2I] and [E, I, H]
+        "none",
+        default_norm_topk=False,
+        gate="topk_softmax",
+        fused_experts=True,
+        router_name="router",
+        o_proj_bias=True,
+        attention_sinks=True,
+        rope_types=("default", "yarn"),
+    ),
     "LlamaForCausalLM": FamilyInfo(
         "llama", "mlp", ("gate_proj", "up_proj", "down_proj"), "none", False, is_moe=False
     ),
@@ -54,21 +103,6 @@ FAMILIES: dict[str, FamilyInfo] = {
 }
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _rope_theta(cfg: dict[str, Any]) -> float:
-    """transformers 5 nests rope settings under ``rope_parameters``; 4.x keeps them flat."""
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    for source in (params, scaling):
-        rope_type = source.get("rope_type", source.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise CheckpointError(
-                f"rope type {rope_type!r} is not supported (supported: 'default'); "
-                "remove rope_scaling/rope_parameters.rope_type from config.json"
-            )
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    return float(theta)
 
 
 @dataclass(frozen=True)
@@ -99,6 +133,28 @@ class ModelSpec:
     clip_qkv: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    qk_norm: str = "none"  # "none" | "head" | "full" (see FamilyInfo.qk_norm)
+    # rotary: the first ``rotary_dim`` dims of each head rotate (partial rotary, MLA's rope part)
+    rotary_dim: int = 0  # 0: all of head_dim
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    # grouped sigmoid routing (DeepSeek-V3, GLM-4.5): pick topk_group of n_group expert
+    # groups, then the top k inside them; weights scaled by routed_scaling_factor
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 0  # the first k layers are dense MLPs
+    # multi-head latent attention (DeepSeek-V3): the cache holds a latent and a rotary key
+    q_lora_rank: int = 0  # 0: a full-rank q projection
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rotary dims stored as interleaved pairs (DeepSeek)
+    # gpt-oss: per-layer attention kind and its window, and the clamped SwiGLU
+    layer_types: tuple[str, ...] = ()  # "full_attention" | "sliding_attention" per layer
+    sliding_window: int | None = None
+    swiglu_alpha: float = 0.0  # 0: plain SwiGLU experts
+    swiglu_limit: float = 0.0
 
     @property
     def family(self) -> FamilyInfo:
@@ -116,9 +172,45 @@ class ModelSpec:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def is_mla(self) -> bool:
+        return self.family.attention == "mla"
+
+    @property
+    def rotary_width(self) -> int:
+        """How many dims of each query/key head rotate."""
+        return self.rotary_dim or self.head_dim
+
+    @property
+    def kv_cache_shape(self) -> tuple[int, int, int]:
+        """(planes, heads, dim) one token takes in one layer of the KV pool: keys and values
+        per kv head, or MLA's single plane holding the latent and the rotary key."""
+        if self.is_mla:
+            return 1, 1, self.kv_lora_rank + self.qk_rope_head_dim
+        return 2, self.num_kv_heads, self.head_dim
+
+    @property
+    def kv_layout(self) -> str:
+        """What a cached block holds, as a stable name: blocks of different layouts (or dtypes)
+        are never interchangeable, so a block key (local prefix or cluster store) includes it.
+        ``mha:kv8x128:bfloat16``; ``mla:latent512+rope64:bfloat16``."""
+        if self.is_mla:
+            return f"mla:latent{self.kv_lora_rank}+rope{self.qk_rope_head_dim}:{self.dtype}"
+        return f"mha:kv{self.num_kv_heads}x{self.head_dim}:{self.dtype}"
+
+    def is_sliding_layer(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
+
+    @property
+    def has_sliding_layers(self) -> bool:
+        return "sliding_attention" in self.layer_types
+
     def is_moe_layer(self, layer: int) -> bool:
-        """Qwen-style interleaving: sparse every ``decoder_sparse_step`` layers, minus opt-outs."""
+        """Qwen-style interleaving: sparse every ``decoder_sparse_step`` layers, minus opt-outs;
+        DeepSeek-style: dense below ``first_k_dense_replace``."""
         if not self.is_moe or layer in self.mlp_only_layers:
+            return False
+        if layer < self.first_k_dense_replace:
             return False
         return (layer + 1) % self.decoder_sparse_step == 0
 
@@ -142,6 +234,19 @@ class ModelSpec:
                 f"dtype {dtype!r} in config.json is not supported "
                 f"(supported: {', '.join(SUPPORTED_DTYPES)})"
             )
+        if cfg.get("quantization_config"):
+            method = (cfg["quantization_config"] or {}).get("quant_method", "?")
+            raise CheckpointError(
+                f"quantization_config (quant_method {method!r}) is not supported: serve a "
+                "float32/float16/bfloat16 checkpoint (dequantize it first)"
+            )
+        rope = parse_rope(cfg, info.default_partial_rotary)
+        if rope.scaling.rope_type not in info.rope_types:
+            raise CheckpointError(
+                f"rope type {rope.scaling.rope_type!r} is not supported for {arch} (supported: "
+                f"{', '.join(repr(t) for t in info.rope_types)}); remove "
+                "rope_scaling/rope_parameters.rope_type from config.json"
+            )
         try:
             hidden = int(cfg["hidden_size"])
             num_heads = int(cfg["num_attention_heads"])
@@ -155,7 +260,9 @@ class ModelSpec:
                 head_dim=int(cfg.get("head_dim") or hidden // num_heads),
                 intermediate_size=int(cfg.get("intermediate_size") or 0),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=_rope_theta(cfg),
+                rope_theta=rope.theta,
+                rope_scaling=rope.scaling,
+                qk_norm=info.qk_norm,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 # Qwen2-MoE always has q/k/v biases; transformers 5 writes them as `qkv_bias`.
@@ -171,7 +278,7 @@ class ModelSpec:
             ) from None
         if cfg.get("use_sliding_window") or (
             arch == "MixtralForCausalLM" and cfg.get("sliding_window")
-        ):
+        ):  # gpt-oss's per-layer windows are served (experts.family_config)
             raise CheckpointError(
                 f"sliding-window attention (sliding_window={cfg.get('sliding_window')}) is not "
                 "supported; set sliding_window to null / use_sliding_window to false"
@@ -183,9 +290,16 @@ class ModelSpec:
         if cfg.get("mlp_bias"):
             raise CheckpointError("mlp_bias=true is not supported; set it to false")
         if info.is_moe:
-            num_experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+            num_experts = int(
+                cfg.get("num_local_experts")
+                or cfg.get("num_experts")
+                or cfg.get("n_routed_experts")
+                or 0
+            )
             if num_experts <= 0:
-                raise CheckpointError(f"{arch} config.json has no num_experts/num_local_experts")
+                raise CheckpointError(
+                    f"{arch} config.json has no num_experts/num_local_experts/n_routed_experts"
+                )
             spec_args.update(
                 num_experts=num_experts,
                 num_experts_per_tok=int(cfg["num_experts_per_tok"]),
@@ -206,6 +320,7 @@ class ModelSpec:
                     f"num_experts_per_tok={spec_args['num_experts_per_tok']} must be in "
                     f"[1, {num_experts}]"
                 )
+        spec_args.update(family_args(arch, cfg, spec_args, rope.partial_rotary_factor))
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         spec_args["eos_token_ids"] = eos_ids

@@ -25,6 +25,12 @@ def validate_request(
             f"attention_first_tokens={first} must be in [0, {MAX_ATTENTION_FIRST_TOKENS}] "
             "(0: no attention diagnostics)"
         )
+    if policy.is_window and spec.has_sliding_layers:
+        raise ValueError(
+            f"kv_policy 'window' is not supported for {spec.family.name}: its sliding-window "
+            f"layers (sliding_window={spec.sliding_window}) attend by position, which "
+            "evictions would break; use kv_policy 'full'"
+        )
     if policy.is_window:
         _check_window(len(prompt), params.max_tokens, policy, spec.max_position_embeddings)
         least = policy.min_window(block_size)

@@ -48,9 +48,8 @@ from experts.tokenizer import IncrementalDetokenizer
 def kv_bytes_per_block(model: MoEModel, block_size: int) -> int:
     """Bytes one KV block of ``block_size`` tokens takes for this model (all layers)."""
     spec = model.spec
-    return KVPool.bytes_per_block(
-        spec.num_layers, block_size, spec.num_kv_heads, spec.head_dim, model.dtype
-    )
+    planes, heads, dim = spec.kv_cache_shape
+    return KVPool.bytes_per_block(spec.num_layers, block_size, heads, dim, model.dtype, planes)
 
 
 class _Sampled(NamedTuple):
@@ -85,14 +84,16 @@ class LLMEngine:
         num_blocks = self.config.resolve_num_blocks(
             kv_bytes_per_block(model, self.config.block_size)
         )
+        planes, heads, dim = spec.kv_cache_shape  # MLA: one latent entry per token
         self.pool = KVPool(
             spec.num_layers,
             num_blocks,
             self.config.block_size,
-            spec.num_kv_heads,
-            spec.head_dim,
+            heads,
+            dim,
             model.dtype,
             model.device,
+            planes,
         )
         self.blocks = BlockManager(
             num_blocks, self.config.block_size, self.config.enable_prefix_caching
