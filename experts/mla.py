@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from experts.attention import AttentionBatch, _probe_stats
 from experts.layers import RotaryAngles, rms_norm, rotate
+from experts.mla_weights import MLAWeights
 from experts.spec import ModelSpec
-from experts.weights import MLAWeights
 
 MLA_NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm: the reference's default, not the config's
 

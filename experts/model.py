@@ -29,12 +29,12 @@ from experts.ffn import swiglu_mlp
 from experts.gate import route, route_grouped_sigmoid, route_topk_softmax
 from experts.layers import RotaryAngles, RotaryEmbedding, rms_norm, rotate
 from experts.mla import mla_attention
+from experts.mla_weights import MLAWeights
 from experts.spec import ModelSpec
 from experts.weights import (
     AttentionWeights,
     BackboneWeights,
     LayerWeights,
-    MLAWeights,
     load_backbone,
 )
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from experts.checkpoint import CheckpointReader
 from experts.spec import CheckpointError, ModelSpec
+
+if TYPE_CHECKING:
+    from experts.mla_weights import MLAWeights
 
 
 @dataclass
@@ -44,32 +48,10 @@ class AttentionWeights:
 
 
 @dataclass
-class MLAWeights:
-    """DeepSeek's multi-head latent attention, stored [in, out] like ``AttentionWeights``.
-
-    ``down`` fuses the two projections of the hidden state: the query's (its low-rank
-    ``q_a``, or the full ``q_proj`` without ``q_lora_rank``) and ``kv_a`` (latent + rotary
-    key). The rotary rows of DeepSeek's interleaved checkpoints are permuted to the
-    half-split order on load, so rotation is the plain ``rotate``.
-    """
-
-    down: torch.Tensor  # [H, Nq + R + Dr]; Nq = Rq (q LoRA) or Hq*(Dn+Dr)
-    down_bias: torch.Tensor | None  # [Nq + R + Dr] (attention_bias; 0 where q_proj has none)
-    q_a_norm: torch.Tensor | None  # [Rq]
-    q_b: torch.Tensor | None  # [Rq, Hq*(Dn+Dr)]
-    kv_a_norm: torch.Tensor  # [R]
-    kv_b: torch.Tensor  # [R, Hq*(Dn+Dv)] expands latents to per-head k_nope and v
-    w_uk: torch.Tensor  # [Hq, Dn, R] kv_b's key rows per head (absorbed into queries)
-    w_uv: torch.Tensor  # [Hq, Dv, R] kv_b's value rows per head (applied after attention)
-    o: torch.Tensor  # [Hq*Dv, H]
-    o_bias: torch.Tensor | None  # [H]
-
-
-@dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [H]
     post_attention_norm: torch.Tensor  # [H]
-    attention: AttentionWeights | MLAWeights
+    attention: AttentionWeights | MLAWeights  # MLAWeights: DeepSeek-V3 (experts.mla_weights)
     router: torch.Tensor | None  # [E, H] on MoE layers (fp32 for grouped sigmoid routing)
     dense_mlp: MLPWeights | None  # on dense layers
     shared_expert: MLPWeights | None  # Qwen2-MoE, DeepSeek-V3, GLM-4.5
@@ -159,7 +141,9 @@ def _load_attention(
 ) -> AttentionWeights | MLAWeights:
     spec = reader.spec
     if spec.is_mla:
-        return _load_mla(reader, layer, device)
+        from experts.mla_weights import load_mla  # here: mla_weights imports this module
+
+        return load_mla(reader, layer, device)
     p = f"{layer_prefix(layer)}self_attn."
     h, qs, kvs = spec.hidden_size, spec.q_size, spec.kv_size
     q = reader.load(f"{p}q_proj.weight", (qs, h), device=device)
@@ -182,95 +166,34 @@ def _load_attention(
         q_norm = reader.load(f"{p}q_norm.weight", (qs,), device=device)
         k_norm = reader.load(f"{p}k_norm.weight", (kvs,), device=device)
     o = reader.load(f"{p}o_proj.weight", (h, qs), device=device)
-    o_bias = _o_bias(reader, p, device)
     sinks = None
     if spec.family.attention_sinks:
         sinks = reader.load(f"{p}sinks", (spec.num_heads,), device=device)
     return AttentionWeights(
-        _in_out(torch.cat([q, k, v])), bias, _in_out(o), q_norm, k_norm, o_bias, sinks
+        in_out(torch.cat([q, k, v])),
+        bias,
+        in_out(o),
+        q_norm,
+        k_norm,
+        o_bias(reader, p, device),
+        sinks,
     )
 
 
-def _o_bias(reader: CheckpointReader, p: str, device: str) -> torch.Tensor | None:
+def o_bias(reader: CheckpointReader, p: str, device: str) -> torch.Tensor | None:
+    """The output projection's bias, where the family has one and attention_bias is set."""
     spec = reader.spec
     if not (spec.family.o_proj_bias and spec.attention_bias):
         return None
     return reader.load(f"{p}o_proj.bias", (spec.hidden_size,), device=device)
 
 
-def _deinterleave_rope_rows(weight: torch.Tensor, rope_dim: int) -> torch.Tensor:
-    """Reorder the last ``rope_dim`` rows of each [.., rows, in] block from DeepSeek's
-    interleaved pairs (x0, x1), (x2, x3).. to the half-split order (x0, x2, .., x1, x3, ..)."""
-    rope = weight[..., -rope_dim:, :]
-    split = torch.cat([rope[..., 0::2, :], rope[..., 1::2, :]], dim=-2)
-    return torch.cat([weight[..., :-rope_dim, :], split], dim=-2)
-
-
-def _load_mla(reader: CheckpointReader, layer: int, device: str) -> MLAWeights:
-    """Multi-head latent attention (DeepSeek-V3), with and without a q LoRA."""
-    spec = reader.spec
-    p = f"{layer_prefix(layer)}self_attn."
-    h, heads = spec.hidden_size, spec.num_heads
-    nope, rope, v_dim = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim
-    rank, q_rank = spec.kv_lora_rank, spec.q_lora_rank
-    qk_dim = nope + rope
-    interleaved = spec.rope_interleave
-
-    def q_rows(weight: torch.Tensor, cols: int) -> torch.Tensor:  # [Hq*(Dn+Dr), cols]
-        if not interleaved:
-            return weight
-        per_head = _deinterleave_rope_rows(weight.view(heads, qk_dim, cols), rope)
-        return per_head.reshape(heads * qk_dim, cols)
-
-    q_a_norm = q_b = None
-    q_bias: torch.Tensor | None = None
-    if q_rank:
-        q_down = reader.load(f"{p}q_a_proj.weight", (q_rank, h), device=device)
-        if spec.attention_bias:
-            q_bias = reader.load(f"{p}q_a_proj.bias", (q_rank,), device=device)
-        q_a_norm = reader.load(f"{p}q_a_layernorm.weight", (q_rank,), device=device)
-        q_b = _in_out(
-            q_rows(
-                reader.load(f"{p}q_b_proj.weight", (heads * qk_dim, q_rank), device=device), q_rank
-            )
-        )
-    else:
-        q_down = q_rows(reader.load(f"{p}q_proj.weight", (heads * qk_dim, h), device=device), h)
-        if spec.attention_bias:  # q_proj has no bias: zeros keep the fused add exact
-            q_bias = torch.zeros(heads * qk_dim, dtype=q_down.dtype, device=device)
-    kv_a = reader.load(f"{p}kv_a_proj_with_mqa.weight", (rank + rope, h), device=device)
-    kv_a_bias = None
-    if spec.attention_bias:
-        kv_a_bias = reader.load(f"{p}kv_a_proj_with_mqa.bias", (rank + rope,), device=device)
-    if interleaved:
-        kv_a = _deinterleave_rope_rows(kv_a, rope)
-        if kv_a_bias is not None:
-            kv_a_bias = _deinterleave_rope_rows(kv_a_bias[:, None], rope)[:, 0]
-    kv_b = reader.load(f"{p}kv_b_proj.weight", (heads * (nope + v_dim), rank), device=device)
-    per_head = kv_b.view(heads, nope + v_dim, rank)
-    o = reader.load(f"{p}o_proj.weight", (h, heads * v_dim), device=device)
-    down_bias = None
-    if q_bias is not None and kv_a_bias is not None:
-        down_bias = torch.cat([q_bias, kv_a_bias])
-    return MLAWeights(
-        down=_in_out(torch.cat([q_down, kv_a])),
-        down_bias=down_bias,
-        q_a_norm=q_a_norm,
-        q_b=q_b,
-        kv_a_norm=reader.load(f"{p}kv_a_layernorm.weight", (rank,), device=device),
-        kv_b=_in_out(kv_b),
-        w_uk=per_head[:, :nope].contiguous(),
-        w_uv=per_head[:, nope:].contiguous(),
-        o=_in_out(o),
-        o_bias=_o_bias(reader, p, device),
-    )
-
-
-def _in_out(weight: torch.Tensor) -> torch.Tensor:  # [in, out] from [out, in]
+def in_out(weight: torch.Tensor) -> torch.Tensor:  # [in, out] from [out, in]
+    """A projection as ``x @ W`` reads it (see ``AttentionWeights``)."""
     from experts.expert_slots import stores_in_out  # here: expert_slots imports this module
 
-    in_out = stores_in_out(weight.device, weight.dtype)
-    return weight.t().contiguous() if in_out else weight.t()
+    contiguous = stores_in_out(weight.device, weight.dtype)
+    return weight.t().contiguous() if contiguous else weight.t()
 
 
 def _load_layer(reader: CheckpointReader, layer: int, device: str) -> LayerWeights:
