@@ -62,6 +62,9 @@ class ExpertShard:
         # load, drop and compute may come from different threads (a Ray actor's own thread
         # and its data-plane channels): the slot tables change only under this lock
         self._lock = threading.Lock()
+        # one load at a time: the slots a load reserves are written outside ``_lock`` (no
+        # compute reads a reserved slot, and only a load grows a layer's storage)
+        self._load_lock = threading.Lock()
         self._num_drops = 0
         self._running: dict[int, int] = {}  # computes in flight, by num_drops at their start
         self._retired: list[tuple[int, int, list[int]]] = []  # (num_drops then, layer, slots)
@@ -87,15 +90,33 @@ class ExpertShard:
         Held slots are never re-read or replaced, so calls between loads see the
         same weights for them. Computes go on while the tensors are read.
         """
-        with self._lock:
-            new = sorted({(int(layer), int(e)) for layer, e in slots} - set(self._held()))
-        loaded = {(layer, e): load_expert(self.reader, layer, e, self.device) for layer, e in new}
-        with self._lock:
-            self._reclaim()
-            for (layer, e), weights in loaded.items():
-                layer_slots = self._layers.get(layer) or self._new_layer(layer, loaded, weights)
-                if not layer_slots.has(e):  # a concurrent load may have won
-                    layer_slots.add(e, weights)
+        with self._load_lock:
+            with self._lock:
+                new = sorted({(int(layer), int(e)) for layer, e in slots} - set(self._held()))
+            loaded = {
+                (layer, e): load_expert(self.reader, layer, e, self.device) for layer, e in new
+            }
+            reserved: list[tuple[ExpertSlots, int, int, MLPWeights]] = []
+            with self._lock:  # only bookkeeping under the lock computes take
+                self._reclaim()
+                for (layer, e), weights in loaded.items():
+                    layer_slots = self._layers.get(layer) or self._new_layer(layer, loaded, weights)
+                    if not layer_slots.num_free:
+                        layer_slots.grow(2 * layer_slots.num_slots)
+                    reserved.append((layer_slots, e, layer_slots.take_free_slot(), weights))
+            # the copies (and CPU prepacking) run while computes go on: no compute reads a
+            # reserved slot before it is assigned
+            try:
+                for layer_slots, _, slot, weights in reserved:
+                    layer_slots.write_slot(slot, weights)
+            except BaseException:
+                with self._lock:  # nothing became visible: the reserved slots are free again
+                    for layer_slots, _, slot, _ in reserved:
+                        layer_slots.release([slot])
+                raise
+            with self._lock:
+                for layer_slots, e, slot, _ in reserved:
+                    layer_slots.assign(e, slot)
         return new
 
     def _new_layer(

@@ -173,3 +173,42 @@ def test_a_running_compute_keeps_the_weights_it_started_with(
     assert torch.equal(results[0], expected)
     shard.load([(0, 7)])  # the compute ended: expert 1's storage is free again
     assert shard._layers[0].slots_of(7) == (1,)
+
+
+def test_computes_go_on_while_a_load_writes_its_slots(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load writes (and on CPU prepacks) its new slots outside the lock computes take, and
+    a failed write leaves the shard as it was, its reserved slots free again."""
+    from experts.expert_slots import ExpertSlots
+
+    shard = ExpertShard(path, slots=[(0, 0), (0, 1)], slots_per_layer=4)
+    hidden = _hidden(3, seed=4)
+    ids, weights = _routing(3, [0, 1], seed=4)
+    expected = shard.compute(0, hidden, ids, weights)
+    writing, release = threading.Event(), threading.Event()
+    real = ExpertSlots.write_slot
+
+    def slow(self: ExpertSlots, slot: int, w: Any) -> None:
+        writing.set()
+        assert release.wait(30)
+        real(self, slot, w)
+
+    monkeypatch.setattr(ExpertSlots, "write_slot", slow)
+    loader = threading.Thread(target=lambda: shard.load([(0, 5)]))
+    loader.start()
+    assert writing.wait(30)
+    assert torch.equal(shard.compute(0, hidden, ids, weights), expected)  # not blocked
+    assert not shard.has(0, 5)  # not visible before its weights are written
+    release.set()
+    loader.join(30)
+    assert shard.has(0, 5)
+
+    def failing(self: ExpertSlots, slot: int, w: Any) -> None:
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(ExpertSlots, "write_slot", failing)
+    free = shard._layers[0].num_free
+    with pytest.raises(RuntimeError, match="disk gone"):
+        shard.load([(0, 6)])
+    assert not shard.has(0, 6) and shard._layers[0].num_free == free
