@@ -38,21 +38,22 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     block_size: int  # tokens per block
+    num_planes: int = 2  # a key and a value per token; 1: one entry (latent attention)
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "num_planes"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name}={value} is out of range: allowed >= 1")
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
-        """One block's K/V: [L, 2, block_size, Hkv, D]."""
-        return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+        """One block's K/V: [L, P, block_size, Hkv, D]."""
+        return (self.num_layers, self.num_planes, self.block_size, self.num_kv_heads, self.head_dim)
 
     def bytes_per_block(self, itemsize: int) -> int:
-        layers, two, size, heads, dim = self.shape
-        return layers * two * size * heads * dim * itemsize
+        layers, planes, size, heads, dim = self.shape
+        return layers * planes * size * heads * dim * itemsize
 
 
 def _field(data: bytes) -> bytes:

@@ -41,6 +41,10 @@ class BlockManager:
         self._partials = PartialBlocks()  # cached partial blocks, all unheld and evictable
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unheld; LRU first
         self.num_evictions = 0
+        # with track_evictions, the hashes of evicted full blocks, for whoever drains them (KV
+        # events, miss reasons); off, nothing is kept
+        self.track_evictions = False
+        self.evicted: list[int] = []
 
     @property
     def num_blocks(self) -> int:
@@ -78,7 +82,10 @@ class BlockManager:
             if block in self._partials:
                 self._partials.remove(block)
             else:
-                del self._block_of[self._hash_of.pop(block)]
+                block_hash = self._hash_of.pop(block)
+                del self._block_of[block_hash]
+                if self.track_evictions:
+                    self.evicted.append(block_hash)
             self.allocator.release(block)
             self.num_evictions += 1
         return self.allocator.allocate(count)
@@ -101,6 +108,17 @@ class BlockManager:
                 break
             blocks.append(block)
         return blocks, hashes[: len(blocks)]
+
+    def lookup(self, hashes: Sequence[int]) -> list[int]:
+        """The cached blocks of the longest prefix of ``hashes`` found in the cache (none
+        acquired)."""
+        blocks: list[int] = []
+        for block_hash in hashes:
+            block = self._block_of.get(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
 
     def acquire_cost(self, blocks: Sequence[int]) -> int:
         """How many available blocks holding ``blocks`` would use up (the evictable ones)."""
@@ -132,13 +150,19 @@ class BlockManager:
         """Mark an evictable cached block as just used (evicted last)."""
         self._evictable.move_to_end(block)
 
-    def register(self, block: int, block_hash: int) -> None:
-        """Name a full, computed block by its prefix hash so later sequences can reuse it."""
+    def register(self, block: int, block_hash: int) -> bool:
+        """Name a full, computed block by its prefix hash so later sequences can reuse it;
+        False when it stays private (caching off, or a twin already has the name)."""
         if not self.enable_prefix_caching or block_hash in self._block_of:
-            return  # a twin computed concurrently keeps the name; this block stays private
+            return False  # a twin computed concurrently keeps the name; this block stays private
         assert block not in self._hash_of, f"block {block} is already registered"
         self._block_of[block_hash] = block
         self._hash_of[block] = block_hash
+        return True
+
+    def cached_hashes(self) -> list[int]:
+        """The prefix hashes of every cached full block (held or not): a snapshot."""
+        return list(self._block_of)
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block; cached ones become evictable, others free.

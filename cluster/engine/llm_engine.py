@@ -19,11 +19,14 @@ from typing import NamedTuple
 import torch
 from tokenizers import Tokenizer
 
+from cache.block_key import KeySpace
 from cache.block_manager import BlockManager
 from cache.kv_pool import KVPool
+from cache.kv_store import BlockStore
 from cluster.engine.admission import validate_request
 from cluster.engine.config import EngineConfig
 from cluster.engine.counters import EngineCounters
+from cluster.engine.engine_kv import EngineKV, pool_layout
 from cluster.engine.model_runner import ModelRunner, StepInput
 from cluster.engine.requests import (
     AttentionStats,
@@ -39,6 +42,7 @@ from cluster.engine.scheduler import (
     SchedulerOutput,
 )
 from cluster.engine.sequence import Sequence as Seq
+from cluster.kv_store.config import KVStoreConfig
 from cluster.telemetry.step_trace import step_trace
 from experts.model import MoEModel
 from experts.sampling import SampledBatch, Sampler, sample_batch
@@ -110,6 +114,19 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.num_steps = 0
         self.failures: list[RequestFailure] = []  # requests that failed in the last step
+        # KV events and the cluster store (``attach_kv``); None: this engine's cache only
+        self.kv: EngineKV | None = None
+
+    def attach_kv(
+        self, model_id: str, store: BlockStore | None = None, config: KVStoreConfig | None = None
+    ) -> EngineKV:
+        """Record KV events (and fetch from / publish to ``store``) under ``model_id``'s keys."""
+        assert self.kv is None and not self._seqs, "attach the KV link before any request"
+        keyspace = KeySpace(model_id, pool_layout(self.pool, self.config.block_size))
+        self.kv = EngineKV(
+            self.pool, self.blocks, self.scheduler, keyspace, self.clock, store, config
+        )
+        return self.kv
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request; bad input raises ``ValueError`` saying what is wrong."""
@@ -127,7 +144,9 @@ class LLMEngine:
             request.attention_first_tokens,
             cache_salt=request.cache_salt,
         )
-        self.scheduler.add(seq)
+        self.scheduler.check(seq)
+        if self.kv is None or not self.kv.admit(seq):  # else it joins once its fetch is done
+            self.scheduler.add(seq)
         self._seqs[seq.request_id] = seq
         self.samplers[seq.request_id] = Sampler(request.params)
         if self.tokenizer is not None:
@@ -136,6 +155,8 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         """Stop a request at any point and free its blocks; False if it is not here."""
         seq = self.scheduler.abort(request_id)
+        if self.kv is not None:
+            seq = self.kv.drop(request_id) or seq
         self._forget(request_id)
         return seq is not None
 
@@ -145,7 +166,7 @@ class LLMEngine:
             self.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or (self.kv is not None and self.kv.has_pending())
 
     @property
     def num_requests(self) -> int:
@@ -159,8 +180,15 @@ class LLMEngine:
         """Schedule, run the model, post-process. Returns the tokens generated this step;
         requests that failed in it alone are finished and listed in ``failures``."""
         self.failures = []
+        if self.kv is not None:
+            for seq in self.kv.ready():  # fetched prefixes are in the pool: admit as usual
+                self.scheduler.add(seq)
         plan = self.scheduler.schedule()
+        if self.kv is not None:
+            self.kv.after_schedule(plan)
         if not plan.chunks:
+            if self.kv is not None:
+                self.kv.idle_wait()  # only fetches are pending
             return []
         logits = self._run(plan)  # [B, V]
         return self._postprocess(plan, logits)
@@ -209,6 +237,8 @@ class LLMEngine:
             if row not in failed
         }
         self.scheduler.update(plan, {row: t.token for row, t in tokens.items()}, failed)
+        if self.kv is not None:
+            self.kv.after_update()  # events for the blocks named, queued for the store
         events = self._emit_rows(chunks, tokens)
         self.failures = [self._fail(chunks[row], reason) for row, reason in failed.items()]
         return events
@@ -291,6 +321,8 @@ class LLMEngine:
             routing=routing,
             scheduled_time=seq.first_scheduled_time,
             attention=attention,
+            num_store_cached_tokens=seq.num_store_cached_tokens,
+            kv_miss=seq.kv_miss,
         )
         if reason is not None:
             self._forget(seq.request_id)

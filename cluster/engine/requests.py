@@ -61,6 +61,8 @@ class TokenEvent:
     routing: Routing | None = None  # the gate's choices at the position that produced it
     scheduled_time: float | None = None  # when the request was first scheduled (end of queue)
     attention: AttentionStats | None = None  # at the position that produced it, when asked
+    num_store_cached_tokens: int = 0  # of the cached prompt tokens, those fetched from the store
+    kv_miss: str = ""  # why some prompt block was computed ("": none was; see engine_kv)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_prompt_tokens_computed = 0
+        # with track_stored, (sequence, block, hash) of each block named by ``update``, for
+        # whoever drains it (the KV store publisher, KV events); off, nothing is kept
+        self.track_stored = False
+        self.stored: list[tuple[Sequence, int, int]] = []
 
     @property
     def block_size(self) -> int:
@@ -129,6 +133,11 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; refuse one that could never fit in the pool on its own."""
+        self.check(seq)
+        self.waiting.append(seq)
+
+    def check(self, seq: Sequence) -> None:
+        """Refuse (``ValueError``) a sequence that could never fit in the pool on its own."""
         max_new = seq.params.max_tokens - len(seq.output_ids)
         check_fits(
             seq.request_id,
@@ -138,7 +147,6 @@ class Scheduler:
             self.block_size,
             self.blocks.num_blocks,
         )
-        self.waiting.append(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
         """Remove a request wherever it is and free its blocks."""
@@ -228,7 +236,8 @@ class Scheduler:
         for j in range(len(seq.block_hashes), seq.num_computed // size):
             parent = seq.block_hashes[-1] if seq.block_hashes else seq.root_hash
             block_hash = hash_block(parent, seq.ids_between(j * size, (j + 1) * size))
-            self.blocks.register(seq.block_table[j], block_hash)
+            if self.blocks.register(seq.block_table[j], block_hash) and self.track_stored:
+                self.stored.append((seq, seq.block_table[j], block_hash))
             seq.block_hashes.append(block_hash)
 
     def _apply_kv_policy(self, seq: Sequence) -> None:

@@ -52,6 +52,8 @@ class Sequence:
     num_computed: int = 0
     num_dropped: int = 0
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_store_cached_tokens: int = 0  # of those, tokens whose K/V came from the cluster store
+    kv_miss: str = ""  # why some prompt block was computed (cluster.engine.engine_kv MISS_*)
     num_preemptions: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None

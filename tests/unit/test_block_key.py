@@ -63,6 +63,7 @@ def test_same_salt_same_tokens_same_keys(salt: str, ids: list[int]) -> None:
         KeySpace("model-a", replace(LAYOUT, num_kv_heads=2)),
         KeySpace("model-a", replace(LAYOUT, head_dim=64)),
         KeySpace("model-a", replace(LAYOUT, block_size=32)),
+        KeySpace("model-a", replace(LAYOUT, num_planes=1)),
     ],
 )
 def test_models_and_layouts_never_share_a_key(other: KeySpace) -> None:
