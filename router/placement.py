@@ -11,15 +11,22 @@ Method, per layer (every layer has its own load, so its own placement):
    the expert whose load per replica is highest now (a heap), which minimises the largest
    load per replica, the floor under the straggler shard.
 2. **Pack.** Replicas, heaviest first, go to the lightest shard with a free slot that does
-   not hold that expert and whose node does not hold it yet (so a node loss never removes
-   an expert); a swap repairs the rare dead end.
+   not hold that expert (longest-processing-time), preferring a node without it on a tie.
 3. **Improve.** While the heaviest shard is above a lower bound, move or swap one of its
-   replicas with one on a light shard when that lowers both below the old maximum.
-4. **Re-plan from a current plan.** Start from the current slots and only move what is
-   needed (a missing expert, a replica count that bounds the maximum, then improving
-   swaps); the best from-scratch plan, relabelled to overlap the current one, is built
-   only when that falls short, and the low-move plan wins unless the best is more than
-   ``tolerance`` (1%) better. Layers go worst first, so a move budget goes where it helps.
+   replicas with one on a lighter shard, or re-purpose a cold expert's spare replica as one
+   more replica of a hot expert on it, when that leaves every shard touched below the old
+   maximum. Then replicas move (by swaps with replicas of similar load) until each
+   replicated expert spans ``NODE_SPREAD`` nodes, so a node loss never removes an expert,
+   and the improvement runs again under that rule. A plan is never worse than the same
+   steps without replication (both are built when a bound cannot rule it out).
+4. **Re-plan from a current plan** (layers worst first, so a move budget goes where it
+   helps). The target is ``tolerance`` (1%) above a lower bound on any plan's maximum, so
+   a plan under it is within 1% of the best. Keep the layer if it is under the target;
+   else give hot experts a replica in spare replicas' slots and swap replicas between the
+   heaviest and lightest shards (bisect on sorted loads) until every shard is under it.
+   Only when that fails (the bound is loose: few slots, heavy skew) is the best plan built
+   from scratch, relabelled to overlap the current one; a repair then aims at 1% above
+   it, and the plan moving fewest slots among those within 1% of the best wins.
 
 Balancedness of a layer is max shard load / mean shard load (1.0 is perfect; an expert's
 load splits evenly among its replicas); a plan's balancedness is the mean over layers.
@@ -192,7 +199,7 @@ def plan_placement(
         slots_per_shard=slots_per_shard,
         num_nodes=num_nodes,
         balancedness_per_layer=tuple(
-            top * num_shards / total if total > 0 else 1.0
+            max(1.0, top * num_shards / total) if total > 0 else 1.0  # >= 1 but for underflow
             for top, total in zip(maxima, totals, strict=True)
         ),
         moved_slots=moved,
@@ -239,7 +246,7 @@ def layer_balancedness(shards: Sequence[Sequence[int]], load: Sequence[float]) -
     """
     loads = shard_loads(shards, load)
     total = sum(load)
-    return max(loads) * len(shards) / total if total > 0 else 1.0
+    return max(1.0, max(loads) * len(shards) / total) if total > 0 else 1.0  # underflow only
 
 
 def shard_loads(shards: Sequence[Sequence[int]], load: Sequence[float]) -> list[float]:
@@ -1049,7 +1056,7 @@ class _View:
     """
 
     def __init__(self, load: list[float], shards: ShardsIn, geometry: _Geometry) -> None:
-        tally = Counter(chain.from_iterable(shards))
+        tally = Counter(list(chain.from_iterable(shards)))  # a list: Counter's fast path
         counts = list(map(tally.__getitem__, range(len(load))))  # [E], C-level loops
         self.load = load
         self.counts = counts
@@ -1092,10 +1099,9 @@ class _View:
         them all. Then, for the heaviest shard ``A`` and each of the ``tries`` lightest
         shards ``B``, every replica ``a`` on ``A`` looks up (bisect over ``B``'s sorted
         loads) the replica ``b`` that moves the most load without putting ``B`` over; the
-        first swap (or
-        move to a free slot) that brings ``A`` under the target is taken, else the one
-        moving most, and ``A`` goes on. None when no step helps or ``budget`` runs out:
-        the caller takes the slow path.
+        first swap (or move to a free slot) that brings ``A`` under the target is taken,
+        else the one moving most, and ``A`` goes on. None when no step helps or ``budget``
+        runs out: the caller takes the slow path.
         """
         shard_load, w, counts = list(self.shard_load), list(self.w), list(self.counts)
         shards = [list(h) for h in self.shards]
@@ -1110,18 +1116,28 @@ class _View:
             used = grown
         under = sorted((x, g) for g, x in enumerate(shard_load) if x < target)
         by_weight: dict[int, tuple[list[float], list[int]]] = {}  # shard -> sorted (w, e)
-        where: dict[int, list[int]] = {}  # replicated expert -> shards holding it
+        on_node: dict[int, list[int]] = {}  # replicated expert -> [N] replicas per node
 
         def node_ok(e: int, src: int, dst: int) -> bool:
             """Does moving ``e`` from ``src`` to ``dst`` keep it on ``spread`` nodes?"""
             if spread < 2 or counts[e] < 2 or node[src] == node[dst]:
                 return True
-            held = where.get(e)
-            if held is None:
-                held = where[e] = [g for g, h in enumerate(shards) if e in h]
-            nodes = {node[g] for g in held if g != src}
-            nodes.add(node[dst])
-            return len(nodes) >= spread
+            per_node = on_node.get(e)
+            if per_node is None:
+                per_node = on_node[e] = [0] * self.geometry.num_nodes
+                for g, h in enumerate(shards):
+                    if e in h:
+                        per_node[node[g]] += 1
+            after = len(per_node) - per_node.count(0)
+            after -= per_node[node[src]] == 1
+            after += per_node[node[dst]] == 0
+            return after >= spread
+
+        def moved_node(e: int, src: int, dst: int) -> None:
+            per_node = on_node.get(e)
+            if per_node is not None:
+                per_node[node[src]] -= 1
+                per_node[node[dst]] += 1
 
         def best_step(a_shard: int, excess: float) -> tuple[float, int, int, int] | None:
             """(load moved, a, B, b or -1 for a free slot), or None."""
@@ -1132,7 +1148,7 @@ class _View:
                 held_b = shards[b_shard]
                 cached = by_weight.get(b_shard)
                 if cached is None:
-                    pairs = sorted((w[b], b) for b in held_b)
+                    pairs = sorted(zip(map(w.__getitem__, held_b), held_b, strict=True))
                     cached = by_weight[b_shard] = ([x for x, _ in pairs], [b for _, b in pairs])
                 keys, experts = cached
                 free = len(held_b) < slots
@@ -1174,8 +1190,8 @@ class _View:
                 else:
                     held_a[held_a.index(a)] = b
                     held_b[held_b.index(b)] = a
-                    where.pop(b, None)
-                where.pop(a, None)
+                    moved_node(b, b_shard, a_shard)
+                moved_node(a, a_shard, b_shard)
                 used += cost
                 shard_load[a_shard] -= moved
                 old = shard_load[b_shard]
@@ -1251,14 +1267,6 @@ class _View:
             counts[y] -= 1
             w[x], w[y] = new_x, new_y
             used += 1
-
-
-def _spread_ok(layer: _Layer) -> bool:
-    """Is every expert on as many nodes as its replica count allows?"""
-    if not layer.on_node:
-        return True
-    n = layer.num_nodes
-    return all(s >= min(c, n) for s, c in zip(layer.spread, layer.counts, strict=True))
 
 
 def _keep_slot_order(current: ShardsIn, new: ShardsIn) -> Shards:
