@@ -40,16 +40,20 @@ _ROUND_TRIP_SAMPLE = "Serve 8 experts: top-2 routing!\n\t{'a': [1, 2.5]} ~`@#$%^
 _CONFIG_CLASSES: dict[str, Callable[..., transformers.PretrainedConfig]] = {
     "mixtral": transformers.MixtralConfig,
     "llama": transformers.LlamaConfig,
+    "glm4_moe": transformers.Glm4MoeConfig,
+    "deepseek_v3": transformers.DeepseekV3Config,
+    "gpt_oss": transformers.GptOssConfig,
 }
 
 
 @dataclass(frozen=True)
 class DemoPreset:
-    """A named model shape; ``params`` are size kwargs for the family's config class."""
+    """A named model shape; ``params`` are kwargs for the family's config class (sizes, and
+    where a family needs them its own settings, rope scaling included)."""
 
     description: str
     family: str
-    params: Mapping[str, int] = field(hash=False)
+    params: Mapping[str, Any] = field(hash=False)
 
     def make_config(self) -> transformers.PretrainedConfig:
         """Config with the settings every preset must agree on (vocab, special ids, rope)."""
@@ -65,7 +69,7 @@ class DemoPreset:
             eos_token_id=EOS_ID,
             pad_token_id=PAD_ID,
         )
-        return _CONFIG_CLASSES[self.family](**kwargs, **self.params)
+        return _CONFIG_CLASSES[self.family](**{**kwargs, **self.params})
 
 
 _ATTN = {"num_attention_heads": 8, "num_key_value_heads": 4}
@@ -86,6 +90,42 @@ PRESETS: dict[str, DemoPreset] = {
         "Dense Llama, 4 layers, hidden 256: a cheap draft/cascade tier",
         "llama",
         {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 688, **_ATTN},
+    ),
+    "glm4-moe": DemoPreset(
+        "GLM-4.5-style MoE, 4 layers (1 dense) x 16 experts in 4 groups (top-4 of 2 groups), "
+        "shared expert, q/k norm, half rotary, hidden 256",
+        "glm4_moe",
+        {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 512, **_ATTN,
+         "n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
+         "moe_intermediate_size": 256, "n_shared_experts": 1, "first_k_dense_replace": 1,
+         "routed_scaling_factor": 2.5, "use_qk_norm": True, "attention_bias": True,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                             "partial_rotary_factor": 0.5}},
+    ),
+    "deepseek-v3": DemoPreset(
+        "DeepSeek-V3-style MoE, 4 layers (1 dense) x 16 experts in 4 groups (top-4 of 2 "
+        "groups), latent attention (q LoRA 128, kv LoRA 64), YaRN x4, hidden 256",
+        "deepseek_v3",
+        {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 512,
+         "num_attention_heads": 8, "num_key_value_heads": 8,
+         "n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
+         "moe_intermediate_size": 256, "n_shared_experts": 1, "first_k_dense_replace": 1,
+         "q_lora_rank": 128, "kv_lora_rank": 64, "qk_nope_head_dim": 32,
+         "qk_rope_head_dim": 16, "v_head_dim": 32,
+         "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 1024, "beta_fast": 32,
+                             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}},
+    ),
+    "gpt-oss": DemoPreset(
+        "gpt-oss-style MoE, 4 layers alternating 128-token sliding and full attention, "
+        "16 experts (top-4), attention sinks, clamped SwiGLU, YaRN x4, hidden 256",
+        "gpt_oss",
+        {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 256, **_ATTN,
+         "head_dim": 32, "num_local_experts": 16, "num_experts_per_tok": 4,
+         "sliding_window": 128,
+         "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 1024, "beta_fast": 32.0,
+                             "beta_slow": 1.0, "truncate": False}},
     ),
 }  # fmt: skip
 
