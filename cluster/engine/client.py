@@ -13,6 +13,7 @@ open or new, gets ``EngineStoppedError`` at once.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Protocol
@@ -20,17 +21,21 @@ from typing import Protocol
 from cluster.engine.admission import validate_request
 from cluster.engine.config import EngineConfig
 from cluster.engine.counters import EngineCounters
+from cluster.engine.kv_events import KVEventBatch
 from cluster.engine.loop import (
     SHUT_DOWN,
     AbortRequest,
     AddRequest,
     Command,
     SetRoutingTable,
+    SnapshotKV,
     StepResult,
 )
 from cluster.engine.requests import EngineRequest, TokenEvent
 from cluster.engine.streams import EngineStoppedError, StreamRegistry
 from experts.spec import ModelSpec
+
+MAX_KV_EVENT_BATCHES = 4096  # untaken batches kept (one per step at most)
 
 
 class EngineCore(Protocol):
@@ -58,6 +63,10 @@ class EngineCore(Protocol):
     @property
     def table_version(self) -> int: ...
 
+    def take_kv_events(self) -> list[KVEventBatch]: ...
+
+    def request_kv_snapshot(self) -> None: ...
+
     def is_alive(self) -> bool: ...
 
     def shutdown(self, timeout: float = 30.0) -> None: ...
@@ -72,6 +81,9 @@ class EngineClient(ABC):
         self.config = config
         self._streams = StreamRegistry(counters, self.abort)
         self._table_version = -1  # as of the loop's last StepResult
+        # KV event batches not yet taken; the oldest go first when nobody takes them (the
+        # taker then sees a gap in sequence numbers and asks for a snapshot)
+        self._kv_events: deque[KVEventBatch] = deque(maxlen=MAX_KV_EVENT_BATCHES)
 
     @property
     def spec(self) -> ModelSpec:
@@ -137,9 +149,22 @@ class EngineClient(ABC):
         """The routing table version the engine's experts run (-1: none), as of its last step."""
         return self._table_version
 
+    def take_kv_events(self) -> list[KVEventBatch]:
+        """The engine's KV event batches since the last call, in order."""
+        batches = []
+        while self._kv_events:
+            batches.append(self._kv_events.popleft())
+        return batches
+
+    def request_kv_snapshot(self) -> None:
+        """Have the engine's next KV event batch be a snapshot of its whole cache."""
+        self._post(SnapshotKV())
+
     def _deliver(self, result: StepResult) -> None:
         """A loop result, from the transport: the table version, then the streams."""
         self._table_version = result.table_version
+        if result.kv_events is not None:
+            self._kv_events.append(result.kv_events)
         self._streams.deliver(result)
 
     @abstractmethod

@@ -110,6 +110,10 @@ class KVEventLog:
         self._need_snapshot = False
         return batch
 
+    def request_snapshot(self) -> None:
+        """Make the next batch a snapshot (a consumer asked to resynchronise)."""
+        self._need_snapshot = True
+
     def take_eviction_ages(self) -> list[float]:
         """Seconds each block evicted since the last call had been cached (at most 1024)."""
         ages, self._ages = self._ages, []

@@ -15,7 +15,18 @@ from cluster.engine.config import EngineConfig
 
 if TYPE_CHECKING:
     from cluster.engine.llm_engine import LLMEngine
+    from cluster.kv_store.config import KVStoreConfig
+    from cluster.kv_store.relay import StoreFactory
     from experts.backend import ExpertBackend, ExpertBackendFactory
+
+
+@dataclass(frozen=True)
+class EngineKVLaunch:
+    """The engine's KV link: events always, the cluster store when ``store`` is set (a
+    recipe built where the engine runs, like the experts')."""
+
+    config: KVStoreConfig
+    store: StoreFactory | None = None
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,7 @@ class EngineLaunch:
     count_routing: bool = False  # keep per-(layer, expert) counts for the metrics
     # where the experts live when not with the backbone (a shard pool); built where it runs
     experts: ExpertBackendFactory | None = None
+    kv: EngineKVLaunch | None = None  # KV events and the cluster store; None: neither
 
 
 def build_engine(launch: EngineLaunch, experts: ExpertBackend | None = None) -> LLMEngine:
@@ -49,4 +61,10 @@ def build_engine(launch: EngineLaunch, experts: ExpertBackend | None = None) -> 
     model = MoEModel.from_checkpoint(launch.model_dir, device=launch.device, experts=experts)
     engine = LLMEngine(model, launch.config, load_tokenizer(launch.model_dir))
     engine.runner.count_routing = launch.count_routing and model.spec.is_moe
+    if launch.kv is not None:
+        from cache.block_key import model_fingerprint
+
+        store = launch.kv.store.build() if launch.kv.store is not None else None
+        model_id = f"{model_fingerprint(launch.model_dir)}:{model.spec.kv_layout}"
+        engine.attach_kv(model_id, store, launch.kv.config)
     return engine

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from cluster.engine.counters import EngineCounters
+from cluster.engine.kv_events import KVEventBatch
 from cluster.engine.requests import EngineRequest, TokenEvent
 
 if TYPE_CHECKING:
@@ -57,7 +58,13 @@ class SetRoutingTable:
     placement: tuple[tuple[tuple[int, int], tuple[str, ...]], ...]
 
 
-Command = AddRequest | AbortRequest | StopEngine | SetRoutingTable
+@dataclass(frozen=True)
+class SnapshotKV:
+    """Have the next result's KV events be a snapshot of the whole cache (a router that
+    missed events, or just started, resynchronises from it)."""
+
+
+Command = AddRequest | AbortRequest | StopEngine | SetRoutingTable | SnapshotKV
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,8 @@ class StepResult:
     routed: dict[tuple[int, int], int]
     # the routing table version the expert backend runs after this pass (-1: no table)
     table_version: int = -1
+    # the blocks its cache gained and lost in this pass (None: nothing, or no KV link)
+    kv_events: KVEventBatch | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,8 @@ def run_engine_loop(engine: LLMEngine, channel: EngineChannel) -> None:
         while command is not None:
             if isinstance(command, StopEngine):
                 engine.abort_all()
+                if engine.kv is not None:
+                    engine.kv.close()
                 channel.stopped(SHUT_DOWN)
                 return
             _apply(engine, command, rejected)
@@ -130,7 +141,10 @@ def run_engine_loop(engine: LLMEngine, channel: EngineChannel) -> None:
         ended = bool(failed) or any(e.finish_reason for e in events)
         routed = _routed(engine, ended)
         version = _table_version(engine)
-        channel.publish(StepResult(events, rejected, failed, engine.counters(), routed, version))
+        kv_events = engine.kv.take_events() if engine.kv is not None else None
+        channel.publish(
+            StepResult(events, rejected, failed, engine.counters(), routed, version, kv_events)
+        )
 
 
 def _apply(engine: LLMEngine, command: Command, rejected: list[tuple[str, str]]) -> None:
@@ -143,6 +157,8 @@ def _apply(engine: LLMEngine, command: Command, rejected: list[tuple[str, str]])
         engine.abort(command.request_id)
     elif isinstance(command, SetRoutingTable):
         _set_table(engine, command)
+    elif isinstance(command, SnapshotKV) and engine.kv is not None:
+        engine.kv.events.request_snapshot()
 
 
 def _set_table(engine: LLMEngine, command: SetRoutingTable) -> None:
