@@ -88,6 +88,8 @@ class RemoteExperts:
         # node whose cores the shards share, the forked thread waits for a core: measured
         # 0.5 ms vs 8 ms per layer medians, run to run, with two threads. So this thread
         # runs the layer's dispatch on one (the setting is per OS thread; restored after).
+        # An in-process pool's shards compute within send, so on one thread too, as a shard
+        # actor does.
         threads = torch.get_num_threads() if hidden.device.type == "cpu" else 1
         if threads == 1:
             return self._forward(layer, hidden, expert_ids, weights)
