@@ -1,4 +1,4 @@
-"""Expert placement: our planner (router/placement.py) against EPLB's algorithm, and a simulation.
+"""Expert placement: our planner (router/placement/) against EPLB's algorithm, and a simulation.
 
 Everything runs in one process, seeded; EPLB is ``bench/eplb_reference.py`` (its global
 policy, reimplemented from the published description). Loads are the expected token counts

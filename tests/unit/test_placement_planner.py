@@ -1,4 +1,4 @@
-"""The placement planner (router/placement.py) and ``moe-cluster plan``: properties, examples."""
+"""The placement planner (router/placement/) and ``moe-cluster plan``: properties, examples."""
 
 from __future__ import annotations
 
