@@ -42,7 +42,7 @@ def build_app(config: ClusterConfig) -> Any:
             ray_actor_options=options,
             max_ongoing_requests=tier.max_ongoing_requests,
             max_queued_requests=tier.max_queued_requests,
-        ).bind(tier, pool, telemetry)
+        ).bind(tier, pool, telemetry, config.kv_store)
     return GatewayDeployment.options(
         name="gateway", num_replicas=config.grpc.gateway_replicas
     ).bind(config, tiers)

@@ -29,6 +29,7 @@ from pydantic import ValidationInfo as Info
 from pydantic_core import ErrorDetails
 
 from cluster.engine.config import EngineConfig  # torch-free, like everything imported here
+from cluster.kv_store.config import KVStoreConfig
 from cluster.telemetry.settings import TelemetrySettings
 from deploy.api import DEFAULT_MAX_TOKENS_LIMIT
 from deploy.audit import AuditSettings
@@ -209,12 +210,15 @@ class RayConfig(Section):
 
 
 class ClusterConfig(Section):
-    """The whole cluster: gRPC edge, auth, tiers, tier policy, telemetry, audit and Ray."""
+    """The whole cluster: gRPC edge, auth, tiers, tier policy, the cluster KV store, telemetry,
+    audit and Ray."""
 
     grpc: GrpcConfig = GrpcConfig()
     auth: AuthConfig = AuthConfig()
     tiers: tuple[TierConfig, ...]
     policy: PolicyConfig = Field(default=PolicyConfig(), validate_default=True)
+    # one store for every tier (block keys carry the model): off by default
+    kv_store: Annotated[KVStoreConfig, runtime_section(KVStoreConfig)] = KVStoreConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     audit: AuditConfig = AuditConfig()
     ray: RayConfig = RayConfig()
@@ -361,7 +365,7 @@ def load_config(path: str | Path | None, demo_dir: Path = DEFAULT_DEMO_DIR) -> C
             path,
             [
                 "<top level>: expected a mapping of sections (grpc, auth, tiers, policy, "
-                f"telemetry, audit, ray) (got {type(data).__name__}: {data!r:.60})"
+                f"kv_store, telemetry, audit, ray) (got {type(data).__name__}: {data!r:.60})"
             ],
         )
     return parse_config(data, base_dir=path.parent, source=path)

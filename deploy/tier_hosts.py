@@ -13,10 +13,15 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from cluster.engine.kv_events import KVEventBatch
+from cluster.engine.launch import EngineKVLaunch
 from cluster.expert_parallel.engine_experts import EngineExperts, arrange_engine_experts
 from cluster.expert_parallel.expert_pool import ExpertPool, ShardSpec
 from cluster.expert_parallel.placement_controller import TierSetup, start_controller
 from cluster.expert_parallel.remote_experts import RemoteExperts
+from cluster.kv_store.config import KVStoreConfig
+from cluster.kv_store.relay import RayStoreFactory
+from cluster.kv_store.shard_actor import start_store_shards
 from cluster.serving.placement_reporter import PlacementReporter
 from cluster.serving.tier_messages import TierInfo, TierItem, TierRequest, TierStats
 from cluster.serving.tier_replica import TierReplica
@@ -108,6 +113,7 @@ class TierHost:
         tier: TierConfig,
         expert_pool: DeploymentHandle | None = None,
         telemetry: TelemetrySettings | None = None,
+        kv_store: KVStoreConfig | None = None,
     ) -> None:
         if telemetry is not None:
             setup_telemetry(telemetry, role="tier", attributes=replica_attributes(tier.name))
@@ -149,6 +155,7 @@ class TierHost:
             max_queue_wait_s=tier.max_queue_wait_s,
             expert_factory=factory,
             count_routing=tier.experts.replan.enabled,
+            kv=_kv_launch(kv_store),
         )
         self._reporter: PlacementReporter | None = None
         if expert_pool is not None and tier.experts.replan.enabled:
@@ -163,6 +170,13 @@ class TierHost:
     def info(self) -> TierInfo:
         return self.replica.info()
 
+    def kv_events(self) -> list[KVEventBatch]:
+        """The engine's KV event batches since the last call (a router's feed)."""
+        return self.replica.kv_events()
+
+    def request_kv_snapshot(self) -> None:
+        self.replica.request_kv_snapshot()
+
     def stats(self) -> TierStats:
         return self.replica.stats()
 
@@ -175,6 +189,15 @@ class TierHost:
         replica = getattr(self, "replica", None)
         if replica is not None:
             replica.shutdown()
+
+
+def _kv_launch(config: KVStoreConfig | None) -> EngineKVLaunch | None:
+    """The engine's KV link when the cluster store is on: a shard on every node (started, or
+    found by name), reached through their actor handles."""
+    if config is None or not config.enabled:
+        return None
+    handles = start_store_shards(config)
+    return EngineKVLaunch(config, RayStoreFactory(tuple(sorted(handles.items())), config))
 
 
 def _controller_table(tier: str, fallback: RoutingTable) -> RoutingTable:

@@ -36,6 +36,8 @@ class KVEventBatch:
     stored: tuple[BlockKey, ...]
     removed: tuple[BlockKey, ...]
     snapshot: bool = False  # ``stored`` is the whole cache (and ``removed`` is empty)
+    # seconds each block evicted since the previous batch had been cached (metrics)
+    eviction_ages: tuple[float, ...] = ()
 
 
 class KVEventLog:
@@ -97,14 +99,18 @@ class KVEventLog:
             return self.snapshot()
         if not self._stored and not self._removed:
             return None
-        batch = KVEventBatch(self.epoch, self._next_seq, tuple(self._stored), tuple(self._removed))
+        stored, removed = tuple(self._stored), tuple(self._removed)
+        ages = tuple(self.take_eviction_ages())
+        batch = KVEventBatch(self.epoch, self._next_seq, stored, removed, False, ages)
         self._next_seq += 1
         self._stored, self._removed = [], []
         return batch
 
     def snapshot(self) -> KVEventBatch:
         """Every key the cache holds now, as the next batch (pending events are folded in)."""
-        batch = KVEventBatch(self.epoch, self._next_seq, tuple(self._key_of.values()), (), True)
+        ages = tuple(self.take_eviction_ages())
+        stored = tuple(self._key_of.values())
+        batch = KVEventBatch(self.epoch, self._next_seq, stored, (), True, ages)
         self._next_seq += 1
         self._stored, self._removed = [], []
         self._need_snapshot = False

@@ -108,6 +108,7 @@ class RequestTrace:
                     self.tier, last.num_prompt_tokens, last.num_cached_prompt_tokens
                 )
                 metrics.record_truncation(self.tier, last.num_truncated_tokens)
+                metrics.record_kv_request(self.tier, last.num_store_cached_tokens, last.kv_miss)
         if self.span is None:
             return
         span = self.span
@@ -116,6 +117,9 @@ class RequestTrace:
             queue_s = (first.scheduled_time or first.arrival_time) - first.arrival_time
             span.set_attribute("moe.latency.queue_s", queue_s)
             span.set_attribute("moe.usage.cached_prompt_tokens", last.num_cached_prompt_tokens)
+            span.set_attribute("moe.usage.store_cached_prompt_tokens", last.num_store_cached_tokens)
+            if last.kv_miss:
+                span.set_attribute("moe.kv.miss_reason", last.kv_miss)
             span.set_attribute("moe.usage.truncated_tokens", last.num_truncated_tokens)
             span.set_attribute("gen_ai.usage.output_tokens", len(self.events))
             attention = self.attention()

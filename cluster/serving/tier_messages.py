@@ -59,6 +59,10 @@ class TierTokens:
     # on the last batch, when asked: per layer (entropy, mass on the first N tokens), averaged
     # over the positions that produced the output tokens
     attention: tuple[tuple[float, float], ...] | None = None
+    # of num_cached_prompt_tokens, those fetched from the cluster KV store; and why some full
+    # prompt block was computed ("": none was; see cluster.engine.engine_kv MISS_*)
+    num_store_cached_tokens: int = 0
+    kv_miss: str = ""
 
 
 TierItem = TierRejected | TierTokens

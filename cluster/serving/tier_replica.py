@@ -18,17 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from cache.kv_store import BlockStore
 from cluster.engine.async_engine import AsyncEngine
-from cluster.engine.client import EngineCore
+from cluster.engine.client import MAX_KV_EVENT_BATCHES, EngineCore
 from cluster.engine.config import EngineConfig
 from cluster.engine.engine_process import EngineProcess
-from cluster.engine.launch import EngineLaunch
+from cluster.engine.kv_events import KVEventBatch
+from cluster.engine.launch import EngineKVLaunch, EngineLaunch
 from cluster.engine.requests import EngineRequest, TokenEvent
 from cluster.engine.streams import EngineStoppedError, RequestFailedError
+from cluster.kv_store.client import StoreClient
+from cluster.kv_store.relay import LiveStoreFactory, StoreRelay
 from cluster.serving.request_trace import RequestTrace, ShardOf
 from cluster.serving.tier_messages import (
     TierInfo,
@@ -68,11 +73,14 @@ class TierReplica:
         max_queue_wait_s: float | None = None,
         expert_factory: ExpertBackendFactory | None = None,
         count_routing: bool = False,
+        kv: EngineKVLaunch | None = None,
     ) -> None:
         """``experts``: a live expert backend (in-process engine only); ``expert_factory``: a
         recipe for one, built where the engine runs (in the engine process, which reaches a
         shard pool's experts itself); neither: the checkpoint's own experts.
-        ``count_routing``: count routed tokens even without metrics (live re-placement)."""
+        ``count_routing``: count routed tokens even without metrics (live re-placement).
+        ``kv``: the engine's KV events and cluster store; the store's client is built here
+        (an engine process reaches it through this replica's ``StoreRelay``)."""
         if stream_interval < 1:
             raise ValueError(f"stream_interval={stream_interval} must be >= 1")
         if stream_items_per_step < 0:
@@ -92,6 +100,15 @@ class TierReplica:
         self.model_dir = str(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         telemetry = get_telemetry()
+        self._relay: StoreRelay | None = None
+        self.store: BlockStore | None = None
+        if kv is not None and kv.store is not None:
+            self.store = kv.store.build()
+            if engine_process:  # the child makes no Ray call: it asks this replica
+                self._relay = StoreRelay(self.store, kv.config)
+                kv = replace(kv, store=self._relay.factory)
+            else:
+                kv = replace(kv, store=LiveStoreFactory(self.store))
         launch = EngineLaunch(
             self.model_dir,
             engine_config,
@@ -100,6 +117,7 @@ class TierReplica:
             torch_threads=_torch_threads() if engine_process else None,
             count_routing=telemetry.metrics_enabled or count_routing,
             experts=expert_factory,
+            kv=kv,
         )
         # one recipe, either transport: the child builds it, or this process does
         self.engine: EngineCore = (
@@ -115,9 +133,35 @@ class TierReplica:
         per_token = max_token_bytes(self.tokenizer) if self.tokenizer is not None else 1
         self.max_prompt_bytes = self.engine.spec.max_position_embeddings * per_token
         telemetry.metrics.add_kv_source(name, self._kv_usage)
+        if isinstance(self.store, StoreClient):
+            telemetry.metrics.add_store_source(f"{name}-{id(self)}", self._store_usage)
         self._evictions_seen = 0
+        # the engine's KV event batches, for whoever routes to this replica (``kv_events``)
+        self._kv_events: deque[KVEventBatch] = deque(maxlen=MAX_KV_EVENT_BATCHES)
         # the routed counts also go here (``PlacementReporter.add``) when re-placement is on
         self.on_routed: Callable[[dict[tuple[int, int], int]], None] | None = None
+
+    def _store_usage(self) -> dict[str, tuple[int, int, int]]:
+        stats = self.store.stats if isinstance(self.store, StoreClient) else {}
+        return {s: (st.num_bytes, st.num_lookups, st.num_hits) for s, st in stats.items()}
+
+    def kv_events(self) -> list[KVEventBatch]:
+        """The engine's KV event batches since the last call (a router's feed); after a
+        gap in their sequence numbers, ask ``request_kv_snapshot``."""
+        self._take_kv_events()
+        batches = list(self._kv_events)
+        self._kv_events.clear()
+        return batches
+
+    def request_kv_snapshot(self) -> None:
+        self.engine.request_kv_snapshot()
+
+    def _take_kv_events(self) -> None:
+        ages: list[float] = []
+        for batch in self.engine.take_kv_events():
+            self._kv_events.append(batch)
+            ages.extend(batch.eviction_ages)
+        get_telemetry().metrics.record_block_ages(self.name, "local", ages)
 
     def _kv_usage(self) -> tuple[int, int]:
         counters = self.engine.counters()
@@ -256,12 +300,15 @@ class TierReplica:
         metrics.record_routing(self.name, routed)
         if self.on_routed is not None and routed:
             self.on_routed(routed)
+        self._take_kv_events()
         evictions = self.engine.counters().num_evictions
         metrics.record_evictions(self.name, evictions - self._evictions_seen)
         self._evictions_seen = evictions
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+        if self._relay is not None:
+            self._relay.close()
 
 
 def stream_interval_for(num_streams: int, minimum: int, items_per_step: int) -> int:
@@ -298,4 +345,6 @@ def _to_tokens(
         else None,
         queue_s=None if first_scheduled is None else first_scheduled - events[0].arrival_time,
         attention=attention,
+        num_store_cached_tokens=last.num_store_cached_tokens,
+        kv_miss=last.kv_miss,
     )

@@ -34,6 +34,9 @@ REQUEST_DURATION_BUCKETS = (
 )  # fmt: skip
 # A shard call is one MoE layer's expert work for a batch: sub-millisecond to a second.
 DISPATCH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+# How long a KV block stayed cached before eviction: a fraction of a second under pressure,
+# hours for a pinned system prompt.
+BLOCK_AGE_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
 # Shadow divergence is 1 - token agreement, in [0, 1].
 DIVERGENCE_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 
@@ -55,6 +58,11 @@ HISTOGRAMS: dict[str, tuple[str, str, tuple[float, ...]]] = {
         REQUEST_DURATION_BUCKETS,
     ),
     "moe.shard.dispatch.duration": ("s", "Duration of one expert-shard call", DISPATCH_BUCKETS),
+    "moe.kv.block_age_at_eviction": (
+        "s",
+        "Seconds a KV block had been cached when it was evicted (moe.kv.where: local or store)",
+        BLOCK_AGE_BUCKETS,
+    ),
     "moe.shadow.divergence": (
         "1",
         "Divergence of a shadow tier from the primary (1 - token agreement)",
@@ -70,11 +78,21 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "Prompt tokens served from the prefix cache (hit rate = hit / lookup)",
     ),
     "moe.kv.evicted_blocks": ("{block}", "KV blocks evicted"),
+    "moe.kv.store_hit_tokens": (
+        "{token}",
+        "Prompt tokens whose K/V came from the cluster KV store (part of prefix_hit_tokens)",
+    ),
+    "moe.kv.misses": (
+        "{request}",
+        "Requests that computed some full prompt block, by moe.kv.miss_reason",
+    ),
     "moe.kv.truncated_tokens": ("{token}", "Context tokens dropped by KV window policies"),
     "moe.escalations": ("{request}", "Requests escalated between tiers"),
 }
 
 KvSource = Callable[[], tuple[int, int]]  # () -> (blocks in use, blocks total)
+# () -> per store shard: (bytes held, lookups, hits) as its client last saw them
+StoreSource = Callable[[], Mapping[str, tuple[int, int, int]]]
 
 
 class Metrics:
@@ -96,6 +114,7 @@ class Metrics:
         self._duration = histograms["gen_ai.server.request.duration"]
         self._dispatch = histograms["moe.shard.dispatch.duration"]
         self._divergence = histograms["moe.shadow.divergence"]
+        self._block_age = histograms["moe.kv.block_age_at_eviction"]
         counters = {
             name: meter.create_counter(name, unit=u, description=d)
             for name, (u, d) in COUNTERS.items()
@@ -106,6 +125,9 @@ class Metrics:
         self._evicted = counters["moe.kv.evicted_blocks"]
         self._truncated = counters["moe.kv.truncated_tokens"]
         self._escalations = counters["moe.escalations"]
+        self._store_hit = counters["moe.kv.store_hit_tokens"]
+        self._misses = counters["moe.kv.misses"]
+        self._store_sources: dict[str, StoreSource] = {}
         self._kv_sources: dict[str, KvSource] = {}
         self._kv_lock = threading.Lock()
         self._later = SpanBatcher(())  # hot-path records, made measurements on its thread
@@ -114,6 +136,18 @@ class Metrics:
             callbacks=[self._observe_blocks_in_use],
             unit="{block}",
             description="KV cache blocks holding sequences",
+        )
+        meter.create_observable_gauge(
+            "moe.kv_store.bytes",
+            callbacks=[self._observe_store_bytes],
+            unit="By",
+            description="Bytes of KV blocks a cluster KV store shard holds (moe.kv_store.shard)",
+        )
+        meter.create_observable_gauge(
+            "moe.kv_store.hit_ratio",
+            callbacks=[self._observe_store_hits],
+            unit="1",
+            description="Share of the keys looked up in a store shard that it held, since start",
         )
         meter.create_observable_gauge(
             "moe.kv.blocks_total",
@@ -173,6 +207,29 @@ class Metrics:
         if hit > 0:
             self._prefix_hit.add(hit, attrs)
 
+    def record_kv_request(self, tier: str, store_tokens: int, miss_reason: str) -> None:
+        """One finished request's tokens from the store and, if it computed a full prompt
+        block, why (a bounded set of reasons: ``cluster.engine.engine_kv.MISS_*``)."""
+        if store_tokens > 0:
+            self._store_hit.add(store_tokens, {"moe.tier": tier})
+        if miss_reason:
+            self._misses.add(1, {"moe.tier": tier, "moe.kv.miss_reason": miss_reason})
+
+    def record_block_ages(self, tier: str, where: str, ages: Sequence[float]) -> None:
+        """Ages at eviction of blocks evicted from a replica's cache or a store shard."""
+        for age in ages:
+            self._block_age.record(age, {"moe.tier": tier, "moe.kv.where": where})
+
+    def add_store_source(self, name: str, source: StoreSource) -> None:
+        """Observe store shards' bytes and hit ratio at each collection (one source per
+        client; shards seen by several are reported once, from the last source read)."""
+        with self._kv_lock:
+            self._store_sources[name] = source
+
+    def remove_store_source(self, name: str) -> None:
+        with self._kv_lock:
+            self._store_sources.pop(name, None)
+
     def record_evictions(self, tier: str, n: int) -> None:
         if n > 0:
             self._evicted.add(n, {"moe.tier": tier})
@@ -209,6 +266,26 @@ class Metrics:
     def _observe_blocks_total(self, options: CallbackOptions) -> Iterable[Observation]:
         self.flush()
         return [Observation(total, {"moe.tier": tier}) for tier, (_, total) in self._kv_sample()]
+
+    def _observe_store_bytes(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(b, {"moe.kv_store.shard": s}) for s, (b, _, _) in self._store()]
+
+    def _observe_store_hits(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(hits / lookups if lookups else 0.0, {"moe.kv_store.shard": s})
+            for s, (_, lookups, hits) in self._store()
+        ]
+
+    def _store(self) -> list[tuple[str, tuple[int, int, int]]]:
+        with self._kv_lock:
+            sources = list(self._store_sources.items())
+        shards: dict[str, tuple[int, int, int]] = {}
+        for name, source in sources:
+            try:
+                shards.update(source())
+            except Exception as err:  # foreign code: one bad source skips only itself
+                logger.warning("KV store metrics source %r failed: %r", name, err)
+        return sorted(shards.items())
 
     def _kv_sample(self) -> list[tuple[str, tuple[int, int]]]:
         with self._kv_lock:

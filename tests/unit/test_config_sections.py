@@ -184,3 +184,18 @@ def test_runtime_config_modules_import_neither_pydantic_nor_torch() -> None:
     code = f"import sys, {modules}; print({found})"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_kv_store_section_defaults_off_and_names_the_field(tmp_path: Path) -> None:
+    from cluster.kv_store.config import KVStoreConfig
+    from deploy.config import ConfigError, parse_config
+
+    tiers = [{"name": "fast", "model": "m"}, {"name": "strong", "model": "s"}]
+    assert parse_config({"tiers": tiers}, tmp_path).kv_store == KVStoreConfig()
+    on = parse_config({"tiers": tiers, "kv_store": {"enabled": True, "replication": 2}}, tmp_path)
+    assert on.kv_store.enabled and on.kv_store.replication == 2
+    with pytest.raises(ConfigError) as err:
+        parse_config({"tiers": tiers, "kv_store": {"replication": 9}}, tmp_path)
+    assert "kv_store.replication: replication=9 is out of range: allowed [1, 3]" in str(err.value)
+    with pytest.raises(ConfigError, match=r"kv_store\.nope: Extra inputs are not permitted"):
+        parse_config({"tiers": tiers, "kv_store": {"nope": 1}}, tmp_path)
