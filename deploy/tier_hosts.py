@@ -6,6 +6,8 @@ Thin hosts: the engine lives in ``cluster.serving.tier_replica``, the shards in
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -66,7 +68,11 @@ class ExpertPoolHost:
             ],
         )
         self._tier, self._spec = tier, spec
+        self._controller: Any = None
         if settings.replan.enabled:  # the cluster's controller re-places this tier's experts
+            # held for this replica's life: a named actor nobody holds a handle to is
+            # collected (it restarts, empty, if its process dies; check_health re-registers)
+            self._controller = start_controller()
             self._register(tier, spec)
 
     def _register(self, tier: TierConfig, spec: Any) -> None:
@@ -81,7 +87,7 @@ class ExpertPoolHost:
             tier.experts.replan,
         )
         placement = tuple(self.table.placement.items())
-        start_controller().register_tier.remote(
+        self._controller.register_tier.remote(
             setup, self.table.version, placement, self.pool.handles
         )
 
@@ -92,12 +98,16 @@ class ExpertPoolHost:
     def node_ids(self) -> dict[str, str]:
         return self.pool.node_ids()
 
+    def slots(self) -> dict[str, list[tuple[int, int]]]:
+        """What each shard holds now, (layer, expert) sorted (operations, tests)."""
+        return self.pool.slots()
+
     def check_health(self) -> None:
         self.pool.node_ids()  # raises if a shard died; Serve then replaces this replica
         if self._tier.experts.replan.enabled:  # a restarted controller: tell it of the tier
             import ray
 
-            if ray.get(start_controller().table.remote(self._tier.name)) is None:
+            if ray.get(self._controller.table.remote(self._tier.name), timeout=10) is None:
                 self._register(self._tier, self._spec)
 
 
@@ -132,7 +142,9 @@ class TierHost:
                     lambda: expert_pool.describe.remote().result()
                 ).result()
                 if tier.experts.replan.enabled:  # a re-placement may have moved slots since
-                    table = waiter.submit(_controller_table, tier.name, table).result()
+                    # joined before serving: the controller keeps this replica's table's
+                    # slots until the replica acknowledges a newer one
+                    table = waiter.submit(_join_controller, tier.name, table).result()
             settings = tier.experts
             pool = ExpertPool(handles, settings.data_plane, settings.dispatch_timeout_s)
             if tier.runs_engine_process:  # this replica opens the shards' side, its child ours
@@ -159,7 +171,15 @@ class TierHost:
         )
         self._reporter: PlacementReporter | None = None
         if expert_pool is not None and tier.experts.replan.enabled:
-            self._reporter = _reporter(self.replica, tier.experts.replan.report_interval_s)
+            self._reporter = _reporter(
+                self.replica, tier.experts.replan.report_interval_s, table.version
+            )
+            try:  # reporting from the start (an idle replica must still be heard)
+                asyncio.get_running_loop()
+            except RuntimeError:  # no loop here: the first request starts it
+                pass
+            else:
+                self._reporter.start()
 
     async def generate(self, request: TierRequest) -> AsyncGenerator[TierItem, None]:
         if self._reporter is not None:
@@ -200,21 +220,30 @@ def _kv_launch(config: KVStoreConfig | None) -> EngineKVLaunch | None:
     return EngineKVLaunch(config, RayStoreFactory(tuple(sorted(handles.items())), config))
 
 
-def _controller_table(tier: str, fallback: RoutingTable) -> RoutingTable:
-    """The controller's current table of ``tier`` (the pool's own until it has one)."""
+def _join_controller(tier: str, fallback: RoutingTable) -> RoutingTable:
+    """Report to the cluster's controller as this replica (registering it, at no table yet)
+    and take its current table of ``tier`` (the pool's own until it has one)."""
     import ray
 
-    from cluster.expert_parallel.placement_controller import CONTROLLER_NAME
+    from cluster.expert_parallel.placement_controller import CONTROLLER_NAME, ReportReply
 
     try:
         controller = ray.get_actor(CONTROLLER_NAME)
     except ValueError:  # no controller yet: the pool's table is the one in force
         return fallback
-    found: Any = ray.get(controller.table.remote(tier))
-    return fallback if found is None else RoutingTable(found[0], dict(found[1]))
+    replica_id = _replica_id()
+    found: Any = ray.get(controller.report.remote(tier, replica_id, {}, -1), timeout=30)
+    reply: ReportReply = found
+    return reply.table or fallback
 
 
-def _reporter(replica: TierReplica, interval_s: float) -> PlacementReporter:
+def _replica_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
+
+
+def _reporter(replica: TierReplica, interval_s: float, initial_version: int) -> PlacementReporter:
     """A reporter sending ``replica``'s routed counts to the cluster's placement controller."""
     import ray
 
@@ -225,9 +254,14 @@ def _reporter(replica: TierReplica, interval_s: float) -> PlacementReporter:
         reply: ReportReply = await controller.report.remote(tier, rid, counts, v)
         return reply
 
-    replica_id = ray.get_runtime_context().get_actor_id() or replica.name
     reporter = PlacementReporter(
-        replica.name, replica_id, replica.engine, send, interval_s, replica._flush_metrics
+        replica.name,
+        _replica_id(),
+        replica.engine,
+        send,
+        interval_s,
+        replica._flush_metrics,
+        initial_version,
     )
     replica.on_routed = reporter.add
     return reporter

@@ -276,14 +276,24 @@ class TierPlacement:
             self.shards.drop(sid, slots)
 
     def _wait_for(self, version: int, timeout_s: float) -> bool:
-        """Until every live replica reports ``version`` (replicas time out of ``_live``)."""
-        deadline = time.monotonic() + timeout_s
+        """Until every live replica reports ``version`` (replicas time out of ``_live``), and
+        at least two report intervals have passed since it was published.
+
+        The grace covers replicas the controller has not heard from yet (one just started,
+        or its first report was lost): every replica reports at least once per interval, so
+        by then each one running an older table is known, and holds the drop back.
+        """
+        grace_s = 2 * self.setup.config.report_interval_s
+        published = time.monotonic()
+        deadline = published + max(timeout_s, grace_s)
         with self._cond:
-            while not self._all_at(version, self.clock()):
+            while not (
+                self._all_at(version, self.clock()) and time.monotonic() - published >= grace_s
+            ):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._cond.wait(min(left, 0.5))
+                self._cond.wait(min(left, 0.5, max(grace_s / 4, 0.01)))
         return True
 
     def wait_idle(self, timeout_s: float = 60.0) -> bool:

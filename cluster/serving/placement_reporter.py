@@ -36,6 +36,7 @@ class PlacementReporter:
         send: SendReport,
         interval_s: float,
         flush: Callable[[], None] | None = None,
+        initial_version: int = -1,
     ) -> None:
         self.tier = tier
         self.replica_id = replica_id
@@ -43,6 +44,9 @@ class PlacementReporter:
         self.send = send
         self.interval_s = interval_s
         self.flush = flush  # takes the engine's counts now (they reach ``add``)
+        # the table the engine was built with: the engine shows its version only once it has
+        # stepped, and an idle engine's reports must still acknowledge it
+        self.initial_version = initial_version
         self._pending: dict[Slot, int] = {}
         self.num_reports = 0
         self.num_failed = 0
@@ -63,14 +67,15 @@ class PlacementReporter:
         if self.flush is not None:
             self.flush()
         counts, self._pending = self._pending, {}
+        version = max(self.engine.table_version, self.initial_version)
         try:
-            reply = await self.send(self.tier, self.replica_id, counts, self.engine.table_version)
+            reply = await self.send(self.tier, self.replica_id, counts, version)
         except Exception as err:  # the controller is gone or restarting: serving goes on
             self.num_failed += 1
             log.warning("tier %s: placement report failed (%r); retrying", self.tier, err)
             return self.interval_s
         self.num_reports += 1
-        if reply.version > self.engine.table_version:
+        if reply.version > version:
             self.engine.set_routing_table(reply.version, reply.placement)
             self.num_tables += 1
         return reply.next_report_s

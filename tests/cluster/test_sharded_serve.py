@@ -82,6 +82,20 @@ def served(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                         "placement": "sharded",
                         "num_shards": 2,
                         "shard_resources": [{"expert_node_a": 0.01}, {"expert_node_b": 0.01}],
+                        # re-places live as soon as the gate's load is at all uneven, so the
+                        # tests below run across table swaps (test_a_live_replan_...)
+                        "replan": {
+                            "enabled": True,
+                            "report_interval_s": 0.2,
+                            "window_s": 1.0,
+                            "min_tokens": 1,
+                            "imbalance_threshold": 1.0,
+                            "margin": 0.0,
+                            "min_interval_s": 1.0,
+                            "extra_slots": 0.5,
+                            "copy_bandwidth_bytes_per_s": 1e12,
+                            "ack_timeout_s": 30.0,
+                        },
                     },
                 }
             ],
@@ -128,6 +142,47 @@ def test_sharded_tier_serves_the_colocated_tokens(served: Served, model_dir: Pat
         assert [_tokens(stub, list(p)) for p in PROMPTS] == expected
     if os.path.isdir("/proc"):  # each replica's engine runs in a child of its own
         assert _engine_children("ServeReplica:sharded:tier-strong") == 2
+
+
+def test_a_live_replan_keeps_every_output_and_moves_slots(served: Served, model_dir: Path) -> None:
+    """Concurrent requests while the placement controller re-places the tier's experts (its
+    thresholds are set so that any uneven load re-plans): every output stays the colocated
+    one, no request fails, and the shards end up holding what the controller's table says."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cluster.expert_parallel.placement_controller import CONTROLLER_NAME
+
+    colocated = MoEModel.from_checkpoint(model_dir)
+    params = [SamplingParams(max_tokens=12, ignore_eos=True)] * len(PROMPTS)
+    expected = [r.token_ids for r in generate(colocated, [list(p) for p in PROMPTS], params)]
+    controller = ray.get_actor(CONTROLLER_NAME)
+    deadline = time.monotonic() + 120
+    stats: Any = {"num_replans": 0}
+    with ThreadPoolExecutor(4) as workers:
+        while True:
+            futures = [workers.submit(_tokens, served.stub, list(p)) for p in PROMPTS * 2]
+            assert [f.result() for f in futures] == expected * 2
+            stats = ray.get(controller.stats.remote("strong"))
+            if stats["num_replans"] >= 1 and stats["table_version"] >= 1:
+                break
+            assert time.monotonic() < deadline, f"no re-plan within 120 s: {stats}"
+        # and after the move: the new table serves the same tokens
+        futures = [workers.submit(_tokens, served.stub, list(p)) for p in PROMPTS * 2]
+        assert [f.result() for f in futures] == expected * 2
+    assert stats["moved_slots"] >= 1, stats
+    version, placement = ray.get(controller.table.remote("strong"))
+    assert version >= 1 and any(len(shards) > 1 for _, shards in placement)  # replicas
+    pool: Any = serve.get_deployment_handle("experts-strong", app_name="sharded")
+
+    def settled() -> bool | None:  # old slots are dropped once every engine swapped
+        held = pool.slots.remote().result()
+        wanted: dict[str, set[tuple[int, int]]] = {}
+        for slot, shards in ray.get(controller.table.remote("strong"))[1]:
+            for sid in shards:
+                wanted.setdefault(sid, set()).add(tuple(slot))
+        return {sid: set(map(tuple, s)) for sid, s in held.items()} == wanted or None
+
+    _wait_for("shards holding the controller's table", settled)
 
 
 def _engine_children(replica_title: str) -> int:
