@@ -154,7 +154,8 @@ class TierHost:
                 )
                 factory = self._engine_experts.factory
             else:
-                experts = RemoteExperts(pool, table, tier.name)
+                near = getattr(pool.transport, "same_node", lambda: ())()  # torch_dist only
+                experts = RemoteExperts(pool, table, tier.name, near)
         self.replica = TierReplica(
             tier.name,
             tier.model,

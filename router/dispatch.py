@@ -9,7 +9,7 @@ tensors a shard receives are gathered by ``experts.dispatch_tensors``.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from router.routing_table import RoutingTable
@@ -56,13 +56,18 @@ class DispatchPlan:
 
 
 def _choose_replicas(
-    layer: int, expert_ids: Sequence[Sequence[int]], table: RoutingTable
+    layer: int,
+    expert_ids: Sequence[Sequence[int]],
+    table: RoutingTable,
+    near: Collection[str] = (),
 ) -> list[list[str]]:
-    """The shard of every (token, k) pair: least-loaded replica, deterministically.
+    """The shard of every (token, k) pair: least-loaded replica, nearest first, deterministically.
 
     Unreplicated experts are placed first and their pairs counted as shard load. Then
     the pairs of replicated experts, in (token, k) order, each go to the replica with
-    the fewest pairs so far in this step; ties prefer a shard the token already visits
+    the fewest pairs so far in this step (the load split follows the replicas' current
+    load, never the token's position); ties prefer a replica in ``near`` (on the
+    caller's node: shared memory, no network), then a shard the token already visits
     (fewer shards per token), then the first replica in sorted shard-id order.
     """
     loads: Counter[str] = Counter()
@@ -88,7 +93,12 @@ def _choose_replicas(
         visited = {s for s in chosen[t] if s is not None}
         best = min(
             range(len(replicas)),
-            key=lambda i: (loads[replicas[i]], replicas[i] not in visited, i),
+            key=lambda i: (
+                loads[replicas[i]],
+                replicas[i] not in near,
+                replicas[i] not in visited,
+                i,
+            ),
         )
         chosen[t][k] = replicas[best]
         loads[replicas[best]] += 1
@@ -97,14 +107,18 @@ def _choose_replicas(
 
 
 def plan_dispatch(
-    layer: int, expert_ids: Sequence[Sequence[int]], table: RoutingTable
+    layer: int,
+    expert_ids: Sequence[Sequence[int]],
+    table: RoutingTable,
+    near: Collection[str] = (),
 ) -> DispatchPlan:
     """Group the step's (token, k) pairs (``expert_ids`` is T x K) by the shard that runs them.
 
-    Replicas are chosen least-loaded first (see ``_choose_replicas``); each shard then
-    gets its tokens once, in increasing order, with their pairs in increasing k.
+    Replicas are chosen least-loaded first, nearest (``near``) on ties (see
+    ``_choose_replicas``); each shard then gets its tokens once, in increasing order, with
+    their pairs in increasing k.
     """
-    chosen = _choose_replicas(layer, expert_ids, table)
+    chosen = _choose_replicas(layer, expert_ids, table, near)
     rows: dict[str, dict[int, list[tuple[int, int]]]] = {}
     for t, (row, shards) in enumerate(zip(expert_ids, chosen, strict=True)):
         for k, (e, shard) in enumerate(zip(row, shards, strict=True)):

@@ -87,6 +87,7 @@ class EngineExpertsFactory:
     tickets: tuple[tuple[str, ChannelTicket], ...]  # per shard id
     telemetry: TelemetrySettings | None = None
     telemetry_attributes: tuple[tuple[str, str], ...] = ()
+    near: tuple[str, ...] = ()  # shards on this node (preferred among equal replicas)
 
     @property
     def table(self) -> RoutingTable:
@@ -97,7 +98,7 @@ class EngineExpertsFactory:
         if self.telemetry is not None:  # a no-op where this process has telemetry already
             setup_telemetry(self.telemetry, role="tier", attributes=dict(self.telemetry_attributes))
         channel = Channel.join(dict(self.tickets), self.host, self.timeout_s)
-        return RemoteExperts(JoinedChannel(channel), self.table, self.tier)
+        return RemoteExperts(JoinedChannel(channel), self.table, self.tier, self.near)
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,13 @@ def arrange_engine_experts(
         )
     wait_s = max(transport.timeout_s, join_timeout_s)
     host = transport.host()
+    near = transport.same_node()
     store, tickets = host_rendezvous(
-        list(transport.handles), transport.start_peer(wait_s), host, wait_s, transport.locate()
+        list(transport.handles),
+        transport.start_peer(wait_s),
+        host,
+        wait_s,
+        near if transport.same_node_shm else (),
     )
     factory = EngineExpertsFactory(
         tier=tier,
@@ -143,5 +149,6 @@ def arrange_engine_experts(
         tickets=tuple(tickets.items()),
         telemetry=telemetry,
         telemetry_attributes=tuple(sorted((telemetry_attributes or {}).items())),
+        near=tuple(sorted(near)),
     )
     return EngineExperts(factory, store)

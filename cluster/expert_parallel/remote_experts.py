@@ -19,6 +19,7 @@ the layer, N tokens sent to one shard.
 from __future__ import annotations
 
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +48,15 @@ class LayerRoute:
 class RemoteExperts:
     """The ``ExpertBackend`` whose experts live in shards, reached through a ``ShardCaller``."""
 
-    def __init__(self, pool: ShardCaller, table: RoutingTable, tier: str = "") -> None:
+    def __init__(
+        self,
+        pool: ShardCaller,
+        table: RoutingTable,
+        tier: str = "",
+        near: Collection[str] = (),
+    ) -> None:
         self._pool = pool
+        self.near = frozenset(near)  # shards on this node: preferred among equal replicas
         self._table = table
         self.tier = tier  # for metric attributes
         self._dispatch_spans = DispatchSpans()  # per traced request, recorded off this thread
@@ -155,7 +163,8 @@ class RemoteExperts:
             )
             if not split.counts[num_shards]:
                 return route.shard_ids, split
-        plan = plan_dispatch(layer, expert_ids.tolist(), table)  # raises for an unplaced expert
+        # raises for an unplaced expert; replicas least loaded first, then on this node
+        plan = plan_dispatch(layer, expert_ids.tolist(), table, self.near)
         index = {sid: i for i, sid in enumerate(route.shard_ids)}
         flat = [0] * (num_tokens * num_k)
         for sid, work in plan.per_shard.items():

@@ -158,6 +158,10 @@ class TorchDistTransport(ChannelCalls):
         """The shards to reach over shared memory: those on this node (none if disabled)."""
         return self._locate() if self.same_node_shm else ()
 
+    def same_node(self) -> Collection[str]:
+        """The shards on this node, whatever the data plane (the dispatcher prefers them)."""
+        return self._locate()
+
     def start_peer(self, wait_s: float) -> StartPeer:
         """Starts one shard's side of a channel (returns at once); the shard then waits up to
         ``wait_s`` for the backbone to join, and as long for each later message part."""

@@ -154,6 +154,18 @@ def test_ties_prefer_a_shard_the_token_already_visits() -> None:
     assert plan.fan_out == [1, 1] and plan.loads == {"a": 2, "b": 2}
 
 
+def test_ties_prefer_a_replica_on_this_node_but_load_comes_first() -> None:
+    table = RoutingTable(0, {(0, 0): ("a", "b")})
+    # one pair: a and b tie at 0; b is on the caller's node
+    assert plan_dispatch(0, [[0]], table, near={"b"}).loads == {"b": 1}
+    # many pairs: still split by load (never all to the near replica), near first on ties
+    plan = plan_dispatch(0, [[0]] * 7, table, near={"b"})
+    assert plan.loads == {"a": 3, "b": 4}
+    assert plan.per_shard["b"].token_index == [0, 2, 4, 6]
+    # nothing near: the old order (first replica in shard-id order on ties)
+    assert plan_dispatch(0, [[0]], table).loads == {"a": 1}
+
+
 def test_an_unplaced_expert_is_refused() -> None:
     table = RoutingTable(7, {(0, 0): ("a",)})
     with pytest.raises(
