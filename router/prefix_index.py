@@ -1,0 +1,186 @@
+"""Which replica holds which KV blocks, kept from the engines' own KV events.
+
+Each replica's engine streams numbered batches of block keys stored and removed
+(``cluster.engine.kv_events``). The index applies them per replica and answers, for a
+request's chain of block keys, how many leading blocks each replica holds. A key maps to a
+bitmask of the replicas holding it, so a lookup walks the chain once, intersecting masks, and
+stops when no replica holds the next block: O(blocks + replicas), whatever the replica count.
+
+Resynchronisation: a batch of a new epoch means the replica restarted with an empty cache (its
+keys are dropped at once); a gap in sequence numbers means events were lost (its keys are kept,
+stale but mostly right, and the replica is reported ``needs_snapshot`` until a snapshot batch
+replaces them). Routed-but-unconfirmed blocks (``expect``) count as held for a short while, so
+a burst of requests sharing a new prefix, or a session's next turn, does not outrun the events.
+Torch-free and Ray-free: ids, keys and integers, with an injected clock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from cache.block_key import BlockKey
+
+
+class KVEvents(Protocol):
+    """A batch of an engine's KV events (``cluster.engine.kv_events.KVEventBatch``)."""
+
+    @property
+    def epoch(self) -> str: ...
+    @property
+    def seq_no(self) -> int: ...
+    @property
+    def stored(self) -> tuple[BlockKey, ...]: ...
+    @property
+    def removed(self) -> tuple[BlockKey, ...]: ...
+    @property
+    def snapshot(self) -> bool: ...
+
+
+@dataclass
+class _Replica:
+    bit: int
+    keys: set[BlockKey]
+    epoch: str | None = None
+    next_seq: int = 0
+    needs_snapshot: bool = True  # nothing known yet
+
+
+class PrefixIndex:
+    """Block keys per replica (bitmasks per key), fed by KV events."""
+
+    def __init__(self, expect_ttl_s: float = 2.0, clock: Callable[[], float] = time.monotonic):
+        self.expect_ttl_s = expect_ttl_s
+        self.clock = clock
+        self._replicas: dict[str, _Replica] = {}
+        self._ids: list[str | None] = []  # bit -> replica id (None: a free bit)
+        self._holders: dict[BlockKey, int] = {}  # key -> bitmask of replicas holding it
+        self._expected: dict[BlockKey, int] = {}  # key -> bitmask of replicas routed to
+        self._expiry: deque[tuple[float, BlockKey, int]] = deque()
+
+    @property
+    def replicas(self) -> list[str]:
+        return list(self._replicas)
+
+    def add_replica(self, replica: str) -> None:
+        if replica in self._replicas:
+            return
+        bit = self._ids.index(None) if None in self._ids else len(self._ids)
+        if bit == len(self._ids):
+            self._ids.append(replica)
+        else:
+            self._ids[bit] = replica
+        self._replicas[replica] = _Replica(bit, set())
+
+    def remove_replica(self, replica: str) -> None:
+        state = self._replicas.pop(replica, None)
+        if state is None:
+            return
+        self._drop_keys(state)
+        self._ids[state.bit] = None
+        mask = ~(1 << state.bit)
+        for key in [k for k, m in self._expected.items() if m >> state.bit & 1]:
+            self._set(self._expected, key, self._expected[key] & mask)
+
+    def needs_snapshot(self, replica: str) -> bool:
+        state = self._replicas.get(replica)
+        return state is not None and state.needs_snapshot
+
+    def num_keys(self, replica: str) -> int:
+        return len(self._replicas[replica].keys)
+
+    def apply(self, replica: str, batch: KVEvents) -> bool:
+        """Apply one batch; False when the replica's picture is now stale (a gap): ask it for
+        a snapshot. A new epoch (a restart) clears the replica's keys first."""
+        state = self._replicas.get(replica)
+        if state is None:
+            self.add_replica(replica)
+            state = self._replicas[replica]
+        if batch.epoch != state.epoch:  # a restarted engine: its cache is empty now
+            self._drop_keys(state)
+            state.epoch, state.next_seq = batch.epoch, batch.seq_no
+            state.needs_snapshot = not batch.snapshot and batch.seq_no != 0
+        if batch.snapshot:
+            self._drop_keys(state)
+            self._store(state, batch.stored)
+            state.next_seq, state.needs_snapshot = batch.seq_no + 1, False
+            return True
+        if batch.seq_no < state.next_seq:
+            return not state.needs_snapshot  # an old duplicate
+        if batch.seq_no > state.next_seq:
+            state.needs_snapshot = True  # events were lost: keep what we know, resync
+        self._store(state, batch.stored)
+        self._remove(state, batch.removed)
+        state.next_seq = batch.seq_no + 1
+        return not state.needs_snapshot
+
+    def expect(self, replica: str, keys: Iterable[BlockKey]) -> None:
+        """Count ``keys`` as held by ``replica`` until its events confirm them or
+        ``expect_ttl_s`` passes (a request was just routed there)."""
+        state = self._replicas.get(replica)
+        if state is None:
+            return
+        bit = 1 << state.bit
+        until = self.clock() + self.expect_ttl_s
+        for key in keys:
+            self._expected[key] = self._expected.get(key, 0) | bit
+            self._expiry.append((until, key, bit))
+
+    def matches(self, keys: Sequence[BlockKey]) -> dict[str, int]:
+        """Per replica, how many leading ``keys`` it holds (or is expected to)."""
+        self._expire()
+        matched = dict.fromkeys(self._replicas, 0)
+        alive = sum(1 << s.bit for s in self._replicas.values())
+        holders, expected = self._holders, self._expected
+        for i, key in enumerate(keys):
+            held = (holders.get(key, 0) | expected.get(key, 0)) & alive
+            lost = alive & ~held
+            if lost:
+                self._credit(matched, lost, i)
+            alive = held
+            if not alive:
+                return matched
+        self._credit(matched, alive, len(keys))
+        return matched
+
+    def _credit(self, matched: dict[str, int], mask: int, count: int) -> None:
+        while mask:
+            low = mask & -mask
+            replica = self._ids[low.bit_length() - 1]
+            if replica is not None:
+                matched[replica] = count
+            mask ^= low
+
+    def _store(self, state: _Replica, keys: Iterable[BlockKey]) -> None:
+        bit = 1 << state.bit
+        for key in keys:
+            state.keys.add(key)
+            self._holders[key] = self._holders.get(key, 0) | bit
+
+    def _remove(self, state: _Replica, keys: Iterable[BlockKey]) -> None:
+        mask = ~(1 << state.bit)
+        for key in keys:
+            state.keys.discard(key)
+            if key in self._holders:
+                self._set(self._holders, key, self._holders[key] & mask)
+
+    def _drop_keys(self, state: _Replica) -> None:
+        self._remove(state, list(state.keys))
+        state.keys.clear()
+
+    def _expire(self) -> None:
+        now = self.clock()
+        while self._expiry and self._expiry[0][0] <= now:
+            _, key, bit = self._expiry.popleft()
+            if key in self._expected:
+                self._set(self._expected, key, self._expected[key] & ~bit)
+
+    @staticmethod
+    def _set(table: dict[BlockKey, int], key: BlockKey, mask: int) -> None:
+        if mask:
+            table[key] = mask
+        else:
+            del table[key]

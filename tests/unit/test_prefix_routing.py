@@ -1,0 +1,169 @@
+"""Prefix-aware routing without Ray or a model: the index follows KV events (gaps, restarts,
+snapshots), the router picks the least work in tokens under a bounded imbalance, session ids
+and prefixes steer, tenants never match each other; and the published text-affinity baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from cache.block_key import KeySpace, KVLayout
+from cache.prefix_hash import hash_blocks, root_hash
+from router.baseline_routers import PowerOfTwoRouter, TextAffinityRouter
+from router.prefix_index import PrefixIndex
+from router.prefix_router import PrefixRouter, PrefixRouterConfig
+
+SPACE = KeySpace("m", KVLayout("float32", 1, 1, 4, 16))
+
+
+@dataclass(frozen=True)
+class Batch:
+    epoch: str
+    seq_no: int
+    stored: tuple[bytes, ...] = ()
+    removed: tuple[bytes, ...] = ()
+    snapshot: bool = False
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def keys(n_blocks: int, start: int = 0, salt: str = "") -> list[bytes]:
+    ids = list(range(start, start + 16 * n_blocks))
+    return SPACE.keys(salt, hash_blocks(ids, 16, root=root_hash(salt)))
+
+
+def test_index_matches_leading_blocks_per_replica() -> None:
+    index = PrefixIndex()
+    k = keys(6)
+    index.apply("a", Batch("ea", 0, snapshot=True))
+    index.apply("a", Batch("ea", 1, stored=tuple(k[:4])))
+    index.apply("b", Batch("eb", 0, stored=tuple(k[:2]), snapshot=True))
+    index.apply("c", Batch("ec", 0, stored=(k[1], k[2]), snapshot=True))  # no first block
+    assert index.matches(k) == {"a": 4, "b": 2, "c": 0}
+    index.apply("a", Batch("ea", 2, removed=(k[1],)))
+    assert index.matches(k) == {"a": 1, "b": 2, "c": 0}
+    assert index.matches(keys(3, start=999)) == {"a": 0, "b": 0, "c": 0}
+
+
+def test_index_resyncs_after_a_gap_and_clears_on_restart() -> None:
+    index = PrefixIndex()
+    k = keys(4)
+    assert index.apply("a", Batch("e1", 0, snapshot=True))
+    assert index.apply("a", Batch("e1", 1, stored=tuple(k[:2])))
+    assert not index.apply("a", Batch("e1", 3, stored=(k[2],)))  # batch 2 was lost
+    assert index.needs_snapshot("a") and index.matches(k)["a"] == 3  # stale but kept
+    assert index.apply("a", Batch("e1", 4, stored=tuple(k), snapshot=True))
+    assert not index.needs_snapshot("a") and index.matches(k)["a"] == 4
+    # a restarted engine: a new epoch, its cache empty from its first batch on
+    assert index.apply("a", Batch("e2", 0, snapshot=True))
+    assert index.matches(k)["a"] == 0 and index.num_keys("a") == 0
+    # joining mid-stream of an epoch: keys applied, but a snapshot is wanted
+    assert not index.apply("b", Batch("e9", 7, stored=(k[0],)))
+    assert index.needs_snapshot("b")
+
+
+def test_expected_blocks_count_until_they_expire() -> None:
+    clock = Clock()
+    index = PrefixIndex(expect_ttl_s=1.0, clock=clock)
+    index.add_replica("a")
+    index.add_replica("b")
+    k = keys(3)
+    index.expect("b", k)
+    assert index.matches(k) == {"a": 0, "b": 3}
+    clock.now = 2.0
+    assert index.matches(k) == {"a": 0, "b": 0}
+
+
+def router(n: int = 3, **config: float) -> PrefixRouter:
+    r = PrefixRouter(PrefixIndex(), PrefixRouterConfig(block_size=16, **config))  # type: ignore[arg-type]
+    for i in range(n):
+        r.add_replica(f"r{i}")
+    return r
+
+
+def test_router_goes_where_the_prefix_is_until_the_imbalance_bound() -> None:
+    r = router(slack_tokens=500, imbalance_factor=1.5)
+    k = keys(20)  # a 320-token prefix cached on r1
+    r.index.apply("r1", Batch("e", 0, stored=tuple(k), snapshot=True))
+    choice = r.choose(k, 330, max_new_tokens=10)
+    assert choice.replica == "r1" and choice.cached_tokens == 320 and choice.reason == "prefix"
+    assert choice.work_tokens == 330 - 320 + 10
+    # r1 gets busy: its cost (queued tokens) passes the bound, the request goes elsewhere
+    r.queued["r1"] = 5000
+    other = r.choose(k, 330)
+    assert other.replica != "r1" and other.best_elsewhere == 320 and other.reason == "balance"
+    r.done(choice)
+    assert r.queued["r1"] == 5000 - choice.work_tokens
+
+
+def test_cost_is_one_unit_uncached_plus_queued() -> None:
+    r = router(2, slack_tokens=10_000)
+    k = keys(10)  # 160 tokens
+    r.index.apply("r0", Batch("e", 0, stored=tuple(k), snapshot=True))
+    r.queued.update({"r0": 300.0, "r1": 0.0})
+    # r0: 170 - 160 + 300 = 310 ; r1: 170 + 0 = 170 -> r1
+    assert r.choose(k, 170).replica == "r1"
+    r = router(2, slack_tokens=10_000)  # (r1 now counts as holding it: it was routed there)
+    r.index.apply("r0", Batch("e", 0, stored=tuple(k), snapshot=True))
+    r.queued.update({"r0": 100.0, "r1": 0.0})
+    assert r.choose(k, 170).replica == "r0"  # 110 < 170
+
+
+def test_sessions_and_new_prefixes_stick_before_any_event() -> None:
+    r = router(4, slack_tokens=100_000)
+    first = r.choose(keys(5, start=40), 90, session_id="s1")
+    r.done(first)
+    # the next turn's prompt starts with the first: routed blocks count as held
+    turn2 = r.choose(keys(8, start=40), 140, session_id="s1")
+    assert turn2.replica == first.replica and turn2.cached_tokens == 80
+    # requests sharing a new system prompt land where its first one went ...
+    sys_prompt = keys(10, start=5000)
+    one = r.choose(sys_prompt, 170)
+    r.done(one)
+    assert r.choose(sys_prompt, 170).replica == one.replica
+    # ... unless waiting there costs more than computing it elsewhere (10 + 200 queued > 170)
+    r.queued[one.replica] = 200
+    assert r.choose(sys_prompt, 170).replica != one.replica
+    # with nothing cached anywhere and equal queues, a session id breaks the tie the same way
+    fresh = [router(4) for _ in range(2)]
+    assert len({f.choose(keys(3, start=777), 50, session_id="s9").replica for f in fresh}) == 1
+
+
+def test_tenants_never_match_each_other() -> None:
+    r = router(2, slack_tokens=100_000)
+    a = keys(10, salt="tenant-a")
+    r.index.apply("r0", Batch("e", 0, stored=tuple(a), snapshot=True))
+    other = r.choose(keys(10, salt="tenant-b"), 170)
+    assert other.cached_tokens == 0 and other.best_elsewhere == 0
+    r.done(other)
+    assert r.choose(a, 170).cached_tokens == 160
+
+
+def test_router_config_names_the_field() -> None:
+    with pytest.raises(ValueError, match=r"imbalance_factor=0\.5"):
+        PrefixRouterConfig(imbalance_factor=0.5)
+
+
+def test_power_of_two_prefers_the_less_loaded() -> None:
+    p = PowerOfTwoRouter(["a", "b"])
+    assert {p.choose({"a": 5, "b": 0}) for _ in range(20)} == {"b"}
+
+
+def test_text_affinity_follows_the_published_rule() -> None:
+    t = TextAffinityRouter(["a", "b", "c"], granularity=1)
+    first = t.choose("hello there, a long system prompt")
+    # balanced queues and a match >= 10%: the replica that got the prefix
+    assert t.choose("hello there, a long system prompt and more") == first
+    # imbalanced (difference >= 10): power of two over every replica, ignoring the match
+    loads = {first: 50, **{r: 0 for r in t.replicas if r != first}}
+    assert {t.choose("hello there, a long system prompt!", loads) for _ in range(10)} != {first}
+    # no match: a replica with the smallest tree
+    other = t.choose("zzzz completely different")
+    assert other != first
