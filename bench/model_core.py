@@ -1,9 +1,10 @@
 """Model-core throughput: our in-process generation vs transformers ``generate``, same prompts.
 
 Both engines load one demo checkpoint (``bench``: Mixtral family, hidden 512, 8 layers,
-16 experts top-2; ``--quick``: ``tiny``) and generate greedily, with no EOS stop, a fixed
-number of new tokens for the same fixed-seed random prompts (one length per batch, so
-transformers needs no padding). Each (batch size, engine) gets one warm-up run, then
+16 experts top-2; ``--quick``: ``tiny``; ``--preset bench-deepseek-v3``: DeepSeek-V3's
+shape at the same scale, latent attention and grouped routing) and generate greedily, with
+no EOS stop, a fixed number of new tokens for the same fixed-seed random prompts (one length
+per batch, so transformers needs no padding). Each (batch size, engine) gets one warm-up run, then
 ``--repeats`` timed rounds; in each round both engines run once, alternating who goes first,
 after a wait for a quiet machine. Throughput is ``batch * new_tokens / wall seconds`` of one
 whole generate call (prefill included); the target is the median over rounds of ours /
@@ -192,7 +193,11 @@ def roofline_report(args: Any, model: MoEModel, result: BatchResult) -> dict[str
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser("model_core", __doc__)
-    p.add_argument("--preset", default=None, help="demo checkpoint (default bench; quick: tiny)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="demo checkpoint (default bench; quick: tiny; bench-deepseek-v3: DeepSeek-V3's shape)",
+    )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=None, help="default 64 (quick: 16)")

@@ -60,10 +60,14 @@ def decode_bytes_per_token(model: MoEModel, context: float) -> dict[str, float]:
     """What one batch-1 decode step reads, by part, at ``context`` keys per layer."""
     spec, w = model.spec, model.weights
     itemsize = w.embed.element_size()
-    kv_per_key = 2 * spec.num_kv_heads * spec.head_dim * itemsize  # K and V, one layer
+    planes, heads, dim = spec.kv_cache_shape  # K and V per kv head, or MLA's latent entry
+    kv_per_key = planes * heads * dim * itemsize  # one layer
+    # MLA decode absorbs kv_b (it reads its per-head slices w_uk and w_uv, counted already)
+    unread = sum(tensor_bytes(getattr(layer.attention, "kv_b", None)) for layer in w.layers)
     parts = {
         "embedding_row": float(w.embed[0].numel() * itemsize),
-        "backbone_layers": float(tensor_bytes(w.layers)),  # attention, norms, gates, MLPs
+        # attention, norms, gates, MLPs
+        "backbone_layers": float(tensor_bytes(w.layers) - unread),
         "active_experts": float(
             len(spec.moe_layers) * spec.num_experts_per_tok * expert_bytes(model)
         ),

@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--preset",
         default="tiny",
-        help="tiny (Mixtral, 4 layers, 8 experts), bench (Mixtral, 8 layers, 16 experts) "
-        "or fast (dense Llama); default tiny",
+        help="tiny (Mixtral, 4 layers, 8 experts), bench (Mixtral, 8 layers, 16 experts), "
+        "fast (dense Llama), glm4-moe, deepseek-v3, bench-deepseek-v3 or gpt-oss (small "
+        "checkpoints of those families); default tiny",
     )
     demo.add_argument("--seed", type=int, default=0, help="weight seed (0)")
 

@@ -116,6 +116,20 @@ PRESETS: dict[str, DemoPreset] = {
                              "original_max_position_embeddings": 1024, "beta_fast": 32,
                              "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}},
     ),
+    "bench-deepseek-v3": DemoPreset(
+        "DeepSeek-V3-shaped MoE for benchmarks: 8 layers (1 dense) x 32 experts in 8 groups "
+        "(top-4 of 4 groups) + 1 shared, latent attention (q LoRA 192, kv LoRA 128), hidden 512",
+        "deepseek_v3",
+        {"hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 1024,
+         "num_attention_heads": 8, "num_key_value_heads": 8,
+         "n_routed_experts": 32, "num_experts_per_tok": 4, "n_group": 8, "topk_group": 4,
+         "moe_intermediate_size": 256, "n_shared_experts": 1, "first_k_dense_replace": 1,
+         "q_lora_rank": 192, "kv_lora_rank": 128, "qk_nope_head_dim": 64,
+         "qk_rope_head_dim": 32, "v_head_dim": 64,
+         "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 1024, "beta_fast": 32,
+                             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}},
+    ),
     "gpt-oss": DemoPreset(
         "gpt-oss-style MoE, 4 layers alternating 128-token sliding and full attention, "
         "16 experts (top-4), attention sinks, clamped SwiGLU, YaRN x4, hidden 256",
