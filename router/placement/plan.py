@@ -6,6 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from router.placement.arrays import as_slots
 from router.placement.bounds import shard_loads
 from router.placement.geometry import DEFAULT_TOLERANCE, Geometry, ShardsIn
 from router.placement.replan import replan
@@ -16,6 +19,7 @@ from router.placement.validate import (
     MAX_SLOTS_PER_SHARD,
     MAX_TOTAL_SLOTS,
     check_int,
+    load_array,
     validate_current,
     validate_load,
 )
@@ -40,6 +44,8 @@ class PlacementPlan:
     moved_bytes: int | None = None
     # set by plan_placement: its layers need no validation as a later plan's current one
     _checked: bool = field(default=False, repr=False, compare=False)
+    # set by plan_placement: ``layers`` as a read-only [L, G, S] array, -1 for an empty slot
+    _slots: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_layers(self) -> int:
@@ -98,17 +104,17 @@ def plan_placement(
     ``max_moved_slots`` slots in all. ``max_replicas`` caps replicas per expert (1: no
     replication, extra slots stay empty). Raises ``ValueError`` naming the bad field.
     """
-    rows = validate_load(load)
-    num_experts = len(rows[0])
+    matrix = load_array(load)  # [L, E]
+    num_layers, num_experts = matrix.shape
     check_int("num_shards", num_shards, 1, MAX_SHARDS)
     check_int("slots_per_shard", slots_per_shard, 1, MAX_SLOTS_PER_SHARD)
     check_int("num_nodes", num_nodes, 1, num_shards)
     if num_shards % num_nodes:
         raise ValueError(f"num_shards={num_shards} must split evenly over num_nodes={num_nodes}")
     capacity = num_shards * slots_per_shard
-    if capacity > MAX_SLOTS_PER_LAYER or capacity * len(rows) > MAX_TOTAL_SLOTS:
+    if capacity > MAX_SLOTS_PER_LAYER or capacity * num_layers > MAX_TOTAL_SLOTS:
         raise ValueError(
-            f"num_shards * slots_per_shard = {capacity} per layer x {len(rows)} layers is over "
+            f"num_shards * slots_per_shard = {capacity} per layer x {num_layers} layers is over "
             f"the limit ({MAX_SLOTS_PER_LAYER} per layer, {MAX_TOTAL_SLOTS} in all)"
         )
     if capacity < num_experts:
@@ -127,25 +133,33 @@ def plan_placement(
         raise ValueError(f"tolerance={tolerance!r} must be a number in [0, 1]")
     geometry = Geometry(num_shards, slots_per_shard, num_nodes, max_replicas or num_shards)
     if current is None:
-        layers = [plan_from_scratch(row, geometry) for row in rows]
-        maxima = [max(shard_loads(shards, row)) for shards, row in zip(layers, rows, strict=True)]
-        moved = 0
+        rows = matrix.tolist()
+        scratch = [plan_from_scratch(row, geometry) for row in rows]
+        maxima = [max(shard_loads(shards, row)) for shards, row in zip(scratch, rows, strict=True)]
+        layers = tuple(tuple(tuple(held) for held in shards) for shards in scratch)
+        slots, moved = as_slots(layers, slots_per_shard), 0
     else:
         cur: Sequence[ShardsIn]
         if (
             isinstance(current, PlacementPlan)
             and current._checked
-            and (current.num_layers, current.num_experts) == (len(rows), num_experts)
+            and (current.num_layers, current.num_experts) == (num_layers, num_experts)
             and (current.num_shards, current.slots_per_shard) == (num_shards, slots_per_shard)
         ):
             cur = current.layers  # built and checked by this function
+            known = current._slots
         else:
             layers_in = current.layers if isinstance(current, PlacementPlan) else current
-            cur = validate_current(layers_in, len(rows), num_experts, num_shards, slots_per_shard)
-        layers, maxima, moved = replan(rows, cur, geometry, max_moved_slots, tolerance)
-    totals = [sum(row) for row in rows]
+            cur = validate_current(layers_in, num_layers, num_experts, num_shards, slots_per_shard)
+            known = None
+        current_slots = as_slots(cur, slots_per_shard) if known is None else known
+        result = replan(matrix, current_slots, cur, geometry, max_moved_slots, tolerance)
+        layers, slots, moved = result.layers, result.slots, result.moved
+        maxima = result.maxima.tolist()
+    slots.flags.writeable = False
+    totals = matrix.sum(axis=1).tolist()
     return PlacementPlan(
-        layers=tuple(tuple(tuple(s) for s in shards) for shards in layers),
+        layers=layers,
         num_experts=num_experts,
         slots_per_shard=slots_per_shard,
         num_nodes=num_nodes,
@@ -156,6 +170,7 @@ def plan_placement(
         moved_slots=moved,
         moved_bytes=None if bytes_per_slot is None else moved * bytes_per_slot,
         _checked=True,
+        _slots=slots,
     )
 
 

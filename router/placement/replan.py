@@ -1,9 +1,32 @@
-"""Re-planning from a current plan: keep, fix by a few swaps, or repair against the best."""
+"""Re-planning from a current plan: keep, fix by a few swaps, or repair against the best.
+
+Every layer's state and lower bound is computed at once (``arrays``). A layer is kept
+when each expert has a slot, replicas span their nodes and its max shard load is within
+``tolerance`` of the bound: no plan is better by more than that. Layers that only need
+swaps (no expert's load per replica alone keeps a shard over the target) are fixed all
+together (``batch``). The rest, and layers the swaps cannot fix, go one at a time, worst
+first: swaps after giving hot experts replicas (``view``), else a repair against the best
+plan from scratch (``repair_layer``). With a move budget the batched result is used when
+it fits the budget; otherwise every layer not kept goes the per-layer way, worst first,
+so the budget goes where it helps most.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
+
+from router.placement.arrays import (
+    as_shards,
+    greedy_bounds,
+    layer_arrays,
+    left_pack,
+    lightest_replicas,
+    moved_slots_total,
+)
+from router.placement.batch import swap_rounds
 from router.placement.bounds import greedy_bound, greedy_counts, moved_slots, shard_loads
 from router.placement.geometry import Geometry, Shards, ShardsIn
 from router.placement.layer import Layer
@@ -11,45 +34,94 @@ from router.placement.repair import repair
 from router.placement.scratch import keep_slot_order, plan_from_scratch, relabel
 from router.placement.view import View
 
+Layers = tuple[tuple[tuple[int, ...], ...], ...]  # [L][G] -> expert ids, a plan's layers
+
+
+@dataclass(frozen=True)
+class Replanned:
+    """A re-plan's result: layers as the plan stores them, [L, G, S] slots, costs."""
+
+    layers: Layers
+    slots: np.ndarray  # [L, G, S], -1 for an empty slot
+    maxima: np.ndarray  # [L] max shard load
+    moved: int
+
 
 def replan(
-    rows: list[list[float]],
+    load: np.ndarray,
+    slots: np.ndarray,
     current: Sequence[ShardsIn],
     geometry: Geometry,
     budget: int | None,
     tolerance: float,
-) -> tuple[list[Shards], list[float], int]:
-    """Per layer, worst first: keep, fix by a few swaps, or repair against the best plan.
+) -> Replanned:
+    """Re-plan ``load`` ([L, E]) from ``current`` ([L][G] ids; ``slots`` the same, [L, G, S]).
 
-    The target is ``tolerance`` above a lower bound on the best plan, so a plan under it
-    is within ``tolerance`` of any plan found from scratch; only a layer that swaps
-    cannot bring under it pays for a from-scratch plan (then the target is that plan's
-    maximum plus ``tolerance``). Returns the layers, their max shard loads, slots moved.
+    The target of a layer is ``tolerance`` above a lower bound on the best plan, so a
+    plan under it is within ``tolerance`` of any plan found from scratch; only a layer
+    swaps cannot bring under it pays for a from-scratch plan (then the target is that
+    plan's maximum plus ``tolerance``). At most ``budget`` slots move in all.
     """
-    views = [View(load, shards, geometry) for load, shards in zip(rows, current, strict=True)]
-    bounds = [greedy_bound(view.load, geometry) for view in views]
-    targets = [floor * (1 + tolerance) for floor, _ in bounds]
-    order = sorted(range(len(rows)), key=lambda i: -views[i].max_load / max(targets[i], 1e-300))
-    result: list[Shards] = [[] for _ in rows]
-    maxima = [0.0] * len(rows)
-    moved = 0
-    for i in order:
-        view, target = views[i], targets[i]
+    state = layer_arrays(load, slots, geometry)
+    bounds = greedy_bounds(load, geometry)
+    if bounds is None:
+        pairs = [greedy_bound(row, geometry) for row in load.tolist()]
+        bounds = (np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
+    floor, heaviest = bounds
+    target = floor * (1 + tolerance)
+    top = state.shard_load.max(axis=1)
+    keep = state.sound & (top <= target)
+    if keep.all():
+        return Replanned(_as_layers(current), slots, top, 0)
+    width = load.shape[1]
+    w_max = state.wp[:, :width].max(axis=1)
+    others = lightest_replicas(state.wp, slots, geometry.slots - 1)
+    hot = (w_max > heaviest * (1 + 1e-9)) & (w_max + others > target)
+    new = slots.copy()
+    batched = state.sound & ~keep & ~hot
+    failed = swap_rounds(new, state, target, np.flatnonzero(batched), geometry)
+    new[failed] = slots[failed]
+    batched[failed] = False
+    moved = moved_slots_total(slots[batched], new[batched])
+    rest = ~keep & ~batched
+    if budget is not None and moved > budget:
+        new[batched], moved, rest, batched[:] = slots[batched], 0, ~keep, False
+    todo = np.flatnonzero(rest)
+    worst_first = todo[np.argsort(-top[todo] / np.maximum(target[todo], 1e-300), kind="stable")]
+    rows = load.tolist() if len(todo) else []
+    fixed: dict[int, tuple[Shards, float]] = {}  # layer -> shards, max shard load
+    for i in worst_first.tolist():
         left = None if budget is None else budget - moved
-        sound = view.sound()
-        if sound and view.max_load <= target:
-            result[i], maxima[i] = [list(h) for h in current[i]], view.max_load
-            continue
-        shards = view.swap_until(target, bounds[i][1], left) if sound else None
-        if shards is not None:
-            maxima[i] = view.new_max
-        else:
+        shards = None
+        if state.sound[i]:
+            view = View(rows[i], current[i], geometry)
+            shards = view.swap_until(float(target[i]), float(heaviest[i]), left)
+        if shards is None:
             shards = repair_layer(rows[i], current[i], geometry, left, tolerance, i, budget)
-            maxima[i] = max(shard_loads(shards, rows[i]))
-        result[i] = shards
+        fixed[i] = shards, max(shard_loads(shards, rows[i]))
         moved += moved_slots(current[i], shards)
+        new[i] = -1
+        for g, held in enumerate(shards):
+            new[i, g, : len(held)] = held
     assert budget is None or moved <= budget, (moved, budget)
-    return result, maxima, moved
+    changed = np.flatnonzero(~keep)
+    new[changed] = left_pack(new[changed])
+    maxima = top.copy()
+    maxima[batched] = state.shard_load[batched].max(axis=1)  # kept up to date by the swaps
+    layers = list(_as_layers(current))
+    for i in changed.tolist():
+        if i in fixed:
+            layers[i], maxima[i] = tuple(map(tuple, fixed[i][0])), fixed[i][1]
+        else:
+            layers[i] = as_shards(new[i])
+    return Replanned(tuple(layers), new, maxima, moved)
+
+
+def _as_layers(current: Sequence[ShardsIn]) -> Layers:
+    """The current plan's layers as tuples (a plan's own layers are already)."""
+    if type(current) is tuple:
+        return current
+    return tuple(tuple(tuple(held) for held in shards) for shards in current)
 
 
 def repair_layer(

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
+
+import numpy as np
 
 from router.placement.geometry import Shards
 
@@ -50,6 +53,30 @@ def validate_load(load: Any) -> list[list[float]]:
                 continue
         rows.append(_bad_row(i, row))
     return rows
+
+
+def load_array(load: Any) -> np.ndarray:
+    """The load matrix as an [L, E] float64 array; errors as ``validate_load`` gives them.
+
+    One pass: row lengths and element types at C speed, one conversion, then range and
+    finiteness on the array; only an input failing that is walked by ``validate_load``,
+    to name the first bad value.
+    """
+    layers = _sequence(load, "load", "a list of layers")
+    if 1 <= len(layers) <= MAX_LAYERS and type(layers[0]) in (list, tuple):
+        width = len(layers[0])
+        if (
+            1 <= width <= MAX_EXPERTS
+            and all(type(row) in (list, tuple) and len(row) == width for row in layers)
+            and set(map(type, chain.from_iterable(layers))) <= _NUMBER_TYPES
+        ):
+            try:
+                array = np.array(layers, dtype=np.float64)
+            except OverflowError:  # an int past float's range
+                array = np.full(1, np.nan)
+            if array.min() >= 0.0 and array.max() <= MAX_LOAD:  # NaN fails both
+                return array
+    return np.array(validate_load(load), dtype=np.float64)  # raises, naming the value
 
 
 def _bad_row(i: int, row: Sequence[Any]) -> list[float]:

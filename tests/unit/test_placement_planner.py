@@ -7,13 +7,16 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deploy.cli import main
 from router.placement import (
+    DEFAULT_TOLERANCE,
     NODE_SPREAD,
+    Geometry,
     PlacementPlan,
     choose_redundancy,
     greedy_bound,
@@ -23,6 +26,7 @@ from router.placement import (
     moved_slots,
     plan_placement,
 )
+from router.placement.arrays import greedy_bounds
 
 PROPERTY = settings(max_examples=60, deadline=None)
 
@@ -115,6 +119,27 @@ def test_replan_moves_within_the_budget(
 
 
 @PROPERTY
+@given(problems(), st.integers(0, 2**32 - 1), st.sampled_from([0.05, 0.3]))
+def test_replan_stays_within_tolerance_of_the_best(
+    problem: tuple[list[list[float]], int, int, int], seed: int, sigma: float
+) -> None:
+    """Without a budget every re-planned layer is within 1% of the plan from scratch (or
+    of the lower bound, which no plan beats with those replica counts)."""
+    load, shards, slots, nodes = problem
+    rng = random.Random(seed)
+    before = plan_placement(load, shards, slots, num_nodes=nodes)
+    drifted = [[x * math.exp(sigma * rng.gauss(0.0, 1.0)) for x in row] for row in load]
+    again = plan_placement(drifted, shards, slots, num_nodes=nodes, current=before)
+    best = plan_placement(drifted, shards, slots, num_nodes=nodes)
+    geometry = Geometry(shards, slots, nodes, shards)
+    for i, row in enumerate(drifted):
+        total = sum(row)
+        floor = greedy_bound(row, geometry)[0] * shards / total if total > 0 else 1.0
+        bar = max(best.balancedness_per_layer[i], floor) * (1 + DEFAULT_TOLERANCE)
+        assert again.balancedness_per_layer[i] <= bar * (1 + 1e-9), (i, bar)
+
+
+@PROPERTY
 @given(problems())
 def test_the_same_load_moves_nothing(problem: tuple[list[list[float]], int, int, int]) -> None:
     load, shards, slots, nodes = problem
@@ -126,11 +151,9 @@ def test_the_same_load_moves_nothing(problem: tuple[list[list[float]], int, int,
 @PROPERTY
 @given(st.lists(st.floats(0.0, 1e6, allow_nan=False), min_size=1, max_size=40), st.data())
 def test_greedy_bound_matches_counts_then_bound(load: list[float], data: st.DataObject) -> None:
-    from router.placement import _Geometry
-
     shards = data.draw(st.integers(1, 8))
     least = -(-len(load) // shards)
-    geometry = _Geometry(
+    geometry = Geometry(
         shards, data.draw(st.integers(least, least + 4)), 1, data.draw(st.integers(1, shards))
     )
     counts = greedy_counts(load, shards * geometry.slots, geometry.max_replicas)
@@ -138,6 +161,30 @@ def test_greedy_bound_matches_counts_then_bound(load: list[float], data: st.Data
     floor, heaviest = greedy_bound(load, geometry)
     assert math.isclose(floor, lower_bound(per_replica, counts, geometry), abs_tol=1e-9)
     assert math.isclose(heaviest, max(per_replica), abs_tol=1e-9)
+
+
+@PROPERTY
+@given(
+    st.lists(st.floats(0.0, 1e6, allow_nan=False), min_size=1, max_size=40),
+    st.integers(1, 4),
+    st.data(),
+)
+def test_greedy_bounds_of_all_layers_match_one_at_a_time(
+    row: list[float], num_layers: int, data: st.DataObject
+) -> None:
+    """The vectorised bound of the re-plan equals ``greedy_bound`` on every layer."""
+    load = [row] + [data.draw(st.permutations(row)) for _ in range(num_layers - 1)]
+    shards = data.draw(st.integers(1, 8))
+    least = -(-len(row) // shards)
+    geometry = Geometry(
+        shards, data.draw(st.integers(least, least + 4)), 1, data.draw(st.integers(1, shards))
+    )
+    bounds = greedy_bounds(np.array(load), geometry)
+    assert bounds is not None
+    for i, layer in enumerate(load):
+        floor, heaviest = greedy_bound(layer, geometry)
+        assert math.isclose(floor, bounds[0][i], rel_tol=1e-12, abs_tol=1e-9)
+        assert math.isclose(heaviest, bounds[1][i], rel_tol=1e-12, abs_tol=1e-9)
 
 
 # ----------------------------------------------------------------------------- examples
