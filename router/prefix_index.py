@@ -17,9 +17,12 @@ Torch-free and Ray-free: ids, keys and integers, with an injected clock.
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, repeat
+from operator import and_, neg
 from typing import Protocol
 
 from cache.block_key import BlockKey
@@ -59,7 +62,10 @@ class PrefixIndex:
         self._ids: list[str | None] = []  # bit -> replica id (None: a free bit)
         self._holders: dict[BlockKey, int] = {}  # key -> bitmask of replicas holding it
         self._expected: dict[BlockKey, int] = {}  # key -> bitmask of replicas routed to
-        self._expiry: deque[tuple[float, BlockKey, int]] = deque()
+        self._either: dict[BlockKey, int] = {}  # key -> holders | expected (what lookups read)
+        self._expiry: deque[tuple[float, tuple[BlockKey, ...], int]] = deque()
+        self._until: dict[tuple[BlockKey, int], float] = {}  # (key, bit) -> latest expiry
+        self._alive = 0  # bitmask of the replicas known
 
     @property
     def replicas(self) -> list[str]:
@@ -74,6 +80,7 @@ class PrefixIndex:
         else:
             self._ids[bit] = replica
         self._replicas[replica] = _Replica(bit, set())
+        self._alive |= 1 << bit
 
     def remove_replica(self, replica: str) -> None:
         state = self._replicas.pop(replica, None)
@@ -81,9 +88,11 @@ class PrefixIndex:
             return
         self._drop_keys(state)
         self._ids[state.bit] = None
+        self._alive &= ~(1 << state.bit)
         mask = ~(1 << state.bit)
         for key in [k for k, m in self._expected.items() if m >> state.bit & 1]:
             self._set(self._expected, key, self._expected[key] & mask)
+            self._merge(key)
 
     def needs_snapshot(self, replica: str) -> bool:
         state = self._replicas.get(replica)
@@ -95,6 +104,7 @@ class PrefixIndex:
     def apply(self, replica: str, batch: KVEvents) -> bool:
         """Apply one batch; False when the replica's picture is now stale (a gap): ask it for
         a snapshot. A new epoch (a restart) clears the replica's keys first."""
+        self.expire()
         state = self._replicas.get(replica)
         if state is None:
             self.add_replica(replica)
@@ -124,23 +134,33 @@ class PrefixIndex:
         if state is None:
             return
         bit = 1 << state.bit
+        batch = tuple(keys)
         until = self.clock() + self.expect_ttl_s
-        for key in keys:
-            self._expected[key] = self._expected.get(key, 0) | bit
-            self._expiry.append((until, key, bit))
+        expected, either, latest = self._expected, self._either, self._until
+        for key in batch:
+            expected[key] = expected.get(key, 0) | bit
+            either[key] = either.get(key, 0) | bit
+            latest[key, bit] = until
+        self._expiry.append((until, batch, bit))
 
     def matches(self, keys: Sequence[BlockKey]) -> dict[str, int]:
-        """Per replica, how many leading ``keys`` it holds (or is expected to)."""
-        self._expire()
-        matched = dict.fromkeys(self._replicas, 0)
-        alive = sum(1 << s.bit for s in self._replicas.values())
-        holders, expected = self._holders, self._expected
-        for i, key in enumerate(keys):
-            held = (holders.get(key, 0) | expected.get(key, 0)) & alive
-            lost = alive & ~held
-            if lost:
-                self._credit(matched, lost, i)
-            alive = held
+        """Per replica holding at least the first key, how many leading ``keys`` it holds
+        (or is expected to); replicas absent hold none. Expectations past their time are
+        dropped by ``expire`` (called with every event batch), off the lookup's path."""
+        matched: dict[str, int] = {}
+        held = map(self._either.get, keys, repeat(0))
+        # running[i]: the replicas holding keys[0..i]; each a subset of the one before, so
+        # the values never increase and each change is found by bisection (C loops only)
+        running = list(accumulate(held, and_, initial=self._alive))
+        alive, i, end = self._alive, 1, len(running)
+        while i < end:
+            i = bisect_right(running, -alive, lo=i, key=neg)  # first index holding fewer
+            if i == end:
+                break
+            now_alive = running[i]
+            if i > 1:  # (those that lack the first key match nothing: left out)
+                self._credit(matched, alive & ~now_alive, i - 1)
+            alive = now_alive
             if not alive:
                 return matched
         self._credit(matched, alive, len(keys))
@@ -156,9 +176,11 @@ class PrefixIndex:
 
     def _store(self, state: _Replica, keys: Iterable[BlockKey]) -> None:
         bit = 1 << state.bit
+        holders, either = self._holders, self._either
         for key in keys:
             state.keys.add(key)
-            self._holders[key] = self._holders.get(key, 0) | bit
+            holders[key] = holders.get(key, 0) | bit
+            either[key] = either.get(key, 0) | bit
 
     def _remove(self, state: _Replica, keys: Iterable[BlockKey]) -> None:
         mask = ~(1 << state.bit)
@@ -166,21 +188,31 @@ class PrefixIndex:
             state.keys.discard(key)
             if key in self._holders:
                 self._set(self._holders, key, self._holders[key] & mask)
+                self._merge(key)
 
     def _drop_keys(self, state: _Replica) -> None:
         self._remove(state, list(state.keys))
         state.keys.clear()
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
+        """Drop the expectations whose time has passed."""
         now = self.clock()
         while self._expiry and self._expiry[0][0] <= now:
-            _, key, bit = self._expiry.popleft()
-            if key in self._expected:
-                self._set(self._expected, key, self._expected[key] & ~bit)
+            _, batch, bit = self._expiry.popleft()
+            for key in batch:
+                if self._until.get((key, bit), 0.0) > now:
+                    continue  # expected again since: the later expectation holds
+                self._until.pop((key, bit), None)
+                if key in self._expected:
+                    self._set(self._expected, key, self._expected[key] & ~bit)
+                    self._merge(key)
+
+    def _merge(self, key: BlockKey) -> None:
+        self._set(self._either, key, self._holders.get(key, 0) | self._expected.get(key, 0))
 
     @staticmethod
     def _set(table: dict[BlockKey, int], key: BlockKey, mask: int) -> None:
         if mask:
             table[key] = mask
         else:
-            del table[key]
+            table.pop(key, None)

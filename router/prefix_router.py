@@ -82,31 +82,35 @@ class PrefixRouter:
     ) -> Choice:
         """The replica for a request whose prompt's full-block keys are ``keys``; its work
         is counted in ``queued`` (``loads`` overrides the queue figures when given)."""
-        queued = self.queued if loads is None else loads
-        replicas = list(self.queued)
-        assert replicas, "no replica to route to"
+        queued = self.queued if loads is None else {r: loads.get(r, 0.0) for r in self.queued}
+        assert queued, "no replica to route to"
         size = self.config.block_size
         usable = max(0, (num_prompt_tokens - 1) // size)  # one token is always computed
-        matched = self.index.matches(keys[:usable])
-        mean = sum(queued.get(r, 0.0) for r in replicas) / len(replicas)
+        matched = self.index.matches(keys[:usable])  # only replicas holding some prefix
+        mean = sum(queued.values()) / len(queued)
         bound = max(self.config.imbalance_factor * mean, mean + self.config.slack_tokens)
-        eligible = [r for r in replicas if queued.get(r, 0.0) <= bound] or replicas
-        tie = session_id.encode() if session_id else (keys[0] if keys else b"")
-        costs = [
-            ((num_prompt_tokens - matched.get(r, 0) * size) + queued.get(r, 0.0), r)
-            for r in eligible
+        # candidates: the holders of some prefix under the bound, and the least loaded
+        # replicas (with no hit, the cheapest of the rest is the least loaded)
+        least_queue = min(queued.values())
+        idle = [r for r, q in queued.items() if q <= least_queue]
+        costs = [(num_prompt_tokens + least_queue, r) for r in idle]
+        costs += [
+            (num_prompt_tokens - m * size + queued[r], r)
+            for r, m in matched.items()
+            if queued.get(r, bound + 1) <= bound
         ]
         least = min(c for c, _ in costs)
         tied = [r for c, r in costs if c <= least]
+        tie = session_id.encode() if session_id else (keys[0] if keys else b"")
         replica = tied[0] if len(tied) == 1 else max(tied, key=lambda r: _rendezvous(tie, r))
         cached = matched.get(replica, 0) * size
         elsewhere = max((m for r, m in matched.items() if r != replica), default=0) * size
-        reason = "prefix" if cached else ("affinity" if tie else "balance")
-        if cached < elsewhere and replica in eligible and len(eligible) < len(replicas):
+        reason = "prefix" if cached else ("affinity" if len(tied) > 1 else "balance")
+        if cached < elsewhere:
             reason = "balance"
         work = (num_prompt_tokens - cached) + self.config.decode_weight * max_new_tokens
         self.queued[replica] = self.queued.get(replica, 0.0) + work
-        self.index.expect(replica, keys[:usable])
+        self.index.expect(replica, keys[cached // size : usable])  # what it will compute
         return Choice(replica, cached, int(work), reason, elsewhere)
 
     def done(self, choice: Choice) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cache.block_key import KeySpace, KVLayout
 from cache.prefix_hash import hash_blocks, root_hash
@@ -46,10 +48,10 @@ def test_index_matches_leading_blocks_per_replica() -> None:
     index.apply("a", Batch("ea", 1, stored=tuple(k[:4])))
     index.apply("b", Batch("eb", 0, stored=tuple(k[:2]), snapshot=True))
     index.apply("c", Batch("ec", 0, stored=(k[1], k[2]), snapshot=True))  # no first block
-    assert index.matches(k) == {"a": 4, "b": 2, "c": 0}
+    assert index.matches(k) == {"a": 4, "b": 2}  # c lacks the first block: absent
     index.apply("a", Batch("ea", 2, removed=(k[1],)))
-    assert index.matches(k) == {"a": 1, "b": 2, "c": 0}
-    assert index.matches(keys(3, start=999)) == {"a": 0, "b": 0, "c": 0}
+    assert index.matches(k) == {"a": 1, "b": 2}
+    assert index.matches(keys(3, start=999)) == {}
 
 
 def test_index_resyncs_after_a_gap_and_clears_on_restart() -> None:
@@ -63,7 +65,7 @@ def test_index_resyncs_after_a_gap_and_clears_on_restart() -> None:
     assert not index.needs_snapshot("a") and index.matches(k)["a"] == 4
     # a restarted engine: a new epoch, its cache empty from its first batch on
     assert index.apply("a", Batch("e2", 0, snapshot=True))
-    assert index.matches(k)["a"] == 0 and index.num_keys("a") == 0
+    assert "a" not in index.matches(k) and index.num_keys("a") == 0
     # joining mid-stream of an epoch: keys applied, but a snapshot is wanted
     assert not index.apply("b", Batch("e9", 7, stored=(k[0],)))
     assert index.needs_snapshot("b")
@@ -76,9 +78,10 @@ def test_expected_blocks_count_until_they_expire() -> None:
     index.add_replica("b")
     k = keys(3)
     index.expect("b", k)
-    assert index.matches(k) == {"a": 0, "b": 3}
+    assert index.matches(k) == {"b": 3}
     clock.now = 2.0
-    assert index.matches(k) == {"a": 0, "b": 0}
+    index.expire()  # (every event batch does this)
+    assert index.matches(k) == {}
 
 
 def router(n: int = 3, **config: float) -> PrefixRouter:
@@ -167,3 +170,63 @@ def test_text_affinity_follows_the_published_rule() -> None:
     # no match: a replica with the smallest tree
     other = t.choose("zzzz completely different")
     assert other != first
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["store", "remove", "expect", "tick", "restart"]),
+            st.integers(0, 3),
+            st.lists(st.integers(0, 11), max_size=6),
+        ),
+        max_size=40,
+    )
+)
+def test_matches_equal_a_brute_force_walk(ops: list[tuple[str, int, list[int]]]) -> None:
+    """Whatever the events, expectations and expiries, each replica's match is the number of
+    leading keys it holds or is expected to hold (checked against a plain walk)."""
+    clock = Clock()
+    index = PrefixIndex(expect_ttl_s=1.0, clock=clock)
+    pool = keys(12)
+    held: dict[str, set[bytes]] = {f"r{i}": set() for i in range(4)}
+    expected: dict[str, list[tuple[float, set[bytes]]]] = {r: [] for r in held}
+    seq = dict.fromkeys(held, 0)
+    epoch = dict.fromkeys(held, "e0")
+    for r in held:
+        index.apply(r, Batch("e0", 0, snapshot=True))
+        seq[r] = 1
+    for op, who, picks in ops:
+        r = f"r{who}"
+        chosen = {pool[i] for i in picks}
+        if op in ("store", "remove"):
+            stored = tuple(chosen) if op == "store" else ()
+            removed = tuple(chosen) if op == "remove" else ()
+            index.apply(r, Batch(epoch[r], seq[r], stored, removed))
+            seq[r] += 1
+            held[r] = held[r] | chosen if op == "store" else held[r] - chosen
+        elif op == "expect":
+            index.expect(r, [pool[i] for i in picks])
+            expected[r].append((clock.now + 1.0, chosen))
+        elif op == "tick":
+            clock.now += 0.6
+            index.expire()
+        else:
+            epoch[r] += "x"
+            index.apply(r, Batch(epoch[r], 0, snapshot=True))
+            seq[r], held[r] = 1, set()
+        for start in (0, 3):
+            want = {}
+            for name in held:
+                live = set(held[name])
+                for until, ks in expected[name]:
+                    if until > clock.now:
+                        live |= ks
+                n = 0
+                for key in pool[start:]:
+                    if key not in live:
+                        break
+                    n += 1
+                if n:
+                    want[name] = n
+            assert index.matches(pool[start:]) == want
