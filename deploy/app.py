@@ -14,11 +14,12 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from deploy.config import ClusterConfig, load_config
+from deploy.config import ClusterConfig, TierConfig, load_config
 from deploy.gateway_host import GatewayDeployment
 from deploy.tier_hosts import ExpertPoolDeployment, TierDeployment
 
 APP_NAME = "moe-cluster"
+PREFIX_ROUTER_CLASS = "cluster.serving.prefix_request_router.PrefixAwareRequestRouter"
 
 
 def build_app(config: ClusterConfig) -> Any:
@@ -36,16 +37,32 @@ def build_app(config: ClusterConfig) -> Any:
                 placement_group_bundles=tier.experts.bundles(),
                 placement_group_strategy=tier.experts.strategy,
             ).bind(tier, telemetry)
+        routing: dict[str, Any] = {}
+        if config.kv_store.enabled and config.kv_store.prefix_routing:
+            routing["request_router_config"] = prefix_router_config(tier)
         tiers[tier.name] = TierDeployment.options(
             name=f"tier-{tier.name}",
             num_replicas=tier.replicas,
             ray_actor_options=options,
             max_ongoing_requests=tier.max_ongoing_requests,
             max_queued_requests=tier.max_queued_requests,
+            **routing,
         ).bind(tier, pool, telemetry, config.kv_store)
     return GatewayDeployment.options(
         name="gateway", num_replicas=config.grpc.gateway_replicas
     ).bind(config, tiers)
+
+
+def prefix_router_config(tier: TierConfig) -> Any:
+    """Serve's request router for a tier: by where each request's prefix lives."""
+    from ray.serve.config import RequestRouterConfig
+
+    kwargs = {"tier": tier.name, "model_dir": tier.model, "block_size": tier.engine.block_size}
+    fields: dict[str, Any] = {
+        "request_router_class": PREFIX_ROUTER_CLASS,
+        "request_router_kwargs": kwargs,
+    }
+    return RequestRouterConfig(**fields)
 
 
 def with_driver_keys(

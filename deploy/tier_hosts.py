@@ -22,8 +22,10 @@ from cluster.expert_parallel.expert_pool import ExpertPool, ShardSpec
 from cluster.expert_parallel.placement_controller import TierSetup, start_controller
 from cluster.expert_parallel.remote_experts import RemoteExperts
 from cluster.kv_store.config import KVStoreConfig
+from cluster.kv_store.event_hub import start_event_hub
 from cluster.kv_store.relay import RayStoreFactory
 from cluster.kv_store.shard_actor import start_store_shards
+from cluster.serving.kv_event_pusher import KVEventPusher
 from cluster.serving.placement_reporter import PlacementReporter
 from cluster.serving.tier_messages import TierInfo, TierItem, TierRequest, TierStats
 from cluster.serving.tier_replica import TierReplica
@@ -170,6 +172,15 @@ class TierHost:
             count_routing=tier.experts.replan.enabled,
             kv=_kv_launch(kv_store),
         )
+        self._kv_pusher: KVEventPusher | None = None
+        if kv_store is not None and kv_store.enabled and kv_store.prefix_routing:
+            self._kv_pusher = _kv_pusher(self.replica, tier.name, kv_store.detached)
+            try:  # pushing from the start: a router resyncs from the engine's first snapshot
+                asyncio.get_running_loop()
+            except RuntimeError:  # no loop here: the first request starts it
+                pass
+            else:
+                self._kv_pusher.start()
         self._reporter: PlacementReporter | None = None
         if expert_pool is not None and tier.experts.replan.enabled:
             self._reporter = _reporter(
@@ -183,6 +194,8 @@ class TierHost:
                 self._reporter.start()
 
     async def generate(self, request: TierRequest) -> AsyncGenerator[TierItem, None]:
+        if self._kv_pusher is not None:
+            self._kv_pusher.start()  # on the replica's event loop, once
         if self._reporter is not None:
             self._reporter.start()  # on the replica's event loop, once
         async for item in self.replica.generate(request):
@@ -210,6 +223,18 @@ class TierHost:
         replica = getattr(self, "replica", None)
         if replica is not None:
             replica.shutdown()
+
+
+def _kv_pusher(replica: TierReplica, tier: str, detached: bool) -> KVEventPusher:
+    """Pushes the replica's KV events to its tier's hub (started here if none runs yet)."""
+    hub = start_event_hub(tier, detached)
+
+    async def send(replica_id: str, batches: list[KVEventBatch]) -> bool:
+        wants: bool = await hub.push.remote(replica_id, batches)
+        return wants
+
+    replica_id = serve.get_replica_context().replica_id.unique_id
+    return KVEventPusher(replica_id, replica.kv_events, replica.request_kv_snapshot, send)
 
 
 def _kv_launch(config: KVStoreConfig | None) -> EngineKVLaunch | None:

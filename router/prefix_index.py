@@ -94,6 +94,10 @@ class PrefixIndex:
             self._set(self._expected, key, self._expected[key] & mask)
             self._merge(key)
 
+    def cursors(self) -> dict[str, tuple[str, int]]:
+        """Per replica, (epoch, next sequence number) of the events applied so far."""
+        return {r: (s.epoch or "", s.next_seq) for r, s in self._replicas.items()}
+
     def needs_snapshot(self, replica: str) -> bool:
         state = self._replicas.get(replica)
         return state is not None and state.needs_snapshot

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from cache.block_key import BlockKey, KeySpace
+from cache.block_key import BlockKey, KeySpace, KVLayout
 
 _REMEMBER_EVICTED = 16_384  # evicted prefix hashes kept for miss reasons
 _AGES_KEPT = 1024  # ages at eviction kept between two ``take_eviction_ages``
@@ -38,6 +38,9 @@ class KVEventBatch:
     snapshot: bool = False  # ``stored`` is the whole cache (and ``removed`` is empty)
     # seconds each block evicted since the previous batch had been cached (metrics)
     eviction_ages: tuple[float, ...] = ()
+    # on snapshots: the engine's key space (model id, KV layout), so that a router names a
+    # request's blocks as this engine does
+    keyspace: tuple[str, KVLayout] | None = None
 
 
 class KVEventLog:
@@ -110,7 +113,8 @@ class KVEventLog:
         """Every key the cache holds now, as the next batch (pending events are folded in)."""
         ages = tuple(self.take_eviction_ages())
         stored = tuple(self._key_of.values())
-        batch = KVEventBatch(self.epoch, self._next_seq, stored, (), True, ages)
+        space = (self.keyspace.model_id, self.keyspace.layout)
+        batch = KVEventBatch(self.epoch, self._next_seq, stored, (), True, ages, space)
         self._next_seq += 1
         self._stored, self._removed = [], []
         self._need_snapshot = False

@@ -34,6 +34,9 @@ class KVStoreConfig:
     max_pinned_share: float = 0.25  # pinned blocks' share of a cache (local or shard), at most
     detached: bool = False  # shards outlive the application that started them
     retry_down_s: float = 5.0  # a failed shard is skipped this long, then tried again
+    # with the store on, tiers route each request to where its prefix lives (a Serve request
+    # router fed by the engines' KV events); off: Serve's power-of-two choices
+    prefix_routing: bool = True
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, float, float, float]] = [
