@@ -50,6 +50,15 @@ class Layer:
                     layer._count_node(e, g, 1)
         return layer
 
+    def sound(self) -> bool:
+        """Every expert has a slot and every replicated one spans its nodes."""
+        if not all(self.where):
+            return False
+        floor = self.spread_floor
+        return not self.on_node or all(
+            s >= min(c, floor) for s, c in zip(self.spread, self.counts, strict=True)
+        )
+
     @property
     def max_load(self) -> float:
         return max(self.shard_load)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections.abc import Sequence
@@ -147,3 +148,59 @@ def relocate(layer: Layer, e: int) -> int:
     if f >= 0:
         layer.move(f, dst, src)
     return cost
+
+
+def fix_over(layer: Layer, target: float) -> int:
+    """Bring every shard over ``target`` under it by one swap each where one exists.
+
+    Unlike ``improve`` (the heaviest shard only), each shard over the target, heaviest
+    first, takes the relocation or swap with any shard that leaves both under the target,
+    the two loads closest to even (bisect over the other shard's sorted replicas). Runs
+    again while a pass fixes something; slots moved.
+    """
+    shards, shard_load, w, slots = layer.shards, layer.shard_load, layer.w, layer.slots
+    used, fixed = 0, True
+    while fixed:
+        fixed = False
+        over = [g for g in range(len(shards)) if shard_load[g] > target]
+        for a_shard in sorted(over, key=shard_load.__getitem__, reverse=True):
+            top = shard_load[a_shard]
+            best: tuple[float, int, int, int] | None = None  # (imbalance, a, B, b or -1)
+            for b_shard, held_b in enumerate(shards):
+                room = target - shard_load[b_shard]
+                if b_shard == a_shard or room <= 0.0:
+                    continue
+                pairs = sorted((w[b], b) for b in held_b)
+                if len(held_b) < slots:
+                    pairs.insert(0, (0.0, -1))  # an empty slot: a relocation
+                keys = [x for x, _ in pairs]
+                even = 0.5 * (top - shard_load[b_shard])
+                for a in shards[a_shard]:
+                    if a in held_b:
+                        continue
+                    low, high = w[a] - room, w[a] - (top - target)  # w[b] window
+                    for i in range(bisect.bisect_left(keys, low), len(keys)):
+                        x, b = pairs[i]
+                        if x > high:
+                            break
+                        score = abs(w[a] - x - even)
+                        if best is not None and score >= best[0]:
+                            continue
+                        if (b < 0 or b not in shards[a_shard]) and _may_swap(
+                            layer, a, a_shard, b, b_shard
+                        ):
+                            best = (score, a, b_shard, b)
+            if best is not None:
+                _, a, b_shard, b = best
+                layer.move(a, a_shard, b_shard)
+                if b >= 0:
+                    layer.move(b, b_shard, a_shard)
+                used += 1 if b < 0 else 2
+                fixed = True
+    return used
+
+
+def _may_swap(layer: Layer, a: int, a_shard: int, b: int, b_shard: int) -> bool:
+    if not layer.can_host(a, b_shard, a_shard):
+        return False
+    return b < 0 or layer.can_host(b, a_shard, b_shard)

@@ -13,6 +13,7 @@ so the budget goes where it helps most.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,8 +30,10 @@ from router.placement.arrays import (
 from router.placement.batch import swap_rounds
 from router.placement.bounds import greedy_bound, greedy_counts, moved_slots, shard_loads
 from router.placement.geometry import Geometry, Shards, ShardsIn
+from router.placement.improve import improve
 from router.placement.layer import Layer
-from router.placement.repair import repair
+from router.placement.reassign import pull_back, rebalance
+from router.placement.repair import fix_over, repair
 from router.placement.scratch import keep_slot_order, plan_from_scratch, relabel
 from router.placement.view import View
 
@@ -133,20 +136,48 @@ def repair_layer(
     index: int,
     budget: int | None,
 ) -> Shards:
-    """The slow path: the best plan from scratch, and a repair that stays near it."""
+    """The slow path: the best plan from scratch, a repair of the current plan, and both
+    pulled back towards the current plan; the fewest moves within ``tolerance`` wins.
+
+    The best found is the lower of the plan from scratch and the repair (built without
+    regard to ``left``); a plan within ``tolerance`` of it and within ``left`` moves is
+    chosen, fewest moves first; when none fits ``left``, the repair (which kept to it).
+    """
     best = relabel(plan_from_scratch(load, geometry), current, geometry)
     best_max = max(shard_loads(best, load))
     layer = Layer.from_shards(load, current, geometry)
+    if layer.sound() and layer.max_load <= best_max * (1 + tolerance):
+        return [list(held) for held in current]
     wanted = greedy_counts(load, geometry.num_shards * geometry.slots, geometry.max_replicas)
-    target = best_max * (1 + tolerance)
-    if repair(layer, wanted, target, left, match=True) is None:
+    if repair(layer, wanted, best_max * (1 + tolerance), left, match=True) is None:
         raise ValueError(
             f"max_moved_slots={budget} is too small: layer {index} of the current plan needs "
             "moves for experts without a slot or replicas on one node"
         )
     repaired = keep_slot_order(current, layer.shards)
-    options = [(moved_slots(current, best), 1, best)]  # the best plan qualifies by definition
-    if layer.max_load <= target:
-        options.append((moved_slots(current, repaired), 0, repaired))
+    # the same counts, re-paired by reassignment rounds (no budget: a candidate only)
+    paired = Layer.from_shards(load, current, geometry)
+    repair(paired, wanted, math.inf, None, match=True)  # the counts alone
+    aim = best_max * (1 + tolerance)
+    rebalance(paired, current, aim)
+    for _ in range(2):  # improve frees room that fix_over uses, and the other way round
+        improve(paired, aim, None, repair=True)
+        if not fix_over(paired, aim):
+            break
+    starts = [
+        (repaired, layer.max_load),
+        (keep_slot_order(current, paired.shards), paired.max_load),
+        (best, best_max),
+    ]
+    target = min(top for _, top in starts) * (1 + tolerance)
+    options: list[tuple[int, float, Shards]] = []  # (slots moved, max load, shards)
+    for start, top in starts:
+        if top > target:
+            continue
+        options.append((moved_slots(current, start), top, start))
+        pulled = Layer.from_shards(load, start, geometry)
+        pull_back(pulled, current, target)
+        shards = keep_slot_order(current, pulled.shards)
+        options.append((moved_slots(current, shards), pulled.max_load, shards))
     fits = [o for o in options if left is None or o[0] <= left]
-    return keep_slot_order(current, min(fits)[2]) if fits else repaired
+    return min(fits, key=lambda o: o[:2])[2] if fits else repaired

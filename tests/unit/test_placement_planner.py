@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -18,6 +19,7 @@ from router.placement import (
     NODE_SPREAD,
     Geometry,
     PlacementPlan,
+    ShardsIn,
     choose_redundancy,
     greedy_bound,
     greedy_counts,
@@ -25,8 +27,12 @@ from router.placement import (
     lower_bound,
     moved_slots,
     plan_placement,
+    shard_loads,
 )
 from router.placement.arrays import greedy_bounds
+from router.placement.layer import Layer
+from router.placement.reassign import PENALTY, min_cost_assignment, pull_back, rebalance
+from router.placement.repair import fix_over
 
 PROPERTY = settings(max_examples=60, deadline=None)
 
@@ -185,6 +191,59 @@ def test_greedy_bounds_of_all_layers_match_one_at_a_time(
         floor, heaviest = greedy_bound(layer, geometry)
         assert math.isclose(floor, bounds[0][i], rel_tol=1e-12, abs_tol=1e-9)
         assert math.isclose(heaviest, bounds[1][i], rel_tol=1e-12, abs_tol=1e-9)
+
+
+@PROPERTY
+@given(st.integers(1, 6).flatmap(lambda n: st.lists(
+    st.lists(st.sampled_from([0.0, 1.0, 2.5, 1e12]), min_size=n, max_size=n),
+    min_size=n, max_size=n,
+)))  # fmt: skip
+def test_min_cost_assignment_is_optimal(cost: list[list[float]]) -> None:
+    pick = min_cost_assignment(cost)
+    assert sorted(pick) == list(range(len(cost)))
+    best = min(
+        sum(cost[i][j] for i, j in enumerate(perm))
+        for perm in itertools.permutations(range(len(cost)))
+    )
+    assert math.isclose(sum(cost[i][j] for i, j in enumerate(pick)), best)
+
+
+def _overload_cost(layer: Layer, current: ShardsIn, target: float) -> float:
+    over = sum(max(0.0, x - target) for x in layer.shard_load) / target
+    return PENALTY * over + moved_slots(current, layer.shards)
+
+
+@PROPERTY
+@given(problems(), st.integers(0, 2**32 - 1))
+def test_reassignment_rounds_never_lose_ground(
+    problem: tuple[list[list[float]], int, int, int], seed: int
+) -> None:
+    """``pull_back`` keeps every shard under the target and never adds a move;
+    ``rebalance`` and ``fix_over`` never raise overload x ``PENALTY`` + moves."""
+    load, shards, slots, nodes = problem
+    rng = random.Random(seed)
+    before = plan_placement(load, shards, slots, num_nodes=nodes)
+    drifted = [[x * math.exp(0.5 * rng.gauss(0.0, 1.0)) for x in row] for row in load]
+    best = plan_placement(drifted, shards, slots, num_nodes=nodes)
+    geometry = Geometry(shards, slots, nodes, shards)
+    for i, row in enumerate(drifted):
+        target = max(max(shard_loads(best.layers[i], row)), 1e-9) * 1.01
+        current = before.layers[i]
+        layer = Layer.from_shards(row, best.layers[i], geometry)
+        moved = moved_slots(current, best.layers[i])
+        pull_back(layer, current, target)
+        assert layer.max_load <= target * (1 + 1e-9)
+        assert moved_slots(current, layer.shards) <= moved
+        assert layer.sound()
+        for step in (rebalance, fix_over):
+            layer = Layer.from_shards(row, current, geometry)
+            start = _overload_cost(layer, current, target)
+            if step is rebalance:
+                rebalance(layer, current, target)
+            else:
+                fix_over(layer, target)
+            assert _overload_cost(layer, current, target) <= start + 1e-6
+            assert layer.sound()
 
 
 # ----------------------------------------------------------------------------- examples
