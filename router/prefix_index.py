@@ -21,11 +21,14 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, repeat
+from itertools import accumulate, repeat, takewhile
 from operator import and_, neg
 from typing import Protocol
 
 from cache.block_key import BlockKey
+
+WALK_CHUNK = 16  # keys walked per C pass
+GALLOP_REPLICAS = 4  # at most this many replicas left: bisect each one's extent
 
 
 class KVEvents(Protocol):
@@ -55,8 +58,14 @@ class _Replica:
 class PrefixIndex:
     """Block keys per replica (bitmasks per key), fed by KV events."""
 
-    def __init__(self, expect_ttl_s: float = 2.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        expect_ttl_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        exact: bool = False,
+    ) -> None:
         self.expect_ttl_s = expect_ttl_s
+        self.exact = exact  # walk every key, never bisect (see ``matches``)
         self.clock = clock
         self._replicas: dict[str, _Replica] = {}
         self._ids: list[str | None] = []  # bit -> replica id (None: a free bit)
@@ -150,25 +159,63 @@ class PrefixIndex:
     def matches(self, keys: Sequence[BlockKey]) -> dict[str, int]:
         """Per replica holding at least the first key, how many leading ``keys`` it holds
         (or is expected to); replicas absent hold none. Expectations past their time are
-        dropped by ``expire`` (called with every event batch), off the lookup's path."""
+        dropped by ``expire`` (called with every event batch), off the lookup's path.
+
+        The chain is walked ``WALK_CHUNK`` keys at a time: per chunk, the running AND of the
+        holders' masks (C loops: a map, an accumulate, a bisection per change). Unless
+        ``exact``, once at most ``GALLOP_REPLICAS`` replicas are left, each one's extent is
+        found by bisection, which assumes it holds a prefix of the rest of the chain: an
+        engine frees a sequence's blocks last first, so its later blocks are evicted before
+        its earlier ones, and a hole costs only an overestimate (a cost mistaken, never a
+        wrong token)."""
         matched: dict[str, int] = {}
-        held = map(self._either.get, keys, repeat(0))
-        # running[i]: the replicas holding keys[0..i]; each a subset of the one before, so
-        # the values never increase and each change is found by bisection (C loops only)
-        running = list(accumulate(held, and_, initial=self._alive))
-        alive, i, end = self._alive, 1, len(running)
+        get = self._either.get
+        alive, pos, n = self._alive, 0, len(keys)
+        while pos < n and alive:
+            end = min(n, pos + WALK_CHUNK)
+            held = map(get, keys[pos:end], repeat(0))
+            running = list(takewhile(bool, accumulate(held, and_, initial=alive)))
+            alive = self._walk(matched, running, pos)
+            if len(running) <= end - pos:  # cut: nobody holds the next key
+                if pos + len(running) - 1 > 0:
+                    self._credit(matched, alive, pos + len(running) - 1)
+                return matched
+            pos = end
+            if not self.exact and pos < n and alive.bit_count() <= GALLOP_REPLICAS:
+                while alive:
+                    low = alive & -alive
+                    self._credit(matched, low, self._extent(keys, pos, low))
+                    alive ^= low
+                return matched
+        if alive and n:
+            self._credit(matched, alive, n)
+        return matched
+
+    def _walk(self, matched: dict[str, int], running: list[int], pos: int) -> int:
+        """Credit the replicas that drop within one chunk's running AND (``running[i]``: the
+        holders of every key up to ``pos + i - 1``); returns those left at its end."""
+        alive, i, end = running[0], 1, len(running)
         while i < end:
             i = bisect_right(running, -alive, lo=i, key=neg)  # first index holding fewer
             if i == end:
                 break
             now_alive = running[i]
-            if i > 1:  # (those that lack the first key match nothing: left out)
-                self._credit(matched, alive & ~now_alive, i - 1)
+            if pos + i - 1 > 0:  # (those that lack the first key match nothing: left out)
+                self._credit(matched, alive & ~now_alive, pos + i - 1)
             alive = now_alive
-            if not alive:
-                return matched
-        self._credit(matched, alive, len(keys))
-        return matched
+        return alive
+
+    def _extent(self, keys: Sequence[BlockKey], start: int, bit: int) -> int:
+        """The first index from ``start`` whose key the replica of ``bit`` lacks, by
+        bisection (the keys it holds taken as a prefix of ``keys[start:]``)."""
+        get, low, high = self._either.get, start, len(keys)
+        while low < high:
+            mid = (low + high) // 2
+            if get(keys[mid], 0) & bit:
+                low = mid + 1
+            else:
+                high = mid
+        return low
 
     def _credit(self, matched: dict[str, int], mask: int, count: int) -> None:
         while mask:

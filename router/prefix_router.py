@@ -110,7 +110,8 @@ class PrefixRouter:
             reason = "balance"
         work = (num_prompt_tokens - cached) + self.config.decode_weight * max_new_tokens
         self.queued[replica] = self.queued.get(replica, 0.0) + work
-        self.index.expect(replica, keys[cached // size : usable])  # what it will compute
+        # what it will compute counts as held there until events confirm it
+        self.index.expect(replica, keys[cached // size : usable])
         return Choice(replica, cached, int(work), reason, elsewhere)
 
     def done(self, choice: Choice) -> None:

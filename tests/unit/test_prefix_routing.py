@@ -178,7 +178,10 @@ def test_text_affinity_follows_the_published_rule() -> None:
         st.tuples(
             st.sampled_from(["store", "remove", "expect", "tick", "restart"]),
             st.integers(0, 3),
-            st.lists(st.integers(0, 11), max_size=6),
+            st.one_of(
+                st.lists(st.integers(0, 39), max_size=6),
+                st.integers(0, 40).map(lambda n: list(range(n))),  # a prefix, long chains
+            ),
         ),
         max_size=40,
     )
@@ -187,8 +190,8 @@ def test_matches_equal_a_brute_force_walk(ops: list[tuple[str, int, list[int]]])
     """Whatever the events, expectations and expiries, each replica's match is the number of
     leading keys it holds or is expected to hold (checked against a plain walk)."""
     clock = Clock()
-    index = PrefixIndex(expect_ttl_s=1.0, clock=clock)
-    pool = keys(12)
+    index = PrefixIndex(expect_ttl_s=1.0, clock=clock, exact=True)
+    pool = keys(40)
     held: dict[str, set[bytes]] = {f"r{i}": set() for i in range(4)}
     expected: dict[str, list[tuple[float, set[bytes]]]] = {r: [] for r in held}
     seq = dict.fromkeys(held, 0)
@@ -215,7 +218,7 @@ def test_matches_equal_a_brute_force_walk(ops: list[tuple[str, int, list[int]]])
             epoch[r] += "x"
             index.apply(r, Batch(epoch[r], 0, snapshot=True))
             seq[r], held[r] = 1, set()
-        for start in (0, 3):
+        for start in (0, 3, 20):
             want = {}
             for name in held:
                 live = set(held[name])
@@ -230,3 +233,20 @@ def test_matches_equal_a_brute_force_walk(ops: list[tuple[str, int, list[int]]])
                 if n:
                     want[name] = n
             assert index.matches(pool[start:]) == want
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 60)), max_size=12), st.integers(0, 60))
+def test_bisection_equals_the_walk_when_replicas_hold_prefixes(
+    holdings: list[tuple[int, int]], length: int
+) -> None:
+    """Replicas holding prefixes of the chain (what engines free tail first leave): the
+    default lookup, which bisects once few replicas are left, finds what the walk finds."""
+    pool = keys(60)
+    fast, exact = PrefixIndex(), PrefixIndex(exact=True)
+    for index in (fast, exact):
+        for i in range(10):
+            index.apply(f"r{i}", Batch("e", 0, snapshot=True))
+        for seq, (who, n) in enumerate(holdings, start=1):
+            index.apply(f"r{who}", Batch("e", seq, stored=tuple(pool[:n])))
+    assert fast.matches(pool[:length]) == exact.matches(pool[:length])
