@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from router.placement.bounds import greedy_bound
 from router.placement.geometry import NODE_SPREAD, Geometry, ShardsIn
 
 # Sizes past which the vectorised bound is not worth it (the per-layer Python one runs).
@@ -21,27 +22,31 @@ MAX_BATCH_LIGHT = 1 << 16  # (extra + 1) * (S - 1) candidate light replicas per 
 
 
 def as_slots(layers: Sequence[ShardsIn], slots: int) -> np.ndarray:
-    """[L, G, S] int64 from [L][G] lists of expert ids (checked already), -1 padding."""
+    """[L, G, S] int32 from [L][G] lists of expert ids (checked already), -1 padding.
+
+    int32 (ids < ``MAX_EXPERTS``) keeps a 58 x 288-slot plan's temporaries under 128 KiB.
+    """
     try:
-        out = np.array(layers, dtype=np.int64)
+        out = np.array(layers, dtype=np.int32)
     except ValueError:  # ragged: some shard has an empty slot
-        out = np.empty(0, dtype=np.int64)
+        out = np.empty(0, dtype=np.int32)
     if out.ndim == 3 and out.shape[2] == slots:
         return out
     num_shards = len(layers[0]) if layers else 0
-    out = np.full((len(layers), num_shards, slots), -1, dtype=np.int64)
+    out = np.full((len(layers), num_shards, slots), -1, dtype=np.int32)
     for i, shards in enumerate(layers):
         for g, held in enumerate(shards):
             out[i, g, : len(held)] = held
     return out
 
 
-def as_shards(slots: np.ndarray) -> tuple[tuple[int, ...], ...]:
-    """One layer's [G, S] slots as the plan's tuples: empty slots dropped, order kept."""
-    rows = slots.tolist()
-    if (slots >= 0).all():
-        return tuple(map(tuple, rows))
-    return tuple(tuple(e for e in row if e >= 0) for row in rows)
+def as_shards(slots: np.ndarray) -> list[tuple[tuple[int, ...], ...]]:
+    """Layers' [n, G, S] slots as the plan's tuples: empty slots dropped, order kept."""
+    full: list[bool] = np.all(slots >= 0, axis=(1, 2)).tolist()
+    return [
+        tuple(map(tuple, layer)) if whole else tuple(tuple(e for e in r if e >= 0) for r in layer)
+        for layer, whole in zip(slots.tolist(), full, strict=True)
+    ]
 
 
 def left_pack(slots: np.ndarray) -> np.ndarray:
@@ -74,23 +79,25 @@ class LayerArrays:
 def layer_arrays(load: np.ndarray, slots: np.ndarray, geometry: Geometry) -> LayerArrays:
     """Counts, loads per replica and per shard, node counts of ``slots`` ([L, G, S])."""
     num_layers, num_experts = load.shape
-    num_nodes = geometry.num_nodes
+    num_nodes, width = geometry.num_nodes, num_experts + 1
     flat = slots.reshape(num_layers, -1)  # [L, G * S]
-    # flat index into an [L, E + 1] table; an empty slot reads column E
-    index = flat % (num_experts + 1) + (np.arange(num_layers) * (num_experts + 1))[:, None]
-    counts = np.bincount(index.ravel(), minlength=num_layers * (num_experts + 1))
-    counts = counts.reshape(num_layers, num_experts + 1)[:, :num_experts]
-    wp = np.zeros((num_layers, num_experts + 1))
+    # flat index into an [L, E + 1] table; an empty slot (-1) reads column E
+    index = flat % np.int32(width)
+    index += (np.arange(num_layers, dtype=np.int32) * np.int32(width))[:, None]
+    counts = np.bincount(index.ravel(), minlength=num_layers * width)
+    counts = counts.reshape(num_layers, width)[:, :num_experts]
+    wp = np.zeros((num_layers, width))
     np.divide(load, counts, out=wp[:, :num_experts], where=counts > 0)
-    slot_load = wp.take(index)  # [L, G * S]
-    shard_load = np.add.reduceat(slot_load, np.arange(0, flat.shape[1], geometry.slots), axis=1)
+    shard_load = np.add.reduceat(wp.take(index), np.arange(0, flat.shape[1], geometry.slots), 1)
     replicated = counts > 1
-    shared = np.zeros((num_layers, num_experts + 1), dtype=np.int64)
+    shared = np.zeros((num_layers, width), dtype=np.int32)
     shared[:, :num_experts][replicated] = np.arange(1, int(replicated.sum()) + 1)
     row = shared.take(index)  # [L, G * S]
-    node = np.repeat(np.asarray(geometry.node), geometry.slots)  # [G * S]
-    keys = (row * num_nodes + node)[row > 0]
-    node_count = np.bincount(keys, minlength=(int(row.max(initial=0)) + 1) * num_nodes)
+    on = row > 0
+    node = np.repeat(np.asarray(geometry.node, dtype=np.int32), geometry.slots)  # [G * S]
+    node = np.broadcast_to(node, row.shape)
+    keys = row[on] * np.int32(num_nodes) + node[on]
+    node_count = np.bincount(keys, minlength=(int(replicated.sum()) + 1) * num_nodes)
     node_count = node_count.reshape(-1, num_nodes)
     spread = (node_count > 0).sum(axis=1)
     sound = np.asarray((counts > 0).all(axis=1))
@@ -118,12 +125,16 @@ def greedy_bounds(load: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.
     top = np.sort(part[:, num_experts - k :], axis=1)  # [L, k] ascending
     count = np.ones(top.shape)
     per = top.copy()  # load per replica now, -inf once at the cap
-    rows = np.arange(num_layers)
+    flat_top, flat_count, flat_per = top.ravel(), count.ravel(), per.ravel()
+    base = np.arange(num_layers) * k
     for _ in range(extra):
         j = per.argmax(axis=1)
-        c = count[rows, j] + 1.0
-        count[rows, j] = c
-        per[rows, j] = np.where(c < cap, top[rows, j] / c, -np.inf)
+        j += base
+        c = flat_count[j] + 1.0
+        flat_count[j] = c
+        flat_per[j] = flat_top[j] / c
+        if c.max() >= cap:  # at the cap: no more replicas
+            flat_per[j[c >= cap]] = -np.inf
     weight = top / count  # [L, k]
     heaviest = weight.max(axis=1)
     floor = np.maximum(load.sum(axis=1) / num_shards, heaviest)
@@ -137,6 +148,37 @@ def greedy_bounds(load: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.
         pool = np.concatenate([singles, copies.reshape(num_layers, -1)], axis=1)
         light = np.partition(pool, slots - 2, axis=1)[:, : slots - 1].sum(axis=1)
         floor = np.maximum(floor, heaviest + light)
+    return floor, heaviest
+
+
+def layer_bounds(
+    load: np.ndarray, state: LayerArrays, geometry: Geometry
+) -> tuple[np.ndarray, np.ndarray]:
+    """[L] ``greedy_bound`` floor of every layer, and an upper bound on its heaviest replica.
+
+    Cheap check first: the current counts are one way to place the extra slots, so the
+    greedy's heaviest replica is at most the current one (``w_max``), and the S - 1
+    lightest greedy replicas weigh at most the S - 1 smallest loads; when those two add
+    up to at most the mean shard load, the floor is the mean. Only the other layers pay
+    for ``greedy_bounds`` (their heaviest is then exact).
+    """
+    num_layers, num_experts = load.shape
+    mean = load.sum(axis=1) / geometry.num_shards
+    heaviest = state.wp[:, :num_experts].max(axis=1)
+    light = np.zeros(num_layers)
+    if 1 < geometry.slots <= num_experts:
+        k = geometry.slots - 1
+        light = np.partition(load, k - 1, axis=1)[:, :k].sum(axis=1)
+    easy = state.sound & (state.counts.max(axis=1) <= geometry.max_replicas)
+    easy &= heaviest + light <= mean
+    floor = mean
+    rows = np.flatnonzero(~easy)
+    if len(rows):
+        exact = greedy_bounds(load[rows], geometry)
+        if exact is None:
+            pairs = [greedy_bound(row, geometry) for row in load[rows].tolist()]
+            exact = (np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
+        floor[rows], heaviest[rows] = exact
     return floor, heaviest
 
 

@@ -84,12 +84,15 @@ def _round(
     ok_a &= _keeps_nodes(state, layer, ids_a, heavy, light, geometry)
     ok_b = _keeps_nodes(state, layer, ids_b, light, heavy, geometry)
     scale = 4.0 * float(load.max()) + 1.0
+    # [S, P] layouts (pairs innermost), float32 weights; chunks keep temporaries small
+    a_t, b_t, ok_a_t, ok_b_t = ids_a.T.copy(), ids_b.T.copy(), ok_a.T.copy(), ok_b.T.copy()
+    w_a_t, w_b_t = w_a.T.astype(np.float32), w_b.T.astype(np.float32)
     step = max(1, CHUNK_ELEMENTS // geometry.slots**2)
     best = np.concatenate(
         [
             _best_steps(
-                ids_a[i : i + step], ids_b[i : i + step], w_a[i : i + step],
-                w_b[i : i + step], ok_a[i : i + step], ok_b[i : i + step],
+                a_t[:, i : i + step], b_t[:, i : i + step], w_a_t[:, i : i + step],
+                w_b_t[:, i : i + step], ok_a_t[:, i : i + step], ok_b_t[:, i : i + step],
                 load_a[i : i + step], load_b[i : i + step], tgt_p[i : i + step], scale,
             )
             for i in range(0, len(layer), step)
@@ -115,7 +118,9 @@ def _round(
     _move_nodes(state, layer, e_a, node[heavy], node[light])
     filled = e_b >= 0
     _move_nodes(state, layer[filled], e_b[filled], node[light[filled]], node[heavy[filled]])
-    return np.isin(active, layer)
+    stepped = np.zeros(len(target), dtype=bool)
+    stepped[layer] = True
+    return stepped[active]
 
 
 def _best_steps(
@@ -132,36 +137,40 @@ def _best_steps(
 ) -> np.ndarray:
     """[P] the chosen step of each pair as ``a_slot * S + b_slot``, -1 for none.
 
-    A full step (the heavy shard ends under the target, the light one stays under it)
-    wins: fewest slots (an empty slot first), then the two loads closest to even; else
-    the step moving the most load that keeps the light shard under. Arrays are [S, S, P]
-    (pairs innermost, for numpy's inner loops); callers keep P small: a temporary over
-    128 KiB is a fresh mapping, and its page faults cost more than the arithmetic.
+    Inputs are [S, P] (slot, pair) and [P]. A full step (the heavy shard ends under the
+    target, the light one stays under it) wins: fewest slots (an empty slot first), then
+    the two loads closest to even; a pair without one takes the step moving the most load
+    that keeps the light shard under. Scores are [S, S, P] float32, pairs innermost for
+    numpy's inner loops, with a margin far above float32's error on the bounds; callers
+    keep P small: a temporary over 128 KiB is a fresh mapping, and its page faults cost
+    more than the arithmetic.
     """
-    pairs, num_slots = ids_a.shape
-    a_ids, b_ids = ids_a.T[:, None, :], ids_b.T[None, :, :]
-    same = a_ids == b_ids
-    ok_a = (ok_a & ~same.any(axis=1).T).T[:, None, :]  # [S, 1, P]: a not on B already
-    ok_b = (ok_b & ~(same.any(axis=0).T & (ids_b >= 0))).T[None, :, :]  # [1, S, P]
-    # float32 scores, with a margin far above float32's error on the bounds that matter
+    num_slots, pairs = ids_a.shape
+    same = ids_a[:, None, :] == ids_b[None, :, :]  # [S, S, P]
+    bad_a = ~ok_a | same.any(axis=1)  # [S, P]: a may not go, or is on B already
+    bad_b = ~ok_b | (same.any(axis=0) & (ids_b >= 0))  # b may not go, or is on A already
     margin = 1e-6 * target
     room = (target - load_b - margin).astype(np.float32)
     excess = (load_a - target + margin).astype(np.float32)
-    mid = (0.5 * (load_a - load_b)).astype(np.float32)
-    moved = w_a.T.astype(np.float32)[:, None, :] - w_b.T.astype(np.float32)[None, :, :]
-    ok = moved > 0.0
-    ok &= moved <= room
-    ok &= ok_a
-    ok &= ok_b
-    key = moved - mid
+    moved = w_a[:, None, :] - w_b[None, :, :]  # [S, S, P]: load leaving the heavy shard
+    bad = bad_a[:, None, :] | bad_b[None, :, :]
+    bad |= moved > room
+    short = bad | (moved < excess)
+    key = moved - (0.5 * (load_a - load_b)).astype(np.float32)
     np.abs(key, out=key)
-    key += np.where(ids_b.T >= 0, np.float32(scale), np.float32(0.0))[None, :, :]
-    key = np.where(moved >= excess, key, np.float32(4.0 * scale) - moved)
-    key[~ok] = np.inf
+    key += np.where(ids_b >= 0, np.float32(scale), np.float32(0.0))[None, :, :]
+    np.copyto(key, np.float32(np.inf), where=short)
     flat = key.reshape(num_slots * num_slots, pairs)
     best = flat.argmin(axis=0)
     found = np.isfinite(flat[best, np.arange(pairs)])
-    return np.where(found, best, -1)
+    if found.all():
+        return best
+    rest = np.flatnonzero(~found)  # no full step: the most load moved, if any
+    part = np.where(bad[:, :, rest] | (moved[:, :, rest] <= 0.0), -np.inf, moved[:, :, rest])
+    part = part.reshape(num_slots * num_slots, len(rest))
+    most = part.argmax(axis=0)
+    best[rest] = np.where(np.isfinite(part[most, np.arange(len(rest))]), most, -1)
+    return best
 
 
 def _keeps_nodes(

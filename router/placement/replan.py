@@ -21,14 +21,14 @@ import numpy as np
 
 from router.placement.arrays import (
     as_shards,
-    greedy_bounds,
     layer_arrays,
+    layer_bounds,
     left_pack,
     lightest_replicas,
     moved_slots_total,
 )
 from router.placement.batch import swap_rounds
-from router.placement.bounds import greedy_bound, greedy_counts, moved_slots, shard_loads
+from router.placement.bounds import greedy_counts, moved_slots, shard_loads
 from router.placement.geometry import Geometry, Shards, ShardsIn
 from router.placement.improve import improve
 from router.placement.layer import Layer
@@ -66,11 +66,7 @@ def replan(
     plan's maximum plus ``tolerance``). At most ``budget`` slots move in all.
     """
     state = layer_arrays(load, slots, geometry)
-    bounds = greedy_bounds(load, geometry)
-    if bounds is None:
-        pairs = [greedy_bound(row, geometry) for row in load.tolist()]
-        bounds = (np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
-    floor, heaviest = bounds
+    floor, heaviest = layer_bounds(load, state, geometry)
     target = floor * (1 + tolerance)
     top = state.shard_load.max(axis=1)
     keep = state.sound & (top <= target)
@@ -78,8 +74,11 @@ def replan(
         return Replanned(_as_layers(current), slots, top, 0)
     width = load.shape[1]
     w_max = state.wp[:, :width].max(axis=1)
-    others = lightest_replicas(state.wp, slots, geometry.slots - 1)
-    hot = (w_max > heaviest * (1 + 1e-9)) & (w_max + others > target)
+    hot = w_max > heaviest * (1 + 1e-9)  # a replica heavier than the counts from scratch allow
+    if hot.any():  # ... that keeps its shard over the target with the lightest others
+        rows = np.flatnonzero(hot)
+        others = lightest_replicas(state.wp[rows], slots[rows], geometry.slots - 1)
+        hot[rows] = w_max[rows] + others > target[rows]
     new = slots.copy()
     batched = state.sound & ~keep & ~hot
     failed = swap_rounds(new, state, target, np.flatnonzero(batched), geometry)
@@ -112,11 +111,11 @@ def replan(
     maxima = top.copy()
     maxima[batched] = state.shard_load[batched].max(axis=1)  # kept up to date by the swaps
     layers = list(_as_layers(current))
-    for i in changed.tolist():
-        if i in fixed:
-            layers[i], maxima[i] = tuple(map(tuple, fixed[i][0])), fixed[i][1]
-        else:
-            layers[i] = as_shards(new[i])
+    swapped = np.flatnonzero(batched)
+    for i, layer_shards in zip(swapped.tolist(), as_shards(new[swapped]), strict=True):
+        layers[i] = layer_shards
+    for i, (fixed_shards, top_i) in fixed.items():
+        layers[i], maxima[i] = tuple(map(tuple, fixed_shards)), top_i
     return Replanned(tuple(layers), new, maxima, moved)
 
 
