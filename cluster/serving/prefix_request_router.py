@@ -145,7 +145,7 @@ class PrefixAwareRequestRouter(RequestRouter):
         import ray
 
         hub: Any = None
-        while True:
+        while ray.is_initialized():  # (a lookup after a shutdown would start Ray again)
             try:
                 if hub is None:
                     hub = ray.get_actor(HUB_NAME_PREFIX + self.tier)
