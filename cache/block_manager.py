@@ -15,6 +15,11 @@ again: a later sequence whose cached chain ends at that hash finds it
 (the copy is the engine's), so a cached block is never written. Partial and full
 cached blocks share one LRU order. Every chain starts at its tenant's root
 (``prefix_hash.root_hash``), so tenants never share or time each other's blocks.
+
+Pins (``pin``): a prefix someone asked to keep, by its blocks' hashes, until a time. An unheld
+pinned block waits in an LRU order of its own, evicted only when no unpinned block is left;
+pins are soft: at most ``max_pinned_share`` of the pool's blocks are pinned at once (further
+pins are ignored), and an expired pin (``expire_pins``) makes its block ordinary again.
 """
 
 from __future__ import annotations
@@ -30,7 +35,13 @@ from cache.prefix_hash import hash_blocks
 class BlockManager:
     """Block tables' storage: free blocks, held blocks, and cached unheld blocks."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        max_pinned_share: float = 0.25,
+    ):
         if block_size <= 0:
             raise ValueError(f"block_size={block_size} must be > 0")
         self.block_size = block_size
@@ -40,6 +51,10 @@ class BlockManager:
         self._hash_of: dict[int, int] = {}  # block -> prefix hash
         self._partials = PartialBlocks()  # cached partial blocks, all unheld and evictable
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unheld; LRU first
+        self._pinned: OrderedDict[int, None] = OrderedDict()  # the same, of pinned hashes
+        self._pins: dict[int, float] = {}  # prefix hash -> pinned until (the caller's clock)
+        self._next_expiry = float("inf")
+        self.max_pinned_blocks = int(num_blocks * max_pinned_share)
         self.num_evictions = 0
         # with track_evictions, the hashes of evicted full blocks, for whoever drains them (KV
         # events, miss reasons); off, nothing is kept
@@ -53,7 +68,7 @@ class BlockManager:
     @property
     def num_available(self) -> int:
         """Blocks a caller could get now: free plus evictable."""
-        return self.allocator.num_free + len(self._evictable)
+        return self.allocator.num_free + len(self._evictable) + len(self._pinned)
 
     @property
     def num_held(self) -> int:
@@ -78,7 +93,8 @@ class BlockManager:
         if not self.can_allocate(count):
             raise OutOfBlocksError(f"asked for {count} blocks, {self.num_available} available")
         while self.allocator.num_free < count:
-            block, _ = self._evictable.popitem(last=False)
+            source = self._evictable if self._evictable else self._pinned
+            block, _ = source.popitem(last=False)
             if block in self._partials:
                 self._partials.remove(block)
             else:
@@ -122,13 +138,14 @@ class BlockManager:
 
     def acquire_cost(self, blocks: Sequence[int]) -> int:
         """How many available blocks holding ``blocks`` would use up (the evictable ones)."""
-        return sum(1 for b in blocks if b in self._evictable)
+        return sum(1 for b in blocks if b in self._evictable or b in self._pinned)
 
     def acquire(self, blocks: Sequence[int]) -> None:
         """Hold cached blocks (one more reference each)."""
         for block in blocks:
             assert block not in self._partials, f"block {block} is a partial entry: copy it"
             self._evictable.pop(block, None)
+            self._pinned.pop(block, None)
             self.allocator.incref(block)
 
     def match_partial(
@@ -148,7 +165,10 @@ class BlockManager:
 
     def touch(self, block: int) -> None:
         """Mark an evictable cached block as just used (evicted last)."""
-        self._evictable.move_to_end(block)
+        if block in self._pinned:
+            self._pinned.move_to_end(block)
+        else:
+            self._evictable.move_to_end(block)
 
     def register(self, block: int, block_hash: int) -> bool:
         """Name a full, computed block by its prefix hash so later sequences can reuse it;
@@ -159,6 +179,44 @@ class BlockManager:
         self._block_of[block_hash] = block
         self._hash_of[block] = block_hash
         return True
+
+    def pin(self, hashes: Sequence[int], until: float) -> int:
+        """Pin these prefix hashes until ``until`` (a later pin extends one); returns how
+        many are pinned now, fewer once ``max_pinned_blocks`` is reached (soft pins)."""
+        pinned = 0
+        for block_hash in hashes:
+            if block_hash not in self._pins and len(self._pins) >= self.max_pinned_blocks:
+                break
+            self._pins[block_hash] = max(until, self._pins.get(block_hash, 0.0))
+            block = self._block_of.get(block_hash)
+            if block is not None and block in self._evictable:
+                del self._evictable[block]
+                self._pinned[block] = None
+            pinned += 1
+        self._next_expiry = min(self._next_expiry, until)
+        return pinned
+
+    def pinned_until(self, block_hash: int) -> float:
+        """When the pin of a prefix hash ends (0: not pinned)."""
+        return self._pins.get(block_hash, 0.0)
+
+    @property
+    def num_pins(self) -> int:
+        return len(self._pins)
+
+    def expire_pins(self, now: float) -> None:
+        """Drop the pins that ended by ``now``; their unheld blocks become ordinary cached
+        blocks, first in line for eviction."""
+        if now < self._next_expiry:
+            return
+        for block_hash in [h for h, until in self._pins.items() if until <= now]:
+            del self._pins[block_hash]
+            block = self._block_of.get(block_hash)
+            if block is not None and block in self._pinned:
+                del self._pinned[block]
+                self._evictable[block] = None
+                self._evictable.move_to_end(block, last=False)
+        self._next_expiry = min(self._pins.values(), default=float("inf"))
 
     def cached_hashes(self) -> list[int]:
         """The prefix hashes of every cached full block (held or not): a snapshot."""
@@ -173,7 +231,8 @@ class BlockManager:
             if self.allocator.decref(block) > 0:
                 continue
             if block in self._hash_of:
-                self._evictable[block] = None
+                pinned = self._hash_of[block] in self._pins
+                (self._pinned if pinned else self._evictable)[block] = None
             else:
                 self.allocator.release(block)
 

@@ -192,7 +192,7 @@ def check_state(h: Harness, pending: Seq[SlotCopy] = ()) -> None:
     for block in range(blocks.num_blocks):
         assert blocks.allocator.refcount(block) == appearances[block], block
     assert blocks.num_held == len(appearances)
-    free, evictable = set(blocks.allocator._free), set(blocks._evictable)
+    free, evictable = set(blocks.allocator._free), set(blocks._evictable) | set(blocks._pinned)
     assert len(free) == blocks.allocator.num_free
     assert free | evictable | set(appearances) == set(range(blocks.num_blocks))
     assert not free & evictable and not (free | evictable) & set(appearances)

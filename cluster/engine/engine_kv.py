@@ -115,7 +115,9 @@ class EngineKV:
         self.block_size = blocks.block_size
         self.block_bytes = keyspace.layout.bytes_per_block(pool._data.element_size())
         blocks.track_evictions = True
+        blocks.max_pinned_blocks = int(blocks.num_blocks * self.config.max_pinned_share)
         scheduler.track_stored = True
+        self.clock = clock
         self._prompts: dict[str, _Prompt] = {}
         self._fetches: dict[str, _Fetch] = {}
         self._fetcher: ThreadPoolExecutor | None = None
@@ -270,10 +272,17 @@ class EngineKV:
             group = by_salt.setdefault(seq.cache_salt, ([], []))
             group[0].append(block)
             group[1].append(block_hash)
+        now = self.clock()
         for salt, (blocks, hashes) in by_salt.items():
             self.events.stored(salt, hashes)
-            if self._publisher is not None:
-                self._publisher.offer(self.keyspace.keys(salt, hashes), self._gather(blocks))
+            if self._publisher is None:
+                continue
+            # pinned blocks go to the store pinned for what is left of their pin
+            ttls = [max(0.0, self.blocks.pinned_until(h) - now) for h in hashes]
+            for ttl in sorted(set(ttls)):
+                chosen = [i for i, t in enumerate(ttls) if t == ttl]
+                keys = self.keyspace.keys(salt, [hashes[i] for i in chosen])
+                self._publisher.offer(keys, self._gather([blocks[i] for i in chosen]), ttl)
         evicted, self.blocks.evicted = self.blocks.evicted, []
         self.events.evicted(evicted)
 
@@ -316,7 +325,7 @@ class _Publisher:
     def __init__(self, store: BlockStore, config: KVStoreConfig) -> None:
         self.store = store
         self.config = config
-        self._queue: deque[tuple[list[BlockKey], torch.Tensor]] = deque()
+        self._queue: deque[tuple[list[BlockKey], torch.Tensor, float]] = deque()
         self._queued_blocks = 0
         self._cond = threading.Condition()
         self._closed = False
@@ -327,13 +336,14 @@ class _Publisher:
         self._thread = threading.Thread(target=self._run, name="kv-publish", daemon=True)
         self._thread.start()
 
-    def offer(self, keys: list[BlockKey], blocks: torch.Tensor) -> bool:
-        """Queue blocks for the store; False (dropped, counted) when the queue is full."""
+    def offer(self, keys: list[BlockKey], blocks: torch.Tensor, pin_ttl_s: float = 0.0) -> bool:
+        """Queue blocks for the store (pinned there for ``pin_ttl_s``); False (dropped,
+        counted) when the queue is full."""
         with self._cond:
             if self._queued_blocks + len(keys) > self.config.publish_queue_blocks:
                 self.num_dropped += len(keys)
                 return False
-            self._queue.append((keys, blocks))
+            self._queue.append((keys, blocks, pin_ttl_s))
             self._queued_blocks += len(keys)
             self._cond.notify()
         return True
@@ -345,13 +355,14 @@ class _Publisher:
                     self._cond.wait()
                 if self._closed:
                     return
-                keys, blocks = self._queue.popleft()
+                keys, blocks, pin_ttl_s = self._queue.popleft()
                 self._queued_blocks -= len(keys)
                 self._busy = True
             # [n, bytes]: each row one block's K/V, views of one buffer (no copy)
             rows = blocks.view(torch.uint8).reshape(len(keys), -1).numpy()
             try:
-                futures = self.store.put_many(keys, [rows[i] for i in range(len(keys))])
+                blocks_np = [rows[i] for i in range(len(keys))]
+                futures = self.store.put_many(keys, blocks_np, pin_ttl_s)
                 ok = wait_puts(futures, self.config.put_timeout_s)
             except Exception:  # a broken store client must not end publishing for good
                 ok = False

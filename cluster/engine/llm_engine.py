@@ -23,6 +23,7 @@ from cache.block_key import KeySpace
 from cache.block_manager import BlockManager
 from cache.kv_pool import KVPool
 from cache.kv_store import BlockStore
+from cache.prefix_hash import hash_blocks
 from cluster.engine.admission import validate_request
 from cluster.engine.config import EngineConfig
 from cluster.engine.counters import EngineCounters
@@ -145,6 +146,10 @@ class LLMEngine:
             cache_salt=request.cache_salt,
         )
         self.scheduler.check(seq)
+        if request.pin_tokens and request.pin_ttl_s > 0:  # soft: evicted last, until then
+            count = min(request.pin_tokens, len(seq.prompt_ids)) // self.config.block_size
+            hashes = hash_blocks(seq.prompt_ids, self.config.block_size, count, seq.root_hash)
+            self.blocks.pin(hashes, self.clock() + request.pin_ttl_s)
         if self.kv is None or not self.kv.admit(seq):  # else it joins once its fetch is done
             self.scheduler.add(seq)
         self._seqs[seq.request_id] = seq
@@ -180,6 +185,7 @@ class LLMEngine:
         """Schedule, run the model, post-process. Returns the tokens generated this step;
         requests that failed in it alone are finished and listed in ``failures``."""
         self.failures = []
+        self.blocks.expire_pins(self.clock())
         if self.kv is not None:
             for seq in self.kv.ready():  # fetched prefixes are in the pool: admit as usual
                 self.scheduler.add(seq)

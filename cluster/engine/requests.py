@@ -24,8 +24,17 @@ class EngineRequest:
     attention_first_tokens: int = 0  # N > 0: attention diagnostics on each TokenEvent
     # the tenant's prefix-cache salt: only requests with the same salt share cached blocks
     cache_salt: str = ""
+    # keep the K/V of the prompt's first ``pin_tokens`` tokens (whole blocks) cached for
+    # ``pin_ttl_s`` seconds: evicted after unpinned blocks, here and in the cluster store
+    # (soft: at most kv_store.max_pinned_share of a cache is pinned); 0: no pin
+    pin_tokens: int = 0
+    pin_ttl_s: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.pin_tokens <= MAX_PIN_TOKENS:
+            raise ValueError(f"pin_tokens={self.pin_tokens} is out of range: [0, {MAX_PIN_TOKENS}]")
+        if not 0.0 <= self.pin_ttl_s <= MAX_PIN_TTL_S:
+            raise ValueError(f"pin_ttl_s={self.pin_ttl_s} is out of range: [0, {MAX_PIN_TTL_S:g}]")
         if len(self.cache_salt) > MAX_CACHE_SALT_CHARS:
             raise ValueError(
                 f"cache_salt of {len(self.cache_salt)} characters is too long: "
@@ -35,6 +44,8 @@ class EngineRequest:
 
 MAX_ATTENTION_FIRST_TOKENS = 1_000_000
 MAX_CACHE_SALT_CHARS = 128
+MAX_PIN_TOKENS = 1 << 20
+MAX_PIN_TTL_S = 86_400.0
 
 
 Routing = tuple[tuple[int, tuple[int, ...]], ...]  # per MoE layer: (layer, chosen experts)

@@ -29,6 +29,9 @@ class TierRequest:
     # the tenant's prefix-cache salt, set by the gateway from the caller's identity (a hash of
     # the API key, never the key): requests share cached blocks only with the same salt
     cache_salt: str = ""
+    # keep the prompt's first pin_tokens tokens cached for pin_ttl_s (EngineRequest's pins)
+    pin_tokens: int = 0
+    pin_ttl_s: float = 0.0
     # the gateway's wall clock (time.time()) when it sent this call: the replica can tell
     # how long it waited in the tier's queue (0: unknown)
     sent_at: float = 0.0

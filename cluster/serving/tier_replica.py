@@ -227,6 +227,8 @@ class TierReplica:
                 return_routing=request.return_routing,
                 attention_first_tokens=request.attention_first_tokens,
                 cache_salt=request.cache_salt,
+                pin_tokens=request.pin_tokens,
+                pin_ttl_s=request.pin_ttl_s,
             )
             self.engine.validate(engine_request)
         except ValueError as err:

@@ -19,7 +19,7 @@ from cache.block_manager import BlockManager
 def check_partition(manager: BlockManager) -> None:
     """Free, evictable and held blocks partition the pool; refcounts agree."""
     free = list(manager.allocator._free)
-    evictable = list(manager._evictable)
+    evictable = list(manager._evictable) + list(manager._pinned)  # unheld cached blocks
     held = [b for b in range(manager.num_blocks) if manager.allocator.refcount(b) > 0]
     assert len(set(free)) == len(free) and len(set(evictable)) == len(evictable)
     assert sorted(free + evictable + held) == list(range(manager.num_blocks))

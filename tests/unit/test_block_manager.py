@@ -425,3 +425,26 @@ def test_release_partial_checks_its_block() -> None:
     with pytest.raises(AssertionError, match="shared or free"):
         manager.release_partial(block, None, [1])
     check_partition(manager)
+
+
+def test_pinned_blocks_are_evicted_last_capped_and_expire() -> None:
+    from cache.block_manager import BlockManager
+
+    blocks = BlockManager(num_blocks=8, block_size=4, max_pinned_share=0.25)  # 2 pins at most
+    held = blocks.allocate(4)
+    for i, block in enumerate(held):
+        blocks.register(block, 100 + i)
+    assert blocks.pin([100, 101, 102], until=10.0) == 2  # the cap: soft pins
+    blocks.free(held)
+    assert blocks.num_available == 8
+    check_partition(blocks)
+    fresh = blocks.allocate(6)  # 4 free + 2 evicted: the unpinned 102 and 103 go first
+    assert blocks.lookup([100, 101]) == held[:2] and blocks.lookup([102]) == []
+    blocks.free(fresh)
+    blocks.expire_pins(5.0)  # not yet
+    assert blocks.num_pins == 2
+    blocks.expire_pins(10.0)  # ended: ordinary blocks, first in line for eviction
+    assert blocks.num_pins == 0
+    blocks.allocate(7)  # the free six, then one of the two: no longer kept apart
+    assert len(blocks.lookup([100]) + blocks.lookup([101])) == 1
+    check_partition(blocks)

@@ -239,3 +239,26 @@ def test_a_broken_relay_is_a_miss(model: MoEModel, path: Path) -> None:
     got = run(b, turn("t", HISTORY))
     assert tokens(got) == tokens(ref)
     assert got[-1].kv_miss == MISS_STORE_UNAVAILABLE
+
+
+def test_a_pinned_prefix_outlives_pressure_here_and_is_pinned_in_the_store(
+    model: MoEModel, path: Path
+) -> None:
+    store, calls = local_store(1, capacity_bytes=1 << 24)
+    e = engine(model, path, store, num_blocks=12)  # 3 of them may be pinned
+    system = HISTORY[:48]  # 3 full blocks
+    pinned = EngineRequest(
+        "p",
+        [*system, 5, 6],
+        SamplingParams(max_tokens=2, ignore_eos=True),
+        pin_tokens=48,
+        pin_ttl_s=60.0,
+    )
+    run_to_end(e, [pinned])
+    assert e.kv is not None and e.kv.flush()
+    for i in range(4):  # other prompts fill the pool many times over
+        run(e, turn(f"o{i}", [3 + (j * (7 + i)) % 250 for j in range(80)], n=2))
+    again = run(e, turn("again", [*system, 9, 9, 9]))
+    assert again[-1].num_cached_prompt_tokens == 48  # kept while the rest was evicted
+    shard = next(iter(calls.shards.values()))
+    assert shard.num_pinned_bytes == 3 * e.kv.block_bytes
