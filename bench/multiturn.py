@@ -245,8 +245,9 @@ async def run_config(
         stats.prompt_tokens += len(prompt)
         stats.cached_tokens += last.num_cached_prompt_tokens
         stats.store_tokens += last.num_store_cached_tokens
-        reason = last.kv_miss or "hit"
-        misses[reason] = misses.get(reason, 0) + 1
+        if caching:  # (without a KV link no reason is known)
+            reason = last.kv_miss or "none"
+            misses[reason] = misses.get(reason, 0) + 1
         outputs[(s, k)] = tokens
         histories[s] = prompt + tokens
 
@@ -326,7 +327,7 @@ def main() -> None:
     args = p.parse_args()
     started = time.perf_counter()
     torch.set_num_threads(1)  # one core per replica's engine thread
-    args.sessions = quick_or(args, args.sessions, 4, 12)
+    args.sessions = quick_or(args, args.sessions, 4, 10)
     args.rounds = quick_or(args, args.rounds, 1, 2)
     args.kv_blocks = args.kv_blocks or (1024 if args.quick else 1536)
     path = demo_checkpoint(args.preset)

@@ -112,7 +112,7 @@ def measure_fetch_threshold(model: MoEModel, model_id: str, args: Any) -> dict[s
 
 def run_simulation(args: Any) -> dict[str, Any]:
     """Every policy on both workloads at 64 replicas; the targets' figures over workloads."""
-    requests = args.sim_requests or (3000 if args.quick else 20_000)
+    requests = args.sim_requests or (3000 if args.quick else 10_000)
     cfg = SimConfig(replicas=64, requests=requests, seed=args.seed)
     results: dict[str, dict[str, Any]] = {}
     for workload in ("business", "chat"):

@@ -16,9 +16,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 # policy code and its bookkeeping: ids and integers
 POLICY = ("cluster.engine.scheduler", "cluster.engine.sequence")
-BOOKKEEPING = ("cache.block_manager", "cache.kv_policy")
+BOOKKEEPING = (
+    "cache.block_manager",
+    "cache.kv_policy",
+    "cache.block_key",
+    "cache.hash_ring",
+    "cache.kv_store",
+)
 # the loop's messages, and what a caller of either transport holds
-LOOP = ("cluster.engine.loop", "cluster.engine.streams")
+LOOP = ("cluster.engine.loop", "cluster.engine.streams", "cluster.engine.kv_events")
 CALLER = ("cluster.engine.client", "cluster.engine.launch")
 HEAVY = ("torch", "transformers", "safetensors", "experts.model", "experts.sampling")
 
