@@ -248,6 +248,8 @@ async def run_config(
         if caching:  # (without a KV link no reason is known)
             reason = last.kv_miss or "none"
             misses[reason] = misses.get(reason, 0) + 1
+        if choice is not None and choice.best_elsewhere > choice.cached_tokens:
+            misses["routed_elsewhere"] = misses.get("routed_elsewhere", 0) + 1
         outputs[(s, k)] = tokens
         histories[s] = prompt + tokens
 
