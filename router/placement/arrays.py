@@ -69,6 +69,7 @@ class LayerArrays:
 
     counts: np.ndarray  # [L, E] replicas
     wp: np.ndarray  # [L, E + 1] load per replica, 0 for an empty slot
+    wp32: np.ndarray  # the same in float32, to score swaps (moves apply wp's exact values)
     shard_load: np.ndarray  # [L, G]
     shared: np.ndarray  # [L, E + 1] row of node_count, 0 for an unreplicated expert
     node_count: np.ndarray  # [1 + replicated experts, N] replicas per node
@@ -105,7 +106,9 @@ def layer_arrays(load: np.ndarray, slots: np.ndarray, geometry: Geometry) -> Lay
     if floor > 1:
         layer_of_row = np.nonzero(replicated)[0]  # rows were numbered in this order
         sound[layer_of_row[spread[1:] < floor]] = False
-    return LayerArrays(counts, wp, shard_load, shared, node_count, spread, sound)
+    node_count = node_count.astype(np.int32)
+    wp32 = wp.astype(np.float32)
+    return LayerArrays(counts, wp, wp32, shard_load, shared, node_count, spread, sound)
 
 
 def greedy_bounds(load: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray] | None:

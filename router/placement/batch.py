@@ -78,15 +78,15 @@ def _round(
     heavy, light = order[row, col], light_all[row, col]  # [P]
     load_a, load_b, tgt_p = load[row, heavy], load[row, light], tgt[row, 0]
     ids_a, ids_b = slots[layer, heavy], slots[layer, light]  # [P, S]
-    w_a = state.wp[layer[:, None], ids_a]
-    w_b = state.wp[layer[:, None], ids_b]
+    wp32 = state.wp32
+    w_a_t = wp32[layer[None, :], ids_a.T]  # [S, P] float32, for scoring only
+    w_b_t = wp32[layer[None, :], ids_b.T]
     ok_a = ids_a >= 0
     ok_a &= _keeps_nodes(state, layer, ids_a, heavy, light, geometry)
     ok_b = _keeps_nodes(state, layer, ids_b, light, heavy, geometry)
     scale = 4.0 * float(load.max()) + 1.0
     # [S, P] layouts (pairs innermost), float32 weights; chunks keep temporaries small
     a_t, b_t, ok_a_t, ok_b_t = ids_a.T.copy(), ids_b.T.copy(), ok_a.T.copy(), ok_b.T.copy()
-    w_a_t, w_b_t = w_a.T.astype(np.float32), w_b.T.astype(np.float32)
     step = max(1, CHUNK_ELEMENTS // geometry.slots**2)
     best = np.concatenate(
         [
@@ -105,7 +105,7 @@ def _round(
     pos_a, pos_b = best // geometry.slots, best % geometry.slots
     pick_rows = np.flatnonzero(chosen)
     e_a, e_b = ids_a[pick_rows, pos_a], ids_b[pick_rows, pos_b]
-    delta = w_a[pick_rows, pos_a] - w_b[pick_rows, pos_b]
+    delta = state.wp[layer, e_a] - state.wp[layer, e_b]  # exact, float64; wp[l, -1] is 0
     keep = _unique_experts(layer, e_a, e_b, state.wp.shape[1])
     layer, heavy, light, pos_a, pos_b, e_a, e_b, delta = (
         x[keep] for x in (layer, heavy, light, pos_a, pos_b, e_a, e_b, delta)
@@ -150,15 +150,18 @@ def _best_steps(
     bad_a = ~ok_a | same.any(axis=1)  # [S, P]: a may not go, or is on B already
     bad_b = ~ok_b | (same.any(axis=0) & (ids_b >= 0))  # b may not go, or is on A already
     margin = 1e-6 * target
-    room = (target - load_b - margin).astype(np.float32)
-    excess = (load_a - target + margin).astype(np.float32)
+    room = (target - load_b - margin).astype(np.float32)  # [P] most load B may take
+    excess = (load_a - target + margin).astype(np.float32)  # [P] least load A must give
     moved = w_a[:, None, :] - w_b[None, :, :]  # [S, S, P]: load leaving the heavy shard
     bad = bad_a[:, None, :] | bad_b[None, :, :]
-    bad |= moved > room
-    short = bad | (moved < excess)
+    # a full step moves load within [excess, room]: |moved - centre| <= half width
+    window = moved - 0.5 * (room + excess)
+    np.abs(window, out=window)
+    short = bad | (window > 0.5 * (room - excess))
     key = moved - (0.5 * (load_a - load_b)).astype(np.float32)
     np.abs(key, out=key)
-    key += np.where(ids_b >= 0, np.float32(scale), np.float32(0.0))[None, :, :]
+    if (ids_b < 0).any():  # an empty slot: a relocation (1 slot) before any swap (2)
+        key += np.where(ids_b >= 0, np.float32(scale), np.float32(0.0))[None, :, :]
     np.copyto(key, np.float32(np.inf), where=short)
     flat = key.reshape(num_slots * num_slots, pairs)
     best = flat.argmin(axis=0)
@@ -166,7 +169,8 @@ def _best_steps(
     if found.all():
         return best
     rest = np.flatnonzero(~found)  # no full step: the most load moved, if any
-    part = np.where(bad[:, :, rest] | (moved[:, :, rest] <= 0.0), -np.inf, moved[:, :, rest])
+    part = moved[:, :, rest]
+    part = np.where(bad[:, :, rest] | (part <= 0.0) | (part > room[rest]), -np.inf, part)
     part = part.reshape(num_slots * num_slots, len(rest))
     most = part.argmax(axis=0)
     best[rest] = np.where(np.isfinite(part[most, np.arange(len(rest))]), most, -1)
