@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,8 @@ MAX_SLOTS_PER_LAYER = 1 << 16  # G * S
 MAX_TOTAL_SLOTS = 1 << 22  # L * G * S
 MAX_LOAD = 1e18  # per (layer, expert): token counts, far above any real window
 _NUMBER_TYPES = frozenset({int, float})
+_REAL = (int, float, np.integer, np.floating)  # numbers a load may hold; bools are refused
+_BOOLS = (bool, np.bool_)
 
 
 def validate_load(load: Any) -> list[list[float]]:
@@ -58,32 +59,46 @@ def validate_load(load: Any) -> list[list[float]]:
 def load_array(load: Any) -> np.ndarray:
     """The load matrix as an [L, E] float64 array; errors as ``validate_load`` gives them.
 
-    One pass: row lengths and element types at C speed, one conversion, then range and
-    finiteness on the array; only an input failing that is walked by ``validate_load``,
-    to name the first bad value.
+    One pass: numpy converts the rows, inferring their type (a string, ``None`` or any
+    other object gives a non-number dtype; ints and floats give int or float); a bool
+    among numbers becomes 0 or 1, so only the 0 and 1 entries are looked up for one.
+    Then range and finiteness on the array. An input failing any of that is walked by
+    ``validate_load``, which names the first bad value. Numpy's number scalars count as
+    numbers, in both.
     """
     layers = _sequence(load, "load", "a list of layers")
     if 1 <= len(layers) <= MAX_LAYERS and type(layers[0]) in (list, tuple):
         width = len(layers[0])
-        if (
-            1 <= width <= MAX_EXPERTS
-            and all(type(row) in (list, tuple) and len(row) == width for row in layers)
-            and set(map(type, chain.from_iterable(layers))) <= _NUMBER_TYPES
+        if 1 <= width <= MAX_EXPERTS and all(
+            type(row) in (list, tuple) and len(row) == width for row in layers
         ):
-            try:
-                array = np.array(layers, dtype=np.float64)
-            except OverflowError:  # an int past float's range
-                array = np.full(1, np.nan)
-            if array.min() >= 0.0 and array.max() <= MAX_LOAD:  # NaN fails both
-                return array
+            array = _numbers(layers, width)
+            if array is not None and array.min() >= 0.0 and array.max() <= MAX_LOAD:
+                return array  # NaN fails both bounds
     return np.array(validate_load(load), dtype=np.float64)  # raises, naming the value
+
+
+def _numbers(layers: Sequence[Sequence[Any]], width: int) -> np.ndarray | None:
+    """[L, E] float64 when every entry is an int or a float, else None."""
+    try:
+        array = np.array(layers)
+    except (OverflowError, ValueError):
+        return None
+    if array.shape != (len(layers), width) or array.dtype.kind not in "iuf":
+        return None  # strings, objects, all bools, ragged
+    array = array.astype(np.float64, copy=False)
+    for flat in np.flatnonzero((array == 0.0) | (array == 1.0)).tolist():
+        row, col = divmod(flat, width)
+        if isinstance(layers[row][col], _BOOLS):
+            return None  # a bool converted to 0 or 1
+    return array
 
 
 def _bad_row(i: int, row: Sequence[Any]) -> list[float]:
     """Walk a row that failed the fast check; raise naming its first bad value."""
     out = []
     for j, x in enumerate(row):
-        if isinstance(x, bool) or not isinstance(x, int | float):
+        if isinstance(x, _BOOLS) or not isinstance(x, _REAL):
             raise ValueError(f"load[{i}][{j}] must be a number, got {type(x).__name__}")
         try:
             v = float(x)
