@@ -45,8 +45,9 @@ def test_next_turn_on_the_other_replica_reads_the_store(path: Path) -> None:
     config = EngineConfig(block_size=16, num_blocks=64)
     a = TierReplica("t", path, config, engine_process=True, kv=kv)
     b = TierReplica("t", path, config, kv=kv)
-    plain = TierReplica("t", path, EngineConfig(block_size=16, num_blocks=64,
-                                                enable_prefix_caching=False))
+    plain = TierReplica(
+        "t", path, EngineConfig(block_size=16, num_blocks=64, enable_prefix_caching=False)
+    )
     try:
         first = items(a, HISTORY, "t1")
         assert first[-1].num_store_cached_tokens == 0 and first[-1].kv_miss == "never_seen"
