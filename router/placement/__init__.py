@@ -13,9 +13,12 @@ Pure and torch-free: loads are floats, experts and shards are ints (shape legend
    shard touched below the old maximum; replicas then spread over ``NODE_SPREAD`` nodes, so a
    node loss never removes an expert, and the improvement runs again under that rule.
 4. **Re-plan from a current plan** (``replan``). The target is ``tolerance`` (1%) above a
-   lower bound on any plan's maximum. Keep a layer under it; else fix it with few moves;
-   only when that fails is the best plan built from scratch, and a plan moving fewest slots
-   among those within 1% of it wins.
+   lower bound on any plan's maximum (``arrays``, every layer at once in numpy). Keep a
+   layer under it; else swap replicas between its heavy and light shards, all layers
+   together (``batch``). Only a layer that fails pays for the slow path: the best plan
+   from scratch, a repair of the current plan (``repair``, ``improve``) and a re-pairing
+   by minimum-cost assignment rounds (``reassign``), each pulled back towards the current
+   plan; the one moving fewest slots among those within 1% of the best found wins.
 
 Balancedness of a layer is max shard load / mean shard load (1.0 is perfect; an expert's
 load splits evenly among its replicas); a plan's balancedness is the mean over layers.

@@ -5,10 +5,11 @@ when each expert has a slot, replicas span their nodes and its max shard load is
 ``tolerance`` of the bound: no plan is better by more than that. Layers that only need
 swaps (no expert's load per replica alone keeps a shard over the target) are fixed all
 together (``batch``). The rest, and layers the swaps cannot fix, go one at a time, worst
-first: swaps after giving hot experts replicas (``view``), else a repair against the best
-plan from scratch (``repair_layer``). With a move budget the batched result is used when
-it fits the budget; otherwise every layer not kept goes the per-layer way, worst first,
-so the budget goes where it helps most.
+first: swaps after giving hot experts replicas (``view``), else the slow path
+(``repair_layer``): candidates within ``tolerance`` of the best found, each pulled back
+towards the current plan, fewest moves winning. With a move budget the batched result is
+used when it fits the budget; otherwise every layer not kept goes the per-layer way,
+worst first, so the budget goes where it helps most.
 """
 
 from __future__ import annotations
