@@ -15,8 +15,11 @@ so no round makes the objective worse. Two uses:
   forbidden, so only moves are saved: replicas go back to where the current plan had
   them while the balance stays within the target.
 
-Rounds run over every k, again, until a pass gains nothing or the work bound is spent
-(the assignment is O(G^3) in Python; layers of more than ``MAX_SHARDS`` shards skip it).
+Only shards that can gain take part in a round: those whose freed replica is away from
+its home in the current plan, and those homes (every shard, when rebalancing a layer
+over the target). Rounds run over every k, again, until a pass gains nothing or the work
+bound is spent: the assignment is O(G^3) in Python, so a call costs at most about half a
+second whatever G; layers of more than ``MAX_SHARDS`` shards skip it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from router.placement.layer import Layer
 
 MAX_SHARDS = 64
 MAX_PASSES = 8
-MAX_WORK = 4_000_000  # rounds x G^3 per call: about half a second in Python at most
+MAX_WORK = 4_000_000  # rounds x G^3 per call
 PENALTY = 1e4  # moved slots worth one unit of overload (relative to the target)
 _FORBIDDEN = 1e12
 
@@ -48,7 +51,7 @@ def _passes(layer: Layer, held: list[set[int]], target: float, penalty: float | 
     num_shards = len(layer.shards)
     if not 2 <= num_shards <= MAX_SHARDS:
         return
-    rounds = max(2 * layer.slots, MAX_WORK // num_shards**3)
+    rounds = max(1, MAX_WORK // num_shards**3)
     for _ in range(MAX_PASSES):
         gained = False
         for only_moved in (True, False):
@@ -80,13 +83,24 @@ def _round(
         else:
             freed.append(by_weight[k] if k < len(by_weight) else -1)
     weight = [w[e] if e >= 0 else 0.0 for e in freed]
+    # who takes part: shards whose freed replica is away from home, those homes, and
+    # (rebalancing) every shard once one is over the target; the rest keep theirs
+    away = [g for g, e in enumerate(freed) if e >= 0 and e not in held[g]]
+    if penalty is not None and max(layer.shard_load) > target:
+        part = list(range(len(shards)))
+    elif away:
+        wanted = {freed[g] for g in away}
+        part = sorted(set(away) | {h for h, home in enumerate(held) if wanted & home})
+    else:
+        return False  # every freed replica is home and nothing is over: nothing to gain
     cost: list[list[float]] = []
-    for g, items in enumerate(shards):
-        rest = layer.shard_load[g] - weight[g]
+    for g in part:
+        items, rest = shards[g], layer.shard_load[g] - weight[g]
         limit = max(target, layer.shard_load[g]) * (1 + 1e-12)
         mine, home = freed[g], held[g]
         row = []
-        for e, x in zip(freed, weight, strict=True):
+        for j in part:
+            e, x = freed[j], weight[j]
             if e >= 0 and e != mine and e in items:
                 row.append(_FORBIDDEN)
                 continue
@@ -98,11 +112,13 @@ def _round(
             row.append(edge)
         cost.append(row)
     pick = min_cost_assignment(cost)
-    before = sum(row[g] for g, row in enumerate(cost))
-    after = sum(cost[g][j] for g, j in enumerate(pick))
+    before = sum(row[i] for i, row in enumerate(cost))
+    after = sum(cost[i][j] for i, j in enumerate(pick))
     if after >= before - 1e-9:
         return False
-    new = [freed[j] for j in pick]
+    new = list(freed)
+    for i, j in enumerate(pick):
+        new[part[i]] = freed[part[j]]
     _apply(layer, freed, new)
     if layer.on_node and not _spread_kept(layer, freed):
         _apply(layer, new, freed)
