@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from experts.errors import CheckpointError
+
+if TYPE_CHECKING:  # torch only where tables are built: the spec stays torch-free
+    import torch
 
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
 
@@ -67,6 +68,8 @@ class RopeScaling:
         return scale * mscale * mscale
 
     def inv_freq(self, dim: int, theta: float) -> torch.Tensor:  # [dim/2] fp32
+        import torch
+
         """Inverse frequencies of the ``dim`` rotated dims, YaRN-blended when scaled."""
         exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
         pos_freqs = theta**exponent  # [dim/2]
