@@ -24,7 +24,7 @@ variation distance this gives is recorded per case).
    measurement here of one expert FFN (hidden 512, intermediate 1024, fp32, one thread, the
    ``bench`` demo preset's expert) at several token counts, the rest of ``c0`` from the no-op
    dispatch round trip in ``bench/results/dispatch.json``; copying a slot takes its bytes over
-   26 GB/s (memory read bandwidth in /work/shared/MEASURED.md). Policies: no replication
+   26 GB/s (memory read bandwidth in shared/MEASURED.md). Policies: no replication
    (round-robin, static); interval re-planning as vLLM does by default (every 3000 steps,
    EPLB from scratch on the last 1000 steps, serving stalled while the slots copy); ours
    (every 100 steps, re-plan from the current plan when the last 1000 steps' balancedness
@@ -293,7 +293,7 @@ def calibrate() -> dict[str, Any]:
         "dispatch_noop_source": source,
         "slot_bytes": 3 * hidden * inter * 4,
         "copy_bytes_per_s": COPY_BYTES_PER_S,
-        "copy_source": "/work/shared/MEASURED.md memory read bandwidth (26 GB/s)",
+        "copy_source": "shared/MEASURED.md memory read bandwidth (26 GB/s)",
     }
 
 
