@@ -376,31 +376,6 @@ class InProcessShards:
 # --- the Ray side: the actor, and the one wrapper through which replicas call it -----------
 
 
-class _ActorShards:
-    """``ShardControl`` over shard actor handles (the controller's own control calls)."""
-
-    def __init__(self, handles: Mapping[str, Any]) -> None:
-        self.handles = dict(handles)
-
-    def load(self, shard_id: str, slots: Sequence[Slot]) -> list[Slot]:
-        import ray
-
-        result: list[Slot] = ray.get(self.handles[shard_id].load.remote(list(slots)))
-        return result
-
-    def drop(self, shard_id: str, slots: Sequence[Slot]) -> list[Slot]:
-        import ray
-
-        result: list[Slot] = ray.get(self.handles[shard_id].drop.remote(list(slots)))
-        return result
-
-    def held(self) -> dict[str, list[Slot]]:
-        import ray
-
-        refs = {sid: h.slots.remote() for sid, h in self.handles.items()}
-        return {sid: [tuple(s) for s in ray.get(ref)] for sid, ref in refs.items()}
-
-
 class PlacementControllerHost:
     """The actor body: a ``PlacementController`` whose tiers control shard actors."""
 
@@ -412,8 +387,11 @@ class PlacementControllerHost:
     ) -> int:
         """Take charge of a tier; the table is read from what the shards hold now (so a
         restarted controller resumes where the last one stopped). Returns its version."""
-        shards = _ActorShards(handles)
-        held = shards.held()
+        from cluster.expert_parallel.expert_pool import ExpertPool
+
+        # the pool's control calls; its "ray" transport opens nothing (no layer goes here)
+        shards = ExpertPool(handles, data_plane="ray")
+        held = shards.slots()
         table = table_from_slots(held, version) if any(held.values()) else None
         if table is None or not table.placement:
             table = RoutingTable(version, dict(placement))
