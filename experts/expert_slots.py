@@ -24,132 +24,37 @@ I intermediate.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from experts.checkpoint import CheckpointReader
-from experts.grouped_ffn import (
-    ClampedSwiGLU,
-    ExpertBiases,
-    packed_expert_sum,
-    packed_linear,
-    routed_expert_sum,
+from experts.grouped_ffn import ClampedSwiGLU, ExpertBiases
+from experts.slot_layout import (
+    NO_SLOT,
+    Layout,
+    MissingExpertError,
+    SlotWeights,
+    choose_layout,
+    pack,
+    packing_supported,
+    stack_slots,
+    stores_in_out,
 )
 from experts.spec import ModelSpec
 from experts.weights import MLPWeights, load_expert
 
-Layout = Literal["stacked", "packed"]
-PACK_ROWS_HINT = 16  # rows oneDNN prepacks for; measured the same from 8 to 32 rows
-
-NO_SLOT = -1  # slot id of a pair to skip: a padding pair, or (on lookup) an expert not held
-
-
-class MissingExpertError(LookupError):
-    """A compute call needs an expert that is not held here (dropped or never loaded).
-
-    A remote backend can catch it and re-plan with a newer routing table.
-    """
-
-    def __init__(self, message: str, expert: int = NO_SLOT) -> None:
-        super().__init__(message)
-        self.expert = expert
-
-
-def stores_in_out(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether slot storage is [in, out] rows (``x @ W`` contiguous) rather than the
-    checkpoint's [out, in] (``bench/expert_kernels.py``, top-2 of 16, H 512, I 1024).
-
-    Only fp32 on CPU: there [in, out] measured 1.50x the old loop at batch 16 against 1.15x
-    for [out, in]. bf16 on CPU runs [in, out] about 20x slower, and CUDA's grouped_mm fast
-    path takes [out, in] through a transposed (column-major) view, as transformers uses it.
-    """
-    return device.type == "cpu" and dtype == torch.float32
-
-
-@functools.lru_cache(maxsize=16)
-def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether oneDNN prepacks ``dtype`` weights for ``linear`` here, and agrees with ``mm``.
-
-    CPU only; probed once, because support depends on the build and the CPU's instructions
-    (bf16 needs AVX-512 or AVX-NE-CONVERT).
-    """
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(24, 16, generator=gen).to(dtype)  # [out, in]
-    x = torch.randn(3, 16, generator=gen).to(dtype)  # [N, in]
-    try:
-        got = packed_linear(x, torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT))
-    except (RuntimeError, NotImplementedError, AttributeError):
-        return False
-    expected = x.float() @ w.float().T  # [3, 24]
-    return bool(torch.allclose(got.float(), expected, rtol=2e-2, atol=1e-2))
-
-
-def choose_layout(device: str | torch.device, dtype: torch.dtype) -> Layout:
-    """``packed`` where oneDNN prepacks the dtype (CPU), else ``stacked`` for grouped_mm."""
-    return "packed" if packing_supported(torch.device(device), dtype) else "stacked"
-
-
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    """A [out, in] weight prepacked for ``packed_linear``."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS_HINT)
-
-
-@dataclass(frozen=True)
-class SlotWeights:
-    """The projections of a layer's slots at one moment: what one compute reads.
-
-    Taken under the owner's lock and used outside it; a later ``grow`` replaces the
-    owner's tensors (or lists) but never these.
-    """
-
-    layout: Layout
-    gate_up: torch.Tensor | tuple[torch.Tensor, ...]  # stacked [S, H, 2I] | S packed [2I, H]
-    down: torch.Tensor | tuple[torch.Tensor, ...]  # stacked [S, I, H] | S packed [H, I]
-    biases: ExpertBiases | None = None  # gpt-oss
-    activation: ClampedSwiGLU | None = None  # gpt-oss; None: SwiGLU
-
-    def expert_sum(
-        self,
-        hidden: torch.Tensor,  # [T, H]
-        slot_ids: torch.Tensor,  # [T, K] long, NO_SLOT to skip a pair
-        weights: torch.Tensor,  # [T, K] fp32
-    ) -> torch.Tensor:  # [T, H]
-        """Per token, the weighted sum of its chosen slots' outputs."""
-        if isinstance(self.gate_up, tuple):
-            assert isinstance(self.down, tuple)
-            return packed_expert_sum(
-                hidden, slot_ids, weights, self.gate_up, self.down, self.biases, self.activation
-            )
-        assert isinstance(self.down, torch.Tensor)
-        return routed_expert_sum(
-            hidden,
-            slot_ids,
-            weights,
-            self.gate_up,
-            self.down,
-            biases=self.biases,
-            activation=self.activation,
-        )
-
-
-def _stack(
-    num_slots: int,
-    rows: int,
-    cols: int,
-    dtype: torch.dtype,
-    device: str | torch.device,
-    in_out: bool,
-) -> torch.Tensor:  # [S, rows, cols] (a transposed view of [S, cols, rows] unless in_out)
-    # zeros, not empty: a free slot is never read, but must never hold NaN if it were
-    if in_out:
-        return torch.zeros(num_slots, rows, cols, dtype=dtype, device=device)
-    return torch.zeros(num_slots, cols, rows, dtype=dtype, device=device).transpose(1, 2)
+__all__ = [
+    "NO_SLOT",
+    "ExpertSlots",
+    "Layout",
+    "MissingExpertError",
+    "SlotWeights",
+    "choose_layout",
+    "load_expert_slots",
+    "packing_supported",
+    "stores_in_out",
+]
 
 
 class ExpertSlots:
@@ -198,8 +103,8 @@ class ExpertSlots:
             self.gate_up = self.down = torch.empty(0)  # not used in this layout
             self._append_packed(num_slots)
         else:
-            self.gate_up = _stack(num_slots, hidden, 2 * inter, dtype, device, self.in_out)
-            self.down = _stack(num_slots, inter, hidden, dtype, device, self.in_out)
+            self.gate_up = stack_slots(num_slots, hidden, 2 * inter, dtype, device, self.in_out)
+            self.down = stack_slots(num_slots, inter, hidden, dtype, device, self.in_out)
         self._num_slots = num_slots
         self._slots_of: dict[int, list[int]] = {}  # expert -> its slots, first one serves
         self._free: list[int] = list(range(num_slots))
@@ -233,8 +138,8 @@ class ExpertSlots:
     def _append_packed(self, count: int) -> None:
         """``count`` more packed slots, zero (a free slot is never read, but is never NaN)."""
         hidden, inter = self._shape
-        zero_gate_up = _pack(torch.zeros(2 * inter, hidden, dtype=self._dtype))  # [2I, H]
-        zero_down = _pack(torch.zeros(hidden, inter, dtype=self._dtype))  # [H, I]
+        zero_gate_up = pack(torch.zeros(2 * inter, hidden, dtype=self._dtype))  # [2I, H]
+        zero_down = pack(torch.zeros(hidden, inter, dtype=self._dtype))  # [H, I]
         for _ in range(count):
             self.packed_gate_up.append(zero_gate_up.clone())
             self.packed_down.append(zero_down.clone())
@@ -328,8 +233,8 @@ class ExpertSlots:
             self.biases.gate_up[slot].copy_(weights.gate_up_bias)  # [2I]
             self.biases.down[slot].copy_(weights.down_bias)  # [H]
         if self.layout == "packed":  # prepacked aside, then copied into the slot's tensor
-            self.packed_gate_up[slot].copy_(_pack(weights.gate_up.to(self._dtype)))
-            self.packed_down[slot].copy_(_pack(weights.down.to(self._dtype)))
+            self.packed_gate_up[slot].copy_(pack(weights.gate_up.to(self._dtype)))
+            self.packed_down[slot].copy_(pack(weights.down.to(self._dtype)))
             return
         self.gate_up[slot].copy_(weights.gate_up.T)  # [H, 2I] from [2I, H]
         self.down[slot].copy_(weights.down.T)  # [I, H] from [H, I]
@@ -409,8 +314,8 @@ class ExpertSlots:
             return
         hidden, inter = self._shape
         two_inter = 2 * inter
-        gate_up = _stack(num_slots, hidden, two_inter, self.dtype, self.device, self.in_out)
-        down = _stack(num_slots, inter, hidden, self.dtype, self.device, self.in_out)
+        gate_up = stack_slots(num_slots, hidden, two_inter, self.dtype, self.device, self.in_out)
+        down = stack_slots(num_slots, inter, hidden, self.dtype, self.device, self.in_out)
         gate_up[:old].copy_(self.gate_up)
         down[:old].copy_(self.down)
         self.gate_up, self.down = gate_up, down

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from experts.checkpoint import CheckpointReader
+from experts.slot_layout import stores_in_out
 from experts.spec import CheckpointError, ModelSpec
 
 if TYPE_CHECKING:
@@ -190,8 +191,6 @@ def o_bias(reader: CheckpointReader, p: str, device: str) -> torch.Tensor | None
 
 def in_out(weight: torch.Tensor) -> torch.Tensor:  # [in, out] from [out, in]
     """A projection as ``x @ W`` reads it (see ``AttentionWeights``)."""
-    from experts.expert_slots import stores_in_out  # here: expert_slots imports this module
-
     contiguous = stores_in_out(weight.device, weight.dtype)
     return weight.t().contiguous() if contiguous else weight.t()
 
