@@ -9,16 +9,19 @@ messages go back to the client and into logs and trace spans.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
 import grpc
 
 from cache.kv_policy import MAX_ANCHORS, KVPolicy
-from cluster.engine.requests import MAX_ATTENTION_FIRST_TOKENS
+from cluster.engine.requests import MAX_ATTENTION_FIRST_TOKENS, MAX_PIN_TTL_S
+from cluster.serving.tier_messages import TierTokens
 from deploy.proto import moecluster_v1_pb2 as pb
 from experts.sampling_params import DEFAULT_MAX_TOKENS, SamplingParams
 from router.policy_checks import check_unit_interval
+from router.route_notes import ROUTED_ELSEWHERE, routed_elsewhere
 
 DEFAULT_MAX_TOKENS_LIMIT = 4096  # a tier's max_tokens_limit unless its config sets one
 
@@ -84,6 +87,8 @@ class GenerateArgs:
     retrieval_confidence: float | None
     return_routing: bool
     attention_first_tokens: int = 0  # attention diagnostics; 0 = off
+    pin_tokens: int = 0  # pin the prompt's first tokens in the KV cache (soft) ...
+    pin_ttl_s: float = 0.0  # ... for this long; both 0: no pin
 
 
 def parse_generate(r: pb.GenerateRequest, limits: RequestLimits | int) -> GenerateArgs:
@@ -141,6 +146,7 @@ def parse_generate(r: pb.GenerateRequest, limits: RequestLimits | int) -> Genera
             f"attention_first_tokens={first} is out of range: "
             f"allowed [0, {MAX_ATTENTION_FIRST_TOKENS}] (0 = off)"
         )
+    pin_tokens, pin_ttl_s = _check_pin(r.pin_tokens, r.pin_ttl_s, limits.max_prompt_tokens)
     return GenerateArgs(
         params=params,
         kv_policy=policy,
@@ -152,6 +158,41 @@ def parse_generate(r: pb.GenerateRequest, limits: RequestLimits | int) -> Genera
         retrieval_confidence=confidence,
         return_routing=r.return_routing,
         attention_first_tokens=first,
+        pin_tokens=pin_tokens,
+        pin_ttl_s=pin_ttl_s,
+    )
+
+
+def _check_pin(tokens: int, ttl_s: float, max_tokens: int) -> tuple[int, float]:
+    """A pin is both fields or neither; the TTL is finite, positive and at most a day."""
+    if tokens > max_tokens:
+        raise invalid(f"pin_tokens={tokens} is out of range: allowed [0, {max_tokens}]")
+    if not math.isfinite(ttl_s) or not 0.0 <= ttl_s <= MAX_PIN_TTL_S:
+        raise invalid(f"pin_ttl_s={ttl_s} is out of range: allowed [0, {MAX_PIN_TTL_S:g}] seconds")
+    if (tokens > 0) != (ttl_s > 0):
+        raise invalid(
+            f"pin_tokens={tokens} and pin_ttl_s={ttl_s}: give both (a pin) or neither (no pin)"
+        )
+    return tokens, float(ttl_s)
+
+
+def usage_message(last: TierTokens, completion_tokens: int, request_id: str) -> pb.Usage:
+    """The last chunk's usage: cached prompt tokens split into the cluster store's and the
+    replica's own, and why full prompt blocks were computed (the engine's reason, and
+    ``routed_elsewhere`` when this process's prefix router sent the request away from a
+    replica holding more of its prefix)."""
+    store = min(last.num_store_cached_tokens, last.num_cached_prompt_tokens)
+    reasons = [last.kv_miss] if last.kv_miss else []
+    if routed_elsewhere(request_id):
+        reasons.append(ROUTED_ELSEWHERE)
+    return pb.Usage(
+        prompt_tokens=last.num_prompt_tokens,
+        cached_prompt_tokens=last.num_cached_prompt_tokens,
+        completion_tokens=completion_tokens,
+        truncated_tokens=last.num_truncated_tokens,
+        store_cached_tokens=store,
+        local_cached_tokens=last.num_cached_prompt_tokens - store,
+        kv_miss_reasons=reasons,
     )
 
 

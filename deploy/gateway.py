@@ -25,7 +25,14 @@ from cluster.engine.requests import Routing
 from cluster.serving.tier_client import TierClient
 from cluster.serving.tier_messages import TierRequest, TierTokens
 from cluster.telemetry.setup import get_telemetry, traceparent_of
-from deploy.api import ApiError, GenerateArgs, RequestLimits, invalid, parse_generate
+from deploy.api import (
+    ApiError,
+    GenerateArgs,
+    RequestLimits,
+    invalid,
+    parse_generate,
+    usage_message,
+)
 from deploy.audit import (
     AuditLog,
     AuditRecord,
@@ -155,6 +162,8 @@ class Gateway:
             traceparent=traced.traceparent,
             attention_first_tokens=args.attention_first_tokens,
             cache_salt=tenant,  # tenants never share (or time) each other's cached blocks
+            pin_tokens=args.pin_tokens,
+            pin_ttl_s=args.pin_ttl_s,
         )
         stream = await open_tier_stream(self.tiers, decision.tier, tier_request)
         held: list[TierTokens] = []
@@ -273,14 +282,7 @@ class Gateway:
     ) -> None:
         last = served.last
         assert last is not None
-        chunk.usage.CopyFrom(
-            pb.Usage(
-                prompt_tokens=last.num_prompt_tokens,
-                cached_prompt_tokens=last.num_cached_prompt_tokens,
-                completion_tokens=len(served.token_ids),
-                truncated_tokens=last.num_truncated_tokens,
-            )
-        )
+        chunk.usage.CopyFrom(usage_message(last, len(served.token_ids), request_id))
         info = pb.TierInfo(
             name=decision.tier,
             model=self.config.tier(decision.tier).model_name,

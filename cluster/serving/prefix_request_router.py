@@ -30,9 +30,10 @@ from cluster.serving.tier_messages import TierRequest
 from cluster.telemetry.setup import get_telemetry
 from router.prefix_index import PrefixIndex
 from router.prefix_router import Choice, PrefixRouter, PrefixRouterConfig
+from router.route_notes import ROUTED_ELSEWHERE, note_routed_elsewhere
 
 log = logging.getLogger(__name__)
-MISS_ROUTED_ELSEWHERE = "routed_elsewhere"  # a miss reason only the router can tell
+MISS_ROUTED_ELSEWHERE = ROUTED_ELSEWHERE  # a miss reason only the router can tell
 MAX_ROUTE_CHARS = 65_536  # of a text prompt tokenized for routing (its prefix is what counts)
 _MAX_OPEN_CHOICES = 100_000  # routed requests not yet reported completed, at most
 
@@ -85,6 +86,8 @@ class PrefixAwareRequestRouter(RequestRouter):
             self._remember(pending_request.metadata.internal_request_id, choice)
         if choice.best_elsewhere > choice.cached_tokens:  # balance won over a better cache
             get_telemetry().metrics.record_kv_request(self.tier, 0, MISS_ROUTED_ELSEWHERE)
+            if request is not None:  # for its usage, in this (the gateway's) process
+                note_routed_elsewhere(request.request_id)
         rest = sorted((r for r in by_id if r != choice.replica), key=loads.__getitem__)
         return [[by_id[choice.replica]], [by_id[r] for r in rest]]
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n deploy/proto/moecluster_v1.proto\x12\rmoecluster.v1\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"]\n\x08KVPolicy\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06window\x18\x02 \x01(\r\x12\r\n\x05sinks\x18\x03 \x01(\r\x12$\n\x07\x61nchors\x18\x04 \x03(\x0b\x32\x13.moecluster.v1.Span\"\xb7\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\nsession_id\x18\x0b \x01(\t\x12*\n\tkv_policy\x18\x0c \x01(\x0b\x32\x17.moecluster.v1.KVPolicy\x12!\n\x14retrieval_confidence\x18\r \x01(\x02H\x03\x88\x01\x01\x12\x16\n\x0ereturn_routing\x18\x0e \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x0f \x03(\r\x12\x1e\n\x16\x61ttention_first_tokens\x18\x10 \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x17\n\x15_retrieval_confidence\"K\n\x0eLayerAttention\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65ntropy\x18\x02 \x01(\x02\x12\x19\n\x11\x66irst_tokens_mass\x18\x03 \x01(\x02\".\n\x0cLayerRouting\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"J\n\x0cTokenRouting\x12\r\n\x05index\x18\x01 \x01(\r\x12+\n\x06layers\x18\x02 \x03(\x0b\x32\x1b.moecluster.v1.LayerRouting\"q\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x18\n\x10truncated_tokens\x18\x04 \x01(\r\"r\n\x08TierInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\nconfidence\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\tescalated\x18\x05 \x01(\x08\x42\r\n\x0b_confidence\"\x99\x02\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12,\n\x07routing\x18\x04 \x03(\x0b\x32\x1b.moecluster.v1.TokenRouting\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.moecluster.v1.Usage\x12%\n\x04tier\x18\x06 \x01(\x0b\x32\x17.moecluster.v1.TierInfo\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x10\n\x08trace_id\x18\x08 \x01(\t\x12\x30\n\tattention\x18\t \x03(\x0b\x32\x1d.moecluster.v1.LayerAttention\"\x12\n\x10ListTiersRequest\"o\n\x04Tier\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x0b\n\x03moe\x18\x04 \x01(\x08\x12\x10\n\x08replicas\x18\x05 \x01(\r\x12\r\n\x05state\x18\x06 \x01(\t\x12\x0c\n\x04role\x18\x07 \x01(\t\"7\n\x11ListTiersResponse\x12\"\n\x05tiers\x18\x01 \x03(\x0b\x32\x13.moecluster.v1.Tier\"\x0f\n\rHealthRequest\"1\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2\xef\x01\n\nMoECluster\x12J\n\x08Generate\x12\x1e.moecluster.v1.GenerateRequest\x1a\x1c.moecluster.v1.GenerateChunk0\x01\x12N\n\tListTiers\x12\x1f.moecluster.v1.ListTiersRequest\x1a .moecluster.v1.ListTiersResponse\x12\x45\n\x06Health\x12\x1c.moecluster.v1.HealthRequest\x1a\x1d.moecluster.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n deploy/proto/moecluster_v1.proto\x12\rmoecluster.v1\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"]\n\x08KVPolicy\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06window\x18\x02 \x01(\r\x12\r\n\x05sinks\x18\x03 \x01(\r\x12$\n\x07\x61nchors\x18\x04 \x03(\x0b\x32\x13.moecluster.v1.Span\"\xde\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\nsession_id\x18\x0b \x01(\t\x12*\n\tkv_policy\x18\x0c \x01(\x0b\x32\x17.moecluster.v1.KVPolicy\x12!\n\x14retrieval_confidence\x18\r \x01(\x02H\x03\x88\x01\x01\x12\x16\n\x0ereturn_routing\x18\x0e \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x0f \x03(\r\x12\x1e\n\x16\x61ttention_first_tokens\x18\x10 \x01(\r\x12\x12\n\npin_tokens\x18\x11 \x01(\r\x12\x11\n\tpin_ttl_s\x18\x12 \x01(\x02\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x17\n\x15_retrieval_confidence\"K\n\x0eLayerAttention\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65ntropy\x18\x02 \x01(\x02\x12\x19\n\x11\x66irst_tokens_mass\x18\x03 \x01(\x02\".\n\x0cLayerRouting\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"J\n\x0cTokenRouting\x12\r\n\x05index\x18\x01 \x01(\r\x12+\n\x06layers\x18\x02 \x03(\x0b\x32\x1b.moecluster.v1.LayerRouting\"\xc4\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x18\n\x10truncated_tokens\x18\x04 \x01(\r\x12\x1b\n\x13store_cached_tokens\x18\x05 \x01(\r\x12\x1b\n\x13local_cached_tokens\x18\x06 \x01(\r\x12\x17\n\x0fkv_miss_reasons\x18\x07 \x03(\t\"r\n\x08TierInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\nconfidence\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\tescalated\x18\x05 \x01(\x08\x42\r\n\x0b_confidence\"\x99\x02\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12,\n\x07routing\x18\x04 \x03(\x0b\x32\x1b.moecluster.v1.TokenRouting\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.moecluster.v1.Usage\x12%\n\x04tier\x18\x06 \x01(\x0b\x32\x17.moecluster.v1.TierInfo\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x10\n\x08trace_id\x18\x08 \x01(\t\x12\x30\n\tattention\x18\t \x03(\x0b\x32\x1d.moecluster.v1.LayerAttention\"\x12\n\x10ListTiersRequest\"o\n\x04Tier\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x0b\n\x03moe\x18\x04 \x01(\x08\x12\x10\n\x08replicas\x18\x05 \x01(\r\x12\r\n\x05state\x18\x06 \x01(\t\x12\x0c\n\x04role\x18\x07 \x01(\t\"7\n\x11ListTiersResponse\x12\"\n\x05tiers\x18\x01 \x03(\x0b\x32\x13.moecluster.v1.Tier\"\x0f\n\rHealthRequest\"1\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2\xef\x01\n\nMoECluster\x12J\n\x08Generate\x12\x1e.moecluster.v1.GenerateRequest\x1a\x1c.moecluster.v1.GenerateChunk0\x01\x12N\n\tListTiers\x12\x1f.moecluster.v1.ListTiersRequest\x1a .moecluster.v1.ListTiersResponse\x12\x45\n\x06Health\x12\x1c.moecluster.v1.HealthRequest\x1a\x1d.moecluster.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +36,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVPOLICY']._serialized_start=87
   _globals['_KVPOLICY']._serialized_end=180
   _globals['_GENERATEREQUEST']._serialized_start=183
-  _globals['_GENERATEREQUEST']._serialized_end=622
-  _globals['_LAYERATTENTION']._serialized_start=624
-  _globals['_LAYERATTENTION']._serialized_end=699
-  _globals['_LAYERROUTING']._serialized_start=701
-  _globals['_LAYERROUTING']._serialized_end=747
-  _globals['_TOKENROUTING']._serialized_start=749
-  _globals['_TOKENROUTING']._serialized_end=823
-  _globals['_USAGE']._serialized_start=825
-  _globals['_USAGE']._serialized_end=938
-  _globals['_TIERINFO']._serialized_start=940
-  _globals['_TIERINFO']._serialized_end=1054
-  _globals['_GENERATECHUNK']._serialized_start=1057
-  _globals['_GENERATECHUNK']._serialized_end=1338
-  _globals['_LISTTIERSREQUEST']._serialized_start=1340
-  _globals['_LISTTIERSREQUEST']._serialized_end=1358
-  _globals['_TIER']._serialized_start=1360
-  _globals['_TIER']._serialized_end=1471
-  _globals['_LISTTIERSRESPONSE']._serialized_start=1473
-  _globals['_LISTTIERSRESPONSE']._serialized_end=1528
-  _globals['_HEALTHREQUEST']._serialized_start=1530
-  _globals['_HEALTHREQUEST']._serialized_end=1545
-  _globals['_HEALTHRESPONSE']._serialized_start=1547
-  _globals['_HEALTHRESPONSE']._serialized_end=1596
-  _globals['_MOECLUSTER']._serialized_start=1599
-  _globals['_MOECLUSTER']._serialized_end=1838
+  _globals['_GENERATEREQUEST']._serialized_end=661
+  _globals['_LAYERATTENTION']._serialized_start=663
+  _globals['_LAYERATTENTION']._serialized_end=738
+  _globals['_LAYERROUTING']._serialized_start=740
+  _globals['_LAYERROUTING']._serialized_end=786
+  _globals['_TOKENROUTING']._serialized_start=788
+  _globals['_TOKENROUTING']._serialized_end=862
+  _globals['_USAGE']._serialized_start=865
+  _globals['_USAGE']._serialized_end=1061
+  _globals['_TIERINFO']._serialized_start=1063
+  _globals['_TIERINFO']._serialized_end=1177
+  _globals['_GENERATECHUNK']._serialized_start=1180
+  _globals['_GENERATECHUNK']._serialized_end=1461
+  _globals['_LISTTIERSREQUEST']._serialized_start=1463
+  _globals['_LISTTIERSREQUEST']._serialized_end=1481
+  _globals['_TIER']._serialized_start=1483
+  _globals['_TIER']._serialized_end=1594
+  _globals['_LISTTIERSRESPONSE']._serialized_start=1596
+  _globals['_LISTTIERSRESPONSE']._serialized_end=1651
+  _globals['_HEALTHREQUEST']._serialized_start=1653
+  _globals['_HEALTHREQUEST']._serialized_end=1668
+  _globals['_HEALTHRESPONSE']._serialized_start=1670
+  _globals['_HEALTHRESPONSE']._serialized_end=1719
+  _globals['_MOECLUSTER']._serialized_start=1722
+  _globals['_MOECLUSTER']._serialized_end=1961
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,7 @@ class KVPolicy(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., window: _Optional[int] = ..., sinks: _Optional[int] = ..., anchors: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "token_ids", "tier", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "session_id", "kv_policy", "retrieval_confidence", "return_routing", "stop_token_ids", "attention_first_tokens")
+    __slots__ = ("prompt", "token_ids", "tier", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "session_id", "kv_policy", "retrieval_confidence", "return_routing", "stop_token_ids", "attention_first_tokens", "pin_tokens", "pin_ttl_s")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,8 @@ class GenerateRequest(_message.Message):
     RETURN_ROUTING_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIRST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PIN_TTL_S_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     tier: str
@@ -60,7 +62,9 @@ class GenerateRequest(_message.Message):
     return_routing: bool
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     attention_first_tokens: int
-    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tier: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., session_id: _Optional[str] = ..., kv_policy: _Optional[_Union[KVPolicy, _Mapping]] = ..., retrieval_confidence: _Optional[float] = ..., return_routing: _Optional[bool] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., attention_first_tokens: _Optional[int] = ...) -> None: ...
+    pin_tokens: int
+    pin_ttl_s: float
+    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tier: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., session_id: _Optional[str] = ..., kv_policy: _Optional[_Union[KVPolicy, _Mapping]] = ..., retrieval_confidence: _Optional[float] = ..., return_routing: _Optional[bool] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., attention_first_tokens: _Optional[int] = ..., pin_tokens: _Optional[int] = ..., pin_ttl_s: _Optional[float] = ...) -> None: ...
 
 class LayerAttention(_message.Message):
     __slots__ = ("layer", "entropy", "first_tokens_mass")
@@ -89,16 +93,22 @@ class TokenRouting(_message.Message):
     def __init__(self, index: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerRouting, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens", "truncated_tokens")
+    __slots__ = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens", "truncated_tokens", "store_cached_tokens", "local_cached_tokens", "kv_miss_reasons")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STORE_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_MISS_REASONS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     cached_prompt_tokens: int
     completion_tokens: int
     truncated_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., truncated_tokens: _Optional[int] = ...) -> None: ...
+    store_cached_tokens: int
+    local_cached_tokens: int
+    kv_miss_reasons: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., truncated_tokens: _Optional[int] = ..., store_cached_tokens: _Optional[int] = ..., local_cached_tokens: _Optional[int] = ..., kv_miss_reasons: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TierInfo(_message.Message):
     __slots__ = ("name", "model", "reason", "confidence", "escalated")

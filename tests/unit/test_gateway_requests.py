@@ -114,6 +114,7 @@ def test_explicit_tier_is_served_by_that_tier() -> None:
         cached_prompt_tokens=CACHED_TOKENS,
         completion_tokens=3,
         truncated_tokens=TRUNCATED_TOKENS,
+        local_cached_tokens=CACHED_TOKENS,  # the fake replica reports no store hits
     )
     # the request id is the server's: a client's request_id metadata is never used
     assert last.request_id != "req-42" and HEX32.fullmatch(last.request_id)
