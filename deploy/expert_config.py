@@ -27,6 +27,12 @@ class ExpertsSettings(BaseModel):
     process (the default), which joins the channels that its replica opened; ``ray`` needs
     the engine in the replica's process. ``replan`` (sharded only) turns on live re-placement
     by the cluster's placement controller and holds its thresholds (``ReplanConfig``).
+
+    Faults: ``replication`` copies of every expert start on distinct shards (2 or more: a dead
+    shard's share is recomputed on the others in the same step, no request notices). When an
+    expert a step needs has no live copy, the layer waits up to ``unavailable_wait_s`` for its
+    shard's restart (or a table that places it elsewhere), then the step fails with
+    UNAVAILABLE naming the missing (layer, expert).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -39,6 +45,8 @@ class ExpertsSettings(BaseModel):
     shard_resources: tuple[dict[str, float], ...] = ()
     data_plane: Literal["torch_dist", "gloo", "ray"] = "torch_dist"
     dispatch_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    replication: int = Field(default=1, ge=1, le=16)
+    unavailable_wait_s: float = Field(default=30.0, ge=0, le=3600)
     replan: Annotated[ReplanConfig, runtime_section(ReplanConfig)] = ReplanConfig()
 
     @model_validator(mode="after")
@@ -47,6 +55,11 @@ class ExpertsSettings(BaseModel):
             raise ValueError(
                 f"shard_resources has {len(self.shard_resources)} entries but num_shards is "
                 f"{self.num_shards}: give one mapping per shard, or none"
+            )
+        if self.replication > self.num_shards:
+            raise ValueError(
+                f"replication={self.replication} needs at least that many shards, but "
+                f"num_shards is {self.num_shards}: lower replication or add shards"
             )
         if self.replan.enabled and self.placement != "sharded":
             raise ValueError(

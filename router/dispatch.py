@@ -12,7 +12,27 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from router.routing_table import RoutingTable
+from router.routing_table import RoutingTable, Slot
+
+
+class ExpertUnavailableError(LookupError):
+    """Some (layer, expert) the step routes to has no reachable replica: never guess one.
+
+    ``missing`` lists those slots; the message names them (the tier maps it to UNAVAILABLE).
+    """
+
+    def __init__(self, message: str, missing: Sequence[Slot]) -> None:
+        super().__init__(message)
+        self.missing = tuple(missing)
+
+
+def missing_experts(
+    layer: int, expert_ids: Sequence[Sequence[int]], table: RoutingTable
+) -> list[Slot]:
+    """The (layer, expert) slots the rows route to (negative ids are padding) that ``table``
+    places nowhere, sorted."""
+    wanted = {e for row in expert_ids for e in row if e >= 0}
+    return sorted((layer, e) for e in wanted if not table.shards_for(layer, e))
 
 
 @dataclass(frozen=True)
@@ -79,9 +99,10 @@ def _choose_replicas(
             assert e >= 0, f"token {t} slot {k}: expert id {e} is negative"
             replicas = table.shards_for(layer, e)
             if not replicas:
-                raise LookupError(
+                raise ExpertUnavailableError(
                     f"expert (layer {layer}, expert {e}) has no shard in routing table "
-                    f"v{table.version}; publish a table that places it"
+                    f"v{table.version}; publish a table that places it",
+                    [(layer, e)],
                 )
             if len(replicas) == 1:
                 chosen[t].append(replicas[0])

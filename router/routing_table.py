@@ -61,6 +61,17 @@ class RoutingTable:
         """The (layer, expert) slots ``shard`` holds, sorted."""
         return [slot for slot, shards in self.placement.items() if shard in shards]
 
+    def excluding(self, shards: Iterable[str]) -> RoutingTable:
+        """The same version without any replica on ``shards`` (a dispatcher's view while they
+        are down); a slot whose every replica is excluded drops out."""
+        gone = set(shards)
+        if not gone:
+            return self
+        placement = {
+            slot: tuple(s for s in held if s not in gone) for slot, held in self.placement.items()
+        }
+        return RoutingTable(self.version, placement)
+
     def with_changes(
         self, add: Iterable[Replica] = (), remove: Iterable[Replica] = ()
     ) -> RoutingTable:
@@ -108,6 +119,31 @@ class RoutingTable:
             raise ValueError(
                 f"routing table v{self.version} is invalid: " + "; and ".join(problems)
             )
+
+
+def replicated(
+    moe_layers: Sequence[int],
+    num_experts: int,
+    shard_ids: Sequence[str],
+    replicas: int = 1,
+    version: int = 0,
+) -> RoutingTable:
+    """``replicas`` copies of every expert: expert e on ``shard_ids[(e + j) % S]`` for j < r.
+
+    ``replicas=1`` is ``round_robin``; with more, losing any ``replicas - 1`` shards still
+    leaves every expert a copy (each shard holds about ``r * E / S`` experts per layer).
+    """
+    if not 1 <= replicas <= len(shard_ids):
+        raise ValueError(
+            f"replicas={replicas} must be between 1 and the number of shards ({len(shard_ids)})"
+        )
+    table = round_robin(moe_layers, num_experts, shard_ids, version)
+    count = len(shard_ids)
+    placement = {
+        (layer, e): tuple(shard_ids[(e + j) % count] for j in range(replicas))
+        for (layer, e) in table.placement
+    }
+    return RoutingTable(version, placement)
 
 
 def round_robin(

@@ -7,8 +7,10 @@ round trip to two no-op shards, backbone split and combine included: 4.0 ms over
 ``bench/dispatch.py`` on a busy 2-core machine, load 5-7). A *channel* is
 one calling thread's set of two-rank gloo process groups, one per shard (rank 0 the backbone,
 rank 1 the shard). Pairs, not one world, so that several backbone replicas can share a pool and
-no shard needs to know the others; a broken channel (a shard died) is dropped whole and reopened
-on the next layer.
+no shard needs to know the others. A pair whose shard died (a closed socket or connection, a
+silent peer) is dropped alone (``Channel.lose``): the other pairs keep serving, so the caller
+can recompute the lost shard's share on other replicas in the same layer; a caller that can make
+Ray calls joins a fresh pair to the restarted shard later (``Channel.adopt``).
 
 Opening a channel has two halves (``Channel.open`` does both): the backbone's process hosts the
 rendezvous store and hands every shard its ticket through Ray (``host_rendezvous``), and the
@@ -166,12 +168,13 @@ class PendingShm:
 
     channel: Channel
     reply: shm_link.ShmReply
+    shard_id: str = ""
 
     def result(self) -> torch.Tensor:  # [N, H]
         try:
             return self.reply.result(self.channel.timeout_s)
-        except DataPlaneError:
-            self.channel.broken = True
+        except DataPlaneError as err:
+            self.channel.lose(self.shard_id, str(err))
             raise
 
 
@@ -193,7 +196,7 @@ class PendingReply:
             for work in self.works:
                 work.wait(timeout)
         except RuntimeError as err:
-            self.channel.broken = True
+            self.channel.lose(self.shard_id, str(err).splitlines()[0])
             raise DataPlaneError(
                 f"expert shard {self.shard_id!r} gave no answer for layer {self.layer} "
                 f"within {self.channel.timeout_s:g}s over the data plane "
@@ -209,7 +212,12 @@ class PendingReply:
 
 class Channel:
     """One calling thread's pairs, one per shard (gloo groups, and same-node shared-memory
-    links); not shared between threads."""
+    links); not shared between threads.
+
+    ``lost`` names the pairs dropped after their shard failed (shard id -> why); ``broken``
+    says some pair was lost or the whole channel is unusable (``unusable``: its owner must
+    open a fresh one).
+    """
 
     def __init__(
         self,
@@ -224,7 +232,37 @@ class Channel:
         self.store = store  # the rendezvous; kept for the groups' lifetime
         self.timeout_s = timeout_s
         self.limits = dict(limits)  # what each shard accepts, from its handshake
-        self.broken = False
+        self.lost: dict[str, str] = {}  # pairs dropped after their shard failed: why
+        self.unusable = False
+        self._stores: list[dist.Store] = []  # rendezvous of adopted pairs
+
+    @property
+    def broken(self) -> bool:
+        return self.unusable or bool(self.lost)
+
+    @broken.setter
+    def broken(self, value: bool) -> None:
+        self.unusable = value
+
+    def lose(self, shard_id: str, reason: str) -> None:
+        """Drop one shard's pair (its shard died or its stream is out of step); the others
+        keep serving. Sends to it fail at once until a fresh pair is adopted."""
+        self.lost[shard_id] = reason
+        self.groups.pop(shard_id, None)  # its gloo connection closes with the group
+        link = self.links.pop(shard_id, None)
+        if link is not None:
+            link.close(stop=False)
+
+    def adopt(self, other: Channel) -> None:
+        """Take over ``other``'s pairs (fresh ones to restarted shards), replacing lost ones."""
+        for sid in [*other.groups, *other.links]:
+            self.lost.pop(sid, None)
+        self.groups.update(other.groups)
+        self.links.update(other.links)
+        self.limits.update(other.limits)
+        if other.store is not None:
+            self._stores.append(other.store)
+        other.groups, other.links = {}, {}
 
     @classmethod
     def open(
@@ -235,9 +273,26 @@ class Channel:
         timeout_s: float,
         same_node: Collection[str] = (),
     ) -> Channel:
-        """Host a rendezvous store on ``host``, have every shard join, and check each pair."""
-        store, tickets = host_rendezvous(shard_ids, start_peer, host, timeout_s, same_node)
-        return cls.join(tickets, host, timeout_s, store)
+        """Host a rendezvous store on ``host``, have every shard join, and check each pair.
+
+        A shard that cannot be asked to join (its actor is dead or restarting: the Ray call
+        fails at once) is left out, named in ``lost``; no shard at all is an error.
+        """
+        failed: dict[str, str] = {}
+
+        def start(shard_id: str, ticket: ChannelTicket) -> None:
+            try:
+                start_peer(shard_id, ticket)
+            except Exception as err:  # recorded: the pair is lost from the start
+                failed[shard_id] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+
+        store, tickets = host_rendezvous(shard_ids, start, host, timeout_s, same_node)
+        if failed and len(failed) == len(shard_ids):
+            raise DataPlaneError(f"no expert shard could be asked to join the data plane: {failed}")
+        started = {sid: ticket for sid, ticket in tickets.items() if sid not in failed}
+        channel = cls.join(started, host, timeout_s, store)
+        channel.lost.update(failed)
+        return channel
 
     @classmethod
     def join(
@@ -290,6 +345,12 @@ class Channel:
         traceparent: str = "",
     ) -> PendingReply | PendingShm:
         n, h = hidden.shape
+        if shard_id not in self.groups and shard_id not in self.links:
+            why = self.lost.get(shard_id, "it never joined")
+            raise DataPlaneError(
+                f"expert shard {shard_id!r} is not connected on this channel (its pair was "
+                f"dropped: {why}); it may have died or be restarting"
+            )
         try:  # the shard would close the channel on such a header: fail here, keep it
             dtype_index = DTYPES.index(hidden.dtype)
             self.limits[shard_id].check(OP_COMPUTE, n, h, expert_ids.shape[1], dtype_index)
@@ -301,12 +362,12 @@ class Channel:
             try:
                 sent = self.links[shard_id].send(layer, hidden, expert_ids, weights, traceparent)
             except OSError as err:
-                self.broken = True
+                self.lose(shard_id, str(err))
                 raise DataPlaneError(
                     f"expert shard {shard_id!r} cannot be reached for layer {layer} over shared "
                     f"memory ({err}); the shard may have died or be restarting"
                 ) from err
-            return PendingShm(self, sent)
+            return PendingShm(self, sent, shard_id)
         group = self.groups[shard_id]
         header, payload = pack(layer, hidden, expert_ids, weights, traceparent)
         reply = torch.empty(n * h + 1, dtype=hidden.dtype)
@@ -317,7 +378,7 @@ class Channel:
                 group.recv([reply], 1, TAG_REPLY),
             ]
         except RuntimeError as err:
-            self.broken = True
+            self.lose(shard_id, str(err).splitlines()[0])
             raise DataPlaneError(
                 f"expert shard {shard_id!r} cannot be reached for layer {layer} over the data "
                 f"plane ({str(err).splitlines()[0]}); the shard may have died or be restarting"
@@ -329,7 +390,8 @@ class Channel:
         size = torch.empty(1, dtype=torch.int64)
         group.recv([size], 1, TAG_ERROR_LEN).wait()
         if not 0 <= int(size) <= MAX_ERROR_BYTES:
-            self.broken = True  # its message is still on the way: the stream is out of step
+            # its message is still on the way: this pair's stream is out of step
+            self.lose(shard_id, f"a {int(size)}-byte error message")
             raise DataPlaneError(
                 f"expert shard {shard_id!r} announced a {int(size)}-byte error message "
                 f"(at most {MAX_ERROR_BYTES}); channel dropped"
@@ -342,12 +404,12 @@ class Channel:
         """Tell every shard to stop serving this channel (best effort)."""
         stop = torch.zeros(HEADER_LEN, dtype=torch.int64)  # op OP_STOP
         for group in self.groups.values():
-            if not self.broken:
+            if not self.unusable:  # lost pairs are out of ``groups`` already
                 try:
                     group.send([stop], 1, TAG_HEADER).wait(timedelta(seconds=5))
                 except RuntimeError as err:  # the shard is gone already: nothing to stop
                     logger.debug("data plane: stop not delivered to %s (%s)", group, err)
         for link in self.links.values():
-            link.close(stop=not self.broken)
+            link.close(stop=not self.unusable)
         self.groups.clear()
         self.links.clear()

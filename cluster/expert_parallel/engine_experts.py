@@ -16,12 +16,14 @@ Only the ``torch_dist`` data plane can work so: ``ray`` needs Ray calls on every
 ``arrange_engine_experts`` refuses it (the config refuses ``engine_process: true`` with it, and
 its default runs such a tier's engine in the replica).
 
-Failures. The child cannot reopen a broken channel (that takes Ray calls): the layer that
-meets a dead or silent shard raises ``DataPlaneError`` naming it (within the layer timeout,
-never a hang), the step fails and the engine process stops; its requests end with
-``EngineStoppedError`` giving that reason, the replica's health check fails and Serve replaces
-the replica, whose new engine process gets a fresh channel. An in-process engine stops after a
-failed step in the same way; only a bare ``ExpertPool`` (tests, benchmarks) reconnects.
+Failures. A dead shard loses only its own pair: ``RemoteExperts`` recomputes its share on
+other replicas in the same layer, so with replication no request notices. The child cannot
+join a fresh pair to a restarted shard (that takes Ray calls), so it keeps routing around it;
+only when some expert has no reachable replica does the layer raise at once (naming the
+missing (layer, expert): waiting cannot bring a pair back here), the step fail and the engine
+process stop; its requests end with ``EngineStoppedError`` giving that reason, the replica's
+health check fails and Serve replaces the replica, whose new engine process gets a fresh
+channel.
 
 Telemetry. The child has no telemetry of its own, so ``build`` sets it up from the factory's
 settings (role ``tier``, the replica's attributes): the ``moe.expert_dispatch`` spans and
@@ -56,11 +58,17 @@ ENGINE_JOIN_TIMEOUT_S = 300.0
 class JoinedChannel(ChannelCalls):
     """The one channel an engine process joined; a broken one cannot be reopened there."""
 
+    can_reconnect = False  # a layer missing an expert fails at once: waiting cannot help
+
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
 
+    def reconnect(self, shard_id: str) -> bool:
+        """Whether the channel still reaches ``shard_id`` (a lost pair stays lost here)."""
+        return shard_id in self._channel.groups or shard_id in self._channel.links
+
     def channel(self) -> Channel:
-        if self._channel.broken:
+        if self._channel.unusable:
             raise DataPlaneError(
                 "the data-plane channel to the expert shards broke on an earlier layer; an "
                 "engine process cannot reopen it (that takes Ray calls): restart the replica"
@@ -88,6 +96,7 @@ class EngineExpertsFactory:
     telemetry: TelemetrySettings | None = None
     telemetry_attributes: tuple[tuple[str, str], ...] = ()
     near: tuple[str, ...] = ()  # shards on this node (preferred among equal replicas)
+    unavailable_wait_s: float = 30.0  # experts.unavailable_wait_s
 
     @property
     def table(self) -> RoutingTable:
@@ -98,7 +107,9 @@ class EngineExpertsFactory:
         if self.telemetry is not None:  # a no-op where this process has telemetry already
             setup_telemetry(self.telemetry, role="tier", attributes=dict(self.telemetry_attributes))
         channel = Channel.join(dict(self.tickets), self.host, self.timeout_s)
-        return RemoteExperts(JoinedChannel(channel), self.table, self.tier, self.near)
+        return RemoteExperts(
+            JoinedChannel(channel), self.table, self.tier, self.near, self.unavailable_wait_s
+        )
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,7 @@ def arrange_engine_experts(
     telemetry: TelemetrySettings | None = None,
     telemetry_attributes: Mapping[str, str] | None = None,
     join_timeout_s: float = ENGINE_JOIN_TIMEOUT_S,
+    unavailable_wait_s: float = 30.0,
 ) -> EngineExperts:
     """Open the shards' sides of a channel (Ray calls, here in the replica) for a child to join.
 
@@ -150,5 +162,6 @@ def arrange_engine_experts(
         telemetry=telemetry,
         telemetry_attributes=tuple(sorted((telemetry_attributes or {}).items())),
         near=tuple(sorted(near)),
+        unavailable_wait_s=unavailable_wait_s,
     )
     return EngineExperts(factory, store)

@@ -73,7 +73,8 @@ class ExpertPool:
                 "num_cpus": spec.num_cpus,
                 "num_gpus": spec.num_gpus,
                 "name": None,
-                "max_restarts": 1,
+                # a crashed shard restarts alone (expert-grain), under the same handle
+                "max_restarts": -1,
             }
             if spec.resources:
                 options["resources"] = dict(spec.resources)
@@ -99,6 +100,28 @@ class ExpertPool:
     def slots(self) -> dict[str, list[Slot]]:
         refs = {sid: h.slots.remote() for sid, h in self.handles.items()}
         return {sid: ray.get(ref) for sid, ref in refs.items()}
+
+    def states(self, timeout_s: float = 5.0) -> dict[str, tuple[str, list[Slot]] | None]:
+        """Per shard: (incarnation, slots held), or None when its actor is dead or restarting
+        (its node may be gone); a shard slower than ``timeout_s`` is left out (busy is not
+        dead). Never raises for a shard's failure."""
+        refs = {sid: h.state.remote() for sid, h in self.handles.items()}
+        out: dict[str, tuple[str, list[Slot]] | None] = {}
+        for sid, ref in refs.items():
+            try:
+                incarnation, held = ray.get(ref, timeout=timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                continue
+            except ray.exceptions.RayActorError:
+                out[sid] = None
+                continue
+            out[sid] = (incarnation, [(int(lyr), int(e)) for lyr, e in held])
+        return out
+
+    def reconnect(self, shard_id: str) -> bool:
+        """Whether this thread's data plane reaches the shard again (see the transport's)."""
+        reconnect = getattr(self.transport, "reconnect", None)
+        return bool(reconnect(shard_id)) if reconnect is not None else False
 
     def load(self, shard_id: str, slots: Sequence[Slot]) -> list[Slot]:
         result: list[Slot] = ray.get(self.handles[shard_id].load.remote(list(slots)))
@@ -149,6 +172,9 @@ class InProcessPool:
                 for sid, slots in table_slots.items()
             }
         )
+
+    def reconnect(self, shard_id: str) -> bool:
+        return shard_id in self.shards
 
     def send(self, call: ShardCall) -> Any:
         shard = self.shards[call.shard_id]

@@ -17,9 +17,18 @@ background thread while serving goes on, one group of layers at a time:
 Engines on the old table and on the new one both find every expert they route to at every
 moment (old slots stay until all have swapped), so no request fails or changes its output.
 A replica silent for ``replica_ttl_s`` no longer holds a drop back; after ``ack_timeout_s``
-the drop is deferred and retried on later reports. If the controller dies, serving goes on
-with the last table; a restarted controller is told the shards' slots (``resume``) and takes
-a version above any a replica reports.
+the drop is deferred and retried on later reports.
+
+Faults. The actor probes its tiers' shards (``WATCH_S``; each answers its incarnation and
+slots) and hands the answers to ``TierPlacement.observe``. A shard that stops answering is lost:
+its replicas leave the table and each is re-placed on a surviving shard (loaded from the
+checkpoint first, ``router.placement.recover``), published as the next version, so every expert
+has its replica count back; engines route around the dead shard meanwhile. A shard that answers
+again (Ray restarted it, same handle) is reconciled to what the table gives it: it loads the
+table's slots it lacks and drops the others. If the controller itself dies, serving goes on with
+the last table; restarted (``max_restarts=-1``) and re-registered by the pool host, it reads the
+table from what the live shards actually hold, re-places what only dead shards held, and takes a
+version above any a replica reports.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from router.load_window import LoadWindow
+from router.placement.recover import replace_lost
 from router.placement_tables import ShardLayout, plan_changes, plan_table, slots_per_shard
 from router.replan_policy import ReplanConfig, ReplanPolicy, Verdict, balancedness
 from router.routing_table import Replica, RoutingTable
@@ -41,6 +51,8 @@ log = logging.getLogger(__name__)
 Slot = tuple[int, int]  # (layer, expert)
 Placement = tuple[tuple[Slot, tuple[str, ...]], ...]  # a table's items: picklable
 SOON_S = 0.05  # how soon a replica behind the published table reports again
+WATCH_S = 0.5  # how often the actor probes its shards
+ShardState = tuple[str, list[Slot]] | None  # (incarnation, slots held); None: no answer
 
 
 class ShardControl(Protocol):
@@ -49,6 +61,8 @@ class ShardControl(Protocol):
     def load(self, shard_id: str, slots: Sequence[Slot]) -> list[Slot]: ...
 
     def drop(self, shard_id: str, slots: Sequence[Slot]) -> list[Slot]: ...
+
+    def states(self, timeout_s: float = 5.0) -> Mapping[str, ShardState]: ...
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,10 @@ class PlacementStats:
     last_replan_s: float = 0.0  # load-to-drop duration of the last re-plan
     last_reason: str = ""
     deferred_drops: int = 0  # replicas (slots) still held because an engine had not swapped
+    lost_shards: tuple[str, ...] = ()  # not answering now
+    num_recoveries: int = 0  # lost shards whose replicas were re-placed
+    num_restarts_seen: int = 0  # shards back (restarted), reconciled to the table
+    last_recovery_s: float = 0.0  # loss seen -> new table published
 
 
 class TierPlacement:
@@ -127,6 +145,8 @@ class TierPlacement:
         self._moving = False
         self._cond = threading.Condition()
         self._background = background or _thread
+        self._incarnation: dict[str, str] = {}
+        self._lost: set[str] = set()
 
     @property
     def table(self) -> RoutingTable:
@@ -144,8 +164,10 @@ class TierPlacement:
             if counts:
                 self.window.add(counts, now)
             self._replicas[replica_id] = _Replica(table_version, now)
-            if table_version > self._table.version:  # a restarted controller: catch up
-                self._table = RoutingTable(table_version, self._table.placement)
+            if table_version > self._table.version:  # a restarted controller: catch up, one
+                # above, so that every replica swaps to the table read from the shards
+                self._table = RoutingTable(table_version + 1, self._table.placement)
+                self.stats.table_version = self._table.version
             self._cond.notify_all()
             table = self._table
             drops = self._ready_drops(now)
@@ -267,6 +289,104 @@ class TierPlacement:
             with self._cond:
                 self._moving = False
 
+    # --- faults -----------------------------------------------------------------------------
+
+    def observe(self, states: Mapping[str, ShardState]) -> None:
+        """React to one probe of the shards: re-place what newly lost shards held; reconcile
+        shards that answer again (or answer as a new incarnation: restarted unseen)."""
+        lost, back = [], []
+        for sid, state in sorted(states.items()):
+            if state is None:
+                if sid not in self._lost:
+                    lost.append(sid)
+                continue
+            incarnation, held = state
+            if sid in self._lost or self._incarnation.get(sid, incarnation) != incarnation:
+                back.append((sid, held))
+            self._incarnation[sid] = incarnation
+        if lost:
+            self._recover(lost)
+        for sid, held in back:
+            self._reconcile(sid, held)
+
+    def _claim(self, timeout_s: float = 60.0) -> None:
+        """Wait for a running move to end, then hold off others (released by ``_release``)."""
+        with self._cond:
+            deadline = time.monotonic() + timeout_s
+            while self._moving and time.monotonic() < deadline:
+                self._cond.wait(0.1)
+            self._moving = True
+
+    def _release(self) -> None:
+        with self._cond:
+            self._moving = False
+            self._cond.notify_all()
+
+    def _recover(self, lost: Sequence[str]) -> None:
+        """Re-place the lost shards' replicas on the survivors and publish the table."""
+        started = time.monotonic()
+        self._claim()
+        try:
+            self._lost.update(lost)
+            setup = self.setup
+            alive = {s: n for s, n in setup.node_of.items() if s not in self._lost}
+            table = self.table
+            required = [(lyr, e) for lyr in setup.moe_layers for e in range(setup.num_experts)]
+            add, remove = replace_lost(table, self._lost, sorted(alive), alive, required)
+            loaded = []
+            for sid, slots in _by_shard(add).items():
+                try:
+                    self.shards.load(sid, slots)
+                except Exception:  # another loss: the next probe re-places its share too
+                    log.exception("tier %s: loading %s onto %s failed", setup.tier, slots, sid)
+                    continue
+                loaded += [(lyr, e, sid) for lyr, e in slots]
+            with self._cond:
+                self._table = self._table.with_changes(loaded, remove)
+                self._pending_drops = [
+                    (v, [r for r in rs if r[2] not in self._lost]) for v, rs in self._pending_drops
+                ]
+                if alive:
+                    self.layout = ShardLayout.of(alive)
+                self.slots = max(self.slots, slots_per_shard(self._table, setup.moe_layers, 0.0))
+                self.stats.table_version = self._table.version
+                self.stats.lost_shards = tuple(sorted(self._lost))
+                self.stats.num_recoveries += len(lost)
+                self.stats.last_recovery_s = time.monotonic() - started
+                self._cond.notify_all()
+            log.warning(
+                "tier %s: shards %s lost; %d replicas re-placed on %s (table v%d)",
+                setup.tier,
+                list(lost),
+                len(loaded),
+                sorted({r[2] for r in loaded}),
+                self.table.version,
+            )
+        finally:
+            self._release()
+
+    def _reconcile(self, sid: str, held: Sequence[Slot]) -> None:
+        """A shard answering again holds what the table gives it: load the rest, drop extras."""
+        self._claim()
+        try:
+            target = set(self.table.experts_on(sid))
+            have = {(int(lyr), int(e)) for lyr, e in held}
+            if target - have:
+                self.shards.load(sid, sorted(target - have))
+            if have - target:
+                self.shards.drop(sid, sorted(have - target))
+            with self._cond:
+                if sid in self._lost:
+                    self._lost.discard(sid)
+                    alive = {s: n for s, n in self.setup.node_of.items() if s not in self._lost}
+                    self.layout = ShardLayout.of(alive)
+                self.stats.lost_shards = tuple(sorted(self._lost))
+                self.stats.num_restarts_seen += 1
+        except Exception:  # it died again: the next probe sees it
+            log.exception("tier %s: reconciling restarted shard %s failed", self.setup.tier, sid)
+        finally:
+            self._release()
+
     def _load(self, add: Sequence[Replica]) -> None:
         for sid, slots in _by_shard(add).items():
             self.shards.load(sid, slots)
@@ -372,6 +492,9 @@ class InProcessShards:
         result: list[Slot] = self.shards[shard_id].drop(slots)
         return result
 
+    def states(self, timeout_s: float = 5.0) -> dict[str, ShardState]:
+        return {sid: shard.state() for sid, shard in self.shards.items()}
+
 
 # --- the Ray side: the actor, and the one wrapper through which replicas call it -----------
 
@@ -381,22 +504,40 @@ class PlacementControllerHost:
 
     def __init__(self) -> None:
         self.controller = PlacementController()
+        self._watcher: threading.Thread | None = None
 
     def register_tier(
         self, setup: TierSetup, version: int, placement: Placement, handles: Mapping[str, Any]
     ) -> int:
-        """Take charge of a tier; the table is read from what the shards hold now (so a
-        restarted controller resumes where the last one stopped). Returns its version."""
+        """Take charge of a tier; the table is read from what the live shards hold now (so a
+        restarted controller resumes where the last one stopped), and what only dead shards
+        held is re-placed. Returns its version."""
         from cluster.expert_parallel.expert_pool import ExpertPool
 
         # the pool's control calls; its "ray" transport opens nothing (no layer goes here)
         shards = ExpertPool(handles, data_plane="ray")
-        held = shards.slots()
+        states = shards.states()
+        held = {sid: state[1] for sid, state in states.items() if state is not None}
         table = table_from_slots(held, version) if any(held.values()) else None
         if table is None or not table.placement:
             table = RoutingTable(version, dict(placement))
-        self.controller.register(TierPlacement(setup, table, shards))
-        return table.version
+        tier = TierPlacement(setup, table, shards)
+        tier.observe(states)
+        self.controller.register(tier)
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="shard-watch", daemon=True)
+            self._watcher.start()
+        return tier.table.version
+
+    def _watch(self) -> None:
+        """Probe every tier's shards, forever (the actor's life)."""
+        while True:
+            time.sleep(WATCH_S)
+            for tier in list(self.controller.tiers.values()):
+                try:
+                    tier.observe(tier.shards.states(timeout_s=2.0))
+                except Exception:  # one tier's trouble must not stop watching the others
+                    log.exception("tier %s: probing its shards failed", tier.setup.tier)
 
     def report(
         self, tier: str, replica_id: str, counts: dict[Slot, int], table_version: int

@@ -12,26 +12,46 @@ plain data and built on a batcher's thread, not this one. It implements the same
 ``ExpertBackend`` interface as the colocated one, so the model maths does not know where its
 experts live. The routing table can be swapped between steps.
 
+Faults. A shard whose call fails (its process died: a closed pair or a dead actor, known at
+once; or its compute failed) is marked dead in this backend's view, and its share of the SAME
+layer is recomputed on surviving replicas of its (layer, expert) slots, added in its place in
+the combine order; the other shards' answers are kept. A dead shard stays out until a newer
+routing table is installed or ``reconnect`` reaches it again. When some expert a token needs has
+no live replica, the layer waits up to ``unavailable_wait_s`` for its shard to come back (a
+restart; not where the pool says ``can_reconnect = False``), then raises
+``ExpertUnavailableError`` naming the missing (layer, expert) slots: never a wrong token.
+
 Legend: T tokens, K experts per token, H hidden, E experts placed in the layer, S shards of
 the layer, N tokens sent to one shard.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from cluster.expert_parallel.transports import ShardCall, ShardCaller
+from cluster.expert_parallel.data_plane import DataPlaneError
+from cluster.expert_parallel.transports import ShardCall, ShardCaller, ShardsFailed
 from cluster.telemetry.dispatch_spans import DispatchSpans
 from cluster.telemetry.setup import get_telemetry
-from experts.dispatch_tensors import ShardSplit, combine, split_by_shard
-from router.dispatch import plan_dispatch
-from router.routing_table import RoutingTable
+from experts.dispatch_tensors import ShardSplit, combine, gather_shard_inputs, split_by_shard
+from experts.shard import PAD_EXPERT
+from router.dispatch import ExpertUnavailableError, missing_experts, plan_dispatch
+from router.routing_table import RoutingTable, Slot
 
-MAX_ROUTES_CACHED = 1024  # (table version, layer, device) routes kept
+log = logging.getLogger(__name__)
+
+MAX_ROUTES_CACHED = 1024  # (table version, dead shards, layer, device) routes kept
+UNAVAILABLE_WAIT_S = 30.0  # the config's experts.unavailable_wait_s default
+RETRY_S = 0.25  # between tries to reach a dead shard while an expert has no replica
+
+# (shard id, rows [N] of the step, hidden [N, H], ids [N, K'], weights [N, K']): one call
+Call = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -54,13 +74,21 @@ class RemoteExperts:
         table: RoutingTable,
         tier: str = "",
         near: Collection[str] = (),
+        unavailable_wait_s: float = UNAVAILABLE_WAIT_S,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._pool = pool
+        self.unavailable_wait_s = unavailable_wait_s
+        self._clock, self._sleep = clock, sleep
+        self._dead: dict[str, str] = {}  # shards this backend routes around: why
+        self._excluded: tuple[tuple[int, frozenset[str]], RoutingTable] | None = None
+        self.num_shard_failures = 0  # calls that failed and were recomputed elsewhere
         self.near = frozenset(near)  # shards on this node: preferred among equal replicas
         self._table = table
         self.tier = tier  # for metric attributes
         self._dispatch_spans = DispatchSpans()  # per traced request, recorded off this thread
-        self._routes: dict[tuple[int, int, torch.device], LayerRoute] = {}
+        self._routes: dict[tuple[int, frozenset[str], int, torch.device], LayerRoute] = {}
         self._lock = threading.Lock()
         self.num_shard_calls = 0
         self._last_touched: torch.Tensor | None = None  # [S, T] of the last layer computed
@@ -75,14 +103,42 @@ class RemoteExperts:
         touched = self._last_touched
         return [] if touched is None else touched.sum(dim=0).tolist()
 
+    @property
+    def dead(self) -> dict[str, str]:
+        """The shards routed around now, and why (a copy)."""
+        with self._lock:
+            return dict(self._dead)
+
     def set_table(self, table: RoutingTable) -> None:
-        """Install a newer routing table; the next layer computed uses it."""
+        """Install a newer routing table; the next layer computed uses it. Shards marked dead
+        are tried again (a table that still lists a dead one costs one failed, rerouted call)."""
         with self._lock:
             if table.version <= self._table.version:
                 raise ValueError(
                     f"routing table version {table.version} is not newer than {self._table.version}"
                 )
             self._table = table
+            self._dead.clear()
+
+    def _view(self) -> tuple[RoutingTable, frozenset[str]]:
+        """The table without the dead shards (kept while neither changes)."""
+        with self._lock:
+            dead, table = frozenset(self._dead), self._table
+            if not dead:
+                return table, dead
+            key = (table.version, dead)
+            if self._excluded is None or self._excluded[0] != key:
+                self._excluded = (key, table.excluding(dead))
+            return self._excluded[1], dead
+
+    def _mark_dead(self, shard_id: str, err: BaseException) -> None:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        with self._lock:
+            first = shard_id not in self._dead
+            self._dead[shard_id] = reason
+        self.num_shard_failures += 1
+        if first:
+            log.warning("expert shard %s failed, routing around it: %s", shard_id, reason)
 
     def forward(
         self,
@@ -114,30 +170,132 @@ class RemoteExperts:
         expert_ids: torch.Tensor,  # [T, K]
         weights: torch.Tensor,  # [T, K]
     ) -> torch.Tensor:  # [T, H]
-        with self._lock:
-            table = self._table
-        shard_ids, split = self.split(table, layer, hidden, expert_ids, weights)
+        table, dead = self._view()
+        deadline: list[float] = []  # set when some expert first has no live replica
+        if dead:  # some shard is down: wait (bounded) if an expert it held has no replica now
+            needed = missing_experts(layer, [expert_ids.unique().tolist()], table)
+            if needed:
+                table, dead = self._await_replicas(layer, needed, deadline)
+        shard_ids, split = self.split(table, layer, hidden, expert_ids, weights, dead)
         parts = split.parts()
         telemetry = get_telemetry()
         span = self._dispatch_spans.start(telemetry, layer, hidden.shape[0], len(parts))
         traceparent = span.traceparent if span is not None else ""
-        called = [shard_ids[s] for s, *_ in parts]
-        pending = [
-            self._pool.send(ShardCall(shard, layer, h, ids, w, traceparent))
-            for shard, (_, _, h, ids, w) in zip(called, parts, strict=True)
-        ]
-        if telemetry.metrics_enabled:  # per-shard round trips, recorded off this thread
-            timed = self._pool.wait_timed(pending)
-            outputs = [out for out, _ in timed]
-            telemetry.metrics.record_dispatch_layer(self.tier, called, [s for _, s in timed])
-        else:
-            outputs = self._pool.wait(pending)
+        calls = [(shard_ids[s], rows, h, ids, w) for s, rows, h, ids, w in parts]
+        partials = self._run(layer, calls, traceparent, telemetry.metrics_enabled, deadline)
         if span is not None:
             self._dispatch_spans.end(telemetry, span)
-        self.num_shard_calls += len(pending)
         self._last_touched = split.touched
-        partials = [(rows, out) for (_, rows, *_), out in zip(parts, outputs, strict=True)]
         return combine(hidden.shape[0], hidden.shape[1], partials, hidden.dtype, hidden.device)
+
+    def _run(
+        self,
+        layer: int,
+        calls: Sequence[Call],
+        traceparent: str,
+        timed: bool,
+        deadline: list[float],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:  # (rows [N], out [N, H]) in call order
+        """Send every call, wait for all; a failed call's share is recomputed on surviving
+        replicas and takes its place in the order (so the combine order stays the same)."""
+        pending, sent = [], []
+        failed: dict[int, Exception] = {}
+        for i, (sid, _, h, ids, w) in enumerate(calls):
+            try:
+                pending.append(self._pool.send(ShardCall(sid, layer, h, ids, w, traceparent)))
+                sent.append(i)
+            except DataPlaneError as err:  # its pair is known to be gone: fails at once
+                failed[i] = err
+        answers: list[tuple[torch.Tensor, float] | None]
+        try:
+            if timed:
+                answers = list(self._pool.wait_timed(pending))
+            else:
+                answers = [(out, 0.0) for out in self._pool.wait(pending)]
+        except ShardsFailed as err:
+            answers = err.answers
+            failed.update({sent[j]: e for j, e in err.failed.items()})
+        self.num_shard_calls += len(pending)
+        got = {i: a for i, a in zip(sent, answers, strict=True) if a is not None}
+        if timed and got:  # per-shard round trips, recorded off this thread
+            metrics = get_telemetry().metrics
+            metrics.record_dispatch_layer(
+                self.tier, [calls[i][0] for i in got], [a[1] for a in got.values()]
+            )
+        partials: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i, (sid, rows, h, ids, w) in enumerate(calls):
+            if i in got:
+                partials.append((rows, got[i][0]))
+                continue
+            self._mark_dead(sid, failed[i])
+            partials.extend(self._reroute(layer, rows, h, ids, w, traceparent, timed, deadline))
+        return partials
+
+    def _reroute(
+        self,
+        layer: int,
+        rows: torch.Tensor,  # [N] the step's token of each row
+        hidden: torch.Tensor,  # [N, H]
+        expert_ids: torch.Tensor,  # [N, K'] PAD_EXPERT where padded
+        weights: torch.Tensor,  # [N, K']
+        traceparent: str,
+        timed: bool,
+        deadline: list[float],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A failed call's pairs, planned again over the live replicas and sent (fault path:
+        per-pair Python work is fine here)."""
+        pairs = [
+            [(k, e) for k, e in enumerate(row) if e != PAD_EXPERT] for row in expert_ids.tolist()
+        ]
+        wanted = [[e for _, e in row] for row in pairs]
+        table, _ = self._view()
+        needed = missing_experts(layer, wanted, table)
+        if needed:
+            table, _ = self._await_replicas(layer, needed, deadline)
+        plan = plan_dispatch(layer, wanted, table, self.near)
+        calls: list[Call] = []
+        for sid, work in plan.per_shard.items():
+            shard_pairs = [
+                [(pairs[t][j][0], e) for j, e in row]
+                for t, row in zip(work.token_index, work.pairs, strict=True)
+            ]
+            h, ids, w = gather_shard_inputs(work.token_index, shard_pairs, hidden, weights)
+            index = torch.tensor(work.token_index, dtype=torch.long, device=rows.device)
+            calls.append((sid, rows.index_select(0, index), h, ids, w))
+        return self._run(layer, calls, traceparent, timed, deadline)
+
+    def _await_replicas(
+        self, layer: int, needed: Sequence[Slot], deadline: list[float]
+    ) -> tuple[RoutingTable, frozenset[str]]:
+        """Until every slot in ``needed`` has a live replica: a dead shard that holds one
+        answers again (``reconnect``), or a newer table places it. Bounded by
+        ``unavailable_wait_s`` from the layer's first wait; then ExpertUnavailableError."""
+        if not deadline:  # a pool that can never reach a dead shard again does not wait
+            wait_s = self.unavailable_wait_s if getattr(self._pool, "can_reconnect", True) else 0
+            deadline.append(self._clock() + wait_s)
+        reconnect = getattr(self._pool, "reconnect", None)
+        while True:
+            with self._lock:
+                table, dead = self._table, dict(self._dead)
+            for sid in dead:
+                holds = any(sid in table.shards_for(lyr, e) for lyr, e in needed)
+                if holds and reconnect is not None and reconnect(sid):
+                    with self._lock:
+                        self._dead.pop(sid, None)
+            view, gone = self._view()
+            still = [(lyr, e) for lyr, e in needed if not view.shards_for(lyr, e)]
+            if not still:
+                return view, gone
+            left = deadline[0] - self._clock()
+            if left <= 0:
+                raise ExpertUnavailableError(
+                    f"experts {still} (layer, expert) have no live replica: shards "
+                    f"{sorted(gone)} are down ({'; '.join(dead.values())}) and none came back "
+                    f"within experts.unavailable_wait_s={self.unavailable_wait_s:g}s; raise it "
+                    "to wait longer for a restart, or replicate experts (experts.replication)",
+                    still,
+                )
+            self._sleep(min(RETRY_S, left))
 
     def split(
         self,
@@ -146,11 +304,12 @@ class RemoteExperts:
         hidden: torch.Tensor,  # [T, H]
         expert_ids: torch.Tensor,  # [T, K]
         weights: torch.Tensor,  # [T, K]
+        dead: frozenset[str] = frozenset(),  # shards ``table`` already excludes (cache key)
     ) -> tuple[list[str], ShardSplit]:
         """The layer's shard ids [S] and its tokens split among them (shard index s is
         ``shard_ids[s]``), gathered on the step's device (the transport moves them to the host).
         """
-        route = self._route(table, layer, expert_ids.device)
+        route = self._route(table, layer, expert_ids.device, dead)
         num_tokens, num_k = expert_ids.shape
         num_shards = len(route.shard_ids)
         if route.owner is not None:
@@ -178,9 +337,11 @@ class RemoteExperts:
             shard_of_pair, num_shards, hidden, expert_ids, weights, shard_index
         )
 
-    def _route(self, table: RoutingTable, layer: int, device: torch.device) -> LayerRoute:
+    def _route(
+        self, table: RoutingTable, layer: int, device: torch.device, dead: frozenset[str]
+    ) -> LayerRoute:
         """The layer's shards, and its [E + 1] owner table on ``device`` when unreplicated."""
-        key = (table.version, layer, device)
+        key = (table.version, dead, layer, device)
         route = self._routes.get(key)
         if route is None:
             placed = {e: shards for (lyr, e), shards in table.placement.items() if lyr == layer}

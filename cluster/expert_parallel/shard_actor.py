@@ -11,6 +11,7 @@ Legend: N tokens sent to this shard, K' (expert, weight) pairs per token on it, 
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -40,6 +41,8 @@ class ShardActorImpl:
         from experts.shard import ExpertShard
 
         torch.set_num_threads(1)  # many shards share a CPU node; one GPU each in production
+        # a fresh one per start: a restarted actor (same name and handle) is told apart by it
+        self.incarnation = uuid.uuid4().hex
         self.shard = ExpertShard(model_dir, device=device, slots=slots)
         self.device = device
         self.shard_id = shard_id
@@ -53,6 +56,10 @@ class ShardActorImpl:
 
     def slots(self) -> list[Slot]:
         return list(self.shard.slots)
+
+    def state(self) -> tuple[str, list[Slot]]:
+        """This start's incarnation and the slots held (the controller's health probe)."""
+        return self.incarnation, list(self.shard.slots)
 
     # load, drop and compute may run at once: Ray calls on the actor's thread, data-plane
     # channels on threads of their own; ExpertShard is safe for that

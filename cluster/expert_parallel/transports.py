@@ -14,6 +14,12 @@ the ``open_channel`` actor call. A shard on the caller's Ray node gets a shared-
 ``ray`` (``RayCallTransport``): one actor call per shard per layer, numpy arrays on the wire.
 It needs a Ray worker on every layer, so it cannot serve an engine process.
 
+Failures. ``wait`` reads every answer of a layer before it raises, and raises ``ShardsFailed``
+holding the answers that came and naming the shards that failed (a closed socket or connection,
+a dead actor: at once, never the layer timeout), so the caller can recompute only the failed
+shards' share elsewhere. ``reconnect`` (where a transport can) tries to reach a shard again:
+for channels, it joins a fresh pair to it (a restarted actor), leaving the other pairs alone.
+
 Transports and ``ExpertPool`` make every Ray call for shard actors. Legend: N tokens sent to
 one shard, K' (expert, weight) pairs per token on it, H hidden.
 """
@@ -52,6 +58,26 @@ class ShardCall:
     expert_ids: torch.Tensor  # [N, K'] (-1 = padding)
     weights: torch.Tensor  # [N, K']
     traceparent: str = ""  # the dispatching span, when the request is traced
+
+
+class ShardsFailed(DataPlaneError, ShardComputeError):
+    """Some shards of a layer failed; ``answers`` holds the others' (None where failed), in
+    call order, and ``failed`` each failed call's index and error."""
+
+    def __init__(
+        self, answers: list[tuple[torch.Tensor, float] | None], failed: dict[int, Exception]
+    ) -> None:
+        super().__init__("; ".join(str(err) for err in failed.values()))
+        self.answers = answers
+        self.failed = failed
+
+
+def _raise_failed(
+    answers: list[tuple[torch.Tensor, float] | None], failed: dict[int, Exception]
+) -> list[tuple[torch.Tensor, float]]:
+    if failed:
+        raise ShardsFailed(answers, failed)
+    return [a for a in answers if a is not None]
 
 
 class ShardCaller(Protocol):
@@ -93,27 +119,26 @@ class ChannelCalls:
     def wait_timed(self, pending: Sequence[Any]) -> list[tuple[torch.Tensor, float]]:
         """The answers in order (a later shard is often ready already).
 
-        A shard whose compute failed (``ShardComputeError``) leaves the channel usable, so the
-        other shards' answers, already on their way, are read before it is raised: left
-        unread, one would be taken for that shard's answer to the next layer. A broken
-        channel (``DataPlaneError``) raises at once; it is reopened whole.
+        Every answer is read before a failure is raised (``ShardsFailed``): left unread, one
+        would be taken for that shard's answer to the next layer. A shard whose compute failed
+        (``ShardComputeError``) keeps its pair; one that died (``DataPlaneError``) loses only
+        its own pair, the others keep serving.
         """
         start = time.perf_counter()
-        timed = []
-        failed: ShardComputeError | None = None
-        for reply in pending:
+        timed: list[tuple[torch.Tensor, float] | None] = []
+        failed: dict[int, Exception] = {}
+        for i, reply in enumerate(pending):
             try:
                 out = reply.result()
-            except ShardComputeError as err:
-                failed = failed or err
+            except (ShardComputeError, DataPlaneError) as err:
+                failed[i] = err
+                timed.append(None)
                 continue
             timed.append((out, time.perf_counter() - start))
-        if failed is not None:
-            try:
-                raise failed
-            finally:  # no cycle through this frame: it holds the replies' segment views
-                del failed
-        return timed
+        try:
+            return _raise_failed(timed, failed)
+        finally:  # no cycle through this frame: it holds the replies' segment views
+            del failed
 
 
 class TorchDistTransport(ChannelCalls):
@@ -152,7 +177,14 @@ class TorchDistTransport(ChannelCalls):
     def _same_node_over_ray(self) -> set[str]:
         here = ray.get_runtime_context().get_node_id()
         refs = {sid: handle.node_id.remote() for sid, handle in self.handles.items()}
-        return {sid for sid, ref in refs.items() if ray.get(ref, timeout=self.timeout_s) == here}
+        near = set()
+        for sid, ref in refs.items():
+            try:
+                if ray.get(ref, timeout=self.timeout_s) == here:
+                    near.add(sid)
+            except ray.exceptions.RayError:  # dead or restarting: its pair is lost anyway
+                continue
+        return near
 
     def locate(self) -> Collection[str]:
         """The shards to reach over shared memory: those on this node (none if disabled)."""
@@ -170,7 +202,7 @@ class TorchDistTransport(ChannelCalls):
     def channel(self) -> Channel:
         """This thread's channel, opened (or reopened after a failure) on demand."""
         channel: Channel | None = getattr(self._local, "channel", None)
-        if channel is not None and not channel.broken:
+        if channel is not None and not channel.unusable:  # lost pairs: see ``reconnect``
             return channel
         if channel is not None:
             self._forget(channel)
@@ -185,6 +217,23 @@ class TorchDistTransport(ChannelCalls):
         with self._lock:
             self._channels.append(channel)
         return channel
+
+    def reconnect(self, shard_id: str) -> bool:
+        """Whether this thread's channel reaches ``shard_id``, joining a fresh pair to it if
+        its pair was lost (a restarted shard); False while it cannot be reached."""
+        channel = self.channel()
+        if shard_id in channel.groups or shard_id in channel.links:
+            return True
+        try:
+            near = self.locate()
+            fresh = Channel.open(
+                [shard_id], self.start_peer(self.timeout_s), self.host(), self.timeout_s, near
+            )
+        except (DataPlaneError, ray.exceptions.RayError) as err:
+            channel.lost[shard_id] = str(err).splitlines()[0]
+            return False
+        channel.adopt(fresh)
+        return True
 
     def _forget(self, channel: Channel) -> None:
         channel.close()
@@ -216,9 +265,10 @@ class RayCallTransport:
         return call.shard_id, self.handles[call.shard_id].compute.remote(*args)
 
     def wait(self, pending: Sequence[Any]) -> list[torch.Tensor]:
-        return [from_wire(self._get(shard_id, ref)) for shard_id, ref in pending]
+        return [out for out, _ in self.wait_timed(pending)]
 
     def wait_timed(self, pending: Sequence[Any]) -> list[tuple[torch.Tensor, float]]:
+        """The answers in order; a dead actor's call fails as soon as Ray knows it died."""
         start = time.perf_counter()
         shard_of = {ref: shard_id for shard_id, ref in pending}
         ready_at: dict[Any, float] = {}
@@ -226,13 +276,31 @@ class RayCallTransport:
         while left:
             ready, left = ray.wait(left, num_returns=1, timeout=self.timeout_s)
             if not ready:
-                raise self._no_answer(shard_of[left[0]])
+                break  # the rest are late: each fails with its own _get timeout below
             ready_at[ready[0]] = time.perf_counter() - start
-        return [(from_wire(self._get(sid, ref)), ready_at[ref]) for sid, ref in pending]
+        answers: list[tuple[torch.Tensor, float] | None] = []
+        failed: dict[int, Exception] = {}
+        for i, (sid, ref) in enumerate(pending):
+            try:
+                out = from_wire(self._get(sid, ref, 0.0 if ref not in ready_at else None))
+            except (DataPlaneError, ray.exceptions.RayTaskError) as err:
+                failed[i] = err
+                answers.append(None)
+                continue
+            answers.append((out, ready_at.get(ref, time.perf_counter() - start)))
+        return _raise_failed(answers, failed)
 
-    def _get(self, shard_id: str, ref: Any) -> Any:
+    def reconnect(self, shard_id: str) -> bool:
+        """Whether the shard's actor answers (a restarted one does once it has loaded)."""
         try:
-            return ray.get(ref, timeout=self.timeout_s)
+            ray.get(self.handles[shard_id].node_id.remote(), timeout=min(self.timeout_s, 5.0))
+        except ray.exceptions.RayError:
+            return False
+        return True
+
+    def _get(self, shard_id: str, ref: Any, timeout_s: float | None = None) -> Any:
+        try:
+            return ray.get(ref, timeout=self.timeout_s if timeout_s is None else timeout_s)
         except ray.exceptions.GetTimeoutError as err:
             raise self._no_answer(shard_id) from err
         except ray.exceptions.RayActorError as err:

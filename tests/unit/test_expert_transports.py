@@ -153,7 +153,7 @@ def test_the_factory_pickles_and_refuses_a_ray_transport(
     factory = pickle.loads(pickle.dumps(arranged.factory))
     assert factory == arranged.factory and factory.table == table
     assert "key=" not in repr(factory)  # the channel key never shows in a repr
-    factory.build()._pool.close()  # type: ignore[attr-defined]  # let the shards' threads end
+    factory.build()._pool.close()  # let the shards' threads end
 
 
 def test_a_model_over_the_factorys_experts_gives_the_colocated_tokens(
@@ -170,7 +170,7 @@ def test_a_model_over_the_factorys_experts_gives_the_colocated_tokens(
 
 def test_a_joined_channel_that_broke_is_not_reopened() -> None:
     class Broken:
-        broken = True
+        unusable = True
 
     zeros = torch.zeros(1, 1)
     with pytest.raises(DataPlaneError, match=r"engine process cannot reopen it"):
@@ -229,7 +229,10 @@ def test_a_shard_that_goes_away_stops_the_engine_with_its_name(
     launch = EngineLaunch(str(path), EngineConfig(num_blocks=64), experts=arranged.factory)
     engine = EngineProcess(launch)
     try:
-        with pytest.raises(EngineStoppedError, match=r"DataPlaneError.*expert shard 's[01]'"):
+        with pytest.raises(
+            EngineStoppedError,
+            match=r"(DataPlaneError|ExpertUnavailableError).*expert shard 's[01]'",
+        ):
             _tokens(engine)
         assert not engine.is_alive()
     finally:
