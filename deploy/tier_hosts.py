@@ -35,14 +35,18 @@ from deploy.config import TierConfig
 from deploy.expert_config import MIN_BUNDLE_CPU
 from deploy.replica_context import replica_attributes
 from experts.checkpoint import CheckpointReader
-from router.routing_table import RoutingTable, round_robin
+from router.routing_table import RoutingTable, replicated
 
 
 class ExpertPoolHost:
     """Owns a tier's expert shard actors (Serve manages this replica, the shards share its fate).
 
     The shards start in the replica's placement group, one bundle each (bundle 0 is the
-    replica itself), so ``strategy`` and per-shard resources decide their nodes.
+    replica itself), so ``strategy`` and per-shard resources decide their nodes; each holds
+    ``experts.replication`` copies' worth of experts. A crashed shard is restarted alone by Ray
+    (``max_restarts=-1``, same handle, so backbones reach it again), loading its slots from the
+    safetensors files; with re-placement on, the controller then reconciles it to the table's
+    slots. A dead shard never fails this replica's health check: no gang restart.
     """
 
     def __init__(self, tier: TierConfig, telemetry: TelemetrySettings | None = None) -> None:
@@ -51,7 +55,7 @@ class ExpertPoolHost:
         spec = CheckpointReader(tier.model).spec
         settings = tier.experts
         shard_ids = [f"{tier.name}-shard-{i}" for i in range(settings.num_shards)]
-        self.table = round_robin(spec.moe_layers, spec.num_experts, shard_ids)
+        self.table = replicated(spec.moe_layers, spec.num_experts, shard_ids, settings.replication)
         group = get_current_placement_group()
         self.pool = ExpertPool.start(
             tier.model,
@@ -70,6 +74,7 @@ class ExpertPoolHost:
             ],
         )
         self._tier, self._spec = tier, spec
+        self._node_of = self.pool.node_ids()  # where each shard started (a dead one: last known)
         self._controller: Any = None
         if settings.replan.enabled:  # the cluster's controller re-places this tier's experts
             # held for this replica's life: a named actor nobody holds a handle to is
@@ -84,7 +89,7 @@ class ExpertPoolHost:
             tier.name,
             tuple(spec.moe_layers),
             spec.num_experts,
-            self.pool.node_ids(),
+            self._node_of,
             3 * spec.hidden_size * spec.moe_intermediate_size * item,  # gate, up, down
             tier.experts.replan,
         )
@@ -104,12 +109,21 @@ class ExpertPoolHost:
         """What each shard holds now, (layer, expert) sorted (operations, tests)."""
         return self.pool.slots()
 
+    def shard_states(self) -> dict[str, tuple[str, list[tuple[int, int]]] | None]:
+        """Per shard: (incarnation, slots), or None while dead or restarting (ops, tests)."""
+        return self.pool.states()
+
     def check_health(self) -> None:
-        self.pool.node_ids()  # raises if a shard died; Serve then replaces this replica
+        # a dead shard is not this replica's death: Ray restarts the shard alone (and the
+        # controller re-places its slots meanwhile); only a lost controller is re-told here
         if self._tier.experts.replan.enabled:  # a restarted controller: tell it of the tier
             import ray
 
-            if ray.get(self._controller.table.remote(self._tier.name), timeout=10) is None:
+            try:
+                known = ray.get(self._controller.table.remote(self._tier.name), timeout=10)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return  # restarting: serving goes on with the last table; told next time
+            if known is None:
                 self._register(self._tier, self._spec)
 
 
@@ -152,12 +166,17 @@ class TierHost:
             if tier.runs_engine_process:  # this replica opens the shards' side, its child ours
                 attributes = replica_attributes(tier.name)
                 self._engine_experts = arrange_engine_experts(
-                    pool.transport, table, tier.name, telemetry, attributes
+                    pool.transport,
+                    table,
+                    tier.name,
+                    telemetry,
+                    attributes,
+                    unavailable_wait_s=settings.unavailable_wait_s,
                 )
                 factory = self._engine_experts.factory
             else:
                 near = getattr(pool.transport, "same_node", lambda: ())()  # torch_dist only
-                experts = RemoteExperts(pool, table, tier.name, near)
+                experts = RemoteExperts(pool, table, tier.name, near, settings.unavailable_wait_s)
         self.replica = TierReplica(
             tier.name,
             tier.model,
