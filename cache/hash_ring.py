@@ -6,7 +6,9 @@ the key's point. Adding or losing a shard moves only the keys next to its points
 them), so a node loss costs the blocks it held and no more; with 2 replicas a key's second
 owner still has it. Shards can be skipped (``down``) without rebuilding the ring: the walk
 passes them, so a dead shard's keys fall to the shards that would own them without it.
-Pure logic: ids and integers.
+Membership changes (``with_shards``: a node joined or left for good) build a new ring whose
+points for the shards that stay are the same, so only the keys next to a joining shard's points
+move to it, and only a leaving shard's keys move away. Pure logic: ids and integers.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class HashRing:
                 f"virtual_nodes={virtual_nodes} is out of range: allowed [1, {MAX_VIRTUAL_NODES}]"
             )
         self.shards = tuple(shards)
+        self.virtual_nodes = virtual_nodes
         ring = sorted((_point(s, i), s) for s in shards for i in range(virtual_nodes))
         self._points = [p for p, _ in ring]
         self._owners = [s for _, s in ring]
@@ -56,3 +59,7 @@ class HashRing:
                 if len(found) == want:
                     break
         return found
+
+    def with_shards(self, shards: Sequence[str]) -> HashRing:
+        """The ring of ``shards`` (a membership change); the same points for shards in both."""
+        return HashRing(shards, self.virtual_nodes)

@@ -58,6 +58,9 @@ class GetReply:
     blocks: list[np.ndarray | None]
     evicted: list[bool]
     stats: ShardStats
+    # seconds each block evicted since the shard's last reply had been stored (each age goes
+    # to one reader only, which exports it)
+    eviction_ages: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,7 @@ class StoreShard:
             evicted.append(entry is None and key in self._evicted)
         self.num_lookups += len(keys)
         self.num_hits += sum(1 for b in blocks if b is not None)
-        return GetReply(blocks, evicted, self.stats())
+        return GetReply(blocks, evicted, self.stats(), tuple(self.take_eviction_ages()))
 
     def stats(self) -> ShardStats:
         return ShardStats(

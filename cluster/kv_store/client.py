@@ -11,6 +11,10 @@ miss: the engine recomputes it. Nothing here raises for a shard's failure.
 
 put: each block goes to its ``replication`` first live owners, one call per shard; the caller
 (the engine's publisher thread) may wait on the returned futures with a timeout.
+
+Membership: ``set_shards`` swaps in the ring of a new shard set (a node joined or left;
+``cluster.kv_store.membership`` watches the nodes): consistent hashing moves only the keys of
+the shard that joined or left; a call in flight finishes on the ring it started with.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 from cache.block_key import BlockKey, ring_point
 from cache.hash_ring import HashRing
 from cache.kv_store import FetchResult, GetReply, ShardStats, StoreShard
+from cluster.telemetry.setup import get_telemetry
 
 T = TypeVar("T")
 
@@ -60,6 +65,7 @@ class StoreClient:
         self._down: dict[str, float] = {}  # shard -> when to try it again
         self._lock = threading.Lock()
         self.stats: dict[str, ShardStats] = {}  # the latest each shard reported
+        self.membership: object | None = None  # what keeps the shard set current, if any
 
     def down(self) -> set[str]:
         """Shards skipped now (their call failed less than ``retry_down_s`` ago)."""
@@ -75,6 +81,16 @@ class StoreClient:
 
     def owners(self, key: BlockKey, down: set[str]) -> list[str]:
         return self.ring.owners(ring_point(key), self.replication, down)
+
+    def set_shards(self, shard_ids: Sequence[str]) -> None:
+        """The shards are now ``shard_ids`` (their calls must already reach the new ones)."""
+        if set(shard_ids) != set(self.ring.shards):
+            self.ring = self.ring.with_shards(sorted(shard_ids))  # one assignment: atomic
+        with self._lock:
+            for gone in [s for s in self._down if s not in shard_ids]:
+                del self._down[gone]
+        # readers iterate ``stats`` on other threads: a new dict, never one shrunk in place
+        self.stats = {s: st for s, st in self.stats.items() if s in shard_ids}
 
     def get_many(self, keys: Sequence[BlockKey], timeout_s: float) -> FetchResult:
         deadline = time.monotonic() + timeout_s
@@ -117,6 +133,8 @@ class StoreClient:
                 self.mark_down(shard)
                 continue
             self.stats[shard] = reply.stats
+            if reply.eviction_ages:
+                get_telemetry().metrics.record_block_ages("", "store", reply.eviction_ages, shard)
             for key, block, was_evicted in zip(
                 groups[shard], reply.blocks, reply.evicted, strict=True
             ):
@@ -174,6 +192,11 @@ class LocalShardCalls:
     def kill(self, shard: str) -> None:
         self.killed.add(shard)
         self.shards[shard].clear()
+
+    def add(self, shard: StoreShard) -> None:
+        """A shard on a node that joined (before the client's ``set_shards``)."""
+        self._locks[shard.shard_id] = threading.Lock()
+        self.shards[shard.shard_id] = shard
 
     def _run(self, shard: str, fn: Callable[[StoreShard], T]) -> T:
         if self.latency_s:

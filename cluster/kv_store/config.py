@@ -36,6 +36,9 @@ class KVStoreConfig:
     max_pinned_share: float = 0.25  # pinned blocks' share of a cache (local or shard), at most
     detached: bool = False  # shards outlive the application that started them
     retry_down_s: float = 5.0  # a failed shard is skipped this long, then tried again
+    # how often a store client looks for nodes that joined (a shard is started there and
+    # joins the hash ring) or left (their shard leaves it); 0: the nodes at start-up only
+    membership_interval_s: float = 10.0
     # with the store on, tiers route each request to where its prefix lives (a Serve request
     # router fed by the engines' KV events); off: Serve's power-of-two choices
     prefix_routing: bool = True
@@ -51,6 +54,7 @@ class KVStoreConfig:
             ("publish_queue_blocks", self.publish_queue_blocks, 1, 1 << 20),
             ("max_pinned_share", self.max_pinned_share, 0.0, 1.0),
             ("retry_down_s", self.retry_down_s, 0.0, 3600.0),
+            ("membership_interval_s", self.membership_interval_s, 0.0, 3600.0),
         ]
         for name, value, low, high in checks:
             if not low <= value <= high:

@@ -60,9 +60,13 @@ class RayStoreFactory:
 
         handles = dict(self.handles)
         c = self.config
-        return StoreClient(
-            RayShardCalls(handles), list(handles), c.replication, c.virtual_nodes, c.retry_down_s
-        )
+        calls = RayShardCalls(handles)
+        client = StoreClient(calls, list(handles), c.replication, c.virtual_nodes, c.retry_down_s)
+        if c.membership_interval_s > 0:  # shards follow nodes that join or leave
+            from cluster.kv_store.membership import ShardMembership
+
+            client.membership = ShardMembership(client, calls, c)
+        return client
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ HISTOGRAMS: dict[str, tuple[str, str, tuple[float, ...]]] = {
     "moe.shard.dispatch.duration": ("s", "Duration of one expert-shard call", DISPATCH_BUCKETS),
     "moe.kv.block_age_at_eviction": (
         "s",
-        "Seconds a KV block had been cached when it was evicted (moe.kv.where: local or store)",
+        "Seconds a KV block had been cached when it was evicted (moe.kv.where: local, with "
+        "moe.tier, or store, with moe.kv_store.shard)",
         BLOCK_AGE_BUCKETS,
     ),
     "moe.shadow.divergence": (
@@ -215,10 +216,15 @@ class Metrics:
         if miss_reason:
             self._misses.add(1, {"moe.tier": tier, "moe.kv.miss_reason": miss_reason})
 
-    def record_block_ages(self, tier: str, where: str, ages: Sequence[float]) -> None:
-        """Ages at eviction of blocks evicted from a replica's cache or a store shard."""
+    def record_block_ages(
+        self, tier: str, where: str, ages: Sequence[float], shard: str = ""
+    ) -> None:
+        """Ages at eviction of blocks evicted from a replica's cache (by tier) or a store shard
+        (by ``shard``: the store serves every tier, so ``tier`` is "" there)."""
+        attrs = {"moe.kv.where": where}
+        attrs |= {"moe.kv_store.shard": shard} if shard else {"moe.tier": tier}
         for age in ages:
-            self._block_age.record(age, {"moe.tier": tier, "moe.kv.where": where})
+            self._block_age.record(age, attrs)
 
     def add_store_source(self, name: str, source: StoreSource) -> None:
         """Observe store shards' bytes and hit ratio at each collection (one source per

@@ -78,7 +78,8 @@ def test_shard_holds_its_budget_evicting_lru_and_remembers_evictions() -> None:
     reply = shard.get_many([ks[0], ks[1], ks[2], ks[3], ks[14]])
     assert [b is not None for b in reply.blocks] == [True, False, False, True, False]
     assert reply.evicted == [False, True, True, False, False]  # 14: never stored
-    assert sorted(shard.take_eviction_ages()) == [18.0, 19.0]  # stored at 2 and 1
+    assert sorted(reply.eviction_ages) == [18.0, 19.0]  # stored at 2 and 1, sent once
+    assert shard.take_eviction_ages() == [] and shard.get_many([ks[0]]).eviction_ages == ()
     assert reply.stats.num_evictions == 2 and reply.stats.num_bytes == 640
     assert reply.blocks[0] is not None and int(reply.blocks[0][0]) == 0
 
