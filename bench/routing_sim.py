@@ -7,7 +7,11 @@ its LRU cache of ``cache_blocks``, and the cache's changes reach the event-fed r
 numbered batch ``event_lag_s`` later (a share ``event_loss`` of batches is lost; the router
 notices the gap and asks for a snapshot, which arrives one lag later). The oracle is the same
 cost-based router fed every change at once (it knows every cache at every moment). Hits are
-what each request finds in its replica's cache when it starts, whoever routed it.
+what each request finds in its replica's cache when it starts, whoever routed it. A replica's
+queued work (``busiest_vs_mean_queue``) is what its queue will cost: each waiting request's
+uncached tokens as they will be when it starts, the LRU replayed forward over the requests
+ahead of it (until 2026-12-04 it was read from the cache at the sampling moment, which
+counted every request queued behind the first computation of a document as a full miss).
 
 Workloads: ``business``: documents shared by many requests (Zipf popularity), each request a
 document and a short question; ``chat``: sessions of turns with growing history, sessions
@@ -117,6 +121,7 @@ class Replica:
     queue: deque[Req] = field(default_factory=deque)  # waiting, FIFO
     busy: bool = False
     busy_until: float = 0.0  # when the running request finishes
+    running: Req | None = None
     work: float = 0.0
     seq_no: int = 0
     stored: list[bytes] = field(default_factory=list)
@@ -131,29 +136,91 @@ class Replica:
             n += 1
         return n
 
-    def backlog(self, now: float, tokens_per_s: float) -> float:
-        """Tokens of work queued: the running request's rest and each waiting one's
-        uncached prompt and output, by what the cache holds now (not touched)."""
+    def backlog(self, now: float, tokens_per_s: float, capacity: int) -> float:
+        """Tokens of work queued: the running request's rest and each waiting one's uncached
+        prompt and output, as it will be when it starts (the cache replayed forward, FIFO:
+        blocks the requests ahead of it compute, and what they evict; nothing is touched)."""
         left = max(0.0, self.busy_until - now) * tokens_per_s if self.busy else 0.0
-        for r in self.queue:
-            cached = 0
-            for key in r.keys:
-                if key not in self.cache:
-                    break
-                cached += 1
-            left += r.prompt_tokens - cached * BS + r.output_tokens
+        if not self.queue:
+            return left
+        replay = _Replay(self.cache, capacity)
+        ahead = [self.running] if self.running is not None else []
+        for r in ahead + list(self.queue):
+            if r is not self.running:
+                left += r.prompt_tokens - replay.hit_blocks(r.keys) * BS + r.output_tokens
+            replay.insert(r.keys)
         return left
 
     def insert(self, keys: list[bytes], capacity: int) -> None:
+        self.removed += _lru_insert(self.cache, keys, capacity, self.stored)
+
+
+def _lru_insert(
+    cache: OrderedDict[bytes, None],
+    keys: list[bytes],
+    capacity: int,
+    stored: list[bytes] | None = None,
+) -> list[bytes]:
+    """Insert (or refresh) ``keys`` in an LRU of ``capacity``; the keys it evicted."""
+    removed = []
+    for key in keys:
+        if key in cache:
+            cache.move_to_end(key)
+            continue
+        cache[key] = None
+        if stored is not None:
+            stored.append(key)
+        if len(cache) > capacity:
+            old, _ = cache.popitem(last=False)
+            removed.append(old)
+    return removed
+
+
+class _Replay:
+    """An LRU cache's future, replayed without copying it: keys the replay inserted or
+    refreshed sit in their own LRU after the untouched ones, and evictions take the
+    cache's untouched keys, oldest first, before the replay's own."""
+
+    def __init__(self, cache: OrderedDict[bytes, None], capacity: int) -> None:
+        self.cache, self.capacity = cache, capacity
+        self.untouched = iter(cache)  # the cache's keys, oldest first
+        self.touched: OrderedDict[bytes, None] = OrderedDict()
+        self.evicted: set[bytes] = set()
+        self.size = len(cache)
+
+    def holds(self, key: bytes) -> bool:
+        return key in self.touched or (key in self.cache and key not in self.evicted)
+
+    def hit_blocks(self, keys: list[bytes]) -> int:
+        n = 0
         for key in keys:
-            if key in self.cache:
-                self.cache.move_to_end(key)
+            if not self.holds(key):
+                break
+            n += 1
+        return n
+
+    def insert(self, keys: list[bytes]) -> None:
+        for key in keys:
+            if key in self.touched:
+                self.touched.move_to_end(key)
                 continue
-            self.cache[key] = None
-            self.stored.append(key)
-            if len(self.cache) > capacity:
-                old, _ = self.cache.popitem(last=False)
-                self.removed.append(old)
+            held = key in self.cache and key not in self.evicted
+            self.touched[key] = None
+            if held:
+                continue
+            self.size += 1
+            if self.size > self.capacity:
+                self._evict()
+
+    def _evict(self) -> None:
+        for key in self.untouched:
+            if key not in self.touched and key not in self.evicted:
+                self.evicted.add(key)
+                self.size -= 1
+                return
+        old, _ = self.touched.popitem(last=False)
+        self.evicted.add(old)
+        self.size -= 1
 
 
 @dataclass(frozen=True)
@@ -227,7 +294,9 @@ def simulate(cfg: SimConfig, workload: str, policy: str) -> dict[str, Any]:
             if not rep.busy:
                 hit_tokens, prompt_tokens = _start(rep, now, cfg, push, hit_tokens, prompt_tokens)
             if req.rid % 50 == 0:
-                lengths = [x.backlog(now, cfg.tokens_per_s) for x in reps.values()]
+                lengths = [
+                    x.backlog(now, cfg.tokens_per_s, cfg.cache_blocks) for x in reps.values()
+                ]
                 for rname, queued_now in zip(names, lengths, strict=True):
                     queue_sum[rname] += queued_now
                 mean = statistics.mean(lengths)
@@ -238,7 +307,7 @@ def simulate(cfg: SimConfig, workload: str, policy: str) -> dict[str, Any]:
             rep = reps[name]
             in_flight[name] -= 1
             rep.insert(r.keys, cfg.cache_blocks)
-            rep.busy = False
+            rep.busy, rep.running = False, None
             if rep.queue:
                 hit_tokens, prompt_tokens = _start(rep, now, cfg, push, hit_tokens, prompt_tokens)
             if r.rid in choices:
@@ -278,7 +347,7 @@ def _start(
 ) -> tuple[int, int]:
     """Start the replica's next request: its hit is what the cache holds now."""
     r = rep.queue.popleft()
-    rep.busy = True
+    rep.busy, rep.running = True, r
     hit = rep.hit_blocks(r.keys)
     work = r.prompt_tokens - hit * BS + r.output_tokens
     rep.work += work
