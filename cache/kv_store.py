@@ -9,6 +9,12 @@ capped at ``max_pinned_share`` of the budget (a block past the cap is stored unp
 expired pin is an ordinary block again. Evicted keys are remembered (a bounded set), so a miss
 can say whether the store once had the block.
 
+Tenant occupancy: a namespace (one tenant of one model and layout: the key's first bytes)
+holding ``max_tenant_share`` of the budget or more makes room by evicting its own oldest blocks,
+never another's: one tenant's traffic displaces at most that share of the others' blocks. Under
+its share it evicts by the shard's LRU as usual, and with free room anyone may grow past it, so
+a shard with one tenant still uses its whole budget.
+
 Plain logic: no Ray, no torch (``cluster.kv_store`` hosts it in an actor). Not thread-safe:
 the actor holds a lock around it. Messages on the store channel are below.
 """
@@ -24,7 +30,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from cache.block_key import KEY_BYTES, BlockKey
+from cache.block_key import KEY_BYTES, NAMESPACE_BYTES, BlockKey
 
 MAX_KEYS_PER_CALL = 4096  # a request for more is refused (a bounded message)
 _REMEMBER_EVICTED = 16_384  # evicted keys remembered for miss reasons (~1.5 MiB)
@@ -112,6 +118,7 @@ class StoreShard:
         capacity_bytes: int,
         max_pinned_share: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
+        max_tenant_share: float = 1.0,
     ) -> None:
         if capacity_bytes < 1:
             raise ValueError(f"capacity_bytes={capacity_bytes} is out of range: allowed >= 1")
@@ -120,6 +127,12 @@ class StoreShard:
         self.shard_id = shard_id
         self.capacity_bytes = capacity_bytes
         self.max_pinned_bytes = int(capacity_bytes * max_pinned_share)
+        if not 0.0 < max_tenant_share <= 1.0:
+            raise ValueError(f"max_tenant_share={max_tenant_share} is out of range: (0, 1]")
+        self.max_tenant_bytes = int(capacity_bytes * max_tenant_share)
+        # per namespace: its keys, least recently used first, and their bytes
+        self._tenant_keys: dict[bytes, OrderedDict[BlockKey, None]] = {}
+        self._tenant_bytes: dict[bytes, int] = {}
         self.clock = clock
         self._lru: OrderedDict[BlockKey, _Entry] = OrderedDict()  # unpinned, LRU first
         self._pinned: OrderedDict[BlockKey, _Entry] = OrderedDict()
@@ -162,7 +175,7 @@ class StoreShard:
             else:
                 now_at = now
                 stored += 1
-            self._make_room(size)
+            self._make_room(size, key[:NAMESPACE_BYTES])
             pin = pinned_until if self.num_pinned_bytes + size <= self.max_pinned_bytes else 0.0
             pin = max(pin, old.pinned_until if old is not None else 0.0)
             self._insert(key, _Entry(block, now_at, pin))
@@ -183,6 +196,8 @@ class StoreShard:
                 entry = self._pinned.get(key)
                 if entry is not None:
                     self._pinned.move_to_end(key)
+            if entry is not None:
+                self._tenant_keys[key[:NAMESPACE_BYTES]].move_to_end(key)
             blocks.append(None if entry is None else entry.block)
             evicted.append(entry is None and key in self._evicted)
         self.num_lookups += len(keys)
@@ -212,9 +227,18 @@ class StoreShard:
         self._pinned.clear()
         self.num_bytes = self.num_pinned_bytes = 0
         self._next_expiry = float("inf")
+        self._tenant_keys.clear()
+        self._tenant_bytes.clear()
+
+    def tenant_bytes(self, namespace: bytes) -> int:
+        """Bytes held for one namespace (a key's first ``NAMESPACE_BYTES``)."""
+        return self._tenant_bytes.get(namespace, 0)
 
     def _insert(self, key: BlockKey, entry: _Entry) -> None:
         self.num_bytes += entry.block.nbytes
+        ns = key[:NAMESPACE_BYTES]
+        self._tenant_keys.setdefault(ns, OrderedDict())[key] = None
+        self._tenant_bytes[ns] = self._tenant_bytes.get(ns, 0) + entry.block.nbytes
         if entry.pinned_until:
             self._pinned[key] = entry
             self.num_pinned_bytes += entry.block.nbytes
@@ -230,20 +254,35 @@ class StoreShard:
                 self.num_pinned_bytes -= entry.block.nbytes
         if entry is not None:
             self.num_bytes -= entry.block.nbytes
+            ns = key[:NAMESPACE_BYTES]
+            self._tenant_bytes[ns] -= entry.block.nbytes
+            del self._tenant_keys[ns][key]
+            if not self._tenant_keys[ns]:
+                del self._tenant_keys[ns], self._tenant_bytes[ns]
         return entry
 
-    def _make_room(self, size: int) -> None:
-        """Evict until ``size`` more bytes fit: unpinned LRU (expired pins first), then pins."""
+    def _make_room(self, size: int, namespace: bytes) -> None:
+        """Evict until ``size`` more bytes fit: unpinned LRU (expired pins first), then pins;
+        a namespace at its share evicts its own blocks (module doc)."""
         while self.num_bytes + size > self.capacity_bytes:
-            source = self._lru if self._lru else self._pinned
-            key, entry = next(iter(source.items()))
-            self._pop(key)
+            own = self._tenant_keys.get(namespace)
+            if own and self.tenant_bytes(namespace) + size > self.max_tenant_bytes:
+                key = self._oldest_of(namespace)
+            else:
+                key = next(iter(self._lru if self._lru else self._pinned))
+            entry = self._pop(key)
+            assert entry is not None, "an evicted key must be held"
             self.num_evictions += 1
             if len(self._ages) < _EVICTION_AGES_KEPT:
                 self._ages.append(self.clock() - entry.stored_at)
             self._evicted[key] = None
             if len(self._evicted) > _REMEMBER_EVICTED:
                 self._evicted.popitem(last=False)
+
+    def _oldest_of(self, namespace: bytes) -> BlockKey:
+        """The namespace's least recently used unpinned block, else its oldest pinned one."""
+        keys = self._tenant_keys[namespace]
+        return next((k for k in keys if k in self._lru), next(iter(keys)))
 
     def _expire_pins(self, now: float) -> None:
         """Expired pins become ordinary blocks, first in line for eviction."""

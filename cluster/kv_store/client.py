@@ -224,10 +224,13 @@ def local_store(
     replication: int = 1,
     latency_s: float = 0.0,
     max_pinned_share: float = 0.25,
+    max_tenant_share: float = 1.0,
 ) -> tuple[StoreClient, LocalShardCalls]:
     """An in-process store of ``num_shards`` shards and its client (tests, benchmarks)."""
     shards = {
-        f"shard-{i}": StoreShard(f"shard-{i}", capacity_bytes, max_pinned_share)
+        f"shard-{i}": StoreShard(
+            f"shard-{i}", capacity_bytes, max_pinned_share, max_tenant_share=max_tenant_share
+        )
         for i in range(num_shards)
     }
     calls = LocalShardCalls(shards, latency_s)

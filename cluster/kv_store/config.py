@@ -34,6 +34,9 @@ class KVStoreConfig:
     put_timeout_s: float = 2.0  # the publisher waits this long for a shard, then moves on
     publish_queue_blocks: int = 1024  # blocks waiting to be published; beyond: dropped
     max_pinned_share: float = 0.25  # pinned blocks' share of a cache (local or shard), at most
+    # a tenant (of one model) holding this share of a shard evicts its own blocks to store
+    # more, never another tenant's (with free room it may hold more)
+    max_tenant_share: float = 0.5
     detached: bool = False  # shards outlive the application that started them
     retry_down_s: float = 5.0  # a failed shard is skipped this long, then tried again
     # how often a store client looks for nodes that joined (a shard is started there and
@@ -53,6 +56,7 @@ class KVStoreConfig:
             ("put_timeout_s", self.put_timeout_s, 0.001, 600.0),
             ("publish_queue_blocks", self.publish_queue_blocks, 1, 1 << 20),
             ("max_pinned_share", self.max_pinned_share, 0.0, 1.0),
+            ("max_tenant_share", self.max_tenant_share, 0.01, 1.0),
             ("retry_down_s", self.retry_down_s, 0.0, 3600.0),
             ("membership_interval_s", self.membership_interval_s, 0.0, 3600.0),
         ]

@@ -31,8 +31,16 @@ _SHARD_THREADS = 4
 class KVStoreShardActor:
     """One node's share of the store: a ``StoreShard`` behind a lock."""
 
-    def __init__(self, shard_id: str, capacity_bytes: int, max_pinned_share: float) -> None:
-        self._shard = StoreShard(shard_id, capacity_bytes, max_pinned_share)
+    def __init__(
+        self,
+        shard_id: str,
+        capacity_bytes: int,
+        max_pinned_share: float,
+        max_tenant_share: float = 1.0,
+    ) -> None:
+        self._shard = StoreShard(
+            shard_id, capacity_bytes, max_pinned_share, max_tenant_share=max_tenant_share
+        )
         self._lock = threading.Lock()
 
     def get_many(self, keys: list[BlockKey]) -> GetReply:
@@ -100,6 +108,6 @@ def start_store_shards(config: KVStoreConfig, nodes: list[str] | None = None) ->
         if config.detached:
             options["lifetime"] = "detached"
         handles[shard_id] = actor.options(**options).remote(
-            shard_id, config.capacity_bytes, config.max_pinned_share
+            shard_id, config.capacity_bytes, config.max_pinned_share, config.max_tenant_share
         )
     return handles
