@@ -45,6 +45,10 @@ class GrpcConfig(Section):
     # HTTP/2 keepalive pings to idle clients, to find dead connections; and how long to wait
     keepalive_time_s: float = Field(default=60.0, ge=1, le=86_400)
     keepalive_timeout_s: float = Field(default=20.0, ge=1, le=3600)
+    # a request whose tier replica is lost (actor died, engine stopped) is resubmitted to
+    # another replica of its tier, with the tokens already sent, at most this many times
+    # (and only before its deadline); 0: never
+    max_resubmissions: int = Field(default=2, ge=0, le=10)
     tls: TlsConfig | None = None  # None: plaintext (put TLS in front, or set this)
 
     @property

@@ -55,7 +55,7 @@ class FrontDoor(pb_grpc.MoEClusterServicer):
         budget = _time_budget(context, self.settings.request_timeout_s)
         try:
             async with asyncio.timeout(budget):
-                async for chunk in self.gateway.generate(request, metadata, request_id):
+                async for chunk in self.gateway.generate(request, metadata, request_id, budget):
                     await context.write(chunk)
         except ApiError as err:
             await context.abort(err.code, err.message, trailer)

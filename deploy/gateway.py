@@ -6,6 +6,10 @@ Cascade: when the policy asks for a probe, the first K tokens of the fast tier a
 if their mean log-probability is too low the fast stream is cancelled and the strong tier serves
 the request from scratch, otherwise the held tokens are released and the fast tier goes on.
 Shadowed requests run on the candidate tier in a background task the caller never waits for.
+A request whose replica is lost mid-stream is resubmitted to another replica of its tier with
+the tokens already sent (``deploy.tier_stream.open_resumable``, ``grpc.max_resubmissions``):
+every request has a seed (one is drawn here when the client sent none, and recorded), so the
+resumed stream is the one the lost replica would have sent.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import hmac
 import re
 import secrets
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -46,7 +51,14 @@ from deploy.edge_config import tenant_of
 from deploy.gateway_trace import GatewayTrace
 from deploy.proto import moecluster_v1_pb2 as pb
 from deploy.tier_listing import health_of, list_tiers
-from deploy.tier_stream import chain_held, open_tier_stream, routing_chunks
+from deploy.tier_stream import (
+    ReplicaLostError,
+    Resubmission,
+    chain_held,
+    open_resumable,
+    open_tier_stream,
+    routing_chunks,
+)
 from experts.stop_strings import StopStringMatcher
 from router.tier_policy import TierDecision, TierPolicy
 
@@ -102,11 +114,16 @@ class Gateway:
         request: pb.GenerateRequest,
         metadata: Mapping[str, str],
         request_id: str | None = None,
+        budget_s: float | None = None,
     ) -> AsyncIterator[pb.GenerateChunk]:
         """Stream chunks for one request; problems raise ``ApiError``. The request id is the
-        server's (``request_id``, or a new one): never a client-sent value."""
+        server's (``request_id``, or a new one): never a client-sent value. ``budget_s``: the
+        seconds the call may run (the caller enforces it; no resubmission starts after it),
+        at most ``grpc.request_timeout_s``."""
         traced = GatewayTrace(get_telemetry(), metadata)
-        chunks = self._generate(request, metadata, traced, request_id or uuid.uuid4().hex)
+        limit = self.config.grpc.request_timeout_s
+        deadline = time.monotonic() + (limit if budget_s is None else min(budget_s, limit))
+        chunks = self._generate(request, metadata, traced, request_id or uuid.uuid4().hex, deadline)
         error: BaseException | None = None
         try:
             async for chunk in chunks:
@@ -126,6 +143,7 @@ class Gateway:
         metadata: Mapping[str, str],
         traced: GatewayTrace,
         request_id: str,
+        deadline: float,
     ) -> AsyncGenerator[pb.GenerateChunk, None]:
         tenant = self.authenticate(metadata)
         args = parse_generate(request, self.limits)
@@ -165,10 +183,11 @@ class Gateway:
             pin_tokens=args.pin_tokens,
             pin_ttl_s=args.pin_ttl_s,
         )
-        stream = await open_tier_stream(self.tiers, decision.tier, tier_request)
+        resubmit = self._resubmission(traced, deadline)
+        stream = await open_resumable(self.tiers, decision.tier, tier_request, resubmit)
         held: list[TierTokens] = []
         if decision.probe_tokens:
-            stream, held, decision = await self._probe(decision, tier_request, stream)
+            stream, held, decision = await self._probe(decision, tier_request, stream, resubmit)
         traced.decided(decision, first_tier)
         served = _Served()
         matcher = StopStringMatcher(args.stop)
@@ -179,7 +198,7 @@ class Gateway:
                 served.logprobs += batch.logprobs
                 served.text.append(batch.text)
                 served.last = batch
-                if batch.queue_s is not None:
+                if batch.queue_s is not None and served.queue_s is None:  # not a resumption's
                     served.queue_s = batch.queue_s
                 if batch.routing is not None:
                     served.routing += batch.routing
@@ -252,11 +271,20 @@ class Gateway:
         # a file write: off the event loop; append never raises (it counts its errors)
         self._spawn(asyncio.to_thread(self.audit.append, record))
 
+    def _resubmission(self, traced: GatewayTrace, deadline: float) -> Resubmission:
+        """The request's resubmission budget; each resubmission is traced and counted."""
+
+        def resubmitted(lost: ReplicaLostError, attempt: int, num_sent: int) -> None:
+            traced.resubmitted(lost.tier, attempt, num_sent, lost.detail)
+
+        return Resubmission(self.config.grpc.max_resubmissions, deadline, resubmitted)
+
     async def _probe(
         self,
         decision: TierDecision,
         request: TierRequest,
         stream: AsyncGenerator[TierTokens, None],
+        resubmit: Resubmission,
     ) -> tuple[AsyncGenerator[TierTokens, None], list[TierTokens], TierDecision]:
         """Hold back the fast tier's first K tokens and let the policy judge them."""
         held: list[TierTokens] = []
@@ -270,7 +298,7 @@ class Gateway:
         if not settled.escalated:
             return stream, held, settled
         await stream.aclose()  # the fast tier stops; its tokens are never shown
-        return await open_tier_stream(self.tiers, settled.tier, request), [], settled
+        return await open_resumable(self.tiers, settled.tier, request, resubmit), [], settled
 
     def _finish(
         self,

@@ -111,6 +111,22 @@ class GatewayTrace:
         span.end()
         self._decision_span = None
 
+    def resubmitted(self, tier: str, attempt: int, num_sent: int, reason: str) -> None:
+        """A replica serving the request was lost; it goes on on another, from token
+        ``num_sent`` (an event on the request span, and the resubmission counter)."""
+        self.telemetry.metrics.record_resubmission(tier)
+        if self.span is None:
+            return
+        self.span.add_event(
+            "moe.resubmission",
+            {
+                "moe.tier": tier,
+                "moe.resubmission.attempt": attempt,
+                "moe.resubmission.tokens_sent": num_sent,
+                "moe.resubmission.reason": reason[:300],
+            },
+        )
+
     def token(self) -> None:
         if self.first_token is None:
             self.first_token = time.monotonic()

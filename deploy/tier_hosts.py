@@ -312,7 +312,10 @@ def _reporter(replica: TierReplica, interval_s: float, initial_version: int) -> 
     return reporter
 
 
-TierDeployment = serve.deployment()(TierHost)
+# a replica whose engine died refuses every request until Serve replaces it: checked often
+# (a cheap call), so requests resubmitted from it find a live replica sooner
+TIER_HEALTH_CHECK_PERIOD_S = 2.0
+TierDeployment = serve.deployment(health_check_period_s=TIER_HEALTH_CHECK_PERIOD_S)(TierHost)
 ExpertPoolDeployment = serve.deployment(ray_actor_options={"num_cpus": MIN_BUNDLE_CPU})(
     ExpertPoolHost
 )

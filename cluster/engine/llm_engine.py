@@ -144,6 +144,7 @@ class LLMEngine:
             request.trace_parent,
             request.attention_first_tokens,
             cache_salt=request.cache_salt,
+            output_ids=list(request.resume_ids),  # already generated: output, not prompt
         )
         self.scheduler.check(seq)
         if request.pin_tokens and request.pin_ttl_s > 0:  # soft: evicted last, until then
@@ -155,7 +156,9 @@ class LLMEngine:
         self._seqs[seq.request_id] = seq
         self.samplers[seq.request_id] = Sampler(request.params)
         if self.tokenizer is not None:
-            self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer)
+            detok = self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer)
+            for token in request.resume_ids:  # their text was sent: the next delta follows it
+                detok.push(token)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request at any point and free its blocks; False if it is not here."""
@@ -233,7 +236,11 @@ class LLMEngine:
         # a chunk that reaches the end of its sequence gives a token from its logits
         rows = [r for r, c in enumerate(chunks) if c.seq.num_uncomputed == c.num_tokens]
         samplers = [self.samplers[chunks[r].seq.request_id] for r in rows]
-        sampled = sample_batch(logits[rows], samplers) if rows else SampledBatch([], [], {})
+        # each draw depends on (seed, index of the token): a resumed request draws as before
+        indices = [len(chunks[r].seq.output_ids) for r in rows]
+        sampled = (
+            sample_batch(logits[rows], samplers, indices) if rows else SampledBatch([], [], {})
+        )
         failed = {rows[i]: reason for i, reason in sampled.failed.items()}
         tokens = {
             # the keys evicted so far are those the token was computed without: its event
@@ -320,7 +327,8 @@ class LLMEngine:
             text=text,
             finish_reason=reason,
             num_prompt_tokens=len(seq.prompt_ids),
-            num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+            # a resumed request's cache hits may reach into its resumed (output) tokens
+            num_cached_prompt_tokens=min(seq.num_cached_prompt_tokens, len(seq.prompt_ids)),
             num_truncated_tokens=sampled.num_truncated,
             arrival_time=seq.arrival_time,
             time=now,
@@ -342,6 +350,10 @@ class LLMEngine:
     def validate(self, request: EngineRequest) -> None:
         """Raise ``ValueError`` saying what is wrong with a request for this engine."""
         validate_request(request, self.model.spec, self.config.block_size, self.blocks.num_blocks)
+        vocab = self.model.spec.vocab_size
+        bad = [t for t in request.resume_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"resume_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
 
     def counters(self) -> EngineCounters:
         return EngineCounters(

@@ -29,8 +29,18 @@ class EngineRequest:
     # (soft: at most kv_store.max_pinned_share of a cache is pinned); 0: no pin
     pin_tokens: int = 0
     pin_ttl_s: float = 0.0
+    # tokens this request already generated elsewhere (a replica lost mid-stream): they are
+    # its first output tokens, not prompt. max_tokens and stop tokens count them, the
+    # detokenizer has seen them, sampling draws token k as the original would have, and
+    # events go on from index len(resume_ids); their K/V is computed (or fetched) like a prompt's
+    resume_ids: Sequence[int] = ()
 
     def __post_init__(self) -> None:
+        if len(self.resume_ids) >= self.params.max_tokens:
+            raise ValueError(
+                f"resume_ids holds {len(self.resume_ids)} tokens: a resumed request has fewer "
+                f"than max_tokens={self.params.max_tokens} (it would have finished)"
+            )
         if not 0 <= self.pin_tokens <= MAX_PIN_TOKENS:
             raise ValueError(f"pin_tokens={self.pin_tokens} is out of range: [0, {MAX_PIN_TOKENS}]")
         if not 0.0 <= self.pin_ttl_s <= MAX_PIN_TTL_S:

@@ -1,8 +1,9 @@
 """The one wrapper around calls to tier replicas through Ray Serve deployment handles.
 
 The gateway depends on the ``TierClient`` Protocol; tests pass an in-process
-fake. Serve's back-pressure and lost replicas become ``TierBusyError`` and
-``TierUnavailableError``, so no Ray exception type leaks past this module.
+fake. Serve's back-pressure, a tier with no replica, and a replica that died while it
+held the call become ``TierBusyError``, ``TierUnavailableError`` and
+``TierReplicaLostError``, so no Ray exception type leaks past this module.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ class TierBusyError(RuntimeError):
 
 class TierUnavailableError(RuntimeError):
     """No replica of the tier can take the call."""
+
+
+class TierReplicaLostError(RuntimeError):
+    """The replica serving the call died (its actor or worker process is gone) before the
+    stream ended: the request may be resubmitted to another replica of the tier."""
 
 
 class TierClient(Protocol):
@@ -49,6 +55,7 @@ class ServeTierClient:
         return handle
 
     async def generate(self, tier: str, request: TierRequest) -> AsyncGenerator[TierItem, None]:
+        from ray.exceptions import RayActorError, WorkerCrashedError
         from ray.serve.exceptions import (
             BackPressureError,
             DeploymentUnavailableError,
@@ -68,9 +75,17 @@ class ServeTierClient:
         except BackPressureError as err:
             refused = True
             raise TierBusyError(f"tier {tier!r} is at capacity: {err}") from None
-        except (DeploymentUnavailableError, ReplicaUnavailableError) as err:
+        except DeploymentUnavailableError as err:
             refused = True
             raise TierUnavailableError(f"tier {tier!r} is unavailable: {err}") from None
+        except (RayActorError, WorkerCrashedError, ReplicaUnavailableError) as err:
+            # the replica holding the call died (ActorDiedError, ActorUnavailableError; Serve's
+            # ReplicaUnavailableError): nothing is left there to cancel
+            refused = True
+            raise TierReplicaLostError(
+                f"tier {tier!r} lost the replica serving this request: {type(err).__name__}: "
+                f"{_first_line(err)}"
+            ) from None
         finally:
             # stop generation on the replica and free its KV blocks, also when the caller
             # left before the first item (a deadline); a request Serve refused never started,
@@ -101,6 +116,11 @@ class ServeTierClient:
             raise TierBusyError(f"tier {tier!r} is at capacity: {err}") from None
         except (DeploymentUnavailableError, ReplicaUnavailableError) as err:
             raise TierUnavailableError(f"tier {tier!r} is unavailable: {err}") from None
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    """A Ray error's first line (its text can run to a stack trace)."""
+    return str(err).strip().split("\n", 1)[0][:limit]
 
 
 class TierHandler(Protocol):

@@ -35,14 +35,22 @@ class TierRequest:
     # the gateway's wall clock (time.time()) when it sent this call: the replica can tell
     # how long it waited in the tier's queue (0: unknown)
     sent_at: float = 0.0
+    # a resubmission after a replica was lost mid-stream: the tokens the client already got.
+    # They are generated output (max_tokens and stop tokens count them, the text goes on
+    # after theirs, usage counts them as completion), and the stream resumes at the next one;
+    # params.seed is the original's, so sampling continues as it would have
+    resume_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class TierRejected:
-    """The replica refused the request; ``code`` names the gRPC status to return."""
+    """The replica refused the request; ``code`` names the gRPC status to return.
+    ``engine_stopped``: the replica's engine is gone (died or shut down), so the request
+    may be resubmitted to another replica; never set for a refusal of the request itself."""
 
     code: str  # "invalid_argument" | "resource_exhausted" | "unavailable"
     message: str
+    engine_stopped: bool = False
 
 
 @dataclass(frozen=True)

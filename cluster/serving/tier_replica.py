@@ -229,8 +229,10 @@ class TierReplica:
                 cache_salt=request.cache_salt,
                 pin_tokens=request.pin_tokens,
                 pin_ttl_s=request.pin_ttl_s,
+                resume_ids=request.resume_token_ids,
             )
             self.engine.validate(engine_request)
+            _check_vocab(request.resume_token_ids, self.engine.spec.vocab_size)
         except ValueError as err:
             yield TierRejected("invalid_argument", str(err))
             return
@@ -246,6 +248,7 @@ class TierReplica:
         finished = False
         error: str | None = "cancelled before the end"
         tokens: list[TokenEvent] = []
+        first_index = len(request.resume_token_ids)  # this stream's first token's index
         # each batch holds every token that arrived while this stream's caller was busy
         batches = self.engine.generate_batches(engine_request)
         try:
@@ -254,11 +257,12 @@ class TierReplica:
                 finished = tokens[-1].finish_reason is not None
                 # the first token goes out at once (time to first token); later ones in
                 # items whose size grows with the number of streams (see stream_interval_for)
-                if not finished and tokens[0].index > 0 and len(tokens) < self.current_interval():
+                first = tokens[0].index == first_index
+                if not finished and not first and len(tokens) < self.current_interval():
                     continue
                 traced.add(tokens)
                 attention = traced.attention() if finished else None
-                yield _to_tokens(tokens, request.return_routing, attention)
+                yield _to_tokens(tokens, request.return_routing, attention, first)
                 tokens = []
             error = None
         except EngineStoppedError as err:
@@ -270,7 +274,13 @@ class TierReplica:
                 if isinstance(err, RequestFailedError)
                 else "stopped generating"
             )
-            yield TierRejected("unavailable", f"tier {self.name!r} {what} ({err}); retry")
+            yield TierRejected(
+                "unavailable",
+                f"tier {self.name!r} {what} ({err}); retry",
+                # the engine is gone (not this request's own failure): another replica can
+                # take the request over
+                engine_stopped=not isinstance(err, RequestFailedError),
+            )
         except Exception as err:  # refused by the engine itself (ValueError): recorded, raised
             error = str(err)
             raise
@@ -331,9 +341,11 @@ def _to_tokens(
     events: list[TokenEvent],
     with_routing: bool,
     attention: tuple[tuple[float, float], ...] | None = None,
+    first: bool = False,
 ) -> TierTokens:
+    """``first``: the batch holds the stream's first token (it carries the queueing time)."""
     last = events[-1]
-    first_scheduled = events[0].scheduled_time if events[0].index == 0 else None
+    first_scheduled = events[0].scheduled_time if first else None
     return TierTokens(
         token_ids=[e.token_id for e in events],
         logprobs=[e.logprob for e in events],
@@ -350,3 +362,9 @@ def _to_tokens(
         num_store_cached_tokens=last.num_store_cached_tokens,
         kv_miss=last.kv_miss,
     )
+
+
+def _check_vocab(token_ids: tuple[int, ...], vocab_size: int) -> None:
+    bad = [t for t in token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"resume_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")

@@ -89,6 +89,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     ),
     "moe.kv.truncated_tokens": ("{token}", "Context tokens dropped by KV window policies"),
     "moe.escalations": ("{request}", "Requests escalated between tiers"),
+    "moe.resubmissions": ("{request}", "Requests resubmitted after their replica was lost"),
 }
 
 KvSource = Callable[[], tuple[int, int]]  # () -> (blocks in use, blocks total)
@@ -126,6 +127,7 @@ class Metrics:
         self._evicted = counters["moe.kv.evicted_blocks"]
         self._truncated = counters["moe.kv.truncated_tokens"]
         self._escalations = counters["moe.escalations"]
+        self._resubmissions = counters["moe.resubmissions"]
         self._store_hit = counters["moe.kv.store_hit_tokens"]
         self._misses = counters["moe.kv.misses"]
         self._store_sources: dict[str, StoreSource] = {}
@@ -246,6 +248,9 @@ class Metrics:
 
     def record_escalation(self, from_tier: str, to_tier: str) -> None:
         self._escalations.add(1, {"moe.from_tier": from_tier, "moe.to_tier": to_tier})
+
+    def record_resubmission(self, tier: str) -> None:
+        self._resubmissions.add(1, {"moe.tier": tier})
 
     def record_shadow_divergence(self, tier: str, value: float) -> None:
         self._divergence.record(value, {"moe.tier": tier})
