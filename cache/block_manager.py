@@ -20,6 +20,12 @@ Pins (``pin``): a prefix someone asked to keep, by its blocks' hashes, until a t
 pinned block waits in an LRU order of its own, evicted only when no unpinned block is left;
 pins are soft: at most ``max_pinned_share`` of the pool's blocks are pinned at once (further
 pins are ignored), and an expired pin (``expire_pins``) makes its block ordinary again.
+
+KV groups (``windows``, see ``cache.kv_groups``): with more than one, each group's blocks come
+from the one pool and are named under ``group_key`` of the chain hash; ``match_prefix`` trims
+a hit to what every group serves, and ``window_hits`` gives a sliding group's blocks of it.
+Evictions are reported, and snapshots, pins given and partial entries kept, for group 0 only
+(a sliding group's blocks are pinned with their prefix's, by ``pin``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from cache.block_allocator import BlockAllocator, OutOfBlocksError
+from cache.kv_groups import Windows, group_key, servable_prefix, window_blocks
 from cache.partial_blocks import PartialBlocks
 from cache.prefix_hash import hash_blocks
 
@@ -41,14 +48,18 @@ class BlockManager:
         block_size: int,
         enable_prefix_caching: bool = True,
         max_pinned_share: float = 0.25,
+        windows: Windows = (None,),
     ):
         if block_size <= 0:
             raise ValueError(f"block_size={block_size} must be > 0")
+        assert windows and windows[0] is None, f"windows={windows}: group 0 is full attention"
         self.block_size = block_size
+        self.windows = tuple(windows)
         self.enable_prefix_caching = enable_prefix_caching
         self.allocator = BlockAllocator(num_blocks)
         self._block_of: dict[int, int] = {}  # prefix hash -> block
-        self._hash_of: dict[int, int] = {}  # block -> prefix hash
+        self._hash_of: dict[int, int] = {}  # block -> prefix hash (its group's key)
+        self._group_of: dict[int, int] = {}  # named block -> its group, for groups past 0
         self._partials = PartialBlocks()  # cached partial blocks, all unheld and evictable
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unheld; LRU first
         self._pinned: OrderedDict[int, None] = OrderedDict()  # the same, of pinned hashes
@@ -60,6 +71,10 @@ class BlockManager:
         # events, miss reasons); off, nothing is kept
         self.track_evictions = False
         self.evicted: list[int] = []
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.windows)
 
     @property
     def num_blocks(self) -> int:
@@ -100,7 +115,7 @@ class BlockManager:
             else:
                 block_hash = self._hash_of.pop(block)
                 del self._block_of[block_hash]
-                if self.track_evictions:
+                if self._group_of.pop(block, 0) == 0 and self.track_evictions:
                     self.evicted.append(block_hash)
             self.allocator.release(block)
             self.num_evictions += 1
@@ -112,7 +127,9 @@ class BlockManager:
         """(blocks, hashes) of the longest cached prefix of full blocks, at most ``max_blocks``,
         in the hash chain that starts at ``root`` (``root_hash`` of the tenant's salt).
 
-        Nothing is acquired; pass the blocks to ``acquire`` to hold them.
+        With KV groups the prefix is one every group serves (``kv_groups.servable_prefix``):
+        the blocks are group 0's, ``window_hits`` gives the others'. Nothing is acquired;
+        pass the blocks to ``acquire`` to hold them.
         """
         if not self.enable_prefix_caching:
             return [], []
@@ -123,7 +140,23 @@ class BlockManager:
             if block is None:
                 break
             blocks.append(block)
+        if self.num_groups > 1:
+            n = servable_prefix(
+                len(blocks),
+                self.windows,
+                self.block_size,
+                lambda group, j: group_key(hashes[j], group) in self._block_of,
+            )
+            blocks = blocks[:n]
         return blocks, hashes[: len(blocks)]
+
+    def window_hits(self, hashes: Sequence[int], group: int) -> tuple[int, list[int]]:
+        """(first, blocks): the cached blocks of ``group`` that continue the prefix ``hashes``
+        names (as ``match_prefix`` returned it), from logical block ``first`` on."""
+        window = self.windows[group]
+        needed = window_blocks(len(hashes), window, self.block_size)
+        blocks = [self._block_of[group_key(hashes[j], group)] for j in needed]
+        return needed.start, blocks
 
     def lookup(self, hashes: Sequence[int]) -> list[int]:
         """The cached blocks of the longest prefix of ``hashes`` found in the cache (none
@@ -170,21 +203,31 @@ class BlockManager:
         else:
             self._evictable.move_to_end(block)
 
-    def register(self, block: int, block_hash: int) -> bool:
-        """Name a full, computed block by its prefix hash so later sequences can reuse it;
-        False when it stays private (caching off, or a twin already has the name)."""
-        if not self.enable_prefix_caching or block_hash in self._block_of:
+    def register(self, block: int, block_hash: int, group: int = 0) -> bool:
+        """Name a full, computed block of ``group`` by its prefix hash so later sequences can
+        reuse it; False when it stays private (caching off, or a twin already has the name)."""
+        key = group_key(block_hash, group)
+        if not self.enable_prefix_caching or key in self._block_of:
             return False  # a twin computed concurrently keeps the name; this block stays private
         assert block not in self._hash_of, f"block {block} is already registered"
-        self._block_of[block_hash] = block
-        self._hash_of[block] = block_hash
+        self._block_of[key] = block
+        self._hash_of[block] = key
+        if group:
+            self._group_of[block] = group
         return True
 
     def pin(self, hashes: Sequence[int], until: float) -> int:
         """Pin these prefix hashes until ``until`` (a later pin extends one); returns how
-        many are pinned now, fewer once ``max_pinned_blocks`` is reached (soft pins)."""
+        many are pinned now, fewer once ``max_pinned_blocks`` is reached (soft pins).
+
+        A sliding group's blocks that continue the whole prefix are pinned with it."""
         pinned = 0
-        for block_hash in hashes:
+        window_keys = [
+            group_key(hashes[j], group)
+            for group in range(1, self.num_groups)
+            for j in window_blocks(len(hashes), self.windows[group], self.block_size)
+        ]
+        for block_hash in [*hashes, *window_keys]:
             if block_hash not in self._pins and len(self._pins) >= self.max_pinned_blocks:
                 break
             self._pins[block_hash] = max(until, self._pins.get(block_hash, 0.0))
@@ -219,8 +262,10 @@ class BlockManager:
         self._next_expiry = min(self._pins.values(), default=float("inf"))
 
     def cached_hashes(self) -> list[int]:
-        """The prefix hashes of every cached full block (held or not): a snapshot."""
-        return list(self._block_of)
+        """The prefix hashes of every cached full block of group 0 (held or not): a snapshot."""
+        if not self._group_of:
+            return list(self._block_of)
+        return [h for h, b in self._block_of.items() if b not in self._group_of]
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block; cached ones become evictable, others free.

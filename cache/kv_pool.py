@@ -4,6 +4,11 @@ A model whose cache holds one entry per token instead of a key and a value (mult
 latent attention: a latent and a rotary key) uses one plane (``num_planes=1``): ``key``
 is that entry, and there is no ``value``.
 
+A model whose layers fall into KV groups (full and sliding-window attention, see
+``cache.block_manager``) gives each layer a slot (``layer_slots``): a block belongs to one
+group, and slot j of the block holds the group's j-th layer, so the pool stores as many
+layer slots as the largest group has layers, not one per layer.
+
 Legend: L layers, N blocks, S = N * block_size slots, Hkv kv heads, D head dim, P planes.
 """
 
@@ -25,6 +30,7 @@ class KVPool:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         num_planes: int = 2,
+        layer_slots: tuple[int, ...] | None = None,
     ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be > 0")
@@ -32,10 +38,14 @@ class KVPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_planes = num_planes
+        # layer -> its slot in the pool (None: one slot per layer)
+        self._slot = layer_slots if layer_slots is not None else tuple(range(num_layers))
+        assert len(self._slot) == num_layers, f"{len(self._slot)} slots for {num_layers} layers"
+        num_slots = max(self._slot) + 1
         slots = num_blocks * block_size
-        # [L, P, S, Hkv, D]: one allocation, so the budget is exact and views are free
+        # [L, P, S, Hkv, D], L layer slots: one allocation, so the budget is exact, views free
         self._data = torch.zeros(
-            num_layers, num_planes, slots, num_kv_heads, head_dim, dtype=dtype, device=device
+            num_slots, num_planes, slots, num_kv_heads, head_dim, dtype=dtype, device=device
         )
 
     @staticmethod
@@ -55,11 +65,19 @@ class KVPool:
         return self._data.numel() * self._data.element_size()
 
     def key(self, layer: int) -> torch.Tensor:  # [S, Hkv, D]
-        return self._data[layer, 0]
+        return self._data[self._slot[layer], 0]
 
     def value(self, layer: int) -> torch.Tensor:  # [S, Hkv, D]
         assert self.num_planes == 2, "a one-plane pool holds no values"
-        return self._data[layer, 1]
+        return self._data[self._slot[layer], 1]
+
+    @torch.inference_mode()
+    def zero_slots(self, slots: list[int]) -> None:
+        """Zero the keys and values of these flat slots in every layer (a failed chunk's
+        K/V): a block belongs to one group, so every layer slot of it is that group's."""
+        if slots:
+            index = torch.tensor(slots, dtype=torch.long, device=self._data.device)
+            self._data.index_fill_(2, index, 0.0)
 
     @torch.inference_mode()
     def copy_slots(self, src_block: int, dst_block: int, count: int) -> None:

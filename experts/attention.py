@@ -98,10 +98,12 @@ class AttentionProbe:
         first_keys: Mapping[int, int],
         block_size: int,
         device: torch.device,
+        results: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> AttentionProbe:
         """Probe chunk b (a key of ``first_keys``) at ``last_rows[b]``.
 
-        ``first_keys[b]`` of chunk b's keys (cached and new) hold its first tokens.
+        ``first_keys[b]`` of chunk b's keys (cached and new) hold its first tokens. Layers
+        append to ``results`` (a new list by default; a window batch shares its batch's).
         """
         probed = sorted(first_keys)  # [P] chunk indices
         assert probed and 0 <= probed[0] and probed[-1] < len(chunks), probed
@@ -117,6 +119,7 @@ class AttentionProbe:
             key_slots=key_slots.masked_fill_(padding, 0).to(device),
             key_bias=(padding * MASKED)[:, None, None, :].to(device),
             first_weight=first.float()[:, None, :, None].to(device),
+            results=[] if results is None else results,
         )
 
 
@@ -129,6 +132,9 @@ class AttentionBatch:
     last_index: torch.Tensor  # [B] row in [T] of each sequence's last new token
     groups: tuple[AttentionGroup, ...]
     probe: AttentionProbe | None = None  # diagnostics some sequences asked for
+    # the same tokens over a sliding KV group's own block tables (``cache.kv_groups``): the
+    # sliding layers attend (and write) through it; None: every layer uses this batch
+    window: AttentionBatch | None = None
 
     @classmethod
     def build(
@@ -137,10 +143,14 @@ class AttentionBatch:
         block_size: int,
         device: torch.device,
         probe: Mapping[int, int] | None = None,
+        windows: Sequence[tuple[Sequence[int], int]] | None = None,
+        probe_results: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> AttentionBatch:
         """Index tensors for ``chunks``; ``probe`` maps a chunk's index to its first-token keys.
 
         A probed chunk gets diagnostics at its last new token (see ``AttentionProbe``).
+        ``windows`` gives each chunk's sliding-group block table and the cached keys it
+        holds (the latest ones: its earlier blocks were freed); it builds ``window``.
         """
         # Built with a handful of tensor ops per group rather than per-sequence ones: this
         # runs once per engine step, and per-sequence ops cost ~0.1 ms each at decode.
@@ -179,12 +189,29 @@ class AttentionBatch:
                 )
             )
         last = [f + c.num_new - 1 for f, c in zip(first, chunks, strict=True)]
+        probed = None
+        if probe:
+            probed = AttentionProbe.build(chunks, last, probe, block_size, device, probe_results)
+        window = None
+        if windows is not None:
+            window_chunks = [
+                SequenceChunk(table, cached, c.num_new, c.start_position)
+                for c, (table, cached) in zip(chunks, windows, strict=True)
+            ]
+            # keys dropped from the front of a window table no longer count as first keys
+            window_probe = {
+                b: max(0, keys - (chunks[b].num_cached - windows[b][1]))
+                for b, keys in (probe or {}).items()
+            }
+            shared = probed.results if probed is not None else None
+            window = cls.build(window_chunks, block_size, device, window_probe, None, shared)
         return cls(
             positions=positions.to(device),
             slot_mapping=slots.to(device),
             last_index=torch.tensor(last, dtype=torch.long, device=device),
             groups=tuple(groups),
-            probe=AttentionProbe.build(chunks, last, probe, block_size, device) if probe else None,
+            probe=probed,
+            window=window,
         )
 
 
@@ -242,12 +269,13 @@ def paged_attention(
     v_cache: torch.Tensor,  # [S, Hkv, D]
     batch: AttentionBatch,
     scale: float,
-    masks: Sequence[torch.Tensor] | None = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, Hq * D]
     """Write the new K/V into the cache, then attend every query to its sequence's keys.
 
-    ``masks`` replace the groups' own (one per group: a sliding layer's window masks);
+    ``masks`` replace the groups' own (one per group: a sliding layer's window masks; None
+    for a group whose own mask is its window mask);
     ``sinks`` [Hq] add a learned sink logit per head (``experts.attention_masks``). The
     probe's diagnostics ignore both (they describe the plain causal softmax).
     """
@@ -268,7 +296,7 @@ def paged_attention(
         kb = k_cache.index_select(0, flat_slots).view(kv_shape).transpose(1, 2)  # [G, Hkv, C, D]
         vb = v_cache.index_select(0, flat_slots).view(kv_shape).transpose(1, 2)  # [G, Hkv, C, D]
         mask, causal = group.mask, group.causal
-        if masks is not None:
+        if masks is not None and masks[index] is not None:
             mask, causal = masks[index], False
         if sinks is not None:  # [G, Hkv, C+1, D] x2, float bias [G, Hq, Q, C+1]
             kb, vb, mask = with_sinks(kb, vb, group_mask(group) if mask is None else mask, sinks)

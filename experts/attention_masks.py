@@ -4,9 +4,10 @@ A group's mask (``AttentionGroup``) lets query q see its sequence's keys 0..k(q)
 k(q) is the query's own key index; a group without one is either a plain causal square
 (k(q) = q) or single queries that see all C keys (k = C - 1). So k(q) is the count of
 visible keys minus one, and a sliding window of W keeps the keys with index > k(q) - W
-(transformers' ``sliding_window_overlay``). Key indices are positions because a model with
-sliding layers only serves the ``full`` KV policy (admission refuses ``window``, whose
-evictions would break that).
+(transformers' ``sliding_window_overlay``). Key indices are positions, or positions less
+the same offset for every key of a sequence (the sliding group's table drops whole blocks
+from its front, ``cache.kv_groups``), because a model with sliding layers only serves the
+``full`` KV policy (admission refuses ``window``, whose evictions would break that).
 
 An attention sink (a learned logit per head, gpt-oss) takes part in the softmax but adds no
 value: it is one more key, all zeros, whose additive score bias is the sink logit, with a
@@ -37,11 +38,16 @@ def group_mask(group: AttentionGroup) -> torch.Tensor:  # [G or 1, 1, Q, C] bool
     return (ones.tril() if group.causal else ones)[None, None]
 
 
-def window_masks(batch: AttentionBatch, window: int) -> tuple[torch.Tensor, ...]:
+def window_masks(batch: AttentionBatch, window: int) -> tuple[torch.Tensor | None, ...]:
     """Each group's mask narrowed to the last ``window`` keys of every query (itself
-    included): built once per forward, shared by the sliding layers."""
-    masks = []
+    included): built once per forward, shared by the sliding layers. None for a group of at
+    most ``window`` keys: every key it sees is in the window, so its own mask stands (and
+    SDPA may take an unmasked kernel)."""
+    masks: list[torch.Tensor | None] = []
     for group in batch.groups:
+        if group.key_slots.shape[1] <= window:
+            masks.append(None)
+            continue
         mask = group_mask(group)  # [G|1, 1, Q, C]
         own_key = mask.sum(-1, keepdim=True) - 1  # [G|1, 1, Q, 1] the query's key index
         key_index = torch.arange(mask.shape[-1], device=mask.device)  # [C]

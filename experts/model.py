@@ -5,7 +5,8 @@ once (see ``experts.attention``). MoE layers compute the gate here and hand
 the routed tokens to the expert backend; dense and shared-expert MLPs stay in
 the backbone. DeepSeek-V3 layers attend with multi-head latent attention
 (``experts.mla``); gpt-oss layers add attention sinks, and its sliding layers a
-window mask (``experts.attention_masks``).
+window mask (``experts.attention_masks``) over their own block tables when the batch has them
+(``AttentionBatch.window``: the sliding KV group keeps only its window's blocks).
 
 Legend: T tokens, H hidden, V vocab, E experts, K experts per token,
 Hq/Hkv query/kv heads, D head dim.
@@ -107,14 +108,18 @@ class MoEModel:
         x = self.weights.embed[input_ids]  # [T, H]
         angles = self.rope.at(batch.positions, x.dtype)  # shared by every layer
         eps, spec = self.spec.rms_norm_eps, self.spec
-        windows = None  # [G|1, 1, Q, C] per group, shared by the sliding layers
+        # the sliding layers attend over their own block tables when the batch has them
+        sliding = batch.window if batch.window is not None else batch
+        windows = None  # [G|1, 1, Q, C] per group (None: its own mask), shared by them
         if spec.has_sliding_layers:
             assert spec.sliding_window is not None
-            windows = window_masks(batch, spec.sliding_window)
+            windows = window_masks(sliding, spec.sliding_window)
         for i, layer in enumerate(self.weights.layers):
             h = rms_norm(x, layer.input_norm, eps)
-            masks = windows if spec.is_sliding_layer(i) else None
-            x = x + self._attention(i, layer, h, angles, batch, kv, masks)
+            if spec.is_sliding_layer(i):
+                x = x + self._attention(i, layer, h, angles, sliding, kv, windows)
+            else:
+                x = x + self._attention(i, layer, h, angles, batch, kv)
             h = rms_norm(x, layer.post_attention_norm, eps)
             x = x + self._mlp(i, layer, h)
         return rms_norm(x, self.weights.final_norm, eps)
@@ -131,7 +136,7 @@ class MoEModel:
         angles: RotaryAngles,
         batch: AttentionBatch,
         kv: KVLayers,
-        masks: tuple[torch.Tensor, ...] | None = None,
+        masks: tuple[torch.Tensor | None, ...] | None = None,
     ) -> torch.Tensor:
         spec, a = self.spec, layer.attention
         if isinstance(a, MLAWeights):

@@ -119,6 +119,43 @@ class ModelSpec:
     def has_sliding_layers(self) -> bool:
         return "sliding_attention" in self.layer_types
 
+    # KV groups (``cache.block_manager``): layers whose blocks are allocated and freed
+    # together. Group 0 holds the full-attention layers; a model with both sliding and full
+    # layers gets group 1 for its sliding layers, whose blocks before the window are freed.
+    # A model of one kind has one group (all its layers), as before.
+
+    @property
+    def kv_group_windows(self) -> tuple[int | None, ...]:
+        """Per KV group, its sliding window (None: full attention, group 0)."""
+        if self.has_sliding_layers and "full_attention" in self.layer_types:
+            assert self.sliding_window is not None
+            return (None, self.sliding_window)
+        return (None,)
+
+    def kv_group(self, layer: int) -> int:
+        """The KV group of ``layer``."""
+        return 1 if len(self.kv_group_windows) > 1 and self.is_sliding_layer(layer) else 0
+
+    @property
+    def kv_layer_slots(self) -> tuple[int, ...]:
+        """Per layer, its index among its group's layers: the pool's layer slot for it.
+
+        A pool block belongs to one group, so the groups share the pool's layer slots: slot
+        j of block b holds layer j of whichever group holds b (vLLM's hybrid cache layout).
+        """
+        seen = [0] * len(self.kv_group_windows)
+        slots = []
+        for layer in range(self.num_layers):
+            group = self.kv_group(layer)
+            slots.append(seen[group])
+            seen[group] += 1
+        return tuple(slots)
+
+    @property
+    def kv_pool_layers(self) -> int:
+        """Layer slots of one pool block: the largest group's layer count."""
+        return max(self.kv_layer_slots, default=-1) + 1
+
     def is_moe_layer(self, layer: int) -> bool:
         """Qwen-style interleaving: sparse every ``decoder_sparse_step`` layers, minus opt-outs;
         DeepSeek-style: dense below ``first_k_dense_replace``."""

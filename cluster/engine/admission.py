@@ -50,7 +50,10 @@ def validate_request(
     bad = [t for t in prompt if not 0 <= t < spec.vocab_size]
     if bad:
         raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {spec.vocab_size})")
-    check_fits(request.request_id, len(prompt), params.max_tokens, policy, block_size, num_blocks)
+    groups = len(spec.kv_group_windows)  # sliding layers' blocks are a KV group of their own
+    check_fits(
+        request.request_id, len(prompt), params.max_tokens, policy, block_size, num_blocks, groups
+    )
 
 
 def _check_window(num_prompt: int, max_tokens: int, policy: KVPolicy, context: int) -> None:

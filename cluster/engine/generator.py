@@ -44,8 +44,9 @@ def generate(
     """
     assert len(prompts) == len(params), f"{len(prompts)} prompts vs {len(params)} params"
     policies = list(kv_policies) if kv_policies is not None else [KVPolicy()] * len(prompts)
+    groups = len(model.spec.kv_group_windows)  # each KV group holds up to every block
     need = [
-        blocks_for(len(pr) + p.max_tokens, block_size)
+        blocks_for(len(pr) + p.max_tokens, block_size) * groups
         for pr, p in zip(prompts, params, strict=True)
     ]
     budget = EngineConfig(block_size=block_size).resolve_num_blocks(

@@ -41,6 +41,8 @@ from cluster.engine.scheduler import (
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
+    chunk_slots,
+    window_inputs,
 )
 from cluster.engine.sequence import Sequence as Seq
 from cluster.kv_store.config import KVStoreConfig
@@ -54,7 +56,8 @@ def kv_bytes_per_block(model: MoEModel, block_size: int) -> int:
     """Bytes one KV block of ``block_size`` tokens takes for this model (all layers)."""
     spec = model.spec
     planes, heads, dim = spec.kv_cache_shape
-    return KVPool.bytes_per_block(spec.num_layers, block_size, heads, dim, model.dtype, planes)
+    layers = spec.kv_pool_layers  # a block holds one KV group's layers
+    return KVPool.bytes_per_block(layers, block_size, heads, dim, model.dtype, planes)
 
 
 class _Sampled(NamedTuple):
@@ -99,9 +102,13 @@ class LLMEngine:
             model.dtype,
             model.device,
             planes,
+            spec.kv_layer_slots,
         )
         self.blocks = BlockManager(
-            num_blocks, self.config.block_size, self.config.enable_prefix_caching
+            num_blocks,
+            self.config.block_size,
+            self.config.enable_prefix_caching,
+            windows=spec.kv_group_windows,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens),
@@ -227,7 +234,8 @@ class LLMEngine:
             num_keys = seq.num_keys + chunk.num_tokens
             size = self.config.block_size
             first_keys = seq.num_keys_before(seq.attention_first_tokens, num_keys, size)
-        return StepInput(ids, seq.block_table, seq.num_keys, start, first_keys)
+        windows = window_inputs(seq, self.config.block_size)  # sliding groups' own tables
+        return StepInput(ids, seq.block_table, seq.num_keys, start, first_keys, windows)
 
     def _postprocess(self, plan: SchedulerOutput, logits: torch.Tensor) -> list[TokenEvent]:
         """Sample the rows that give a token, let the scheduler book the step, then stream
@@ -283,13 +291,8 @@ class LLMEngine:
         positions' outputs the same way, so the chunk's first key (maybe slot 0) is too.
         Keys of earlier steps are finite: that step's logits were.
         """
-        seq, size = chunk.seq, self.config.block_size
-        keys = range(seq.num_keys, seq.num_keys + chunk.num_tokens)  # not counted: it failed
-        slots = [seq.block_table[k // size] * size + k % size for k in keys]
-        index = torch.tensor(slots, dtype=torch.long, device=self.pool.key(0).device)
-        for layer in range(self.model.spec.num_layers):
-            self.pool.key(layer).index_fill_(0, index, 0.0)
-            self.pool.value(layer).index_fill_(0, index, 0.0)
+        seq = chunk.seq  # its keys were not counted: it failed
+        self.pool.zero_slots(chunk_slots(seq, chunk.num_tokens, self.config.block_size))
         self.scheduler.finish(seq, "error")
         self._forget(seq.request_id)
         return RequestFailure(seq.request_id, f"the engine could not go on with it: {reason}")

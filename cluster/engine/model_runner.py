@@ -29,6 +29,8 @@ class StepInput:
     num_cached: int
     start_position: int
     attention_first_keys: int | None = None
+    # per sliding KV group (at most one): its block table and the computed keys it holds
+    windows: Sequence[tuple[Sequence[int], int]] = ()
 
 
 class ModelRunner:
@@ -68,7 +70,10 @@ class ModelRunner:
             for b, i in enumerate(inputs)
             if i.attention_first_keys is not None
         }
-        batch = AttentionBatch.build(chunks, self.pool.block_size, self.model.device, probe)
+        windows = [i.windows[0] for i in inputs] if inputs[0].windows else None
+        batch = AttentionBatch.build(
+            chunks, self.pool.block_size, self.model.device, probe, windows
+        )
         ids = torch.tensor(
             [t for i in inputs for t in i.token_ids], dtype=torch.long, device=self.model.device
         )

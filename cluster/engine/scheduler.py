@@ -17,6 +17,12 @@ chain of full blocks ends where that entry starts gets a fresh block and a
 before the step's forward pass (in order: a later admission may evict and
 reuse the source, but nothing writes the pool before the copies are done).
 
+KV groups (``cache.kv_groups``; gpt-oss's sliding layers): each sliding group has a block
+table of its own (``Sequence.window_tables``), grown with group 0's and trimmed after every
+step to the blocks its window still sees; admission takes each group's cached blocks of a
+prefix every group serves, and a sequence's need counts every group. Partial blocks are not
+kept for such models (every group's tail would have to match).
+
 A step is ``schedule``, the engine's forward pass and sampling, then ``update``: the
 scheduler books what the step computed (full blocks named for prefix reuse, sampled tokens,
 finished sequences retired, KV policies applied), so the whole bookkeeping runs without a
@@ -31,6 +37,7 @@ from dataclasses import dataclass, field
 
 from cache.block_allocator import blocks_for
 from cache.block_manager import BlockManager
+from cache.kv_groups import first_kept_block
 from cache.kv_policy import KVPolicy
 from cache.prefix_hash import hash_block
 from cluster.engine.sequence import Sequence, SequenceStatus, finish_reason
@@ -89,9 +96,11 @@ def check_fits(
     policy: KVPolicy,
     block_size: int,
     num_blocks: int,
+    num_groups: int = 1,
 ) -> None:
-    """Refuse a request that could never fit in a pool of ``num_blocks`` on its own."""
-    need = max_blocks(num_tokens, max_new, policy, block_size)
+    """Refuse a request that could never fit in a pool of ``num_blocks`` on its own (each of
+    ``num_groups`` KV groups may hold every block while they are one prefill chunk)."""
+    need = max_blocks(num_tokens, max_new, policy, block_size) * num_groups
     if need > num_blocks:
         raise ValueError(
             f"request {request_id!r} needs up to {need} KV blocks but the pool has "
@@ -128,6 +137,10 @@ class Scheduler:
     def block_size(self) -> int:
         return self.blocks.block_size
 
+    @property
+    def num_groups(self) -> int:
+        return self.blocks.num_groups
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -146,6 +159,7 @@ class Scheduler:
             seq.kv_policy,
             self.block_size,
             self.blocks.num_blocks,
+            self.blocks.num_groups,
         )
 
     def abort(self, request_id: str) -> Sequence | None:
@@ -176,11 +190,13 @@ class Scheduler:
             count = min(seq.num_uncomputed, self._chunk_limit(seq, budget))
             assert count > 0, f"running sequence {seq.request_id} has nothing to compute"
             need = blocks_for(seq.num_keys + count, self.block_size) - len(seq.block_table)
-            while not self.blocks.can_allocate(need) and seq.status is SequenceStatus.RUNNING:
+            windows = self._window_needs(seq, count)
+            total = need + sum(windows)
+            while not self.blocks.can_allocate(total) and seq.status is SequenceStatus.RUNNING:
                 out.preempted.append(self._preempt(self.running[-1]))
             if seq.status is not SequenceStatus.RUNNING:
                 break  # it was the newest: preempted itself
-            self._grow(seq, need)
+            self._grow(seq, need, windows)
             out.chunks.append(ScheduledChunk(seq, count))
             budget -= count
             index += 1
@@ -223,6 +239,7 @@ class Scheduler:
         for row, chunk in enumerate(out.chunks):
             if row not in failed and not chunk.seq.is_finished:
                 self._apply_kv_policy(chunk.seq)
+                self._slide_windows(chunk.seq)
 
     def _advance(self, chunk: ScheduledChunk) -> None:
         """Count a chunk's tokens computed; name its newly full blocks by prefix hash (never
@@ -237,7 +254,11 @@ class Scheduler:
             parent = seq.block_hashes[-1] if seq.block_hashes else seq.root_hash
             block_hash = hash_block(parent, seq.ids_between(j * size, (j + 1) * size))
             if self.blocks.register(seq.block_table[j], block_hash) and self.track_stored:
-                self.stored.append((seq, seq.block_table[j], block_hash))
+                self.stored.append((seq, seq.block_table[j], block_hash))  # group 0's only
+            for group, table in enumerate(seq.window_tables, 1):
+                index = j - seq.window_starts[group - 1]
+                if 0 <= index < len(table):
+                    self.blocks.register(table[index], block_hash, group)
             seq.block_hashes.append(block_hash)
 
     def _apply_kv_policy(self, seq: Sequence) -> None:
@@ -253,15 +274,38 @@ class Scheduler:
         seq.logical_blocks = [seq.logical_blocks[i] for i in keep]
         seq.num_dropped += len(drop) * size
 
+    def _slide_windows(self, seq: Sequence) -> None:
+        """Free each sliding group's blocks that no later query sees (named ones stay cached,
+        for a shorter prefix's reuse)."""
+        for group, table in enumerate(seq.window_tables, 1):
+            window = self.blocks.windows[group]
+            first = first_kept_block(seq.num_computed, window, self.block_size)
+            drop = first - seq.window_starts[group - 1]
+            if drop > 0:
+                self.blocks.free(table[:drop])
+                seq.window_tables[group - 1] = table[drop:]
+                seq.window_starts[group - 1] = first
+
+    def _window_needs(self, seq: Sequence, count: int) -> list[int]:
+        """Fresh blocks each sliding group needs to compute ``count`` more tokens."""
+        end = blocks_for(seq.num_computed + count, self.block_size)
+        return [
+            end - start - len(table)
+            for start, table in zip(seq.window_starts, seq.window_tables, strict=True)
+        ]
+
     @staticmethod
     def _chunk_limit(seq: Sequence, budget: int) -> int:
         """Windowed sequences prefill at most ``window`` tokens a step, so they always fit."""
         return min(budget, seq.kv_policy.window) if seq.kv_policy.is_window else budget
 
-    def _grow(self, seq: Sequence, count: int) -> None:
+    def _grow(self, seq: Sequence, count: int, windows: list[int] | None = None) -> None:
+        """Add ``count`` blocks to group 0's table and ``windows[g - 1]`` to group g's."""
         first = seq.logical_blocks[-1] + 1 if seq.logical_blocks else 0
         seq.block_table.extend(self.blocks.allocate(count))
         seq.logical_blocks.extend(range(first, first + count))
+        for table, more in zip(seq.window_tables, windows or (), strict=True):
+            table.extend(self.blocks.allocate(more))
 
     def _admit(self, seq: Sequence, budget: int, copies: list[SlotCopy]) -> ScheduledChunk | None:
         """Take the cached prefix (full blocks, then a copied partial block), allocate blocks
@@ -273,8 +317,11 @@ class Scheduler:
             max_hits = min(max_hits, seq.kv_policy.window // self.block_size)
         hits, hashes = self.blocks.match_prefix(ids, max_hits, seq.root_hash)
         cached = len(hits) * self.block_size
+        # every sliding group's cached blocks of that prefix: (first logical block, blocks)
+        window_hits = [self.blocks.window_hits(hashes, g) for g in range(1, self.num_groups)]
         partial = None
-        if not seq.kv_policy.is_window:  # a windowed sequence's blocks are never shared
+        # a windowed sequence's blocks are never shared; grouped models keep no partials
+        if not seq.kv_policy.is_window and self.num_groups == 1:
             room = min(self.block_size - 1, len(ids) - 1 - cached)
             parent = hashes[-1] if hashes else seq.root_hash  # per tenant from the start
             partial = self.blocks.match_partial(parent, ids[cached : cached + room], room)
@@ -282,9 +329,13 @@ class Scheduler:
         count = min(len(ids) - cached - copied, self._chunk_limit(seq, budget))
         # with a copy, the first fresh block is its target
         need = blocks_for(cached + copied + count, self.block_size) - len(hits)
-        if need + self.blocks.acquire_cost(hits) > self.blocks.num_available:
+        windows = [need] * len(window_hits)  # each group continues the same prefix
+        held = hits + [b for _, blocks in window_hits for b in blocks]
+        if need + sum(windows) + self.blocks.acquire_cost(held) > self.blocks.num_available:
             return None
-        self.blocks.acquire(hits)
+        self.blocks.acquire(held)
+        seq.window_starts = [first for first, _ in window_hits]
+        seq.window_tables = [list(blocks) for _, blocks in window_hits]
         seq.block_table = list(hits)
         seq.logical_blocks = list(range(len(hits)))
         seq.block_hashes = hashes
@@ -293,7 +344,7 @@ class Scheduler:
             seq.num_cached_prompt_tokens = cached + copied
         if partial is not None:
             self.blocks.touch(partial[0])  # evicted last (even then the copy reads it intact)
-        self._grow(seq, need)
+        self._grow(seq, need, windows)
         if partial is not None:
             copies.append(SlotCopy(partial[0], seq.block_table[len(hits)], copied))
         seq.status = SequenceStatus.RUNNING
@@ -308,6 +359,9 @@ class Scheduler:
         Its parent is the hash of the full blocks before it, all registered by now (or the
         sequence's root: its tenant's partial entries are its own from the first block).
         """
+        if seq.window_tables:
+            self._release_groups(seq)
+            return
         table, size = seq.block_table, self.block_size
         tail, slots = divmod(seq.num_computed, size)
         if (
@@ -324,6 +378,17 @@ class Scheduler:
         self.blocks.release_partial(table[tail], parent, computed)
         self.blocks.free(table[:tail])  # after the tail: the tail is evicted first
 
+    def _release_groups(self, seq: Sequence) -> None:
+        """Free every group's blocks, the last logical block's first in every group, so that
+        a prefix's blocks of all groups leave the cache together, its end first."""
+        order = [(j, 0, block) for j, block in enumerate(seq.block_table)]
+        for group, (start, table) in enumerate(
+            zip(seq.window_starts, seq.window_tables, strict=True), 1
+        ):
+            order.extend((start + i, group, block) for i, block in enumerate(table))
+        order.sort()
+        self.blocks.free([block for _, _, block in order])  # freed last first
+
     def _preempt(self, seq: Sequence) -> Sequence:
         """Free a running sequence's blocks and put it back at the head of the queue."""
         self.running.remove(seq)
@@ -334,3 +399,21 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
         return seq
+
+
+def window_inputs(seq: Sequence, block_size: int) -> tuple[tuple[list[int], int], ...]:
+    """Per sliding group of a sequence: (its kept blocks, how many computed keys they hold)."""
+    return tuple(
+        (table, seq.num_computed - start * block_size)
+        for start, table in zip(seq.window_starts, seq.window_tables, strict=True)
+    )
+
+
+def chunk_slots(seq: Sequence, num_tokens: int, block_size: int) -> list[int]:
+    """The pool slots, in every group, that the sequence's next ``num_tokens`` keys fill."""
+    keys = range(seq.num_keys, seq.num_keys + num_tokens)
+    slots = [seq.block_table[k // block_size] * block_size + k % block_size for k in keys]
+    for table, cached in window_inputs(seq, block_size):
+        for k in range(cached, cached + num_tokens):
+            slots.append(table[k // block_size] * block_size + k % block_size)
+    return slots

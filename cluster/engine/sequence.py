@@ -49,6 +49,10 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     logical_blocks: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # registered prefix hashes, in order
+    # per KV group past 0 (sliding layers, ``cache.kv_groups``): its kept blocks, and the
+    # logical index of the first (the blocks before it were freed); block_table is group 0's
+    window_tables: list[list[int]] = field(default_factory=list)
+    window_starts: list[int] = field(default_factory=list)
     num_computed: int = 0
     num_dropped: int = 0
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
@@ -112,6 +116,8 @@ class Sequence:
         self.block_table = []
         self.logical_blocks = []
         self.block_hashes = []
+        self.window_tables = []
+        self.window_starts = []
         self.num_computed = 0
         self.num_dropped = 0
 
