@@ -63,7 +63,7 @@ class JoinedChannel(ChannelCalls):
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
 
-    def reconnect(self, shard_id: str) -> bool:
+    def reconnect(self, shard_id: str, timeout_s: float = 5.0) -> bool:
         """Whether the channel still reaches ``shard_id`` (a lost pair stays lost here)."""
         return shard_id in self._channel.groups or shard_id in self._channel.links
 

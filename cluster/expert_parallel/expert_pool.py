@@ -118,10 +118,10 @@ class ExpertPool:
             out[sid] = (incarnation, [(int(lyr), int(e)) for lyr, e in held])
         return out
 
-    def reconnect(self, shard_id: str) -> bool:
+    def reconnect(self, shard_id: str, timeout_s: float = 5.0) -> bool:
         """Whether this thread's data plane reaches the shard again (see the transport's)."""
         reconnect = getattr(self.transport, "reconnect", None)
-        return bool(reconnect(shard_id)) if reconnect is not None else False
+        return bool(reconnect(shard_id, timeout_s)) if reconnect is not None else False
 
     def load(self, shard_id: str, slots: Sequence[Slot]) -> list[Slot]:
         result: list[Slot] = ray.get(self.handles[shard_id].load.remote(list(slots)))
@@ -173,7 +173,7 @@ class InProcessPool:
             }
         )
 
-    def reconnect(self, shard_id: str) -> bool:
+    def reconnect(self, shard_id: str, timeout_s: float = 5.0) -> bool:
         return shard_id in self.shards
 
     def send(self, call: ShardCall) -> Any:

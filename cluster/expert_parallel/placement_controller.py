@@ -40,8 +40,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cluster.expert_parallel.placement_faults import ShardFaults, ShardState, by_shard
 from router.load_window import LoadWindow
-from router.placement.recover import replace_lost
 from router.placement_tables import ShardLayout, plan_changes, plan_table, slots_per_shard
 from router.replan_policy import ReplanConfig, ReplanPolicy, Verdict, balancedness
 from router.routing_table import Replica, RoutingTable
@@ -52,7 +52,6 @@ Slot = tuple[int, int]  # (layer, expert)
 Placement = tuple[tuple[Slot, tuple[str, ...]], ...]  # a table's items: picklable
 SOON_S = 0.05  # how soon a replica behind the published table reports again
 WATCH_S = 0.5  # how often the actor probes its shards
-ShardState = tuple[str, list[Slot]] | None  # (incarnation, slots held); None: no answer
 
 
 class ShardControl(Protocol):
@@ -117,8 +116,9 @@ class PlacementStats:
     last_recovery_s: float = 0.0  # loss seen -> new table published
 
 
-class TierPlacement:
-    """One tier's load window, policy, published table and moves (thread-safe)."""
+class TierPlacement(ShardFaults):
+    """One tier's load window, policy, published table and moves (thread-safe); its shards'
+    faults are handled by ``ShardFaults``."""
 
     def __init__(
         self,
@@ -289,110 +289,12 @@ class TierPlacement:
             with self._cond:
                 self._moving = False
 
-    # --- faults -----------------------------------------------------------------------------
-
-    def observe(self, states: Mapping[str, ShardState]) -> None:
-        """React to one probe of the shards: re-place what newly lost shards held; reconcile
-        shards that answer again (or answer as a new incarnation: restarted unseen)."""
-        lost, back = [], []
-        for sid, state in sorted(states.items()):
-            if state is None:
-                if sid not in self._lost:
-                    lost.append(sid)
-                continue
-            incarnation, held = state
-            if sid in self._lost or self._incarnation.get(sid, incarnation) != incarnation:
-                back.append((sid, held))
-            self._incarnation[sid] = incarnation
-        if lost:
-            self._recover(lost)
-        for sid, held in back:
-            self._reconcile(sid, held)
-
-    def _claim(self, timeout_s: float = 60.0) -> None:
-        """Wait for a running move to end, then hold off others (released by ``_release``)."""
-        with self._cond:
-            deadline = time.monotonic() + timeout_s
-            while self._moving and time.monotonic() < deadline:
-                self._cond.wait(0.1)
-            self._moving = True
-
-    def _release(self) -> None:
-        with self._cond:
-            self._moving = False
-            self._cond.notify_all()
-
-    def _recover(self, lost: Sequence[str]) -> None:
-        """Re-place the lost shards' replicas on the survivors and publish the table."""
-        started = time.monotonic()
-        self._claim()
-        try:
-            self._lost.update(lost)
-            setup = self.setup
-            alive = {s: n for s, n in setup.node_of.items() if s not in self._lost}
-            table = self.table
-            required = [(lyr, e) for lyr in setup.moe_layers for e in range(setup.num_experts)]
-            add, remove = replace_lost(table, self._lost, sorted(alive), alive, required)
-            loaded = []
-            for sid, slots in _by_shard(add).items():
-                try:
-                    self.shards.load(sid, slots)
-                except Exception:  # another loss: the next probe re-places its share too
-                    log.exception("tier %s: loading %s onto %s failed", setup.tier, slots, sid)
-                    continue
-                loaded += [(lyr, e, sid) for lyr, e in slots]
-            with self._cond:
-                self._table = self._table.with_changes(loaded, remove)
-                self._pending_drops = [
-                    (v, [r for r in rs if r[2] not in self._lost]) for v, rs in self._pending_drops
-                ]
-                if alive:
-                    self.layout = ShardLayout.of(alive)
-                self.slots = max(self.slots, slots_per_shard(self._table, setup.moe_layers, 0.0))
-                self.stats.table_version = self._table.version
-                self.stats.lost_shards = tuple(sorted(self._lost))
-                self.stats.num_recoveries += len(lost)
-                self.stats.last_recovery_s = time.monotonic() - started
-                self._cond.notify_all()
-            log.warning(
-                "tier %s: shards %s lost; %d replicas re-placed on %s (table v%d)",
-                setup.tier,
-                list(lost),
-                len(loaded),
-                sorted({r[2] for r in loaded}),
-                self.table.version,
-            )
-        finally:
-            self._release()
-
-    def _reconcile(self, sid: str, held: Sequence[Slot]) -> None:
-        """A shard answering again holds what the table gives it: load the rest, drop extras."""
-        self._claim()
-        try:
-            target = set(self.table.experts_on(sid))
-            have = {(int(lyr), int(e)) for lyr, e in held}
-            if target - have:
-                self.shards.load(sid, sorted(target - have))
-            if have - target:
-                self.shards.drop(sid, sorted(have - target))
-            with self._cond:
-                if sid in self._lost:
-                    self._lost.discard(sid)
-                    alive = {s: n for s, n in self.setup.node_of.items() if s not in self._lost}
-                    self.layout = ShardLayout.of(alive)
-                self.stats.lost_shards = tuple(sorted(self._lost))
-                self.stats.num_restarts_seen += 1
-        except Exception:  # it died again: the next probe sees it
-            log.exception("tier %s: reconciling restarted shard %s failed", self.setup.tier, sid)
-        finally:
-            self._release()
-
     def _load(self, add: Sequence[Replica]) -> None:
-        for sid, slots in _by_shard(add).items():
+        for sid, slots in by_shard(add).items():
             self.shards.load(sid, slots)
 
     def _drop(self, remove: Sequence[Replica]) -> None:
-        for sid, slots in _by_shard(remove).items():
+        for sid, slots in by_shard(remove).items():
             self.shards.drop(sid, slots)
 
     def _wait_for(self, version: int, timeout_s: float) -> bool:
@@ -426,13 +328,6 @@ class TierPlacement:
                     return False
                 self._cond.wait(min(left, 0.1))
         return True
-
-
-def _by_shard(replicas: Sequence[Replica]) -> dict[str, list[Slot]]:
-    out: dict[str, list[Slot]] = {}
-    for layer, expert, sid in replicas:
-        out.setdefault(sid, []).append((layer, expert))
-    return out
 
 
 def _thread(work: Callable[[], None]) -> None:

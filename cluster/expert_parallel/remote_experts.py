@@ -279,7 +279,8 @@ class RemoteExperts:
                 table, dead = self._table, dict(self._dead)
             for sid in dead:
                 holds = any(sid in table.shards_for(lyr, e) for lyr, e in needed)
-                if holds and reconnect is not None and reconnect(sid):
+                left = max(deadline[0] - self._clock(), RETRY_S)
+                if holds and reconnect is not None and reconnect(sid, left):
                     with self._lock:
                         self._dead.pop(sid, None)
             view, gone = self._view()

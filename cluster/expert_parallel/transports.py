@@ -218,14 +218,20 @@ class TorchDistTransport(ChannelCalls):
             self._channels.append(channel)
         return channel
 
-    def reconnect(self, shard_id: str) -> bool:
+    def reconnect(self, shard_id: str, timeout_s: float = 5.0) -> bool:
         """Whether this thread's channel reaches ``shard_id``, joining a fresh pair to it if
-        its pair was lost (a restarted shard); False while it cannot be reached."""
+        its pair was lost (a restarted shard); False while its actor does not answer within
+        ``timeout_s`` (dead, or still restarting)."""
         channel = self.channel()
         if shard_id in channel.groups or shard_id in channel.links:
             return True
         try:
-            near = self.locate()
+            if self._open_on_shard == self._open_over_ray:  # Ray actors: ask it first, briefly
+                node = ray.get(self.handles[shard_id].node_id.remote(), timeout=timeout_s)
+                here = ray.get_runtime_context().get_node_id()
+                near: Collection[str] = {shard_id} if node == here and self.same_node_shm else ()
+            else:
+                near = self.locate()
             fresh = Channel.open(
                 [shard_id], self.start_peer(self.timeout_s), self.host(), self.timeout_s, near
             )
@@ -290,10 +296,10 @@ class RayCallTransport:
             answers.append((out, ready_at.get(ref, time.perf_counter() - start)))
         return _raise_failed(answers, failed)
 
-    def reconnect(self, shard_id: str) -> bool:
+    def reconnect(self, shard_id: str, timeout_s: float = 5.0) -> bool:
         """Whether the shard's actor answers (a restarted one does once it has loaded)."""
         try:
-            ray.get(self.handles[shard_id].node_id.remote(), timeout=min(self.timeout_s, 5.0))
+            ray.get(self.handles[shard_id].node_id.remote(), timeout=timeout_s)
         except ray.exceptions.RayError:
             return False
         return True

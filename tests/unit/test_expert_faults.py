@@ -70,7 +70,7 @@ class _Dying:
             raise ShardsFailed(answers, failed)
         return [a for a in answers if a is not None]
 
-    def reconnect(self, shard_id: str) -> bool:
+    def reconnect(self, shard_id: str, timeout_s: float) -> bool:
         self.tries += 1
         if self.back_after >= 0 and self.tries > self.back_after:
             self.dead.discard(shard_id)
