@@ -16,11 +16,14 @@ import pytest
 import torch
 
 from cache.block_allocator import blocks_for
+from cache.block_key import model_fingerprint
 from cache.kv_groups import first_kept_block, group_key
 from cache.prefix_hash import hash_blocks
 from cluster.engine.config import EngineConfig
 from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.requests import EngineRequest
+from cluster.kv_store.client import local_store
+from cluster.kv_store.config import KVStoreConfig
 from experts.model import MoEModel
 from experts.sampling_params import SamplingParams
 from tests.checkpoints import BuildCheckpoint
@@ -106,3 +109,34 @@ def test_a_prefix_hit_is_trimmed_to_cached_window_blocks(checkpoint: Path) -> No
     assert cached == 32
     assert got == reference_greedy(reference_model(checkpoint), longer, NEW)
     assert engine.blocks.num_held == 0
+
+
+def test_the_store_gets_full_layer_blocks_only_and_a_fetch_alone_never_serves_a_window(
+    checkpoint: Path,
+) -> None:
+    """Only group 0's (full layers') blocks are published; another engine fetches them but
+    has no sliding blocks for their window, so it recomputes, with the same tokens; the
+    engine that computed them serves its next turn from its own cache, both groups."""
+    model = MoEModel.from_checkpoint(checkpoint)
+    store, _ = local_store(2, capacity_bytes=1 << 24)
+    config = KVStoreConfig(enabled=True, min_fetch_tokens=8, fetch_timeout_s=2.0)
+    engines = []
+    for _ in range(2):
+        engine = LLMEngine(model, EngineConfig(block_size=BLOCK, num_blocks=96))
+        engine.attach_kv(model_fingerprint(checkpoint), store, config)
+        engines.append(engine)
+    a, b = engines
+    (history,) = _prompts((30,), seed=4)
+    first = _serve(a, [history], new=3)["0"]
+    assert a.kv is not None and a.kv.flush()
+    assert a.kv.num_published_blocks == len(hash_blocks([*history, *first[:2]], BLOCK))
+    prompt = [*history, *first, 5, 6, 7]
+    expected = reference_greedy(reference_model(checkpoint), prompt, NEW)
+    for engine, cached in ((b, 0), (a, 32)):
+        params = SamplingParams(max_tokens=NEW, ignore_eos=True)
+        engine.add_request(EngineRequest("t2", prompt, params))
+        events = [e for _ in iter(engine.has_unfinished, False) for e in engine.step()]
+        assert [e.token_id for e in events] == expected
+        assert events[-1].num_cached_prompt_tokens == cached
+        assert engine.blocks.num_held == 0
+    assert b.kv is not None and b.kv.num_fetched_blocks > 0
