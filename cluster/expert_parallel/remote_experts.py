@@ -16,10 +16,12 @@ Faults. A shard whose call fails (its process died: a closed pair or a dead acto
 once; or its compute failed) is marked dead in this backend's view, and its share of the SAME
 layer is recomputed on surviving replicas of its (layer, expert) slots, added in its place in
 the combine order; the other shards' answers are kept. A dead shard stays out until a newer
-routing table is installed or ``reconnect`` reaches it again. When some expert a token needs has
-no live replica, the layer waits up to ``unavailable_wait_s`` for its shard to come back (a
-restart; not where the pool says ``can_reconnect = False``), then raises
-``ExpertUnavailableError`` naming the missing (layer, expert) slots: never a wrong token.
+routing table is installed or ``reconnect`` reaches it again (a send to a shard whose pair
+is gone tries once per table to join a fresh one, so a restarted shard is used again). When
+some expert a token needs has no live replica, the layer waits up to ``unavailable_wait_s``
+for its shard to come back (a restart; not where the pool says ``can_reconnect = False``),
+then raises ``ExpertUnavailableError`` naming the missing (layer, expert) slots: never a
+wrong token.
 
 Legend: T tokens, K experts per token, H hidden, E experts placed in the layer, S shards of
 the layer, N tokens sent to one shard.
@@ -32,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 MAX_ROUTES_CACHED = 1024  # (table version, dead shards, layer, device) routes kept
 UNAVAILABLE_WAIT_S = 30.0  # the config's experts.unavailable_wait_s default
 RETRY_S = 0.25  # between tries to reach a dead shard while an expert has no replica
+REJOIN_S = 1.0  # how long a send may try to rejoin a shard that a new table lists again
 
 # (shard id, rows [N] of the step, hidden [N, H], ids [N, K'], weights [N, K']): one call
 Call = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -83,6 +87,7 @@ class RemoteExperts:
         self._clock, self._sleep = clock, sleep
         self._dead: dict[str, str] = {}  # shards this backend routes around: why
         self._excluded: tuple[tuple[int, frozenset[str]], RoutingTable] | None = None
+        self._rejoined: set[tuple[int, str]] = set()  # (table version, shard) tried
         self.num_shard_failures = 0  # calls that failed and were recomputed elsewhere
         self.near = frozenset(near)  # shards on this node: preferred among equal replicas
         self._table = table
@@ -119,6 +124,7 @@ class RemoteExperts:
                 )
             self._table = table
             self._dead.clear()
+            self._rejoined.clear()
 
     def _view(self) -> tuple[RoutingTable, frozenset[str]]:
         """The table without the dead shards (kept while neither changes)."""
@@ -201,8 +207,9 @@ class RemoteExperts:
         pending, sent = [], []
         failed: dict[int, Exception] = {}
         for i, (sid, _, h, ids, w) in enumerate(calls):
+            call = ShardCall(sid, layer, h, ids, w, traceparent)
             try:
-                pending.append(self._pool.send(ShardCall(sid, layer, h, ids, w, traceparent)))
+                pending.append(self._send(call))
                 sent.append(i)
             except DataPlaneError as err:  # its pair is known to be gone: fails at once
                 failed[i] = err
@@ -230,6 +237,26 @@ class RemoteExperts:
             self._mark_dead(sid, failed[i])
             partials.extend(self._reroute(layer, rows, h, ids, w, traceparent, timed, deadline))
         return partials
+
+    def _send(self, call: ShardCall) -> Any:
+        """Send; a shard whose pair is gone but that a new table lists again (it may have
+        restarted) is tried once more after joining a fresh pair."""
+        try:
+            return self._pool.send(call)
+        except DataPlaneError:
+            if not self._rejoin(call.shard_id):
+                raise
+        return self._pool.send(call)
+
+    def _rejoin(self, shard_id: str) -> bool:
+        """Once per table, try to reach a shard whose pair was lost before (briefly)."""
+        reconnect = getattr(self._pool, "reconnect", None)
+        with self._lock:
+            key = (self._table.version, shard_id)
+            if reconnect is None or shard_id in self._dead or key in self._rejoined:
+                return False
+            self._rejoined.add(key)
+        return bool(reconnect(shard_id, REJOIN_S))
 
     def _reroute(
         self,

@@ -141,6 +141,10 @@ def test_a_shard_dying_mid_layer_is_recomputed_on_its_replicas(path: Path, seed:
     torch.testing.assert_close(again, expected, rtol=1e-6, atol=1e-6)
     backend.set_table(RoutingTable(table.version + 1, table.placement))  # a newer table
     assert backend.dead == {}
+    sent = len(pool.calls)
+    pool.back_after = pool.tries  # restarted: the next try joins a fresh pair to it
+    torch.testing.assert_close(backend.forward(1, hidden, ids, weights), expected)
+    assert dying in pool.calls[sent:] and backend.dead == {}
 
 
 def test_a_missing_expert_waits_for_its_shard_then_is_computed(path: Path) -> None:
