@@ -40,6 +40,7 @@ from bench.harness import (
     parser,
     quick_or,
     say,
+    wait_for_quiet,
     write_results,
 )
 from bench.reliability_outcomes import (
@@ -57,6 +58,7 @@ from bench.reliability_scenarios import (
     Scenario,
     Target,
     controller_table,
+    expert_state,
     inject,
     scenarios,
 )
@@ -234,10 +236,10 @@ def run_scenario(
 
     def fault() -> None:
         inject(ctx, target)
-        killed = time.monotonic()
+        killed = watch["killed"] = time.monotonic()
 
         def watcher() -> None:  # from the kill on, beside the traffic
-            seconds = scenario.replaced(ctx, target, duration + args.recover)
+            seconds = scenario.replaced(ctx, target, args.recover)
             watch["s"] = None if seconds is None else round(time.monotonic() - killed, 2)
 
         watch["thread"] = threading.Thread(target=watcher, daemon=True)
@@ -248,21 +250,20 @@ def run_scenario(
     )
     assert fault_at is not None
     if "thread" in watch:
-        watch["thread"].join(duration + args.recover + 5)
+        watch["thread"].join(max(0.0, watch["killed"] + args.recover + 5 - time.monotonic()))
     row = scenario_row(scenario.name, outcomes, refs, fault_at, duration, target.facts)
     row["target"] = target.describe
+    if scenario.name in ("shard_killed_replicated", "worker_node_removed"):
+        row["experts_after"] = expert_state(ctx)
     row["replacement_s"] = watch.get("s")
     row["recovered_s"] = row["requests_ok_again_s"]
     if row["recovered_s"] is None:  # not within the traffic: probe until it answers right
-        probe_start = time.monotonic()
         waited = wait_until_serving(
             address, [scenario.tier], specs[0], refs[0], args.recover, args.deadline
         )
-        end_of_traffic = max((o.ended_at or 0.0) for o in outcomes)
-        if waited is not None:
-            row["recovered_s"] = round(
-                end_of_traffic - fault_at + time.monotonic() - probe_start, 2
-            )
+        if waited is not None:  # an upper bound: probes go one after another
+            row["recovered_s"] = round(time.monotonic() - watch["killed"], 2)
+            row["recovered_by"] = "probe"
         else:
             row["note"] = f"not serving right {args.recover:.0f} s after the traffic"
     row["fault_at_s"] = round(fault_at, 2)
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     report: dict[str, Any] = {}
     broken = ""
+    report["machine_before"] = wait_for_quiet(args)
     try:
         serve.start(proxy_location="Disabled")
         report["deploy_s"] = deploy(make_config(model, port, args.deadline))
@@ -302,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         report["replication_before_faults"] = wait_for_replication(
             address, specs, REPLICATION_WAIT_S if not args.quick else 20.0
         )
+        report["experts_before_faults"] = expert_state(ctx)
         say(f"replication: {report['replication_before_faults']}")
         chosen = [s for s in scenarios(ctx) if not args.only or s.name in args.only]
         for k, scenario in enumerate(chosen):

@@ -22,6 +22,7 @@ from cluster.faults import (
     actors_named,
     actors_of_class,
     kill_actor_process,
+    live_actors,
     wait_for_replacement,
     wait_until,
 )
@@ -225,6 +226,27 @@ def _replicated_shard(ctx: Context) -> Target | str:
     return _shard_target(ctx, ctx.replicated_tier, sid, facts)
 
 
+def expert_state(ctx: Context) -> dict[str, Any]:
+    """After a fault: the replicated tier's table version at the controller, and how many of
+    its (layer, expert) slots its live shards hold, at all and twice (or why unknown)."""
+    import ray
+
+    state: dict[str, Any] = {}
+    try:
+        table = controller_table(ctx.replicated_tier)
+        state["controller_table_version"] = None if table is None else table[0]
+    except (ValueError, ray.exceptions.RayError) as err:
+        state["controller_table_version"] = f"unknown: {type(err).__name__}"
+    try:
+        held = held_placement(ctx, ctx.replicated_tier)
+    except (ValueError, TimeoutError, ray.exceptions.RayError) as err:
+        state["slots_held"] = f"unknown: {type(err).__name__}: {str(err)[:120]}"
+        return state
+    state["slots_held"] = len(held)
+    state["slots_held_twice_or_more"] = sum(len(set(shards)) > 1 for _, shards in held)
+    return state
+
+
 def _plain_shard(ctx: Context) -> Target | str:
     sid = sorted(shard_handles(ctx, ctx.plain_tier))[0]
     return _shard_target(ctx, ctx.plain_tier, sid, {"killed_shard_slots_held_elsewhere": "0"})
@@ -244,8 +266,20 @@ def _new_shard_process(ctx: Context, target: Target, timeout_s: float) -> float 
 
 
 def _worker_node(ctx: Context) -> Target | str:
-    node = ctx.workers["b"]
-    return Target(f"worker node b ({node.node_id[:8]})", None, node)
+    """A worker node without the gateway (its loss is the gateway scenario's): b, unless the
+    gateway runs there. Either holds a shard of each tier and a store shard."""
+    gateways = {a.node_id for a in actors_named(_replica_prefix(ctx, "gateway"))}
+    label = "a" if ctx.workers["b"].node_id in gateways else "b"
+    node = ctx.workers[label]
+    if node.node_id in gateways:
+        return "the gateway runs on both worker nodes"
+    on_node = [a.name or a.class_name for a in _actors_on(node.node_id)]
+    facts = {"actors_on_node": sorted(on_node)}
+    return Target(f"worker node {label} ({node.node_id[:8]})", None, node, facts=facts)
+
+
+def _actors_on(node_id: str) -> list[ActorProcess]:
+    return live_actors(lambda a: a.node_id == node_id)
 
 
 def _no_replacement(ctx: Context, target: Target, timeout_s: float) -> float | None:
