@@ -5,10 +5,11 @@ A local 3-node Ray cluster (``ray.cluster_utils.Cluster``: a head with 2 CPUs, w
 ``a`` and ``b`` with 1 each) runs the project's Serve application on the ``tiny`` demo model:
 
 - tier ``strong``: 2 backbone replicas (engines in child processes), experts in 2 shards (one
-  on each worker node), live re-placement with room for a replica of every expert
-  (``extra_slots: 1.0``, thresholds that re-plan on any uneven load);
-- tier ``plain``: 1 backbone replica, experts in 2 shards (a, b), no re-placement: no expert
-  has a replica;
+  on each worker node), every expert on both (``experts.replication: 2``), live re-placement
+  on (thresholds that re-plan on any uneven load, room for more replicas of hot experts);
+- tier ``plain``: 1 backbone replica, experts in 2 shards (a, b), one copy of each, no
+  re-placement; an expert with no live copy waits ``experts.unavailable_wait_s`` (10 s, under
+  the deadline) for its shard's restart, then the request fails with UNAVAILABLE;
 - the cluster KV store (a shard per node, replication 2, prefix-aware routing);
 - the gateway, serving gRPC itself on 127.0.0.1 and a free port, its request limit the
   requests' deadline.
@@ -69,6 +70,7 @@ STRONG, PLAIN = "strong", "plain"
 MARGIN_S = 10.0  # the client waits this long past the deadline before calling a request lost
 REPLICATION_WAIT_S = 45.0  # for the first re-plan to replicate experts, at most
 REDEPLOY_TIMEOUT_S = 150.0
+UNREPLICATED_WAIT_S = 10.0
 MIN_IN_FLIGHT = 3  # the fault waits (3 s at most) for this many open streams: mid-stream
 
 
@@ -109,7 +111,7 @@ def make_config(model: Path, port: int, deadline_s: float) -> Any:
             "replicas": 2,
             "num_cpus": 0,
             "engine": engine,
-            "experts": {**sharded, "replan": replan},
+            "experts": {**sharded, "replication": 2, "replan": replan},
         },
         {
             "name": PLAIN,
@@ -118,7 +120,9 @@ def make_config(model: Path, port: int, deadline_s: float) -> Any:
             "num_cpus": 0,
             "engine": engine,
             "engine_process": False,  # one process fewer on two cores
-            "experts": sharded,
+            # an expert with no live copy: wait this long for its shard's restart, then
+            # UNAVAILABLE (under the deadline, so a wait never becomes DEADLINE_EXCEEDED)
+            "experts": {**sharded, "unavailable_wait_s": UNREPLICATED_WAIT_S},
         },
     ]
     kv_store = {"enabled": True, "replication": 2, "capacity_bytes": 64 << 20}
