@@ -79,15 +79,20 @@ class AttentionProbe:
 
     Each layer's ``paged_attention`` appends (entropy [P], first_mass [P]) to ``results``:
     the softmax over the sequence's cached and new keys, averaged over query heads, its
-    entropy in nats and its mass on the keys of the sequence's first tokens. Kept keys stay
-    in position order, so those keys are a prefix of the sequence's keys: ``first_keys``
-    of them (a window policy may have evicted some or all, which then carry no mass).
+    entropy in nats and its mass on the keys of the sequence's first tokens. It is the
+    layer's own softmax: a sliding layer's over its window's keys only, and with attention
+    sinks one over the keys and the sink, of which the keys' share is described (as
+    transformers' attention weights are: the sink's probability counts in neither figure).
+    Kept keys stay in position order, so those keys are a prefix of the sequence's keys:
+    ``first_keys`` of them (a window policy, or a sliding group's freed blocks, may have
+    evicted some or all, which then carry no mass).
     """
 
     rows: torch.Tensor  # [P] row in [T] of each probed sequence's last new token
     key_slots: torch.Tensor  # [P, C] flat slots of each probed sequence's keys (padding: 0)
     key_bias: torch.Tensor  # [P, 1, 1, C] fp32 score bias: 0 on real keys, MASKED on padding
     first_weight: torch.Tensor  # [P, 1, C, 1] fp32: 1 on keys holding a first token, else 0
+    key_index: torch.Tensor  # [P, 1, 1, C] each key's index minus the probed query's own
     results: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @classmethod
@@ -119,6 +124,7 @@ class AttentionProbe:
             key_slots=key_slots.masked_fill_(padding, 0).to(device),
             key_bias=(padding * MASKED)[:, None, None, :].to(device),
             first_weight=first.float()[:, None, :, None].to(device),
+            key_index=(key_pos[None, :] - counts[0, :, None] + 1)[:, None, None, :].to(device),
             results=[] if results is None else results,
         )
 
@@ -271,18 +277,20 @@ def paged_attention(
     scale: float,
     masks: Sequence[torch.Tensor | None] | None = None,
     sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:  # [T, Hq * D]
     """Write the new K/V into the cache, then attend every query to its sequence's keys.
 
     ``masks`` replace the groups' own (one per group: a sliding layer's window masks; None
     for a group whose own mask is its window mask);
     ``sinks`` [Hq] add a learned sink logit per head (``experts.attention_masks``). The
-    probe's diagnostics ignore both (they describe the plain causal softmax).
+    probe's diagnostics honour both (``window``: the sliding layer's window).
     """
     k_cache.index_copy_(0, batch.slot_mapping, k)  # in place, into each token's slot
     v_cache.index_copy_(0, batch.slot_mapping, v)
     if batch.probe is not None:
-        batch.probe.results.append(_probe_stats(q, k_cache, batch.probe, scale))
+        stats = _probe_stats(q, k_cache, batch.probe, scale, sinks, window)
+        batch.probe.results.append(stats)
     num_tokens, num_heads, head_dim = q.shape
     out = None if batch.groups[0].in_order else q.new_empty(num_tokens, num_heads, head_dim)
     for index, group in enumerate(batch.groups):
@@ -323,8 +331,11 @@ def _probe_stats(
     k_cache: torch.Tensor,  # [S, Hkv, D] (this step's keys already written)
     probe: AttentionProbe,
     scale: float,
+    sinks: torch.Tensor | None = None,  # [Hq] a sink logit per head
+    window: int | None = None,  # a sliding layer's: keys before the window are hidden
 ) -> tuple[torch.Tensor, torch.Tensor]:  # entropy [P], first-token mass [P]
-    """Explicit fp32 softmax of the probed queries over their keys; stats averaged over heads.
+    """Explicit fp32 softmax of the probed queries over their keys (and the sink); stats
+    over the keys, averaged over heads.
 
     Query head h reads kv head h // (Hq/Hkv), as in every GQA reference: viewing the heads
     as [Hkv, Hq/Hkv] lets one matmul serve a kv head's whole query group.
@@ -336,7 +347,12 @@ def _probe_stats(
     keys = k_cache.index_select(0, probe.key_slots.view(-1)).float()  # [P*C, Hkv, D]
     keys = keys.view(num_probed, max_c, num_kv_heads, head_dim).permute(0, 2, 3, 1)  # [P,Hkv,D,C]
     scores = torch.matmul(qp, keys) + probe.key_bias  # [P, Hkv, Hq/Hkv, C]
-    log_p = torch.log_softmax(scores, dim=-1)  # [P, Hkv, Hq/Hkv, C]
+    if window is not None:  # the query sees keys (own - window, own]
+        scores = scores.masked_fill(probe.key_index <= -window, MASKED)
+    if sinks is not None:  # one more outcome per head: [P, Hkv, Hq/Hkv, C+1]
+        sink = sinks.float().view(1, num_kv_heads, -1, 1).expand(num_probed, -1, -1, 1)
+        scores = torch.cat([scores, sink], dim=-1)
+    log_p = torch.log_softmax(scores, dim=-1)[..., :max_c]  # [P, Hkv, Hq/Hkv, C]
     p = log_p.exp()  # padding keys: exactly 0
     entropy = -(p * log_p).sum(-1)  # [P, Hkv, Hq/Hkv]
     first_mass = torch.matmul(p, probe.first_weight)  # [P, Hkv, Hq/Hkv, 1]

@@ -117,7 +117,7 @@ class MoEModel:
         for i, layer in enumerate(self.weights.layers):
             h = rms_norm(x, layer.input_norm, eps)
             if spec.is_sliding_layer(i):
-                x = x + self._attention(i, layer, h, angles, sliding, kv, windows)
+                x = x + self._attention(i, layer, h, angles, sliding, kv, windows, True)
             else:
                 x = x + self._attention(i, layer, h, angles, batch, kv)
             h = rms_norm(x, layer.post_attention_norm, eps)
@@ -137,6 +137,7 @@ class MoEModel:
         batch: AttentionBatch,
         kv: KVLayers,
         masks: tuple[torch.Tensor | None, ...] | None = None,
+        sliding: bool = False,
     ) -> torch.Tensor:
         spec, a = self.spec, layer.attention
         if isinstance(a, MLAWeights):
@@ -150,8 +151,9 @@ class MoEModel:
             qk, v = self._qk_norm_and_clip(a, qk, v)
         # q and k heads rotate by the same angles: one rotation over both
         q, k = rotate(qk, angles).split([num_q, num_kv], dim=1)  # [T, Hq, D], [T, Hkv, D]
+        window = spec.sliding_window if sliding else None  # for the probe's softmax
         out = paged_attention(
-            q, k, v, kv.key(i), kv.value(i), batch, self.scale, masks, a.sinks
+            q, k, v, kv.key(i), kv.value(i), batch, self.scale, masks, a.sinks, window
         )  # [T, Hq*D]
         return out @ a.o if a.o_bias is None else torch.addmm(a.o_bias, out, a.o)  # [T, H]
 

@@ -24,6 +24,7 @@ from cluster.engine.requests import EngineRequest, TokenEvent
 from cluster.engine.sequence import Sequence as Seq
 from experts.model import MoEModel
 from experts.sampling_params import SamplingParams
+from tests.checkpoints import BuildCheckpoint
 from tests.engine_runs import run_to_end
 from tests.unit.kv_checks import simulate_window, visibility_mask
 
@@ -214,3 +215,28 @@ def test_bad_first_tokens_are_refused(first: int, mixtral: MoEModel) -> None:
         engine.add_request(request)
     assert not engine.has_unfinished()
     engine.add_request(EngineRequest("ok", [5, 6], attention_first_tokens=1_000_000))
+
+
+def test_gpt_oss_stats_honour_sinks_and_windows(shared_checkpoint: BuildCheckpoint) -> None:
+    """gpt-oss: each layer's softmax has its sink (whose share counts in neither figure), a
+    sliding layer's covers its window only (its blocks before it freed); prompts longer than
+    the window, chunked prefill with decodes in the same steps."""
+    path = shared_checkpoint("gpt_oss", seed=7)
+    model = MoEModel.from_checkpoint(path)
+    assert model.spec.sliding_window is not None and model.spec.sliding_window < 37
+    prompts = _prompts(model.spec.vocab_size, PROMPT_LENS)
+    config = EngineConfig(block_size=4, num_blocks=128, max_num_batched_tokens=16)
+    events = run_to_end(LLMEngine(model, config), _requests(prompts, FIRST_TOKENS))
+    ref = _eager(path)
+    for i, (prompt, first) in enumerate(zip(prompts, FIRST_TOKENS, strict=True)):
+        got = engine_stats(events[str(i)])
+        want = reference_stats(ref, prompt, events[str(i)], first)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    # the sinks take a share: no layer's keys carry all the mass, as a plain softmax's would
+    mass = engine_stats(events["2"])[..., 1]  # every key a first token
+    assert (mass < 1 - 1e-4).all()
+    # the first 4 tokens of the 37-token prompt are out of the sliding layers' window
+    sliding = [i for i in range(model.spec.num_layers) if model.spec.is_sliding_layer(i)]
+    full = [i for i in range(model.spec.num_layers) if not model.spec.is_sliding_layer(i)]
+    first_mass = engine_stats(events["0"])[..., 1]  # [K, L]
+    assert (first_mass[:, sliding] == 0).all() and (first_mass[:, full] > 0).all()
