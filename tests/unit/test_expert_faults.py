@@ -3,6 +3,8 @@ expert, and the controller's re-placement of a lost shard's slots."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,8 @@ from typing import Any
 import pytest
 import torch
 
+from cluster.expert_parallel import data_plane as dp
+from cluster.expert_parallel import wire
 from cluster.expert_parallel.data_plane import DataPlaneError
 from cluster.expert_parallel.placement_controller import (
     InProcessShards,
@@ -29,6 +33,7 @@ from tests.checkpoints import build_family_checkpoint
 NUM_EXPERTS = 8
 LAYERS = (0, 1)
 SHARDS = ["s0", "s1", "s2", "s3"]
+HOST = "127.0.0.1"
 
 
 class _Dying:
@@ -259,3 +264,56 @@ def test_the_controller_re_places_a_lost_shard_and_reconciles_it_when_back(path:
     shards.shards["s0"] = impls["s0"]
     tier.observe(shards.states())
     assert sorted(impls["s0"].slots()) == held and tier.table.version == after.version
+
+
+# --- the data plane loses one pair, not the channel --------------------------------------------
+
+
+def test_a_vanished_shard_loses_only_its_pair_and_a_fresh_one_is_adopted(path: Path) -> None:
+    spec = ExpertShard(path, slots=[]).reader.spec
+    table = round_robin(spec.moe_layers, spec.num_experts, ["s0", "s1"])
+    real = {s: ShardActorImpl(str(path), "cpu", table.experts_on(s), s) for s in ("s0", "s1")}
+    limits = wire.PayloadLimits(spec.hidden_size, spec.num_experts)
+
+    def start(shard_id: str, ticket: wire.ChannelTicket) -> None:
+        if shard_id == "s0":
+            real["s0"].open_channel(ticket, 20.0)
+            return
+
+        def join_then_leave() -> None:  # as a shard whose process dies after the handshake
+            store = wire.dist.TCPStore(ticket.store_host, ticket.store_port, is_master=False)
+            group = wire.pair_group(store, ticket.prefix, 1, HOST, 20.0)
+            wire.answer_backbone(group, ticket.key, ticket.prefix, limits, 20.0)
+            del group, store
+
+        threading.Thread(target=join_then_leave, daemon=True).start()
+
+    layer = spec.moe_layers[0]
+    hidden, ids, weights = (
+        torch.randn(2, spec.hidden_size),
+        torch.tensor([[0], [2]]),
+        torch.ones(2, 1),
+    )
+    odd = ids + 1  # s1's experts
+    chan = dp.Channel.open(["s0", "s1"], start, HOST, 20.0)
+    try:
+        time.sleep(0.5)  # s1's side is gone by now
+        first = chan.send("s0", layer, hidden, ids, weights)
+        started = time.monotonic()
+        with pytest.raises(dp.DataPlaneError, match=r"expert shard 's1'"):
+            chan.send("s1", layer, hidden, odd, weights).result()
+        assert time.monotonic() - started < 10  # a closed connection, not the 20 s timeout
+        assert set(chan.lost) == {"s1"} and not chan.unusable
+        expected = real["s0"].shard.compute(layer, hidden, ids, weights)
+        assert torch.equal(first.result(), expected)  # the other pair kept serving
+        with pytest.raises(dp.DataPlaneError, match=r"'s1' is not connected"):
+            chan.send("s1", layer, hidden, odd, weights)
+        fresh = dp.Channel.open(
+            ["s1"], lambda _, ticket: real["s1"].open_channel(ticket, 20.0), HOST, 20.0
+        )
+        chan.adopt(fresh)
+        assert chan.lost == {}
+        got = chan.send("s1", layer, hidden, odd, weights).result()
+        assert torch.equal(got, real["s1"].shard.compute(layer, hidden, odd, weights))
+    finally:
+        chan.close()
