@@ -37,10 +37,28 @@ from dataclasses import dataclass, field
 
 from cache.block_allocator import blocks_for
 from cache.block_manager import BlockManager
-from cache.kv_groups import first_kept_block
 from cache.kv_policy import KVPolicy
 from cache.prefix_hash import hash_block
 from cluster.engine.sequence import Sequence, SequenceStatus, finish_reason
+from cluster.engine.window_tables import (
+    chunk_slots,
+    release_groups,
+    slide_windows,
+    window_inputs,
+    window_needs,
+)
+
+__all__ = [  # chunk_slots and window_inputs: re-exported for the engine
+    "ScheduledChunk",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "SlotCopy",
+    "check_fits",
+    "chunk_slots",
+    "max_blocks",
+    "window_inputs",
+]
 
 
 @dataclass(frozen=True)
@@ -190,7 +208,7 @@ class Scheduler:
             count = min(seq.num_uncomputed, self._chunk_limit(seq, budget))
             assert count > 0, f"running sequence {seq.request_id} has nothing to compute"
             need = blocks_for(seq.num_keys + count, self.block_size) - len(seq.block_table)
-            windows = self._window_needs(seq, count)
+            windows = window_needs(seq, count, self.block_size)
             total = need + sum(windows)
             while not self.blocks.can_allocate(total) and seq.status is SequenceStatus.RUNNING:
                 out.preempted.append(self._preempt(self.running[-1]))
@@ -239,7 +257,7 @@ class Scheduler:
         for row, chunk in enumerate(out.chunks):
             if row not in failed and not chunk.seq.is_finished:
                 self._apply_kv_policy(chunk.seq)
-                self._slide_windows(chunk.seq)
+                slide_windows(self.blocks, chunk.seq)
 
     def _advance(self, chunk: ScheduledChunk) -> None:
         """Count a chunk's tokens computed; name its newly full blocks by prefix hash (never
@@ -273,26 +291,6 @@ class Scheduler:
         seq.block_table = [seq.block_table[i] for i in keep]
         seq.logical_blocks = [seq.logical_blocks[i] for i in keep]
         seq.num_dropped += len(drop) * size
-
-    def _slide_windows(self, seq: Sequence) -> None:
-        """Free each sliding group's blocks that no later query sees (named ones stay cached,
-        for a shorter prefix's reuse)."""
-        for group, table in enumerate(seq.window_tables, 1):
-            window = self.blocks.windows[group]
-            first = first_kept_block(seq.num_computed, window, self.block_size)
-            drop = first - seq.window_starts[group - 1]
-            if drop > 0:
-                self.blocks.free(table[:drop])
-                seq.window_tables[group - 1] = table[drop:]
-                seq.window_starts[group - 1] = first
-
-    def _window_needs(self, seq: Sequence, count: int) -> list[int]:
-        """Fresh blocks each sliding group needs to compute ``count`` more tokens."""
-        end = blocks_for(seq.num_computed + count, self.block_size)
-        return [
-            end - start - len(table)
-            for start, table in zip(seq.window_starts, seq.window_tables, strict=True)
-        ]
 
     @staticmethod
     def _chunk_limit(seq: Sequence, budget: int) -> int:
@@ -360,7 +358,7 @@ class Scheduler:
         sequence's root: its tenant's partial entries are its own from the first block).
         """
         if seq.window_tables:
-            self._release_groups(seq)
+            release_groups(self.blocks, seq)
             return
         table, size = seq.block_table, self.block_size
         tail, slots = divmod(seq.num_computed, size)
@@ -378,17 +376,6 @@ class Scheduler:
         self.blocks.release_partial(table[tail], parent, computed)
         self.blocks.free(table[:tail])  # after the tail: the tail is evicted first
 
-    def _release_groups(self, seq: Sequence) -> None:
-        """Free every group's blocks, the last logical block's first in every group, so that
-        a prefix's blocks of all groups leave the cache together, its end first."""
-        order = [(j, 0, block) for j, block in enumerate(seq.block_table)]
-        for group, (start, table) in enumerate(
-            zip(seq.window_starts, seq.window_tables, strict=True), 1
-        ):
-            order.extend((start + i, group, block) for i, block in enumerate(table))
-        order.sort()
-        self.blocks.free([block for _, _, block in order])  # freed last first
-
     def _preempt(self, seq: Sequence) -> Sequence:
         """Free a running sequence's blocks and put it back at the head of the queue."""
         self.running.remove(seq)
@@ -399,21 +386,3 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
         return seq
-
-
-def window_inputs(seq: Sequence, block_size: int) -> tuple[tuple[list[int], int], ...]:
-    """Per sliding group of a sequence: (its kept blocks, how many computed keys they hold)."""
-    return tuple(
-        (table, seq.num_computed - start * block_size)
-        for start, table in zip(seq.window_starts, seq.window_tables, strict=True)
-    )
-
-
-def chunk_slots(seq: Sequence, num_tokens: int, block_size: int) -> list[int]:
-    """The pool slots, in every group, that the sequence's next ``num_tokens`` keys fill."""
-    keys = range(seq.num_keys, seq.num_keys + num_tokens)
-    slots = [seq.block_table[k // block_size] * block_size + k % block_size for k in keys]
-    for table, cached in window_inputs(seq, block_size):
-        for k in range(cached, cached + num_tokens):
-            slots.append(table[k // block_size] * block_size + k % block_size)
-    return slots
