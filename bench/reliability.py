@@ -138,6 +138,30 @@ def make_config(model: Path, port: int, deadline_s: float) -> Any:
     )
 
 
+def describe(config: Any) -> dict[str, Any]:
+    """The settings a row depends on: per tier and for the store."""
+    tiers = {
+        t.name: {
+            "backbone_replicas": t.replicas,
+            "engine_process": t.runs_engine_process,
+            "num_shards": t.experts.num_shards,
+            "replication": t.experts.replication,
+            "replan": t.experts.replan.enabled,
+            "extra_slots": t.experts.replan.extra_slots if t.experts.replan.enabled else None,
+            "unavailable_wait_s": t.experts.unavailable_wait_s,
+        }
+        for t in config.tiers
+    }
+    store = config.kv_store
+    return {
+        "nodes": "head (2 CPUs) + worker nodes a, b (1 CPU each)",
+        "tiers": tiers,
+        "kv_store": {"shards": "one per node", "replication": store.replication},
+        "gateway_replicas": config.grpc.gateway_replicas,
+        "request_timeout_s": config.grpc.request_timeout_s,
+    }
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -302,7 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     report["machine_before"] = wait_for_quiet(args)
     try:
         serve.start(proxy_location="Disabled")
-        report["deploy_s"] = deploy(make_config(model, port, args.deadline))
+        config = make_config(model, port, args.deadline)
+        report["cluster"] = describe(config)
+        report["deploy_s"] = deploy(config)
         say(f"deployed in {report['deploy_s']} s; unfaulted pass")
         refs = references(address, specs, args.deadline + MARGIN_S)
         report["replication_before_faults"] = wait_for_replication(
