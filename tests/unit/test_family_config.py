@@ -44,6 +44,22 @@ def test_kv_layouts_name_what_a_block_holds(configs: dict[str, dict[str, Any]]) 
     assert _spec(configs["mixtral"]).kv_layout == "mha:kv2x16:float32"
 
 
+def test_sliding_layers_are_a_kv_group_of_their_own(configs: dict[str, dict[str, Any]]) -> None:
+    """gpt-oss's blocks hold one group's layers (sliding: 0 and 2; full: 1), so a pool block
+    has two layer slots; every other family keeps one group of all its layers."""
+    oss = _spec(configs["gpt_oss"])
+    assert oss.kv_group_windows == (None, 8)
+    assert [oss.kv_group(i) for i in range(3)] == [1, 0, 1]
+    assert oss.kv_layer_slots == (0, 0, 1) and oss.kv_pool_layers == 2
+    all_full = _spec(configs["gpt_oss"], layer_types=["full_attention"] * 3)
+    assert all_full.kv_group_windows == (None,) and all_full.kv_pool_layers == 3
+    for family in ("mixtral", "deepseek_v3", "glm4_moe"):
+        spec = _spec(configs[family])
+        assert spec.kv_group_windows == (None,)
+        assert spec.kv_layer_slots == tuple(range(spec.num_layers))
+        assert spec.kv_pool_layers == spec.num_layers
+
+
 def test_grouped_families_start_with_dense_layers(configs: dict[str, dict[str, Any]]) -> None:
     spec = _spec(configs["deepseek_v3"])
     assert spec.moe_layers == (1, 2) and (spec.n_group, spec.topk_group) == (4, 2)
