@@ -11,6 +11,10 @@ keys are dropped at once); a gap in sequence numbers means events were lost (its
 stale but mostly right, and the replica is reported ``needs_snapshot`` until a snapshot batch
 replaces them). Routed-but-unconfirmed blocks (``expect``) count as held for a short while, so
 a burst of requests sharing a new prefix, or a session's next turn, does not outrun the events.
+Pins: a batch's ``pinned`` (key, seconds left) marks blocks a replica keeps pinned; the index
+keeps each pin until it ends (on its own clock), the block is removed, or a snapshot replaces
+the replica's picture, and ``pinned_prefix`` says how many leading blocks each replica holds
+pinned (a router's preference, never a requirement).
 Torch-free and Ray-free: ids, keys and integers, with an injected clock.
 """
 
@@ -53,6 +57,7 @@ class _Replica:
     epoch: str | None = None
     next_seq: int = 0
     needs_snapshot: bool = True  # nothing known yet
+    pins: set[BlockKey] | None = None  # keys it announced pinned (None: none yet)
 
 
 class PrefixIndex:
@@ -75,6 +80,7 @@ class PrefixIndex:
         self._expiry: deque[tuple[float, tuple[BlockKey, ...], int]] = deque()
         self._until: dict[tuple[BlockKey, int], float] = {}  # (key, bit) -> latest expiry
         self._alive = 0  # bitmask of the replicas known
+        self._pins: dict[BlockKey, dict[int, float]] = {}  # key -> {bit: pinned until}
 
     @property
     def replicas(self) -> list[str]:
@@ -126,9 +132,11 @@ class PrefixIndex:
             self._drop_keys(state)
             state.epoch, state.next_seq = batch.epoch, batch.seq_no
             state.needs_snapshot = not batch.snapshot and batch.seq_no != 0
+        pinned: tuple[tuple[BlockKey, float], ...] = getattr(batch, "pinned", ())
         if batch.snapshot:
             self._drop_keys(state)
             self._store(state, batch.stored)
+            self._pin(state, pinned)
             state.next_seq, state.needs_snapshot = batch.seq_no + 1, False
             return True
         if batch.seq_no < state.next_seq:
@@ -137,6 +145,7 @@ class PrefixIndex:
             state.needs_snapshot = True  # events were lost: keep what we know, resync
         self._store(state, batch.stored)
         self._remove(state, batch.removed)
+        self._pin(state, pinned)
         state.next_seq = batch.seq_no + 1
         return not state.needs_snapshot
 
@@ -225,6 +234,51 @@ class PrefixIndex:
                 matched[replica] = count
             mask ^= low
 
+    @property
+    def has_pins(self) -> bool:
+        return bool(self._pins)
+
+    def pinned_prefix(self, keys: Sequence[BlockKey]) -> dict[str, int]:
+        """Per replica, how many leading ``keys`` it holds pinned now (absent: none). Walks
+        only while some replica has the next key pinned (pins cover a prompt's first blocks).
+        """
+        now, pins = self.clock(), self._pins
+        counts: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            held = pins.get(key)
+            if not held:
+                break
+            grew = False
+            for bit, until in held.items():
+                replica = self._ids[bit]
+                if until > now and replica is not None and counts.get(replica, 0) == i:
+                    counts[replica] = i + 1
+                    grew = True
+            if not grew:
+                break
+        return counts
+
+    def _pin(self, state: _Replica, pinned: Iterable[tuple[BlockKey, float]]) -> None:
+        now = self.clock()
+        for key, seconds_left in pinned:
+            if key in state.keys and seconds_left > 0:
+                self._pins.setdefault(key, {})[state.bit] = now + seconds_left
+                if state.pins is None:
+                    state.pins = set()
+                state.pins.add(key)
+
+    def _unpin(self, state: _Replica, keys: Iterable[BlockKey]) -> None:
+        if not state.pins:
+            return
+        for key in keys:
+            if key in state.pins:
+                state.pins.discard(key)
+                held = self._pins.get(key)
+                if held is not None:
+                    held.pop(state.bit, None)
+                    if not held:
+                        del self._pins[key]
+
     def _store(self, state: _Replica, keys: Iterable[BlockKey]) -> None:
         bit = 1 << state.bit
         holders, either = self._holders, self._either
@@ -235,6 +289,9 @@ class PrefixIndex:
 
     def _remove(self, state: _Replica, keys: Iterable[BlockKey]) -> None:
         mask = ~(1 << state.bit)
+        if state.pins:
+            keys = list(keys)
+            self._unpin(state, keys)
         for key in keys:
             state.keys.discard(key)
             if key in self._holders:

@@ -11,6 +11,11 @@ expected decode tokens). The cheapest replica wins among those whose queue is wi
 bound ``max(imbalance_factor x mean queue, mean queue + slack_tokens)``: a hot prefix may pull
 traffic to its holders only until they are that much busier than the rest (bounded loads).
 
+Pins: blocks a replica holds pinned (its events say so) will still be there when the request
+runs, and keeping a pinned prefix's traffic on its holders is what the pin is for; so each
+pinned cached token lowers that replica's cost by ``pin_weight`` more tokens. A preference in
+the same unit, inside the same load bound: a pin never ties a prefix to a busy replica.
+
 Ties, and requests whose prefix no replica holds, are broken by rendezvous hashing of the
 session id when there is one, else of the first block key, so the turns of one conversation
 and the requests sharing a new system prompt land together before any event arrives.
@@ -33,6 +38,7 @@ class PrefixRouterConfig:
     imbalance_factor: float = 1.5  # a replica's queue may be at most this x the mean ...
     slack_tokens: int = 1024  # ... or the mean plus this, whichever is larger
     decode_weight: float = 1.0  # tokens of work per expected output token
+    pin_weight: float = 0.5  # extra cost tokens saved per pinned cached token
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -43,6 +49,8 @@ class PrefixRouterConfig:
             raise ValueError(f"slack_tokens={self.slack_tokens} must be >= 0")
         if self.decode_weight < 0:
             raise ValueError(f"decode_weight={self.decode_weight} must be >= 0")
+        if not 0 <= self.pin_weight <= 1:
+            raise ValueError(f"pin_weight={self.pin_weight} is out of range: allowed [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -94,8 +102,10 @@ class PrefixRouter:
         least_queue = min(queued.values())
         idle = [r for r, q in queued.items() if q <= least_queue]
         costs = [(num_prompt_tokens + least_queue, r) for r in idle]
+        pinned = self.index.pinned_prefix(keys[:usable]) if self.index.has_pins else {}
+        bonus = self.config.pin_weight * size
         costs += [
-            (num_prompt_tokens - m * size + queued[r], r)
+            (num_prompt_tokens - m * size + queued[r] - bonus * pinned.get(r, 0), r)
             for r, m in matched.items()
             if queued.get(r, bound + 1) <= bound
         ]

@@ -218,7 +218,9 @@ class EngineKV:
             named = [
                 h for b, h in zip(fresh, hashes[local:], strict=False) if self.blocks.register(b, h)
             ]
-            self.events.stored(fetch.seq.cache_salt, named)
+            now = self.clock()
+            ttls = [max(0.0, self.blocks.pinned_until(h) - now) for h in named]
+            self.events.stored(fetch.seq.cache_salt, named, ttls)
             self.blocks.free(fresh)  # cached and evictable now, like computed blocks
         finally:
             self.blocks.free(held)
@@ -274,11 +276,11 @@ class EngineKV:
             group[1].append(block_hash)
         now = self.clock()
         for salt, (blocks, hashes) in by_salt.items():
-            self.events.stored(salt, hashes)
+            # pinned blocks are announced, and go to the store, pinned for what is left
+            ttls = [max(0.0, self.blocks.pinned_until(h) - now) for h in hashes]
+            self.events.stored(salt, hashes, ttls)
             if self._publisher is None:
                 continue
-            # pinned blocks go to the store pinned for what is left of their pin
-            ttls = [max(0.0, self.blocks.pinned_until(h) - now) for h in hashes]
             for ttl in sorted(set(ttls)):
                 chosen = [i for i, t in enumerate(ttls) if t == ttl]
                 keys = self.keyspace.keys(salt, [hashes[i] for i in chosen])

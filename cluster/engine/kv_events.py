@@ -9,6 +9,10 @@ a gap, or a new epoch, knows its picture is stale and asks for a snapshot (``sna
 snapshot (empty: the cache starts cleared). When nobody drains the log, it does not grow
 without bound: past ``max_pending`` keys it drops them and its next batch is a snapshot.
 
+Pins travel with the blocks: a stored block that is pinned is also listed in ``pinned`` with
+the seconds left of its pin (relative: clocks differ between processes), and a snapshot lists
+every pin still running, so a router can prefer replicas holding pinned prefixes.
+
 The log also remembers which prefix hashes this engine evicted lately and when each block was
 stored, for a request's miss reason and the age of blocks at eviction. Torch-free: these
 messages cross the engine process's socket and reach routers that never import torch.
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from cache.block_key import BlockKey, KeySpace, KVLayout
@@ -41,6 +45,8 @@ class KVEventBatch:
     # on snapshots: the engine's key space (model id, KV layout), so that a router names a
     # request's blocks as this engine does
     keyspace: tuple[str, KVLayout] | None = None
+    # stored blocks that are pinned, with the seconds left of each pin at the batch's making
+    pinned: tuple[tuple[BlockKey, float], ...] = ()
 
 
 class KVEventLog:
@@ -61,17 +67,25 @@ class KVEventLog:
         self._need_snapshot = True  # the first batch: the cache starts empty
         self._evicted: OrderedDict[int, None] = OrderedDict()
         self._ages: list[float] = []
+        self._pin_until: dict[int, float] = {}  # prefix hash -> its pin's end (this clock)
+        self._pinned: list[int] = []  # pinned hashes stored since the last batch
 
-    def stored(self, salt: str, hashes: Iterable[int]) -> None:
-        """Blocks of tenant ``salt`` named in the cache under these prefix hashes."""
+    def stored(
+        self, salt: str, hashes: Iterable[int], pin_ttls: Sequence[float] | None = None
+    ) -> None:
+        """Blocks of tenant ``salt`` named in the cache under these prefix hashes;
+        ``pin_ttls[i]`` > 0: the i-th is pinned for that many more seconds."""
         now = self.clock()
         namespace = self.keyspace.namespace(salt)
-        for block_hash in hashes:
+        for i, block_hash in enumerate(hashes):
             key = namespace + block_hash.to_bytes(8, "little")
             self._key_of[block_hash] = key
             self._stored_at[block_hash] = now
             self._stored.append(key)
             self._evicted.pop(block_hash, None)
+            if pin_ttls is not None and pin_ttls[i] > 0:
+                self._pin_until[block_hash] = now + pin_ttls[i]
+                self._pinned.append(block_hash)
         self._bound()
 
     def evicted(self, hashes: Iterable[int]) -> None:
@@ -80,6 +94,7 @@ class KVEventLog:
         for block_hash in hashes:
             key = self._key_of.pop(block_hash, None)
             stored_at = self._stored_at.pop(block_hash, None)
+            self._pin_until.pop(block_hash, None)
             if key is not None:
                 self._removed.append(key)
             if stored_at is not None and len(self._ages) < _AGES_KEPT:
@@ -104,9 +119,10 @@ class KVEventLog:
             return None
         stored, removed = tuple(self._stored), tuple(self._removed)
         ages = tuple(self.take_eviction_ages())
-        batch = KVEventBatch(self.epoch, self._next_seq, stored, removed, False, ages)
+        pinned = self._pins(self._pinned)
+        batch = KVEventBatch(self.epoch, self._next_seq, stored, removed, False, ages, None, pinned)
         self._next_seq += 1
-        self._stored, self._removed = [], []
+        self._stored, self._removed, self._pinned = [], [], []
         return batch
 
     def snapshot(self) -> KVEventBatch:
@@ -114,9 +130,10 @@ class KVEventLog:
         ages = tuple(self.take_eviction_ages())
         stored = tuple(self._key_of.values())
         space = (self.keyspace.model_id, self.keyspace.layout)
-        batch = KVEventBatch(self.epoch, self._next_seq, stored, (), True, ages, space)
+        pinned = self._pins(self._pin_until)
+        batch = KVEventBatch(self.epoch, self._next_seq, stored, (), True, ages, space, pinned)
         self._next_seq += 1
-        self._stored, self._removed = [], []
+        self._stored, self._removed, self._pinned = [], [], []
         self._need_snapshot = False
         return batch
 
@@ -129,7 +146,18 @@ class KVEventLog:
         ages, self._ages = self._ages, []
         return ages
 
+    def _pins(self, hashes: Iterable[int]) -> tuple[tuple[BlockKey, float], ...]:
+        """(key, seconds left) of the hashes' pins still running; ended ones are forgotten."""
+        now = self.clock()
+        for ended in [h for h, until in self._pin_until.items() if until <= now]:
+            del self._pin_until[ended]
+        return tuple(
+            (self._key_of[h], self._pin_until[h] - now)
+            for h in dict.fromkeys(hashes)
+            if h in self._pin_until and h in self._key_of
+        )
+
     def _bound(self) -> None:
         if len(self._stored) + len(self._removed) > self.max_pending:
-            self._stored, self._removed = [], []
+            self._stored, self._removed, self._pinned = [], [], []
             self._need_snapshot = True  # nobody is draining: whoever comes next resyncs

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cluster.engine.config import EngineConfig
+from cluster.engine.config_pins import pin_config_prefixes
 
 if TYPE_CHECKING:
     from cluster.engine.llm_engine import LLMEngine
@@ -67,4 +68,5 @@ def build_engine(launch: EngineLaunch, experts: ExpertBackend | None = None) -> 
         store = launch.kv.store.build() if launch.kv.store is not None else None
         model_id = f"{model_fingerprint(launch.model_dir)}:{model.spec.kv_layout}"
         engine.attach_kv(model_id, store, launch.kv.config)
+    pin_config_prefixes(engine)  # tiers[].engine.pinned_prefixes: computed and pinned first
     return engine

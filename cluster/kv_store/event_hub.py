@@ -35,6 +35,7 @@ class _Mirror:
     epoch: str = ""
     next_seq: int = 0
     keys: set[BlockKey] = field(default_factory=set)
+    pins: dict[BlockKey, float] = field(default_factory=dict)  # key -> pinned until (hub clock)
     log: deque[KVEventBatch] = field(default_factory=lambda: deque(maxlen=LOG_BATCHES))
     seen_at: float = 0.0
 
@@ -71,6 +72,7 @@ class KVEventHub:
             if batch.epoch != mirror.epoch:  # a new engine: its cache starts empty
                 mirror.epoch, mirror.next_seq = batch.epoch, batch.seq_no
                 mirror.keys.clear()
+                mirror.pins.clear()
                 mirror.log.clear()
                 gap = not batch.snapshot and batch.seq_no != 0
             elif batch.seq_no < mirror.next_seq:
@@ -79,10 +81,15 @@ class KVEventHub:
                 gap = True
             if batch.snapshot:
                 mirror.keys = set(batch.stored)
+                mirror.pins.clear()
                 gap = False
             else:
                 mirror.keys.update(batch.stored)
                 mirror.keys.difference_update(batch.removed)
+                for key in batch.removed:
+                    mirror.pins.pop(key, None)
+            now = self.clock()
+            mirror.pins.update((key, now + left) for key, left in batch.pinned)
             mirror.next_seq = batch.seq_no + 1
             mirror.log.append(batch)
         return gap
@@ -103,7 +110,9 @@ class KVEventHub:
                 out[replica] = [b for b in mirror.log if b.seq_no >= next_seq]
             else:
                 seq, keys = mirror.next_seq - 1, tuple(mirror.keys)
-                snap = KVEventBatch(mirror.epoch, seq, keys, (), True, (), self._keyspace)
+                now = self.clock()
+                pins = tuple((k, t - now) for k, t in mirror.pins.items() if t > now)
+                snap = KVEventBatch(mirror.epoch, seq, keys, (), True, (), self._keyspace, pins)
                 out[replica] = [snap]
         return HubUpdate(out, self._keyspace, tuple(self._mirrors))
 
