@@ -122,7 +122,9 @@ class EngineKV:
         self._fetches: dict[str, _Fetch] = {}
         self._fetcher: ThreadPoolExecutor | None = None
         self._publisher: _Publisher | None = None
-        if store is not None:
+        # a model with sliding KV groups (gpt-oss) neither fetches nor publishes: a prefix
+        # serves it only with its window's sliding blocks, which the store does not hold
+        if store is not None and blocks.num_groups == 1:
             self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-fetch")
             self._publisher = _Publisher(store, self.config)
         self.num_fetches = 0
