@@ -17,7 +17,7 @@ import statistics
 import time
 from typing import Any
 
-from bench.harness import FIRST_ORDINARY_ID, say
+from bench.harness import FIRST_ORDINARY_ID, say, wait_for_quiet
 from bench.routing_sim import SimConfig, simulate
 from cache.kv_store import BlockStore
 from cluster.engine.config import EngineConfig
@@ -118,7 +118,8 @@ def run_simulation(args: Any) -> dict[str, Any]:
     for workload in ("business", "chat"):
         results[workload] = {}
         for policy in ("oracle", "events", "text_affinity", "power_of_two"):
-            results[workload][policy] = simulate(cfg, workload, policy)
+            quiet = wait_for_quiet(args)  # decision times are wall-clock: not during a burst
+            results[workload][policy] = simulate(cfg, workload, policy) | quiet
             r = results[workload][policy]
             say(
                 f"  sim {workload} {policy}: hit {r['hit_rate']}, busiest/mean queue "
