@@ -16,6 +16,7 @@ A request ends in exactly one class:
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 from bench.harness import FIRST_ORDINARY_ID, percentile, target
 
 CLASSES = ("completed", "failed", "wrong", "lost")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the errors it forwards
 # what grpc's client library says when its own deadline timer ends a call (the server said nothing)
 CLIENT_DEADLINE_DETAILS = "Deadline Exceeded"
 
@@ -153,7 +155,8 @@ def scenario_row(
     statuses: dict[str, dict[str, Any]] = {}
     for o, c in zip(outcomes, classes, strict=True):
         if c in ("failed", "lost", "wrong") and o.code not in (None, "OK"):
-            entry = statuses.setdefault(o.code or "", {"count": 0, "example": o.details[:200]})
+            example = _ANSI.sub("", o.details)[:200]
+            entry = statuses.setdefault(o.code or "", {"count": 0, "example": example})
             entry["count"] += 1
     return {
         "scenario": name,

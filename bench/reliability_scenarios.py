@@ -240,7 +240,7 @@ def expert_state(ctx: Context) -> dict[str, Any]:
     try:
         held = held_placement(ctx, ctx.replicated_tier)
     except (ValueError, TimeoutError, ray.exceptions.RayError) as err:
-        state["slots_held"] = f"unknown: {type(err).__name__}: {str(err)[:120]}"
+        state["slots_held"] = f"unknown: {type(err).__name__}"
         return state
     state["slots_held"] = len(held)
     state["slots_held_twice_or_more"] = sum(len(set(shards)) > 1 for _, shards in held)
@@ -287,14 +287,16 @@ def _no_replacement(ctx: Context, target: Target, timeout_s: float) -> float | N
 
 
 def scenarios(ctx: Context) -> list[Scenario]:
-    """In the order run: the lighter faults first, the node last (it does not come back)."""
+    """In the order run: the lighter faults first, the controller after the shard faults (so
+    that they meet the controller that placed the experts), the node last (it does not come
+    back)."""
     strong, plain = ctx.replicated_tier, ctx.plain_tier
     return [
         Scenario("kv_store_shard_killed", strong, _store_shard, _same_name_back),
         Scenario("backbone_killed", strong, _backbone, _replica_back),
-        Scenario("controller_killed", strong, _controller, _controller_back),
         Scenario("shard_killed_replicated", strong, _replicated_shard, _new_shard_process),
         Scenario("shard_killed_no_replica", plain, _plain_shard, _new_shard_process),
+        Scenario("controller_killed", strong, _controller, _controller_back),
         Scenario("gateway_killed", strong, _gateway, _replica_back),
         Scenario("worker_node_removed", strong, _worker_node, _no_replacement),
     ]

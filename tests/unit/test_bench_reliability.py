@@ -81,7 +81,7 @@ def test_a_row_counts_classes_and_splits_latency_at_the_fault() -> None:
         Outcome(0, 3.0, list(REF), "OK", "", 7.0),  # open at the fault: during, 4.0 s
         Outcome(0, 4.5, list(REF), "OK", "", 7.5),  # during: 3.0 s
         Outcome(1, 5.0, [1], "OK", "", 5.2),  # wrong
-        Outcome(0, 5.5, [], "UNAVAILABLE", "the replica holding the stream died", 5.6),
+        Outcome(0, 5.5, [], "UNAVAILABLE", "the \x1b[36mreplica\x1b[39m holding it died", 5.6),
         Outcome(0, 6.0, [], None, "", None),  # lost
         Outcome(0, 20.0, list(REF), "OK", "", 20.4),  # after the window: in no p99
     ]
@@ -96,7 +96,7 @@ def test_a_row_counts_classes_and_splits_latency_at_the_fault() -> None:
     assert row["p99_before_s"] == 0.5 and 3.9 < row["p99_during_s"] < 4.0
     assert row["sent_after_fault"] == 5 and row["requests_ok_again_s"] == 16.0
     assert row["statuses"]["UNAVAILABLE"]["count"] == 1
-    assert "died" in row["statuses"]["UNAVAILABLE"]["example"]
+    assert row["statuses"]["UNAVAILABLE"]["example"] == "the replica holding it died"
 
 
 def test_targets_want_no_wrong_no_lost_and_every_request_where_replicated() -> None:
