@@ -4,6 +4,8 @@ moves, every block back in the pool when requests end)."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from cache.block_allocator import blocks_for
@@ -194,3 +196,68 @@ def test_a_request_is_refused_when_its_groups_could_never_fit() -> None:
     sched = _scheduler(15)
     with pytest.raises(ValueError, match="needs up to 16 KV blocks"):
         sched.add(make_seq("x", list(range(30)), max_tokens=2))  # 8 blocks in each group
+
+
+class _GroupedKV:
+    """Fake K/V per pool slot: (group, the sequence's ids up to that key). Before a chunk
+    runs, every key its queries see, in each group, must be its own; then it writes its keys."""
+
+    def __init__(self) -> None:
+        self.slots: dict[int, tuple[int, tuple[int, ...]]] = {}
+
+    def run(self, seq: Sequence, count: int) -> None:
+        ids, start = seq.all_ids, seq.num_computed
+        tables = [(0, 0, seq.block_table, None)]
+        tables += [
+            (g, first, table, WINDOW)
+            for g, (first, table) in enumerate(
+                zip(seq.window_starts, seq.window_tables, strict=True), 1
+            )
+        ]
+        for group, first, table, window in tables:
+            oldest = 0 if window is None else max(0, start - window + 1)
+            for key in range(start + count):
+                if key < oldest:
+                    continue
+                index = key - first * BS
+                assert index >= 0, f"{seq.request_id}: key {key} in view was freed"
+                slot = table[index // BS] * BS + index % BS
+                if key < start:  # cached: must be this sequence's own K/V of this group
+                    assert self.slots[slot] == (group, tuple(ids[: key + 1])), (seq, key)
+                else:
+                    self.slots[slot] = (group, tuple(ids[: key + 1]))
+
+
+@pytest.mark.parametrize("num_blocks", [200, 30])
+def test_random_traffic_reuses_only_each_groups_own_blocks(num_blocks: int) -> None:
+    rng = random.Random(num_blocks)
+    sched = _scheduler(num_blocks, budget=10)
+    kv = _GroupedKV()
+    prefixes = [[rng.randrange(1, 40) for _ in range(rng.randint(4, 30))] for _ in range(4)]
+    hits = 0
+    for wave in range(6):
+        seqs = []
+        for i in range(5):
+            prompt = [
+                *rng.choice(prefixes),
+                *[rng.randrange(1, 40) for _ in range(rng.randint(1, 9))],
+            ]
+            seq = make_seq(f"w{wave}s{i}", prompt, max_tokens=rng.randint(1, 8))
+            sched.add(seq)
+            seqs.append(seq)
+        while sched.has_unfinished():
+            out = sched.schedule()
+            for chunk in out.chunks:
+                kv.run(chunk.seq, chunk.num_tokens)
+            _step(sched, out)
+            for seq in sched.running:
+                assert len(seq.window_tables[0]) <= BOUND
+            if rng.random() < 0.05 and sched.running:
+                sched.abort(rng.choice(sched.running).request_id)
+        assert sched.blocks.num_held == 0
+        hits += sum(s.num_cached_prompt_tokens > 0 for s in seqs)
+        longest = 60 - 9 - 8  # a request of up to 60 tokens fits the smaller pool alone
+        prefixes += [s.all_ids for s in seqs[:2] if len(s.all_ids) <= longest]  # conversations
+    assert hits > 5
+    if num_blocks == 30:
+        assert sched.num_preemptions > 0 and sched.blocks.num_evictions > 0
