@@ -207,7 +207,7 @@ class _GroupedKV:
 
     def run(self, seq: Sequence, count: int) -> None:
         ids, start = seq.all_ids, seq.num_computed
-        tables = [(0, 0, seq.block_table, None)]
+        tables: list[tuple[int, int, list[int], int | None]] = [(0, 0, seq.block_table, None)]
         tables += [
             (g, first, table, WINDOW)
             for g, (first, table) in enumerate(
