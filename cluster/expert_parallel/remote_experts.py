@@ -316,11 +316,16 @@ class RemoteExperts:
                 return view, gone
             left = deadline[0] - self._clock()
             if left <= 0:
+                waited = (
+                    f"none came back within experts.unavailable_wait_s="
+                    f"{self.unavailable_wait_s:g}s; raise it to wait longer for a restart"
+                    if getattr(self._pool, "can_reconnect", True)
+                    else "this backbone (an engine process) cannot rejoin a restarted shard"
+                )
                 raise ExpertUnavailableError(
                     f"experts {still} (layer, expert) have no live replica: shards "
-                    f"{sorted(gone)} are down ({'; '.join(dead.values())}) and none came back "
-                    f"within experts.unavailable_wait_s={self.unavailable_wait_s:g}s; raise it "
-                    "to wait longer for a restart, or replicate experts (experts.replication)",
+                    f"{sorted(gone)} are down ({'; '.join(dead.values())}) and {waited}, "
+                    "or replicate experts (experts.replication)",
                     still,
                 )
             self._sleep(min(RETRY_S, left))
