@@ -21,6 +21,12 @@ seconds more, every request waited out, the replacement waited for, and the tier
 until they answer right again (or the bound passes: the row says so). Requests are sorted
 into completed / failed (a status with a message) / wrong (a token differs from the
 reference) / lost (no answer by the deadline + margin); see ``bench.reliability_outcomes``.
+Columns ``p99 before`` / ``p99 fault``: latency of the completed requests that ended before
+the fault / that were open at it or sent after it. ``replaced``: seconds from the kill to the
+replacement process (a restarted actor, a new Serve replica; ``-``: none came within the
+bound, or none is expected: a removed node). ``ok again``: seconds from the kill to the first
+request after which every request completed (by probes after the traffic when the traffic
+ended failing: an upper bound).
 
 Targets (issue 18): wrong = 0 and lost = 0 in every scenario; completed = sent for the
 replicated shard, the store shard and the backbone. Writes ``bench/results/reliability.json``.
