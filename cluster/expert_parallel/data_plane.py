@@ -196,11 +196,16 @@ class PendingReply:
             for work in self.works:
                 work.wait(timeout)
         except RuntimeError as err:
-            self.channel.lose(self.shard_id, str(err).splitlines()[0])
+            cause = str(err).splitlines()[0]
+            self.channel.lose(self.shard_id, cause)
+            what = (  # a closed or reset connection fails at once: the process is gone
+                f"gave no answer for layer {self.layer} within {self.channel.timeout_s:g}s"
+                if "timed out" in cause.lower() or "timeout" in cause.lower()
+                else f"lost its connection on layer {self.layer}"
+            )
             raise DataPlaneError(
-                f"expert shard {self.shard_id!r} gave no answer for layer {self.layer} "
-                f"within {self.channel.timeout_s:g}s over the data plane "
-                f"({str(err).splitlines()[0]}); the shard may have died or be restarting"
+                f"expert shard {self.shard_id!r} {what} over the data plane ({cause}); the "
+                "shard may have died or be restarting"
             ) from err
         if float(self.reply[-1]) != STATUS_OK:
             raise ShardComputeError(
