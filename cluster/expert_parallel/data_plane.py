@@ -112,6 +112,7 @@ __all__ = [  # the wire's names that callers of the data plane use, importable f
     "ShardComputeError",
     "host_rendezvous",
     "serve_channel",
+    "tolerant",
 ]
 
 logger = logging.getLogger("moe_cluster.data_plane")
@@ -132,6 +133,20 @@ def _connect_shm(shard_id: str, ticket: ChannelTicket, timeout_s: float) -> shm_
             f"expert shard {shard_id!r} did not join the data plane over shared memory, or "
             f"failed its handshake ({type(err).__name__}: {err}); channel refused"
         ) from err
+
+
+def tolerant(start_peer: StartPeer, failed: dict[str, str]) -> StartPeer:
+    """``start_peer`` that records a shard it cannot ask (its actor is dead or restarting: the
+    Ray call fails at once) in ``failed`` instead of raising; ``host_rendezvous`` then leaves
+    that shard's ticket out, and the channel goes on without its pair."""
+
+    def start(shard_id: str, ticket: ChannelTicket) -> None:
+        try:
+            start_peer(shard_id, ticket)
+        except Exception as err:  # recorded: the pair is lost from the start
+            failed[shard_id] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+
+    return start
 
 
 def host_rendezvous(
@@ -284,15 +299,10 @@ class Channel:
         fails at once) is left out, named in ``lost``; no shard at all is an error.
         """
         failed: dict[str, str] = {}
-
-        def start(shard_id: str, ticket: ChannelTicket) -> None:
-            try:
-                start_peer(shard_id, ticket)
-            except Exception as err:  # recorded: the pair is lost from the start
-                failed[shard_id] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
-
-        store, tickets = host_rendezvous(shard_ids, start, host, timeout_s, same_node)
-        if failed and len(failed) == len(shard_ids):
+        store, tickets = host_rendezvous(
+            shard_ids, tolerant(start_peer, failed), host, timeout_s, same_node
+        )
+        if len(failed) == len(shard_ids):
             raise DataPlaneError(f"no expert shard could be asked to join the data plane: {failed}")
         started = {sid: ticket for sid, ticket in tickets.items() if sid not in failed}
         channel = cls.join(started, host, timeout_s, store)

@@ -44,6 +44,7 @@ from cluster.expert_parallel.data_plane import (
     ChannelTicket,
     DataPlaneError,
     host_rendezvous,
+    tolerant,
 )
 from cluster.expert_parallel.remote_experts import RemoteExperts
 from cluster.expert_parallel.transports import ChannelCalls, PoolTransport, TorchDistTransport
@@ -145,13 +146,17 @@ def arrange_engine_experts(
     wait_s = max(transport.timeout_s, join_timeout_s)
     host = transport.host()
     near = transport.same_node()
+    failed: dict[str, str] = {}  # shards dead or restarting now: the child goes without them
     store, tickets = host_rendezvous(
         list(transport.handles),
-        transport.start_peer(wait_s),
+        tolerant(transport.start_peer(wait_s), failed),
         host,
         wait_s,
         near if transport.same_node_shm else (),
     )
+    if len(failed) == len(tickets):
+        raise DataPlaneError(f"tier {tier!r}: no expert shard could be asked to join: {failed}")
+    tickets = {sid: ticket for sid, ticket in tickets.items() if sid not in failed}
     factory = EngineExpertsFactory(
         tier=tier,
         table_version=table.version,

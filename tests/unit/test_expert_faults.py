@@ -317,3 +317,30 @@ def test_a_vanished_shard_loses_only_its_pair_and_a_fresh_one_is_adopted(path: P
         assert torch.equal(got, real["s1"].shard.compute(layer, hidden, odd, weights))
     finally:
         chan.close()
+
+
+def test_a_channel_opens_without_a_shard_that_cannot_be_asked(path: Path) -> None:
+    """A dead or restarting shard's actor call fails at once: the channel opens without it."""
+    spec = ExpertShard(path, slots=[]).reader.spec
+    table = round_robin(spec.moe_layers, spec.num_experts, ["s0", "s1"])
+    s0 = ShardActorImpl(str(path), "cpu", table.experts_on("s0"), "s0")
+
+    def start(shard_id: str, ticket: wire.ChannelTicket) -> None:
+        if shard_id == "s1":
+            raise RuntimeError("actor s1 is restarting")
+        s0.open_channel(ticket, 20.0)
+
+    chan = dp.Channel.open(["s0", "s1"], start, HOST, 20.0)
+    try:
+        assert set(chan.groups) == {"s0"} and "restarting" in chan.lost["s1"]
+        hidden, ids, weights = (
+            torch.randn(1, spec.hidden_size),
+            torch.tensor([[0]]),
+            torch.ones(1, 1),
+        )
+        got = chan.send("s0", spec.moe_layers[0], hidden, ids, weights).result()
+        assert torch.equal(got, s0.shard.compute(spec.moe_layers[0], hidden, ids, weights))
+    finally:
+        chan.close()
+    with pytest.raises(dp.DataPlaneError, match=r"no expert shard could be asked"):
+        dp.Channel.open(["s1"], start, HOST, 20.0)
