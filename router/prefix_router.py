@@ -24,7 +24,6 @@ Pure logic: ids, keys and integers; tested with fake replicas and an injected cl
 
 from __future__ import annotations
 
-import heapq
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -101,25 +100,21 @@ class PrefixRouter:
         # candidates: the holders of some prefix under the bound, and the least loaded
         # replicas (with no hit, the cheapest of the rest is the least loaded)
         least_queue = min(queued.values())
-        costs = {r: num_prompt_tokens + least_queue for r, q in queued.items() if q <= least_queue}
-        if matched:
-            pinned = self.index.pinned_prefix(keys[:usable]) if self.index.has_pins else {}
-            bonus, get = self.config.pin_weight * size, queued.get
-            held = {r: m for r, m in matched.items() if get(r, bound + 1) <= bound}
-            costs.update(
-                {r: num_prompt_tokens - m * size + queued[r] for r, m in held.items()}
-                if not pinned
-                else {
-                    r: num_prompt_tokens - m * size + queued[r] - bonus * pinned.get(r, 0)
-                    for r, m in held.items()
-                }
-            )
-        least = min(costs.values())
-        tied = [r for r, c in costs.items() if c <= least]
+        idle = [r for r, q in queued.items() if q <= least_queue]
+        costs = [(num_prompt_tokens + least_queue, r) for r in idle]
+        pinned = self.index.pinned_prefix(keys[:usable]) if self.index.has_pins else {}
+        bonus = self.config.pin_weight * size
+        costs += [
+            (num_prompt_tokens - m * size + queued[r] - bonus * pinned.get(r, 0), r)
+            for r, m in matched.items()
+            if queued.get(r, bound + 1) <= bound
+        ]
+        least = min(c for c, _ in costs)
+        tied = [r for c, r in costs if c <= least]
         tie = session_id.encode() if session_id else (keys[0] if keys else b"")
         replica = tied[0] if len(tied) == 1 else max(tied, key=lambda r: _rendezvous(tie, r))
         cached = matched.get(replica, 0) * size
-        elsewhere = _best_other(matched, replica) * size
+        elsewhere = max((m for r, m in matched.items() if r != replica), default=0) * size
         reason = "prefix" if cached else ("affinity" if len(tied) > 1 else "balance")
         if cached < elsewhere:
             reason = "balance"
@@ -133,17 +128,6 @@ class PrefixRouter:
         """The request finished (or failed): its work leaves the replica's queue."""
         if choice.replica in self.queued:
             self.queued[choice.replica] = max(0.0, self.queued[choice.replica] - choice.work_tokens)
-
-
-def _best_other(matched: dict[str, int], replica: str) -> int:
-    """The most blocks any replica but ``replica`` holds (C-level passes over the values)."""
-    if not matched:
-        return 0
-    values = list(matched.values())
-    top = max(values)
-    if matched.get(replica, 0) < top or values.count(top) > 1:
-        return top
-    return heapq.nlargest(2, values)[1] if len(values) > 1 else 0
 
 
 def _rendezvous(tie: bytes, replica: str) -> int:

@@ -250,13 +250,3 @@ def test_bisection_equals_the_walk_when_replicas_hold_prefixes(
         for seq, (who, n) in enumerate(holdings, start=1):
             index.apply(f"r{who}", Batch("e", seq, stored=tuple(pool[:n])))
     assert fast.matches(pool[:length]) == exact.matches(pool[:length])
-
-
-def test_best_elsewhere_is_the_most_any_other_replica_holds() -> None:
-    from router.prefix_router import _best_other
-
-    assert _best_other({}, "a") == 0
-    assert _best_other({"a": 5}, "a") == 0 and _best_other({"a": 5}, "b") == 5
-    assert _best_other({"a": 5, "b": 3, "c": 4}, "a") == 4  # a is the top: the runner-up
-    assert _best_other({"a": 5, "b": 5, "c": 4}, "a") == 5  # a shares the top
-    assert _best_other({"a": 2, "b": 5, "c": 4}, "a") == 5
