@@ -27,7 +27,13 @@ from cluster.kv_store.relay import RayStoreFactory
 from cluster.kv_store.shard_actor import start_store_shards
 from cluster.serving.kv_event_pusher import KVEventPusher
 from cluster.serving.placement_reporter import PlacementReporter
-from cluster.serving.tier_messages import TierInfo, TierItem, TierRequest, TierStats
+from cluster.serving.tier_messages import (
+    TierInfo,
+    TierItem,
+    TierRejected,
+    TierRequest,
+    TierStats,
+)
 from cluster.serving.tier_replica import TierReplica
 from cluster.telemetry.settings import TelemetrySettings
 from cluster.telemetry.setup import setup_telemetry
@@ -218,6 +224,8 @@ class TierHost:
         if self._reporter is not None:
             self._reporter.start()  # on the replica's event loop, once
         async for item in self.replica.generate(request):
+            if isinstance(item, TierRejected) and item.engine_stopped:
+                _exit_soon()  # before the yield: a caller may stop reading at a refusal
             yield item
 
     def info(self) -> TierInfo:
@@ -242,6 +250,18 @@ class TierHost:
         replica = getattr(self, "replica", None)
         if replica is not None:
             replica.shutdown()
+
+
+# a replica whose engine is gone ends its process this long after telling its streams (their
+# "engine stopped" items leave first): Serve's router drops a dead actor at once and its
+# controller replaces it, where a live replica with a dead engine would keep drawing the
+# requests resubmitted from it (it is the least loaded) until a health check failed
+ENGINE_LOST_EXIT_S = 0.2
+
+
+def _exit_soon() -> None:
+    loop = asyncio.get_running_loop()
+    loop.call_later(ENGINE_LOST_EXIT_S, os._exit, 1)
 
 
 def _kv_pusher(replica: TierReplica, tier: str, detached: bool) -> KVEventPusher:

@@ -117,7 +117,7 @@ class Resubmission:
     deadline: float
     on_resubmit: Callable[[ReplicaLostError, int, int], None]
     clock: Callable[[], float] = time.monotonic
-    backoff_s: float = 0.25
+    backoff_s: float = 0.5
 
 
 async def open_resumable(
