@@ -89,12 +89,16 @@ class PrefixRouter:
         loads: Mapping[str, float] | None = None,
     ) -> Choice:
         """The replica for a request whose prompt's full-block keys are ``keys``; its work
-        is counted in ``queued`` (``loads`` overrides the queue figures when given)."""
-        queued = self.queued if loads is None else {r: loads.get(r, 0.0) for r in self.queued}
+        is counted in ``queued``. ``loads``, when given, names the candidates (the replicas
+        the caller can reach now: a replica that died is in the index until its removal is
+        seen, and must not be chosen) and their queue figures."""
+        queued = self.queued if loads is None else dict(loads)
         assert queued, "no replica to route to"
         size = self.config.block_size
         usable = max(0, (num_prompt_tokens - 1) // size)  # one token is always computed
         matched = self.index.matches(keys[:usable])  # only replicas holding some prefix
+        if loads is not None and not matched.keys() <= queued.keys():
+            matched = {r: m for r, m in matched.items() if r in queued}
         mean = sum(queued.values()) / len(queued)
         bound = max(self.config.imbalance_factor * mean, mean + self.config.slack_tokens)
         # candidates: the holders of some prefix under the bound, and the least loaded

@@ -106,6 +106,22 @@ def test_router_goes_where_the_prefix_is_until_the_imbalance_bound() -> None:
     assert r.queued["r1"] == 5000 - choice.work_tokens
 
 
+def test_only_the_callers_candidates_are_chosen() -> None:
+    """A replica that died is still in the index (and the queue) until its removal is seen;
+    given the live candidates' loads, the router never picks it, holder of the prefix or not
+    (Serve's request router would fail the request with a KeyError)."""
+    r = router(3, slack_tokens=10_000)
+    k = keys(10)
+    r.index.apply("r0", Batch("e", 0, stored=tuple(k), snapshot=True))  # r0 holds it all
+    r.queued.update({"r0": 0.0, "r1": 50.0, "r2": 10.0})
+    assert r.choose(k, 170).replica == "r0"
+    for i in range(5):  # r0 is gone: only r1 and r2 are candidates
+        choice = r.choose(k, 170, loads={"r1": r.queued["r1"], "r2": r.queued["r2"]})
+        assert choice.replica in {"r1", "r2"}
+        if i == 0:  # nor is r0's cache a miss "routed elsewhere"
+            assert choice.best_elsewhere == 0 and choice.reason != "prefix"
+
+
 def test_cost_is_one_unit_uncached_plus_queued() -> None:
     r = router(2, slack_tokens=10_000)
     k = keys(10)  # 160 tokens
