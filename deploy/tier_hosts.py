@@ -17,10 +17,15 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.engine.kv_events import KVEventBatch
 from cluster.engine.launch import EngineKVLaunch
-from cluster.expert_parallel.engine_experts import EngineExperts, arrange_engine_experts
+from cluster.expert_parallel.engine_experts import (
+    EngineExperts,
+    EngineShardRejoiner,
+    arrange_engine_experts,
+)
 from cluster.expert_parallel.expert_pool import ExpertPool, ShardSpec
 from cluster.expert_parallel.placement_controller import TierSetup, start_controller
 from cluster.expert_parallel.remote_experts import RemoteExperts
+from cluster.expert_parallel.transports import TorchDistTransport
 from cluster.kv_store.config import KVStoreConfig
 from cluster.kv_store.event_hub import start_event_hub
 from cluster.kv_store.relay import RayStoreFactory
@@ -156,6 +161,7 @@ class TierHost:
         experts = None
         factory = None
         self._engine_experts: EngineExperts | None = None
+        self._rejoiner: EngineShardRejoiner | None = None  # restarted shards, for the child
         if expert_pool is not None:  # the experts live in the tier's shared shard pool
             # __init__ runs on the replica's event loop, where Serve forbids blocking on a
             # handle; the call's own router loop answers, so wait from a helper thread
@@ -171,6 +177,7 @@ class TierHost:
             pool = ExpertPool(handles, settings.data_plane, settings.dispatch_timeout_s)
             if tier.runs_engine_process:  # this replica opens the shards' side, its child ours
                 attributes = replica_attributes(tier.name)
+                starts = {s: st[0] if st else None for s, st in pool.states().items()}
                 self._engine_experts = arrange_engine_experts(
                     pool.transport,
                     table,
@@ -180,6 +187,13 @@ class TierHost:
                     unavailable_wait_s=settings.unavailable_wait_s,
                 )
                 factory = self._engine_experts.factory
+                if isinstance(pool.transport, TorchDistTransport):
+                    joined = {sid for sid, _ in factory.tickets}
+                    self._rejoiner = EngineShardRejoiner(
+                        pool.transport,
+                        pool.states,
+                        {s: v for s, v in starts.items() if s in joined},
+                    )
             else:
                 near = getattr(pool.transport, "same_node", lambda: ())()  # torch_dist only
                 experts = RemoteExperts(pool, table, tier.name, near, settings.unavailable_wait_s)
@@ -209,7 +223,7 @@ class TierHost:
         self._reporter: PlacementReporter | None = None
         if expert_pool is not None and tier.experts.replan.enabled:
             self._reporter = _reporter(
-                self.replica, tier.experts.replan.report_interval_s, table.version
+                self.replica, tier.experts.replan.report_interval_s, table.version, self._rejoiner
             )
             try:  # reporting from the start (an idle replica must still be heard)
                 asyncio.get_running_loop()
@@ -308,8 +322,14 @@ def _replica_id() -> str:
     return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
 
 
-def _reporter(replica: TierReplica, interval_s: float, initial_version: int) -> PlacementReporter:
-    """A reporter sending ``replica``'s routed counts to the cluster's placement controller."""
+def _reporter(
+    replica: TierReplica,
+    interval_s: float,
+    initial_version: int,
+    rejoiner: EngineShardRejoiner | None = None,
+) -> PlacementReporter:
+    """A reporter sending ``replica``'s routed counts to the cluster's placement controller;
+    with ``rejoiner`` (an engine process), it has the child join restarted shards first."""
     import ray
 
     from cluster.expert_parallel.placement_controller import CONTROLLER_NAME, ReportReply
@@ -319,6 +339,13 @@ def _reporter(replica: TierReplica, interval_s: float, initial_version: int) -> 
         reply: ReportReply = await controller.report.remote(tier, rid, counts, v)
         return reply
 
+    async def rejoin() -> None:
+        assert rejoiner is not None
+        arranged = await asyncio.to_thread(rejoiner.arrange)  # Ray calls: off the event loop
+        join = getattr(replica.engine, "join_shards", None)
+        if arranged is not None and join is not None:
+            join(*arranged)
+
     reporter = PlacementReporter(
         replica.name,
         _replica_id(),
@@ -327,6 +354,7 @@ def _reporter(replica: TierReplica, interval_s: float, initial_version: int) -> 
         interval_s,
         replica._flush_metrics,
         initial_version,
+        rejoin if rejoiner is not None else None,
     )
     replica.on_routed = reporter.add
     return reporter

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Protocol
+from typing import Any, Protocol
 
 from cluster.engine.admission import validate_request
 from cluster.engine.config import EngineConfig
@@ -27,6 +27,7 @@ from cluster.engine.loop import (
     AbortRequest,
     AddRequest,
     Command,
+    JoinShards,
     SetRoutingTable,
     SnapshotKV,
     StepResult,
@@ -143,6 +144,12 @@ class EngineClient(ABC):
         """Have the loop swap its experts' routing table between two steps (a re-placement);
         ``table_version`` shows it once done. ``EngineStoppedError`` if the loop is gone."""
         self._post(SetRoutingTable(version, placement))
+
+    def join_shards(self, host: str, tickets: tuple[tuple[str, Any], ...]) -> None:
+        """Have the loop's expert backend join fresh pairs to (restarted) shards between two
+        steps (``JoinShards``); posted before a table listing them. ``EngineStoppedError`` if
+        the loop is gone."""
+        self._post(JoinShards(host, tickets))
 
     @property
     def table_version(self) -> int:

@@ -12,7 +12,7 @@ engine process sends them over its socket.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cluster.engine.counters import EngineCounters
 from cluster.engine.kv_events import KVEventBatch
@@ -59,12 +59,26 @@ class SetRoutingTable:
 
 
 @dataclass(frozen=True)
+class JoinShards:
+    """Join fresh data-plane pairs to expert shards (restarted ones), between two steps.
+
+    The replica started the shards' sides (Ray calls) and hosts the rendezvous at ``host``;
+    ``tickets`` are (shard id, ``ChannelTicket``) pairs. The expert backend adopts the new
+    pairs in place of its old ones (``RemoteExperts.join_shards``); a backend without shards
+    ignores it. Sent before a routing table that lists those shards again.
+    """
+
+    host: str
+    tickets: tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
 class SnapshotKV:
     """Have the next result's KV events be a snapshot of the whole cache (a router that
     missed events, or just started, resynchronises from it)."""
 
 
-Command = AddRequest | AbortRequest | StopEngine | SetRoutingTable | SnapshotKV
+Command = AddRequest | AbortRequest | StopEngine | SetRoutingTable | JoinShards | SnapshotKV
 
 
 @dataclass(frozen=True)
@@ -157,6 +171,10 @@ def _apply(engine: LLMEngine, command: Command, rejected: list[tuple[str, str]])
         engine.abort(command.request_id)
     elif isinstance(command, SetRoutingTable):
         _set_table(engine, command)
+    elif isinstance(command, JoinShards):
+        join = getattr(engine.model.experts, "join_shards", None)
+        if join is not None:  # colocated experts have no shards to join
+            join(command.host, dict(command.tickets))
     elif isinstance(command, SnapshotKV) and engine.kv is not None:
         engine.kv.events.request_snapshot()
 

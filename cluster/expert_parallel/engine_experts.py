@@ -18,12 +18,18 @@ its default runs such a tier's engine in the replica).
 
 Failures. A dead shard loses only its own pair: ``RemoteExperts`` recomputes its share on
 other replicas in the same layer, so with replication no request notices. The child cannot
-join a fresh pair to a restarted shard (that takes Ray calls), so it keeps routing around it;
-only when some expert has no reachable replica does the layer raise at once (naming the
-missing (layer, expert): waiting cannot bring a pair back here), the step fail and the engine
-process stop; its requests end with ``EngineStoppedError`` giving that reason, the replica's
-health check fails and Serve replaces the replica, whose new engine process gets a fresh
-channel.
+join a fresh pair by itself (that takes Ray calls), so its replica does it: an
+``EngineShardRejoiner`` there remembers which start of each shard the child's pair reaches,
+and before the replica forwards a routing table (on every placement report) it probes the
+shards and, for each restarted one, opens the shard's side of a fresh pair as above and sends
+the tickets down the engine loop's command path (``JoinShards``, ahead of the table), where
+``JoinedChannel.adopt`` joins them. A table that would leave some (layer, expert) only on shards
+the child cannot reach is deferred while the running table has a reachable replica of it
+(``RemoteExperts.set_table``). When some expert has no reachable replica at all, the layer
+raises at once (naming the missing (layer, expert): the child cannot wait for a pair within a
+step), the step fails and the engine process stops; its requests end with
+``EngineStoppedError`` giving that reason, the replica's health check fails and Serve replaces
+the replica, whose new engine process gets a fresh channel.
 
 Telemetry. The child has no telemetry of its own, so ``build`` sets it up from the factory's
 settings (role ``tier``, the replica's attributes): the ``moe.expert_dispatch`` spans and
@@ -34,7 +40,8 @@ still reaches the shards' spans. With a Prometheus exporter the child serves its
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -51,6 +58,8 @@ from cluster.expert_parallel.transports import ChannelCalls, PoolTransport, Torc
 from cluster.telemetry.setup import TelemetrySettings, setup_telemetry
 from router.routing_table import RoutingTable
 
+log = logging.getLogger(__name__)
+
 # how long the shards wait for an engine process to join: it starts an interpreter and
 # imports torch first, slowly on a busy node
 ENGINE_JOIN_TIMEOUT_S = 300.0
@@ -65,8 +74,35 @@ class JoinedChannel(ChannelCalls):
         self._channel = channel
 
     def reconnect(self, shard_id: str, timeout_s: float = 5.0) -> bool:
-        """Whether the channel still reaches ``shard_id`` (a lost pair stays lost here)."""
+        """Whether the channel still reaches ``shard_id`` (a lost pair stays lost here until
+        the replica hands over a fresh one: ``adopt``)."""
+        return self.reaches(shard_id)
+
+    def reaches(self, shard_id: str) -> bool:
+        """Whether the channel holds a pair to ``shard_id`` (not lost, not never joined)."""
         return shard_id in self._channel.groups or shard_id in self._channel.links
+
+    def adopt(self, host: str, tickets: Mapping[str, ChannelTicket]) -> list[str]:
+        """Join fresh pairs whose shard sides the replica started (no Ray call here) and use
+        them in place of the old ones; a shard that does not join stays as it was (logged).
+        Returns the shards joined."""
+        joined = []
+        for sid, ticket in sorted(tickets.items()):  # one at a time: one failure loses one
+            try:
+                fresh = Channel.join({sid: ticket}, host, self._channel.timeout_s)
+            except DataPlaneError as err:
+                log.warning("engine process: expert shard %s not rejoined: %s", sid, err)
+                self._channel.lost[sid] = str(err).splitlines()[0]
+                continue
+            old = self._channel.links.pop(sid, None)
+            if old is not None:  # the restarted shard's old segment: nobody serves it now
+                old.close(stop=False)
+            self._channel.groups.pop(sid, None)
+            self._channel.adopt(fresh)
+            joined.append(sid)
+        if joined:
+            log.warning("engine process: rejoined expert shards %s", joined)
+        return joined
 
     def channel(self) -> Channel:
         if self._channel.unusable:
@@ -170,3 +206,66 @@ def arrange_engine_experts(
         unavailable_wait_s=unavailable_wait_s,
     )
     return EngineExperts(factory, store)
+
+
+ShardState = tuple[str, list[tuple[int, int]]] | None  # (start id, slots held); None: no answer
+Tickets = tuple[tuple[str, ChannelTicket], ...]
+
+
+class EngineShardRejoiner:
+    """The replica's half of rejoining restarted shards for its engine process (Ray calls).
+
+    It remembers which start of each shard (the incarnation its actor answers with) the
+    child's pair reaches. ``arrange`` probes the shards; for every one answering as another
+    start (restarted), or answering after it could not be asked at first, it opens the
+    shards' sides of fresh pairs as ``arrange_engine_experts`` does (this replica hosts the
+    rendezvous, each shard is asked through Ray) and returns the host and tickets for the
+    child (``EngineClient.join_shards``). The replica calls it before it forwards a routing
+    table, so the child has joined a restarted shard before it sees a table listing it.
+    """
+
+    def __init__(
+        self,
+        transport: TorchDistTransport,
+        states: Callable[[], Mapping[str, ShardState]],
+        starts: Mapping[str, str | None],
+        join_timeout_s: float = ENGINE_JOIN_TIMEOUT_S,
+    ) -> None:
+        self._transport = transport
+        self._states = states
+        self._starts = dict(starts)  # shard id -> the start the child's pair reaches (None: none)
+        self._wait_s = max(transport.timeout_s, join_timeout_s)
+        self._stores: list[dist.TCPStore] = []  # kept while the child may use their pairs
+        self.num_rejoined = 0
+
+    def stale(self, states: Mapping[str, ShardState]) -> list[str]:
+        """Shards that answer as a start the child has no pair to, sorted."""
+        return sorted(
+            sid
+            for sid, state in states.items()
+            if state is not None and self._starts.get(sid) != state[0]
+        )
+
+    def arrange(self) -> tuple[str, Tickets] | None:
+        """Start fresh pairs' shard sides to restarted shards; None when none restarted."""
+        states = self._states()
+        stale = self.stale(states)
+        if not stale:
+            return None
+        transport = self._transport
+        host = transport.host()
+        near = transport.same_node() if transport.same_node_shm else ()
+        failed: dict[str, str] = {}
+        store, tickets = host_rendezvous(
+            stale, tolerant(transport.start_peer(self._wait_s), failed), host, self._wait_s, near
+        )
+        if store is not None:
+            self._stores.append(store)
+        started = tuple(sorted((s, t) for s, t in tickets.items() if s not in failed))
+        for sid, _ in started:
+            state = states[sid]
+            self._starts[sid] = state[0] if state is not None else None
+        self.num_rejoined += len(started)
+        if failed:
+            log.warning("replica: restarted shards %s could not be asked to rejoin", failed)
+        return (host, started) if started else None

@@ -134,6 +134,8 @@ class TierPlacement(ShardFaults):
         self.clock = clock
         self.layout = ShardLayout.of(setup.node_of)
         self.slots = slots_per_shard(table, setup.moe_layers, cfg.extra_slots)
+        # the configured replication: restored after a shard comes back (``ShardFaults``)
+        self.replication = min((len(s) for s in table.placement.values()), default=1)
         self.window = LoadWindow(
             setup.moe_layers, setup.num_experts, cfg.window_s, cfg.num_windows, cfg.ema_alpha
         )

@@ -9,8 +9,10 @@ incarnation and slots, or None when its actor is dead or restarting):
   first, the least-loaded), loaded from the checkpoint before the next table version is
   published, so every expert has its replica count back;
 - a shard that answers again, or answers as a new incarnation (restarted between two probes),
-  is reconciled to what the table gives it: it loads the table's slots it lacks and drops the
-  others (a restarted actor comes back with the slots it was started with).
+  is reconciled to what the table gives it, plus a replica of every slot left below the
+  configured replication while it was away (the ones it came back with first): it loads what
+  it lacks and drops the others (a restarted actor comes back with the slots it was started
+  with), and the additions are published as the next table version.
 
 Moves and recoveries take turns (``_claim``): a recovery waits for a running move to end.
 """
@@ -23,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from router.placement.recover import replace_lost
+from router.placement.recover import replace_lost, restore_replication
 from router.placement_tables import ShardLayout, slots_per_shard
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ class ShardFaults:
     shards: Any  # ShardControl
     layout: ShardLayout
     slots: int
+    replication: int  # the replica count every slot started with (restored after a restart)
     stats: Any  # PlacementStats
     _table: RoutingTable
     _cond: threading.Condition
@@ -137,16 +140,24 @@ class ShardFaults:
             self._release()
 
     def _reconcile(self, sid: str, held: Sequence[Slot]) -> None:
-        """A shard answering again holds what the table gives it: load the rest, drop extras."""
+        """A shard answering again holds what the table gives it, plus a replica of every slot
+        left below the configured replication while it was away (``restore_replication``: the
+        ones it still holds first): load the rest, drop extras, publish the additions."""
         self._claim()
         try:
-            target = set(self.table.experts_on(sid))
             have = {(int(lyr), int(e)) for lyr, e in held}
+            table = self.table
+            add = restore_replication(table, sid, self.replication, self.slots, have)
+            target = set(table.experts_on(sid)) | {(lyr, e) for lyr, e, _ in add}
             if target - have:
                 self.shards.load(sid, sorted(target - have))
             if have - target:
                 self.shards.drop(sid, sorted(have - target))
             with self._cond:
+                if add:  # loaded: listed from the next version on
+                    self._table = self._table.with_changes(add, [])
+                    self.stats.table_version = self._table.version
+                    self._cond.notify_all()
                 if sid in self._lost:
                     self._lost.discard(sid)
                     alive = {s: n for s, n in self.setup.node_of.items() if s not in self._lost}

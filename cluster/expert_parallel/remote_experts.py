@@ -17,7 +17,9 @@ once; or its compute failed) is marked dead in this backend's view, and its shar
 layer is recomputed on surviving replicas of its (layer, expert) slots, added in its place in
 the combine order; the other shards' answers are kept. A dead shard stays out until a newer
 routing table is installed or ``reconnect`` reaches it again (a send to a shard whose pair
-is gone tries once per table to join a fresh one, so a restarted shard is used again). When
+is gone tries once per table to join a fresh one, so a restarted shard is used again); an
+engine process is handed fresh pairs by its replica instead (``join_shards``), and defers a
+table naming only shards it cannot reach while the running one has a reachable replica. When
 some expert a token needs has no live replica, the layer waits up to ``unavailable_wait_s``
 for its shard to come back (a restart; not where the pool says ``can_reconnect = False``),
 then raises ``ExpertUnavailableError`` naming the missing (layer, expert) slots: never a
@@ -87,6 +89,7 @@ class RemoteExperts:
         self._clock, self._sleep = clock, sleep
         self._dead: dict[str, str] = {}  # shards this backend routes around: why
         self._excluded: tuple[tuple[int, frozenset[str]], RoutingTable] | None = None
+        self._deferred: RoutingTable | None = None  # newer, but needs pairs not joined yet
         self._rejoined: set[tuple[int, str]] = set()  # (table version, shard) tried
         self.num_shard_failures = 0  # calls that failed and were recomputed elsewhere
         self.near = frozenset(near)  # shards on this node: preferred among equal replicas
@@ -116,15 +119,73 @@ class RemoteExperts:
 
     def set_table(self, table: RoutingTable) -> None:
         """Install a newer routing table; the next layer computed uses it. Shards marked dead
-        are tried again (a table that still lists a dead one costs one failed, rerouted call)."""
+        are tried again (a table that still lists a dead one costs one failed, rerouted call).
+
+        Where the pool says which shards it can reach (``reaches``: an engine process, which
+        cannot join a pair by itself), a table that would leave some (layer, expert) with no
+        reachable replica while the running table has one is deferred: the running table
+        stays (and its version is what the replica acknowledges, so the controller keeps the
+        old slots), and the table is installed once the pairs it needs are joined
+        (``join_shards``) or a later table no longer needs them.
+        """
         with self._lock:
             if table.version <= self._table.version:
                 raise ValueError(
                     f"routing table version {table.version} is not newer than {self._table.version}"
                 )
+            blocked = self._unreachable_only(table)
+            if blocked:
+                if self._deferred is None or self._deferred.version < table.version:
+                    log.warning(
+                        "routing table v%d deferred: experts %s (layer, expert) would be held "
+                        "only by shards this backbone cannot reach yet; v%d stays",
+                        table.version,
+                        blocked[:8],
+                        self._table.version,
+                    )
+                self._deferred = table
+                return
+            self._deferred = None
             self._table = table
             self._dead.clear()
             self._rejoined.clear()
+
+    def _unreachable_only(self, table: RoutingTable) -> list[Slot]:
+        """Slots that ``table`` places only on shards the pool cannot reach, and that the
+        running table has a reachable replica of (under the lock); [] where the pool cannot
+        tell what it reaches."""
+        reaches = getattr(self._pool, "reaches", None)
+        if reaches is None:
+            return []
+        out = []
+        for slot, shards in table.placement.items():
+            if any(reaches(s) for s in shards):
+                continue
+            if any(reaches(s) and s not in self._dead for s in self._table.shards_for(*slot)):
+                out.append(slot)
+        return sorted(out)
+
+    @property
+    def deferred_version(self) -> int:
+        """The version of a table waiting for pairs to be joined (-1: none)."""
+        with self._lock:
+            return -1 if self._deferred is None else self._deferred.version
+
+    def join_shards(self, host: str, tickets: dict[str, Any]) -> list[str]:
+        """Adopt fresh pairs to shards (restarted ones) whose sides the replica started
+        (``JoinShards``); those joined are live again, and a deferred table that now has a
+        reachable replica of every slot is installed. Returns the shards joined."""
+        adopt = getattr(self._pool, "adopt", None)
+        if adopt is None:
+            return []
+        joined: list[str] = adopt(host, tickets)
+        with self._lock:
+            for sid in joined:
+                self._dead.pop(sid, None)
+            deferred, self._deferred = self._deferred, None
+        if deferred is not None and deferred.version > self._table.version:
+            self.set_table(deferred)
+        return joined
 
     def _view(self) -> tuple[RoutingTable, frozenset[str]]:
         """The table without the dead shards (kept while neither changes)."""

@@ -37,6 +37,7 @@ class PlacementReporter:
         interval_s: float,
         flush: Callable[[], None] | None = None,
         initial_version: int = -1,
+        before_table: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.tier = tier
         self.replica_id = replica_id
@@ -47,6 +48,9 @@ class PlacementReporter:
         # the table the engine was built with: the engine shows its version only once it has
         # stepped, and an idle engine's reports must still acknowledge it
         self.initial_version = initial_version
+        # run before every newer table is forwarded (and on every report): an engine process
+        # joins restarted shards' fresh pairs here, before it sees a table listing them
+        self.before_table = before_table
         self._pending: dict[Slot, int] = {}
         self.num_reports = 0
         self.num_failed = 0
@@ -75,6 +79,11 @@ class PlacementReporter:
             log.warning("tier %s: placement report failed (%r); retrying", self.tier, err)
             return self.interval_s
         self.num_reports += 1
+        if self.before_table is not None:
+            try:
+                await self.before_table()
+            except Exception as err:  # a shard died again meanwhile: the next report retries
+                log.warning("tier %s: rejoining restarted shards failed (%r)", self.tier, err)
         if reply.version > version:
             self.engine.set_routing_table(reply.version, reply.placement)
             self.num_tables += 1

@@ -67,3 +67,34 @@ def lost_slots(table: RoutingTable, lost: Collection[str]) -> list[Slot]:
     load from the checkpoint rather than find elsewhere)."""
     gone = set(lost)
     return sorted(slot for slot, shards in table.placement.items() if set(shards) <= gone)
+
+
+def restore_replication(
+    table: RoutingTable,
+    shard_id: str,
+    floor: int,
+    capacity: int,
+    held: Collection[Slot] = (),
+) -> list[Replica]:
+    """Replicas to add on ``shard_id`` (a shard back from a restart) so that the slots with
+    fewer than ``floor`` replicas (the configured replication, lost with the shard) get one
+    more: only slots it does not hold in ``table``; those it still ``held`` (no load needed)
+    first, then the most lacking, then (layer, expert); at most ``capacity`` slots per layer
+    on the shard in all. Sorted by (layer, expert).
+    """
+    per_layer: Counter[int] = Counter(
+        lyr for (lyr, _), shards in table.placement.items() if shard_id in shards
+    )
+    have = set(held)
+    short = sorted(
+        ((lyr, e) not in have, len(shards) - floor, lyr, e)
+        for (lyr, e), shards in table.placement.items()
+        if len(shards) < floor and shard_id not in shards
+    )
+    add: list[Replica] = []
+    for _, _, layer, expert in short:
+        if per_layer[layer] >= capacity:
+            continue
+        add.append((layer, expert, shard_id))
+        per_layer[layer] += 1
+    return sorted(add)

@@ -8,9 +8,11 @@ an unfaulted run's, token for token. Recovery times are printed (``-s``), never 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,12 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
+from cluster.engine.config import EngineConfig
+from cluster.engine.engine_process import EngineProcess
 from cluster.engine.generator import generate
+from cluster.engine.launch import EngineLaunch
+from cluster.engine.requests import EngineRequest
+from cluster.expert_parallel.engine_experts import EngineShardRejoiner, arrange_engine_experts
 from cluster.expert_parallel.expert_pool import ExpertPool, ShardSpec
 from cluster.expert_parallel.placement_controller import (
     TierSetup,
@@ -27,7 +34,9 @@ from cluster.expert_parallel.placement_controller import (
     table_from_slots,
 )
 from cluster.expert_parallel.remote_experts import RemoteExperts
+from cluster.expert_parallel.transports import TorchDistTransport
 from cluster.faults import actors_of_class, kill_actor_process, live_actors, wait_until
+from cluster.serving.placement_reporter import PlacementReporter
 from experts.model import MoEModel
 from experts.sampling_params import SamplingParams
 from router.replan_policy import ReplanConfig
@@ -348,3 +357,109 @@ def test_a_killed_controller_resumes_from_the_shards(
     resumed = _controller_table(controller)
     assert resumed.placement == table_from_slots(_held(pool), 0).placement  # what shards hold
     assert version >= 0 and resumed.version >= version
+
+
+def test_an_engine_process_rejoins_a_restarted_replicated_shard(
+    path: Path, ray_cluster: Cluster, expected: list[list[int]], colocated: MoEModel
+) -> None:
+    """Two shards, two copies of every expert, the backbone an engine process (no Ray calls)
+    driven as a tier replica drives it (its placement reporter, with the replica's rejoiner).
+    SIGKILL one shard: routed around; it restarts and the controller lists it again for every
+    expert; the child joins a fresh pair to it before it installs that table. Then SIGKILL
+    the other: only the restarted one's pairs can serve. Every request completes with the
+    unfaulted tokens."""
+    spec, tier = colocated.spec, "faulty-engine"
+    nodes = {"e0": "expert_node_a", "e1": "expert_node_b"}
+    table = replicated(spec.moe_layers, spec.num_experts, sorted(nodes), 2)
+    pool = ExpertPool.start(
+        str(path),
+        [
+            ShardSpec(s, tuple(table.experts_on(s)), resources=((n, 0.01),))
+            for s, n in nodes.items()
+        ],
+    )
+    controller = start_controller()
+    setup = TierSetup(
+        tier, tuple(spec.moe_layers), spec.num_experts, nodes, 1, ReplanConfig(enabled=True)
+    )
+    ray.get(controller.register_tier.remote(setup, 0, tuple(table.placement.items()), pool.handles))
+    starts = {sid: state[0] if state else None for sid, state in pool.states().items()}
+    arranged = arrange_engine_experts(pool.transport, table, tier)
+    assert isinstance(pool.transport, TorchDistTransport)
+    rejoiner = EngineShardRejoiner(pool.transport, pool.states, starts)
+    engine = EngineProcess(
+        EngineLaunch(str(path), EngineConfig(num_blocks=64), experts=arranged.factory)
+    )
+
+    async def send(t: str, rid: str, counts: dict[tuple[int, int], int], v: int) -> Any:
+        return await controller.report.remote(t, rid, counts, v)
+
+    async def rejoin() -> None:
+        fresh = await asyncio.to_thread(rejoiner.arrange)
+        if fresh is not None:
+            engine.join_shards(*fresh)
+
+    reporter = PlacementReporter(tier, "bb", engine, send, 0.2, None, table.version, rejoin)
+    outputs: list[list[list[int]]] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    async def one(i: int, prompt: list[int]) -> list[int]:
+        request = EngineRequest(f"r{i}", prompt, SamplingParams(max_tokens=NEW, ignore_eos=True))
+        return [event.token_id async for event in engine.generate(request)]
+
+    async def drive() -> None:
+        reports = asyncio.create_task(reporter.run())
+        n = 0
+        while not stop.is_set():
+            try:
+                outputs.append(
+                    list(await asyncio.gather(*(one(n + i, p) for i, p in enumerate(_prompts()))))
+                )
+            except Exception as err:  # kept for the asserts
+                errors.append(err)
+            n += 10
+        reports.cancel()
+
+    def served_more(count: int = 2) -> None:
+        done = len(outputs)
+        wait_until(lambda: len(outputs) >= done + count or bool(errors), 120, "requests served")
+
+    def listed_twice(dead: str) -> bool:
+        held = _tier_table(controller, tier).placement.values()
+        return (
+            all(sorted(s) == sorted(nodes) for s in held)
+            and rejoiner.stale({dead: pool.states().get(dead)}) == []
+            and engine.table_version == _tier_table(controller, tier).version
+        )
+
+    def restarted(victim: str, before: Any) -> bool:
+        state = pool.states().get(victim)
+        return state is not None and state != before
+
+    driver = threading.Thread(target=lambda: asyncio.run(drive()))
+    driver.start()
+    try:
+        served_more(1)
+        for victim in ("e1", "e0"):  # the second kill leaves only the rejoined shard's pairs
+            before = pool.states()[victim]
+            kill_actor_process(_shard_actor(pool, victim))
+            wait_until(partial(restarted, victim, before), 120, f"{victim} restarted")
+            back = wait_until(partial(listed_twice, victim), 120, f"{victim} listed and joined")
+            served_more()
+            print(
+                f"\nengine process, {victim} SIGKILL: listed again and rejoined after {back:.1f}s"
+            )
+    finally:
+        stop.set()
+        driver.join(timeout=300)
+        engine.shutdown()
+        pool.shutdown()
+    assert not errors, errors[:1]
+    assert outputs and all(out == expected for out in outputs)
+    assert rejoiner.num_rejoined == 2
+
+
+def _tier_table(controller: Any, tier: str) -> RoutingTable:
+    version, placement = ray.get(controller.table.remote(tier), timeout=30)
+    return RoutingTable(version, dict(placement))
