@@ -78,7 +78,7 @@ class PrefixIndex:
         self._expected: dict[BlockKey, int] = {}  # key -> bitmask of replicas routed to
         self._either: dict[BlockKey, int] = {}  # key -> holders | expected (what lookups read)
         self._expiry: deque[tuple[float, tuple[BlockKey, ...], int]] = deque()
-        self._until: dict[tuple[BlockKey, int], float] = {}  # (key, bit) -> latest expiry
+        self._until: dict[int, dict[BlockKey, float]] = {}  # bit -> key -> latest expiry
         self._alive = 0  # bitmask of the replicas known
         self._pins: dict[BlockKey, dict[int, float]] = {}  # key -> {bit: pinned until}
 
@@ -104,6 +104,7 @@ class PrefixIndex:
         self._drop_keys(state)
         self._ids[state.bit] = None
         self._alive &= ~(1 << state.bit)
+        self._until.pop(1 << state.bit, None)
         mask = ~(1 << state.bit)
         for key in [k for k, m in self._expected.items() if m >> state.bit & 1]:
             self._set(self._expected, key, self._expected[key] & mask)
@@ -158,11 +159,14 @@ class PrefixIndex:
         bit = 1 << state.bit
         batch = tuple(keys)
         until = self.clock() + self.expect_ttl_s
-        expected, either, latest = self._expected, self._either, self._until
+        expected, either = self._expected, self._either
+        latest = self._until.get(bit)
+        if latest is None:
+            latest = self._until[bit] = {}
         for key in batch:
             expected[key] = expected.get(key, 0) | bit
             either[key] = either.get(key, 0) | bit
-            latest[key, bit] = until
+            latest[key] = until
         self._expiry.append((until, batch, bit))
 
     def matches(self, keys: Sequence[BlockKey]) -> dict[str, int]:
@@ -307,10 +311,11 @@ class PrefixIndex:
         now = self.clock()
         while self._expiry and self._expiry[0][0] <= now:
             _, batch, bit = self._expiry.popleft()
+            latest = self._until.get(bit, {})
             for key in batch:
-                if self._until.get((key, bit), 0.0) > now:
+                if latest.get(key, 0.0) > now:
                     continue  # expected again since: the later expectation holds
-                self._until.pop((key, bit), None)
+                latest.pop(key, None)
                 if key in self._expected:
                     self._set(self._expected, key, self._expected[key] & ~bit)
                     self._merge(key)

@@ -99,26 +99,37 @@ class PrefixRouter:
         matched = self.index.matches(keys[:usable])  # only replicas holding some prefix
         if loads is not None and not matched.keys() <= queued.keys():
             matched = {r: m for r, m in matched.items() if r in queued}
-        mean = sum(queued.values()) / len(queued)
+        loads_now = queued.values()
+        mean = sum(loads_now) / len(queued)
         bound = max(self.config.imbalance_factor * mean, mean + self.config.slack_tokens)
         # candidates: the holders of some prefix under the bound, and the least loaded
         # replicas (with no hit, the cheapest of the rest is the least loaded)
-        least_queue = min(queued.values())
-        idle = [r for r, q in queued.items() if q <= least_queue]
-        costs = [(num_prompt_tokens + least_queue, r) for r in idle]
-        pinned = self.index.pinned_prefix(keys[:usable]) if self.index.has_pins else {}
-        bonus = self.config.pin_weight * size
-        costs += [
-            (num_prompt_tokens - m * size + queued[r] - bonus * pinned.get(r, 0), r)
-            for r, m in matched.items()
-            if queued.get(r, bound + 1) <= bound
-        ]
-        least = min(c for c, _ in costs)
+        least_queue = min(loads_now)
+        base = num_prompt_tokens + least_queue
+        costs = [(base, r) for r, q in queued.items() if q <= least_queue]
+        if matched:
+            over = bound + 1
+            if self.index.has_pins:
+                pinned = self.index.pinned_prefix(keys[:usable])
+                bonus = self.config.pin_weight * size
+                costs += [
+                    (num_prompt_tokens - m * size + queued[r] - bonus * pinned.get(r, 0), r)
+                    for r, m in matched.items()
+                    if queued.get(r, over) <= bound
+                ]
+            else:
+                costs += [
+                    (num_prompt_tokens - m * size + queued[r], r)
+                    for r, m in matched.items()
+                    if queued.get(r, over) <= bound
+                ]
+        least = min(costs)[0]
         tied = [r for c, r in costs if c <= least]
         tie = session_id.encode() if session_id else (keys[0] if keys else b"")
         replica = tied[0] if len(tied) == 1 else max(tied, key=lambda r: _rendezvous(tie, r))
-        cached = matched.get(replica, 0) * size
-        elsewhere = max((m for r, m in matched.items() if r != replica), default=0) * size
+        mine = matched.pop(replica, 0)  # (matches returns a fresh dict)
+        cached = mine * size
+        elsewhere = max(matched.values(), default=0) * size
         reason = "prefix" if cached else ("affinity" if len(tied) > 1 else "balance")
         if cached < elsewhere:
             reason = "balance"
