@@ -101,6 +101,9 @@ def start_store_shards(config: KVStoreConfig, nodes: list[str] | None = None) ->
         options: dict[str, Any] = {
             "name": SHARD_NAME_PREFIX + shard_id,
             "get_if_exists": True,
+            # a crashed shard comes back empty on its node (its blocks are recomputed or read
+            # from their other owner); callers skip it while it restarts (retry_down_s)
+            "max_restarts": -1,
             "num_cpus": 0,
             "max_concurrency": _SHARD_THREADS,
             "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False),
