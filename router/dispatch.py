@@ -9,7 +9,7 @@ tensors a shard receives are gathered by ``experts.dispatch_tensors``.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from router.routing_table import RoutingTable, Slot
@@ -33,6 +33,24 @@ def missing_experts(
     places nowhere, sorted."""
     wanted = {e for row in expert_ids for e in row if e >= 0}
     return sorted((layer, e) for e in wanted if not table.shards_for(layer, e))
+
+
+def unreachable_only(
+    table: RoutingTable,
+    running: RoutingTable,
+    reaches: Callable[[str], bool],
+    dead: Collection[str] = (),
+) -> list[Slot]:
+    """The slots ``table`` places only on shards that ``reaches`` denies while ``running``
+    has a replica of them on a shard it reaches (and not ``dead``), sorted: installing
+    ``table`` now would take away a replica the backbone can use."""
+    out = []
+    for slot, shards in table.placement.items():
+        if any(reaches(s) for s in shards):
+            continue
+        if any(reaches(s) and s not in dead for s in running.shards_for(*slot)):
+            out.append(slot)
+    return sorted(out)
 
 
 @dataclass(frozen=True)

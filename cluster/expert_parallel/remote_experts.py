@@ -46,7 +46,12 @@ from cluster.telemetry.dispatch_spans import DispatchSpans
 from cluster.telemetry.setup import get_telemetry
 from experts.dispatch_tensors import ShardSplit, combine, gather_shard_inputs, split_by_shard
 from experts.shard import PAD_EXPERT
-from router.dispatch import ExpertUnavailableError, missing_experts, plan_dispatch
+from router.dispatch import (
+    ExpertUnavailableError,
+    missing_experts,
+    plan_dispatch,
+    unreachable_only,
+)
 from router.routing_table import RoutingTable, Slot
 
 log = logging.getLogger(__name__)
@@ -121,27 +126,25 @@ class RemoteExperts:
         """Install a newer routing table; the next layer computed uses it. Shards marked dead
         are tried again (a table that still lists a dead one costs one failed, rerouted call).
 
-        Where the pool says which shards it can reach (``reaches``: an engine process, which
-        cannot join a pair by itself), a table that would leave some (layer, expert) with no
-        reachable replica while the running table has one is deferred: the running table
-        stays (and its version is what the replica acknowledges, so the controller keeps the
-        old slots), and the table is installed once the pairs it needs are joined
-        (``join_shards``) or a later table no longer needs them.
-        """
+        Where the pool tells which shards it reaches (an engine process, which cannot join a
+        pair by itself), a table placing some (layer, expert) only on shards it cannot reach
+        while the running table has a reachable replica is deferred: the running table stays
+        (its version is what the replica acknowledges, so the controller keeps the old
+        slots) until ``join_shards`` brings the pairs or a later table needs none."""
         with self._lock:
             if table.version <= self._table.version:
                 raise ValueError(
                     f"routing table version {table.version} is not newer than {self._table.version}"
                 )
-            blocked = self._unreachable_only(table)
-            if blocked:
+            reaches = getattr(self._pool, "reaches", None)  # an engine process's channel
+            if reaches is not None and (
+                blocked := unreachable_only(table, self._table, reaches, self._dead)
+            ):
                 if self._deferred is None or self._deferred.version < table.version:
                     log.warning(
-                        "routing table v%d deferred: experts %s (layer, expert) would be held "
-                        "only by shards this backbone cannot reach yet; v%d stays",
+                        "table v%d deferred: %s held only by unreached shards",
                         table.version,
                         blocked[:8],
-                        self._table.version,
                     )
                 self._deferred = table
                 return
@@ -149,21 +152,6 @@ class RemoteExperts:
             self._table = table
             self._dead.clear()
             self._rejoined.clear()
-
-    def _unreachable_only(self, table: RoutingTable) -> list[Slot]:
-        """Slots that ``table`` places only on shards the pool cannot reach, and that the
-        running table has a reachable replica of (under the lock); [] where the pool cannot
-        tell what it reaches."""
-        reaches = getattr(self._pool, "reaches", None)
-        if reaches is None:
-            return []
-        out = []
-        for slot, shards in table.placement.items():
-            if any(reaches(s) for s in shards):
-                continue
-            if any(reaches(s) and s not in self._dead for s in self._table.shards_for(*slot)):
-                out.append(slot)
-        return sorted(out)
 
     @property
     def deferred_version(self) -> int:

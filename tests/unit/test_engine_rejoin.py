@@ -28,7 +28,7 @@ from cluster.expert_parallel.shard_actor import ShardActorImpl
 from cluster.expert_parallel.transports import TorchDistTransport
 from cluster.serving.placement_reporter import PlacementReporter
 from experts.shard import ExpertShard
-from router.dispatch import ExpertUnavailableError
+from router.dispatch import ExpertUnavailableError, unreachable_only
 from router.placement.recover import restore_replication
 from router.replan_policy import ReplanConfig
 from router.routing_table import RoutingTable, replicated
@@ -165,6 +165,15 @@ def test_the_replica_joins_restarted_shards_before_it_forwards_a_table() -> None
     reporter = PlacementReporter("t", "r", Engine(), send, 1.0, before_table=before)  # type: ignore[arg-type]
     asyncio.run(reporter.report_once())
     assert calls == ["join", "table v4"]
+
+
+def test_unreachable_only_names_slots_a_table_would_take_from_reach() -> None:
+    running = RoutingTable(1, {(0, 0): ("s0", "s1"), (0, 1): ("s1",), (0, 2): ("s0",)})
+    table = RoutingTable(2, {(0, 0): ("s1",), (0, 1): ("s1",), (0, 2): ("s0", "s1")})
+    reaches = {"s0": True, "s1": False}.__getitem__
+    assert unreachable_only(table, running, reaches) == [(0, 0)]  # (0, 1): none reachable now
+    assert unreachable_only(table, running, reaches, dead={"s0"}) == []
+    assert unreachable_only(table, running, lambda s: True) == []
 
 
 def test_restore_replication_gives_a_returning_shard_the_copies_it_lost() -> None:
