@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,17 +30,16 @@ import torch
 from bench.harness import (
     FIRST_ORDINARY_ID,
     demo_checkpoint,
-    median,
     model_label,
     parser,
     percentile,
     quick_or,
     say,
-    target,
     wait_for_quiet,
     write_results,
 )
 from bench.multiturn_phases import measure_fetch_threshold, run_simulation
+from bench.multiturn_report import compute_targets, table
 from cache.block_key import KeySpace, model_fingerprint
 from cache.prefix_hash import hash_blocks, root_hash
 from cluster.engine.async_engine import AsyncEngine
@@ -290,19 +288,6 @@ def summarize(run: ConfigRun, baseline: ConfigRun, restart_turn: int) -> dict[st
     }
 
 
-def table(rows: dict[str, dict[str, Any]]) -> str:
-    head = f"{'configuration':30} {'computed':>9} {'x none':>7} {'hit':>6} {'store':>7}"
-    head += "  TTFT p50 per turn (ms)"
-    lines = [head, "-" * len(head)]
-    for name, r in rows.items():
-        ttft = " ".join(f"{x:6.0f}" for x in r["ttft_p50_ms_per_turn"])
-        lines.append(
-            f"{name:30} {r['prompt_tokens_computed']:9d} {r['computed_vs_no_cache']:7.3f} "
-            f"{r['hit_rate']:6.3f} {r['store_tokens']:7d}  {ttft}"
-        )
-    return "\n".join(lines)
-
-
 def main() -> None:
     p = parser("multiturn", __doc__)
     p.add_argument("--sessions", type=int, default=None)
@@ -383,36 +368,6 @@ def main() -> None:
         "simulation": sim,
     }
     write_results(args, report, targets, started=started)
-
-
-def compute_targets(
-    rounds: list[dict[str, dict[str, Any]]], sim: dict[str, Any], restart_turn: int
-) -> dict[str, dict[str, Any]]:
-    def med(fn: Callable[[dict[str, dict[str, Any]]], float]) -> float:
-        return median([fn(rd) for rd in rounds])
-
-    prefill = med(lambda rd: rd["store_events"]["computed_vs_no_cache"])
-    ttft = med(
-        lambda rd: (
-            rd["store_events"]["ttft_p50_ms_turn4_on"] / rd["no_cache"]["ttft_p50_ms_turn4_on"]
-        )
-    )
-    above = med(lambda rd: rd["store_events"]["hit_rate"] - rd["local_text_affinity"]["hit_rate"])
-
-    def recovery(rd: dict[str, dict[str, Any]]) -> float:
-        per_turn = rd["store_events_restart"]["hit_rate_per_turn"]
-        steady = statistics.mean(per_turn[1:restart_turn])
-        return per_turn[restart_turn] / steady if steady else 0.0
-
-    return {
-        "prefill_computed_vs_no_cache": target(prefill, 0.15, at_least=False),
-        "ttft_p50_turn4_on_vs_no_cache": target(ttft, 0.3, at_least=False),
-        "hit_rate_above_text_affinity": target(above, 0.001, at_least=True),
-        "hit_rate_after_restart_vs_steady": target(med(recovery), 0.9, at_least=True),
-        "sim_hit_rate_vs_oracle": target(sim["hit_vs_oracle_min"], 0.95, at_least=True),
-        "sim_busiest_queue_vs_mean": target(sim["busiest_vs_mean_queue_max"], 1.5, at_least=False),
-        "sim_decision_us_p50": target(sim["decision_us_p50_max"], 100.0, at_least=False),
-    }
 
 
 if __name__ == "__main__":
