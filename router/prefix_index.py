@@ -74,6 +74,7 @@ class PrefixIndex:
         self.clock = clock
         self._replicas: dict[str, _Replica] = {}
         self._ids: list[str | None] = []  # bit -> replica id (None: a free bit)
+        self._by_mask: dict[int, str] = {}  # 1 << bit -> replica id (live bits only)
         self._holders: dict[BlockKey, int] = {}  # key -> bitmask of replicas holding it
         self._expected: dict[BlockKey, int] = {}  # key -> bitmask of replicas routed to
         self._either: dict[BlockKey, int] = {}  # key -> holders | expected (what lookups read)
@@ -94,6 +95,7 @@ class PrefixIndex:
             self._ids.append(replica)
         else:
             self._ids[bit] = replica
+        self._by_mask[1 << bit] = replica
         self._replicas[replica] = _Replica(bit, set())
         self._alive |= 1 << bit
 
@@ -103,6 +105,7 @@ class PrefixIndex:
             return
         self._drop_keys(state)
         self._ids[state.bit] = None
+        self._by_mask.pop(1 << state.bit, None)
         self._alive &= ~(1 << state.bit)
         self._until.pop(1 << state.bit, None)
         mask = ~(1 << state.bit)
@@ -231,9 +234,10 @@ class PrefixIndex:
         return low
 
     def _credit(self, matched: dict[str, int], mask: int, count: int) -> None:
+        by_mask = self._by_mask
         while mask:
             low = mask & -mask
-            replica = self._ids[low.bit_length() - 1]
+            replica = by_mask.get(low)
             if replica is not None:
                 matched[replica] = count
             mask ^= low

@@ -119,9 +119,9 @@ class PrefixRouter:
                 ]
             else:
                 costs += [
-                    (num_prompt_tokens - m * size + queued[r], r)
+                    (num_prompt_tokens - m * size + q, r)
                     for r, m in matched.items()
-                    if queued.get(r, over) <= bound
+                    if (q := queued.get(r, over)) <= bound
                 ]
         least = min(costs)[0]
         tied = [r for c, r in costs if c <= least]
