@@ -22,6 +22,7 @@ from ray.cluster_utils import Cluster
 from cluster.engine.config import EngineConfig
 from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.requests import EngineRequest
+from cluster.faults import actors_named, kill_actor_process
 from cluster.kv_store.config import KVStoreConfig
 from cluster.kv_store.shard_actor import SHARD_NAME_PREFIX
 from cluster.serving.tier_messages import TierRequest, TierTokens
@@ -145,13 +146,8 @@ def test_turn_two_on_the_other_node_reads_the_store_then_a_lost_shard_recomputes
     other = conversation(2)
     ask(a, "o1", other)
     wait_for(lambda: stored_blocks() >= 8)
-    shards = [
-        x
-        for x in ray.util.list_named_actors(all_namespaces=True)
-        if x["name"].startswith(SHARD_NAME_PREFIX)
-    ]
-    for info in shards[:2]:  # two of the three nodes' shards
-        ray.kill(ray.get_actor(info["name"], namespace=info["namespace"]))
+    for victim in actors_named(SHARD_NAME_PREFIX)[:2]:  # two of the three nodes' shards
+        kill_actor_process(victim)  # SIGKILL: a crash (they restart empty)
     again = ask(b, "o2", other)
     assert again.token_ids == reference(path, other)
     assert again.num_store_cached_tokens < 64

@@ -193,10 +193,11 @@ class CountingGateway(Gateway):
         request: pb.GenerateRequest,
         metadata: Mapping[str, str],
         request_id: str | None = None,
+        budget_s: float | None = None,
     ) -> AsyncIterator[pb.GenerateChunk]:
         self.num_started += 1
         try:
-            async for chunk in super().generate(request, metadata, request_id):
+            async for chunk in super().generate(request, metadata, request_id, budget_s):
                 yield chunk
         finally:
             self.num_ended += 1
