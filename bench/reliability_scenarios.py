@@ -142,7 +142,7 @@ def _gateway(ctx: Context) -> Target | str:
 
 
 def _controller(ctx: Context) -> Target | str:
-    from cluster.expert_parallel.placement_controller import CONTROLLER_NAME
+    from cluster.expert_parallel.placement_host import CONTROLLER_NAME
 
     return _first(actors_named(CONTROLLER_NAME), "placement controller")
 
@@ -151,7 +151,7 @@ def _controller_back(ctx: Context, target: Target, timeout_s: float) -> float | 
     """Back once restarted (a new process) and holding the tier's table again."""
     import ray
 
-    from cluster.expert_parallel.placement_controller import CONTROLLER_NAME
+    from cluster.expert_parallel.placement_host import CONTROLLER_NAME
 
     def knows_tier() -> bool:
         if not any(a.pid != target.actor.pid for a in actors_named(CONTROLLER_NAME)):  # type: ignore[union-attr]
@@ -181,7 +181,7 @@ def controller_table(tier: str) -> Any:
     """The controller's (version, placement) of ``tier``, None when it holds none."""
     import ray
 
-    from cluster.expert_parallel.placement_controller import CONTROLLER_NAME
+    from cluster.expert_parallel.placement_host import CONTROLLER_NAME
 
     return ray.get(ray.get_actor(CONTROLLER_NAME).table.remote(tier), timeout=10)
 

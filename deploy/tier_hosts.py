@@ -23,7 +23,8 @@ from cluster.expert_parallel.engine_experts import (
     arrange_engine_experts,
 )
 from cluster.expert_parallel.expert_pool import ExpertPool, ShardSpec
-from cluster.expert_parallel.placement_controller import TierSetup, start_controller
+from cluster.expert_parallel.placement_controller import TierSetup
+from cluster.expert_parallel.placement_host import start_controller
 from cluster.expert_parallel.remote_experts import RemoteExperts
 from cluster.expert_parallel.transports import TorchDistTransport
 from cluster.kv_store.config import KVStoreConfig
@@ -304,7 +305,8 @@ def _join_controller(tier: str, fallback: RoutingTable) -> RoutingTable:
     and take its current table of ``tier`` (the pool's own until it has one)."""
     import ray
 
-    from cluster.expert_parallel.placement_controller import CONTROLLER_NAME, ReportReply
+    from cluster.expert_parallel.placement_controller import ReportReply
+    from cluster.expert_parallel.placement_host import CONTROLLER_NAME
 
     try:
         controller = ray.get_actor(CONTROLLER_NAME)
@@ -332,7 +334,8 @@ def _reporter(
     with ``rejoiner`` (an engine process), it has the child join restarted shards first."""
     import ray
 
-    from cluster.expert_parallel.placement_controller import CONTROLLER_NAME, ReportReply
+    from cluster.expert_parallel.placement_controller import ReportReply
+    from cluster.expert_parallel.placement_host import CONTROLLER_NAME
 
     async def send(tier: str, rid: str, counts: dict[tuple[int, int], int], v: int) -> ReportReply:
         controller = ray.get_actor(CONTROLLER_NAME)  # found again after a restart

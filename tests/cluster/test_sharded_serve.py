@@ -150,7 +150,7 @@ def test_a_live_replan_keeps_every_output_and_moves_slots(served: Served, model_
     one, no request fails, and the shards end up holding what the controller's table says."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from cluster.expert_parallel.placement_controller import CONTROLLER_NAME
+    from cluster.expert_parallel.placement_host import CONTROLLER_NAME
 
     colocated = MoEModel.from_checkpoint(model_dir)
     params = [SamplingParams(max_tokens=12, ignore_eos=True)] * len(PROMPTS)
