@@ -28,11 +28,8 @@ from cluster.engine.launch import EngineLaunch
 from cluster.engine.requests import EngineRequest
 from cluster.expert_parallel.engine_experts import EngineShardRejoiner, arrange_engine_experts
 from cluster.expert_parallel.expert_pool import ExpertPool, ShardSpec
-from cluster.expert_parallel.placement_controller import (
-    TierSetup,
-    start_controller,
-    table_from_slots,
-)
+from cluster.expert_parallel.placement_controller import TierSetup, table_from_slots
+from cluster.expert_parallel.placement_host import start_controller
 from cluster.expert_parallel.remote_experts import RemoteExperts
 from cluster.expert_parallel.transports import TorchDistTransport
 from cluster.faults import actors_of_class, kill_actor_process, live_actors, wait_until
@@ -202,6 +199,22 @@ def _controller_table(controller: Any) -> RoutingTable:
     return RoutingTable(version, dict(placement))
 
 
+def _busiest(table: RoutingTable) -> str:
+    """The shard holding the most slots (the one whose loss hurts most)."""
+    return max(table.shards, key=lambda s: (len(table.experts_on(s)), s))
+
+
+def _single_copy(controller: Any) -> tuple[RoutingTable, str]:
+    """The controller's table cut to one copy of every expert, and the shard to kill."""
+    current = _controller_table(controller)
+    single = RoutingTable(current.version, {k: v[:1] for k, v in current.placement.items()})
+    return single, _busiest(single)
+
+
+def _wait_restart(pool: ExpertPool, shard: str) -> None:
+    wait_until(lambda: pool.states().get(shard) is not None, 120, f"{shard} restart")
+
+
 def _restored(controller: Any, spec: Any, dead: set[str], copies: int = 2) -> bool:
     """Every expert has ``copies`` replicas again, none on a dead shard."""
     table = _controller_table(controller)
@@ -280,7 +293,7 @@ def test_over_ray_actor_calls_a_killed_shard_is_routed_around_too(
     pool, controller, _ = setup
     over_ray = ExpertPool(pool.handles, data_plane="ray")  # the same shard actors
     current = _controller_table(controller)
-    victim = max(current.shards, key=lambda s: (len(current.experts_on(s)), s))
+    victim = _busiest(current)
     with Traffic(path, over_ray, controller, current) as traffic:
         kill_actor_process(_shard_actor(pool, victim))
         routed = wait_until(lambda: traffic.failures > 0, 60, "a layer meeting the dead shard")
@@ -288,7 +301,7 @@ def test_over_ray_actor_calls_a_killed_shard_is_routed_around_too(
         wait_until(lambda: len(traffic.outputs) >= done + 2, 120, "requests after the kill")
     print(f"\nray data plane, shard SIGKILL: first layer rerouted {routed:.2f}s after the kill")
     assert not traffic.errors and all(out == expected for out in traffic.outputs)
-    wait_until(lambda: pool.states().get(victim) is not None, 120, f"{victim} restart")
+    _wait_restart(pool, victim)
 
 
 def test_without_a_replica_a_request_fails_within_the_bound_naming_the_expert(
@@ -297,9 +310,7 @@ def test_without_a_replica_a_request_fails_within_the_bound_naming_the_expert(
     expected: list[list[int]],
 ) -> None:
     pool, controller, _ = setup
-    current = _controller_table(controller)
-    single = RoutingTable(current.version, {k: v[:1] for k, v in current.placement.items()})
-    victim = max(single.shards, key=lambda s: (len(single.experts_on(s)), s))
+    single, victim = _single_copy(controller)
     backend = RemoteExperts(pool, single, unavailable_wait_s=1.0)
     model = MoEModel.from_checkpoint(path, experts=backend)
     assert _greedy(model) == expected
@@ -311,7 +322,7 @@ def test_without_a_replica_a_request_fails_within_the_bound_naming_the_expert(
         _greedy(model)
     print(f"\nno replica: failed {time.monotonic() - started:.2f}s after the kill ({err.value})")
     assert "(layer, expert)" in str(err.value)
-    wait_until(lambda: pool.states().get(victim) is not None, 120, f"{victim} restart")
+    _wait_restart(pool, victim)
 
 
 def test_without_a_replica_requests_wait_for_the_restart(
@@ -320,9 +331,7 @@ def test_without_a_replica_requests_wait_for_the_restart(
     expected: list[list[int]],
 ) -> None:
     pool, controller, _ = setup
-    current = _controller_table(controller)
-    single = RoutingTable(current.version, {k: v[:1] for k, v in current.placement.items()})
-    victim = max(single.shards, key=lambda s: (len(single.experts_on(s)), s))
+    single, victim = _single_copy(controller)
     with Traffic(path, pool, controller, single, backbones=1, wait_s=60.0, pump=True) as traffic:
         kill_actor_process(_shard_actor(pool, victim))
         wait_until(lambda: traffic.failures > 0, 60, "a layer meeting the dead shard")
