@@ -78,18 +78,33 @@ class PlacementControllerHost:
 
 
 CONTROLLER_NAME = "moe-placement-controller"
+HEAD_RESOURCE = "node:__internal_head__"
 
 
 def start_controller(name: str | None = CONTROLLER_NAME, detached: bool = False) -> Any:
     """The cluster's controller actor: started, or found by ``name`` if it runs already.
 
     ``num_cpus=0``: it waits on reports and shard loads, it does not compute. Several
-    threads, so that a move waiting for engines never holds up their reports.
+    threads, so that a move waiting for engines never holds up their reports. It runs on the
+    head node (a sliver of the head's own resource, which a replacement head carries too):
+    expert nodes are the ones drained, preempted or lost, and a controller lost with a node's
+    shards would re-place nothing until it restarted elsewhere. (A soft node affinity would
+    not do: Ray places an actor that asks for no resources on any node, whatever its soft
+    affinity says.)
     """
     import ray
 
     actor = ray.remote(PlacementControllerHost)
-    options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 8, "max_restarts": -1}
+    # "DEFAULT": never captured by the caller's placement group (a Serve replica's), whose
+    # bundles sit on expert nodes and hold no share of the head.
+    options: dict[str, Any] = {
+        "num_cpus": 0,
+        "max_concurrency": 8,
+        "max_restarts": -1,
+        "scheduling_strategy": "DEFAULT",
+    }
+    if any(HEAD_RESOURCE in node.get("Resources", {}) for node in ray.nodes()):
+        options["resources"] = {HEAD_RESOURCE: 0.001}
     if name is not None:
         options.update(name=name, get_if_exists=True)
     if detached:

@@ -235,6 +235,8 @@ def test_a_removed_node_takes_its_shard_and_the_rest_serve(
     (node,) = [n for n in ray_cluster.worker_nodes if n.node_id == node_id]
     current = _controller_table(controller)
     assert current.experts_on("s2")  # it holds copies the others must take over
+    (host,) = actors_of_class("PlacementControllerHost")
+    assert host.node_id == ray.get_runtime_context().get_node_id()  # the head: not lost with a node
     with Traffic(path, pool, controller, current) as traffic:
         removed = time.monotonic()
         ray_cluster.remove_node(node, allow_graceful=False)

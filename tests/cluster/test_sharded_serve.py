@@ -26,6 +26,7 @@ from ray import serve
 from ray.cluster_utils import Cluster
 
 from cluster.engine.generator import generate
+from cluster.faults import actors_of_class
 from cluster.telemetry.trace_file import SpanRecord, read_spans
 from deploy.app import build_app
 from deploy.audit import find
@@ -134,6 +135,10 @@ def test_sharded_tier_serves_the_colocated_tokens(served: Served, model_dir: Pat
     pool: Any = serve.get_deployment_handle("experts-strong", app_name="sharded")
     nodes = pool.node_ids.remote().result()
     assert len(set(nodes.values())) == 2, nodes
+    # the placement controller, started from the pool's replica, escapes its placement group
+    # (whose bundles are on the expert nodes) and runs on the head
+    (host,) = actors_of_class("PlacementControllerHost")
+    assert host.node_id == ray.get_runtime_context().get_node_id()
     colocated = MoEModel.from_checkpoint(model_dir)
     params = [SamplingParams(max_tokens=12, ignore_eos=True)] * len(PROMPTS)
     expected = [r.token_ids for r in generate(colocated, [list(p) for p in PROMPTS], params)]
