@@ -33,6 +33,7 @@ from cache.block_key import BlockKey
 
 WALK_CHUNK = 16  # keys walked per C pass
 GALLOP_REPLICAS = 4  # at most this many replicas left: bisect each one's extent
+CREDIT_SCAN = 8  # more replicas than this credited at once: one pass over the replicas
 
 
 class KVEvents(Protocol):
@@ -76,10 +77,11 @@ class PrefixIndex:
         self._ids: list[str | None] = []  # bit -> replica id (None: a free bit)
         self._by_mask: dict[int, str] = {}  # 1 << bit -> replica id (live bits only)
         self._holders: dict[BlockKey, int] = {}  # key -> bitmask of replicas holding it
-        self._expected: dict[BlockKey, int] = {}  # key -> bitmask of replicas routed to
         self._either: dict[BlockKey, int] = {}  # key -> holders | expected (what lookups read)
         self._expiry: deque[tuple[float, tuple[BlockKey, ...], int]] = deque()
-        self._until: dict[int, dict[BlockKey, float]] = {}  # bit -> key -> latest expiry
+        # bit -> key -> latest expiry: the keys each replica is expected to hold (routed to it,
+        # not confirmed yet); a key's expected mask is the bits whose dict has it
+        self._until: dict[int, dict[BlockKey, float]] = {}
         self._alive = 0  # bitmask of the replicas known
         self._pins: dict[BlockKey, dict[int, float]] = {}  # key -> {bit: pinned until}
 
@@ -107,11 +109,10 @@ class PrefixIndex:
         self._ids[state.bit] = None
         self._by_mask.pop(1 << state.bit, None)
         self._alive &= ~(1 << state.bit)
-        self._until.pop(1 << state.bit, None)
         mask = ~(1 << state.bit)
-        for key in [k for k, m in self._expected.items() if m >> state.bit & 1]:
-            self._set(self._expected, key, self._expected[key] & mask)
-            self._merge(key)
+        for key in self._until.pop(1 << state.bit, {}):
+            if key in self._either:
+                self._set(self._either, key, self._either[key] & mask)
 
     def cursors(self) -> dict[str, tuple[str, int]]:
         """Per replica, (epoch, next sequence number) of the events applied so far."""
@@ -162,12 +163,11 @@ class PrefixIndex:
         bit = 1 << state.bit
         batch = tuple(keys)
         until = self.clock() + self.expect_ttl_s
-        expected, either = self._expected, self._either
+        either = self._either
         latest = self._until.get(bit)
         if latest is None:
             latest = self._until[bit] = {}
         for key in batch:
-            expected[key] = expected.get(key, 0) | bit
             either[key] = either.get(key, 0) | bit
             latest[key] = until
         self._expiry.append((until, batch, bit))
@@ -235,6 +235,9 @@ class PrefixIndex:
 
     def _credit(self, matched: dict[str, int], mask: int, count: int) -> None:
         by_mask = self._by_mask
+        if mask.bit_count() > CREDIT_SCAN:  # many at once (a shared system prompt's holders)
+            matched.update({r: count for low, r in by_mask.items() if low & mask})
+            return
         while mask:
             low = mask & -mask
             replica = by_mask.get(low)
@@ -300,11 +303,13 @@ class PrefixIndex:
         if state.pins:
             keys = list(keys)
             self._unpin(state, keys)
+        expected = self._until.get(1 << state.bit, {})
         for key in keys:
             state.keys.discard(key)
             if key in self._holders:
                 self._set(self._holders, key, self._holders[key] & mask)
-                self._merge(key)
+                if key not in expected and key in self._either:  # (still expected: kept)
+                    self._set(self._either, key, self._either[key] & mask)
 
     def _drop_keys(self, state: _Replica) -> None:
         self._remove(state, list(state.keys))
@@ -316,16 +321,12 @@ class PrefixIndex:
         while self._expiry and self._expiry[0][0] <= now:
             _, batch, bit = self._expiry.popleft()
             latest = self._until.get(bit, {})
+            holders, either = self._holders, self._either
             for key in batch:
                 if latest.get(key, 0.0) > now:
                     continue  # expected again since: the later expectation holds
-                latest.pop(key, None)
-                if key in self._expected:
-                    self._set(self._expected, key, self._expected[key] & ~bit)
-                    self._merge(key)
-
-    def _merge(self, key: BlockKey) -> None:
-        self._set(self._either, key, self._holders.get(key, 0) | self._expected.get(key, 0))
+                if latest.pop(key, None) is not None and not holders.get(key, 0) & bit:
+                    self._set(either, key, either.get(key, 0) & ~bit)  # (not held: dropped)
 
     @staticmethod
     def _set(table: dict[BlockKey, int], key: BlockKey, mask: int) -> None:

@@ -84,6 +84,34 @@ def test_expected_blocks_count_until_they_expire() -> None:
     assert index.matches(k) == {}
 
 
+def test_a_removed_block_still_expected_counts_until_its_expectation_ends() -> None:
+    clock = Clock()
+    index = PrefixIndex(expect_ttl_s=1.0, clock=clock)
+    k = keys(3)
+    index.apply("a", Batch("e", 0, stored=tuple(k), snapshot=True))
+    index.expect("a", k[1:])  # routed there again: it will compute what it may evict
+    index.apply("a", Batch("e", 1, removed=tuple(k[1:])))
+    assert index.matches(k) == {"a": 3}
+    clock.now = 2.0
+    index.expire()
+    assert index.matches(k) == {"a": 1}
+    index.remove_replica("a")
+    assert index.matches(k) == {}
+
+
+def test_many_replicas_dropping_at_one_block_are_each_credited() -> None:
+    """A shared system prompt's holders (more than ``CREDIT_SCAN`` of them) all end at its
+    last block; one goes on with its session's blocks."""
+    index = PrefixIndex()
+    k = keys(8)
+    for i in range(20):
+        held = k if i == 7 else k[:3]
+        index.apply(f"r{i}", Batch("e", 0, stored=tuple(held), snapshot=True))
+    index.remove_replica("r3")
+    want = {f"r{i}": 3 for i in range(20) if i != 3} | {"r7": 8}
+    assert index.matches(k) == want
+
+
 def router(n: int = 3, **config: float) -> PrefixRouter:
     r = PrefixRouter(PrefixIndex(), PrefixRouterConfig(block_size=16, **config))  # type: ignore[arg-type]
     for i in range(n):
@@ -192,8 +220,8 @@ def test_text_affinity_follows_the_published_rule() -> None:
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["store", "remove", "expect", "tick", "restart"]),
-            st.integers(0, 3),
+            st.sampled_from(["store", "remove", "expect", "tick", "restart", "leave"]),
+            st.integers(0, 11),
             st.one_of(
                 st.lists(st.integers(0, 39), max_size=6),
                 st.integers(0, 40).map(lambda n: list(range(n))),  # a prefix, long chains
@@ -203,12 +231,14 @@ def test_text_affinity_follows_the_published_rule() -> None:
     )
 )
 def test_matches_equal_a_brute_force_walk(ops: list[tuple[str, int, list[int]]]) -> None:
-    """Whatever the events, expectations and expiries, each replica's match is the number of
-    leading keys it holds or is expected to hold (checked against a plain walk)."""
+    """Whatever the events, expectations, expiries and replicas leaving (their bit reused),
+    each replica's match is the number of leading keys it holds or is expected to hold
+    (checked against a plain walk). Twelve replicas: many credited at once take a pass of
+    their own (``CREDIT_SCAN``)."""
     clock = Clock()
     index = PrefixIndex(expect_ttl_s=1.0, clock=clock, exact=True)
     pool = keys(40)
-    held: dict[str, set[bytes]] = {f"r{i}": set() for i in range(4)}
+    held: dict[str, set[bytes]] = {f"r{i}": set() for i in range(12)}
     expected: dict[str, list[tuple[float, set[bytes]]]] = {r: [] for r in held}
     seq = dict.fromkeys(held, 0)
     epoch = dict.fromkeys(held, "e0")
@@ -231,6 +261,9 @@ def test_matches_equal_a_brute_force_walk(ops: list[tuple[str, int, list[int]]])
             clock.now += 0.6
             index.expire()
         else:
+            if op == "leave":  # removed, then back (a new replica on the freed bit)
+                index.remove_replica(r)
+                expected[r] = []
             epoch[r] += "x"
             index.apply(r, Batch(epoch[r], 0, snapshot=True))
             seq[r], held[r] = 1, set()
