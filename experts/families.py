@@ -21,7 +21,9 @@ class FamilyInfo:
     has_shared_expert: bool = False
     is_moe: bool = True
     shared_expert_prefix: str = "shared_expert"  # "shared_experts" (DeepSeek, GLM): no gate
-    gate: str = "softmax"  # | "grouped_sigmoid" (DeepSeek, GLM) | "topk_softmax" (gpt-oss)
+    # | "grouped_sigmoid" (DeepSeek-V3, GLM) | "grouped_softmax" (DeepSeek-V2)
+    # | "topk_softmax" (gpt-oss)
+    gate: str = "softmax"
     attention: str = "mha"  # "mha" | "mla" (DeepSeek's multi-head latent attention)
     fused_experts: bool = False  # experts stored as [E, ...] tensors (gpt-oss), read by slicing
     router_name: str = "gate"  # the router's sub-module inside the MoE block
@@ -70,6 +72,19 @@ FAMILIES: dict[str, FamilyInfo] = {
         has_shared_expert=True,
         shared_expert_prefix="shared_experts",
         gate="grouped_sigmoid",
+        attention="mla",
+        o_proj_bias=True,
+        rope_types=("default", "yarn"),
+    ),
+    "DeepseekV2ForCausalLM": FamilyInfo(
+        "deepseek_v2",
+        "mlp",
+        ("gate_proj", "up_proj", "down_proj"),
+        "none",
+        default_norm_topk=False,
+        has_shared_expert=True,
+        shared_expert_prefix="shared_experts",
+        gate="grouped_softmax",
         attention="mla",
         o_proj_bias=True,
         rope_types=("default", "yarn"),

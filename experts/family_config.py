@@ -1,8 +1,9 @@
 """The config fields the newer families add, read from ``config.json`` and checked.
 
-GLM-4.5 MoE and DeepSeek-V3 route with grouped sigmoid scores and start with dense layers;
-DeepSeek-V3 attends with multi-head latent attention (MLA); gpt-oss alternates sliding and
-full attention layers and clamps its SwiGLU. ``family_args`` returns the ``ModelSpec``
+GLM-4.5 MoE and DeepSeek-V3 route with grouped sigmoid scores, DeepSeek-V2 with grouped
+softmax scores, and all three start with dense layers; DeepSeek-V2/V3 attend with multi-head
+latent attention (MLA); gpt-oss alternates sliding and full attention layers and clamps its
+SwiGLU. ``family_args`` returns the ``ModelSpec``
 arguments these add (and the rotary width every family has), refusing what is not served
 with an error naming the field, its value and what is allowed.
 """
@@ -14,6 +15,7 @@ from typing import Any
 from experts.errors import CheckpointError
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
+V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 
 
 def family_args(
@@ -28,6 +30,8 @@ def family_args(
     args: dict[str, Any] = {"rotary_dim": int(head_dim * partial_rotary)}
     if arch in ("Glm4MoeForCausalLM", "DeepseekV3ForCausalLM"):
         args.update(_grouped_routing(cfg, base))
+    elif arch == "DeepseekV2ForCausalLM":
+        args.update(_grouped_softmax_routing(cfg, base))
     if arch == "Glm4MoeForCausalLM":
         args["qk_norm"] = "head" if cfg.get("use_qk_norm") else "none"
         if args["rotary_dim"] % 2:
@@ -37,6 +41,8 @@ def family_args(
             )
     elif arch == "DeepseekV3ForCausalLM":
         args.update(_mla(cfg, base))
+    elif arch == "DeepseekV2ForCausalLM":  # rotates interleaved pairs (complex product) always
+        args.update(_mla(cfg, base), rope_interleave=True)
     elif arch == "GptOssForCausalLM":
         args.update(_gpt_oss(cfg, base))
     return args
@@ -74,6 +80,47 @@ def _grouped_routing(cfg: dict[str, Any], base: dict[str, Any]) -> dict[str, Any
             f"num_experts_per_tok={top_k} exceeds the {topk_group * (num_experts // n_group)} "
             f"experts of topk_group={topk_group} groups"
         )
+    return {"n_group": n_group, "topk_group": topk_group, **_dense_and_shared(cfg, base)}
+
+
+def _grouped_softmax_routing(cfg: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek-V2's gate: softmax scores, ``greedy`` top k or ``group_limited_greedy`` (a
+    group scores its best expert; the top k come from the best ``topk_group`` groups)."""
+    scoring = cfg.get("scoring_func") or "softmax"  # transformers 5 writes null
+    if scoring != "softmax":
+        raise CheckpointError(f"scoring_func={scoring!r} is not supported (supported: 'softmax')")
+    method = cfg.get("topk_method") or "greedy"
+    if method not in V2_TOPK_METHODS:
+        raise CheckpointError(
+            f"topk_method={method!r} is not supported for DeepseekV2ForCausalLM (supported: "
+            f"{', '.join(repr(m) for m in V2_TOPK_METHODS)})"
+        )
+    if cfg.get("norm_topk_prob"):  # transformers ignores it; DeepSeek's own code renormalises
+        raise CheckpointError(
+            "norm_topk_prob=true is not supported for DeepseekV2ForCausalLM: transformers "
+            "ignores it while DeepSeek's reference code renormalises; set it to false"
+        )
+    n_group = topk_group = 1  # greedy: one group holding every expert
+    if method == "group_limited_greedy":
+        num_experts = int(base["num_experts"])
+        n_group, topk_group = _positive(cfg, "n_group"), _positive(cfg, "topk_group")
+        if num_experts % n_group:
+            raise CheckpointError(
+                f"n_group={n_group} must divide n_routed_experts={num_experts} into equal groups"
+            )
+        if topk_group > n_group:
+            raise CheckpointError(f"topk_group={topk_group} must be in [1, n_group={n_group}]")
+        top_k, kept = int(base["num_experts_per_tok"]), topk_group * (num_experts // n_group)
+        if top_k > kept:
+            raise CheckpointError(
+                f"num_experts_per_tok={top_k} exceeds the {kept} experts of "
+                f"topk_group={topk_group} groups"
+            )
+    return {"n_group": n_group, "topk_group": topk_group, **_dense_and_shared(cfg, base)}
+
+
+def _dense_and_shared(cfg: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek's and GLM's dense first layers, shared experts and routed scaling."""
     first_dense = int(cfg.get("first_k_dense_replace") or 0)
     if not 0 <= first_dense <= int(base["num_layers"]):
         raise CheckpointError(
@@ -81,8 +128,6 @@ def _grouped_routing(cfg: dict[str, Any], base: dict[str, Any]) -> dict[str, Any
         )
     n_shared = int(cfg.get("n_shared_experts") or 0)
     return {
-        "n_group": n_group,
-        "topk_group": topk_group,
         "routed_scaling_factor": float(cfg.get("routed_scaling_factor", 1.0)),
         "first_k_dense_replace": first_dense,
         "shared_expert_intermediate_size": int(cfg.get("moe_intermediate_size") or 0) * n_shared,
@@ -90,7 +135,7 @@ def _grouped_routing(cfg: dict[str, Any], base: dict[str, Any]) -> dict[str, Any
 
 
 def _mla(cfg: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    """Multi-head latent attention's ranks and head widths (DeepSeek-V3)."""
+    """Multi-head latent attention's ranks and head widths (DeepSeek-V2/V3)."""
     q_lora = cfg.get("q_lora_rank")
     if q_lora is not None:
         q_lora = _positive(cfg, "q_lora_rank")

@@ -1,7 +1,8 @@
 """The MoE gates: router logits -> top-k experts per token and their weights.
 
-Three kinds, by family (``FamilyInfo.gate``): softmax over all experts (Mixtral, Qwen, OLMoE),
-grouped sigmoid (DeepSeek-V3, GLM-4.5) and softmax over the biased top k (gpt-oss).
+Four kinds, by family (``FamilyInfo.gate``): softmax over all experts (Mixtral, Qwen, OLMoE),
+grouped sigmoid (DeepSeek-V3, GLM-4.5), grouped softmax (DeepSeek-V2) and softmax over the
+biased top k (gpt-oss).
 
 Legend: T tokens, E experts, K chosen per token, H hidden.
 """
@@ -55,6 +56,31 @@ def route_grouped_sigmoid(
     weights = scores.gather(1, ids)  # [T, K]
     if normalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids, weights * scaling
+
+
+def route_grouped_softmax(
+    hidden: torch.Tensor,  # [T, H]
+    router: torch.Tensor,  # [E, H] fp32
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # ids [T, K] long, weights [T, K] fp32
+    """DeepSeek-V2 routing (``group_limited_greedy``; ``greedy`` is one group), in fp32.
+
+    Softmax over all experts; each of the ``n_group`` groups is scored by its best expert,
+    the best ``topk_group`` groups are kept (the others' scores zeroed, as the reference
+    does) and the top k scores are the weights, times ``scaling``, never renormalised.
+    """
+    scores = F.linear(hidden.float(), router).softmax(dim=-1)  # [T, E]
+    if topk_group < n_group:
+        grouped = scores.view(scores.shape[0], n_group, -1)  # [T, G, E/G]
+        groups = torch.topk(grouped.amax(dim=-1), k=topk_group, dim=-1, sorted=False)[1]
+        keep = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=scores.device)
+        keep.scatter_(1, groups, True)  # [T, G]
+        scores = grouped.masked_fill(~keep[:, :, None], 0.0).view_as(scores)  # [T, E]
+    weights, ids = torch.topk(scores, k=top_k, dim=-1, sorted=False)  # [T, K] each
     return ids, weights * scaling
 
 

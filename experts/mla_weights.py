@@ -50,7 +50,7 @@ def _deinterleave_rope_rows(weight: torch.Tensor, rope_dim: int) -> torch.Tensor
 
 
 def load_mla(reader: CheckpointReader, layer: int, device: str) -> MLAWeights:
-    """Multi-head latent attention (DeepSeek-V3), with and without a q LoRA."""
+    """Multi-head latent attention (DeepSeek-V2/V3), with and without a q LoRA."""
     spec = reader.spec
     p = f"{layer_prefix(layer)}self_attn."
     h, heads = spec.hidden_size, spec.num_heads

@@ -27,7 +27,12 @@ from experts.attention_masks import window_masks
 from experts.backend import ColocatedExperts, ExpertBackend
 from experts.checkpoint import CheckpointReader
 from experts.ffn import swiglu_mlp
-from experts.gate import route, route_grouped_sigmoid, route_topk_softmax
+from experts.gate import (
+    route,
+    route_grouped_sigmoid,
+    route_grouped_softmax,
+    route_topk_softmax,
+)
 from experts.layers import RotaryAngles, RotaryEmbedding, rms_norm, rotate
 from experts.mla import mla_attention
 from experts.mla_weights import MLAWeights
@@ -208,6 +213,15 @@ class MoEModel:
                 spec.n_group,
                 spec.topk_group,
                 spec.norm_topk_prob,
+                spec.routed_scaling_factor,
+            )
+        if gate == "grouped_softmax":
+            return route_grouped_softmax(
+                h,
+                layer.router,
+                spec.num_experts_per_tok,
+                spec.n_group,
+                spec.topk_group,
                 spec.routed_scaling_factor,
             )
         if gate == "topk_softmax":

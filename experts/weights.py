@@ -204,13 +204,14 @@ def _load_layer(reader: CheckpointReader, layer: int, device: str) -> LayerWeigh
     if spec.is_moe_layer(layer):
         moe = f"{p}{family.moe_prefix}."
         gate = f"{moe}{family.router_name}."
-        if family.gate == "grouped_sigmoid":  # fp32, as the reference keeps and runs it
+        if family.gate in ("grouped_sigmoid", "grouped_softmax"):  # fp32, as the reference
             router = reader.load(f"{gate}weight", (num_e, h), torch.float32, device)
+        else:
+            router = reader.load(f"{gate}weight", (num_e, h), device=device)
+        if family.gate == "grouped_sigmoid":
             score_bias = reader.load(
                 f"{gate}e_score_correction_bias", (num_e,), torch.float32, device
             )
-        else:
-            router = reader.load(f"{gate}weight", (num_e, h), device=device)
         if family.gate == "topk_softmax":
             router_bias = reader.load(f"{gate}bias", (num_e,), device=device)
         if family.has_shared_expert and spec.shared_expert_intermediate_size:

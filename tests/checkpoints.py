@@ -32,6 +32,13 @@ NEW_FAMILIES: tuple[str, ...] = (
     "deepseek_v3_yarn",
     "gpt_oss",
 )
+# DeepSeek-V2: MLA with and without q LoRA (V2-Lite), YaRN, and its softmax gate both ways:
+# group_limited_greedy (two group settings) and greedy.
+V2_FAMILIES: tuple[str, ...] = (
+    "deepseek_v2",
+    "deepseek_v2_lite",
+    "deepseek_v2_yarn",
+)
 
 # Passed to save_pretrained when sharded=True; well below the ~0.6 MB of one MoE layer, so the
 # checkpoint is split into several files plus model.safetensors.index.json.
@@ -180,6 +187,55 @@ _FAMILY_CONFIGS: dict[str, tuple[Callable[..., transformers.PretrainedConfig], d
             },
         },
     ),
+    # q LoRA, 16 experts in 4 groups (2 kept), top-3, scaled: fewer groups kept than experts
+    # chosen, so the group limit changes choices
+    "deepseek_v2": (
+        transformers.DeepseekV2Config,
+        {
+            **_MLA,
+            "n_routed_experts": 16,
+            "num_experts_per_tok": 3,
+            "topk_method": "group_limited_greedy",
+            "n_group": 4,
+            "topk_group": 2,
+            "q_lora_rank": 24,
+        },
+    ),
+    # V2-Lite's shape: full-rank q, greedy top-2 of 8, attention biases, 2 shared experts
+    "deepseek_v2_lite": (
+        transformers.DeepseekV2Config,
+        {
+            **_MLA,
+            "n_routed_experts": 8,
+            "topk_method": "greedy",
+            "q_lora_rank": None,
+            "n_shared_experts": 2,
+            "attention_bias": True,
+            "routed_scaling_factor": 1.0,
+        },
+    ),
+    # YaRN as DeepSeek-V2 publishes it (mscale == mscale_all_dim), scaled down; 2 groups, 1 kept
+    "deepseek_v2_yarn": (
+        transformers.DeepseekV2Config,
+        {
+            **_MLA,
+            "n_routed_experts": 8,
+            "topk_method": "group_limited_greedy",
+            "n_group": 2,
+            "topk_group": 1,
+            "q_lora_rank": 24,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 128,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 0.707,
+                "mscale_all_dim": 0.707,
+            },
+        },
+    ),
     # sliding (window 8) and full layers, sinks, biases, fused experts, a tight SwiGLU clamp
     "gpt_oss": (
         transformers.GptOssConfig,
@@ -209,7 +265,7 @@ _FAMILY_CONFIGS: dict[str, tuple[Callable[..., transformers.PretrainedConfig], d
 def family_config(family: str, **overrides: Any) -> transformers.PretrainedConfig:
     """The config :func:`build_family_checkpoint` would use, without building weights."""
     if family not in _FAMILY_CONFIGS:
-        known = ", ".join((*FAMILIES, *NEW_FAMILIES))
+        known = ", ".join((*FAMILIES, *NEW_FAMILIES, *V2_FAMILIES))
         raise ValueError(f"unknown family {family!r}; known: {known}")
     make, specific = _FAMILY_CONFIGS[family]
     return make(**{**_COMMON, **specific, **overrides})

@@ -22,7 +22,16 @@ from tests.checkpoints import BuildCheckpoint, family_config
 
 @pytest.fixture(scope="module")
 def configs(shared_checkpoint: BuildCheckpoint) -> dict[str, dict[str, Any]]:
-    families = ("mixtral", "llama", "glm4_moe", "deepseek_v3", "deepseek_v3_yarn", "gpt_oss")
+    families = (
+        "mixtral",
+        "llama",
+        "glm4_moe",
+        "deepseek_v3",
+        "deepseek_v3_yarn",
+        "gpt_oss",
+        "deepseek_v2",
+        "deepseek_v2_lite",
+    )
     return {
         f: json.loads((Path(shared_checkpoint(f, seed=7)) / "config.json").read_text())
         for f in families
@@ -68,7 +77,19 @@ def test_grouped_families_start_with_dense_layers(configs: dict[str, dict[str, A
     assert (glm.qk_norm, glm.rotary_width, glm.head_dim) == ("head", 8, 16)
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3_yarn"])
+def test_deepseek_v2_gate_groups_and_latents(configs: dict[str, dict[str, Any]]) -> None:
+    """group_limited_greedy keeps its groups; greedy is one group, whatever n_group says;
+    V2 always rotates interleaved pairs and caches one latent + rotary key per token."""
+    v2 = _spec(configs["deepseek_v2"])
+    assert (v2.family.gate, v2.n_group, v2.topk_group) == ("grouped_softmax", 4, 2)
+    assert v2.moe_layers == (1, 2) and v2.routed_scaling_factor == 2.5
+    assert v2.rope_interleave and v2.kv_layout == "mla:latent16+rope8:float32"
+    lite = _spec(configs["deepseek_v2_lite"], n_group=4, topk_group=2, scoring_func="softmax")
+    assert (lite.n_group, lite.topk_group, lite.q_lora_rank) == (1, 1, 0)
+    assert lite.shared_expert_intermediate_size == 64 and lite.rope_interleave
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3_yarn", "deepseek_v2_yarn"])
 def test_yarn_frequencies_and_scale_are_transformers(family: str) -> None:
     cfg = family_config(family)
     expected_freq, expected_scale = ROPE_INIT_FUNCTIONS["yarn"](cfg)
@@ -78,8 +99,9 @@ def test_yarn_frequencies_and_scale_are_transformers(family: str) -> None:
     assert settings.scaling.cos_sin_scale == pytest.approx(expected_scale, rel=1e-12)
 
 
-def test_deepseek_yarn_scales_the_softmax_like_transformers() -> None:
-    cfg = family_config("deepseek_v3_yarn")
+@pytest.mark.parametrize("family", ["deepseek_v3_yarn", "deepseek_v2_yarn"])
+def test_deepseek_yarn_scales_the_softmax_like_transformers(family: str) -> None:
+    cfg = family_config(family)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     expected = model.model.layers[0].self_attn.scaling
     settings = parse_rope(cfg.to_dict())
@@ -103,6 +125,25 @@ REFUSALS = [
         "deepseek_v3",
         {"quantization_config": {"quant_method": "fp8"}},
         r"quantization_config \(quant_method 'fp8'\) is not supported",
+    ),
+    (
+        "deepseek_v2",
+        {"topk_method": "noaux_tc"},
+        r"topk_method='noaux_tc' is not supported for DeepseekV2ForCausalLM \(supported: "
+        r"'greedy', 'group_limited_greedy'\)",
+    ),
+    ("deepseek_v2", {"scoring_func": "sigmoid"}, r"scoring_func='sigmoid' is not supported"),
+    ("deepseek_v2", {"norm_topk_prob": True}, r"norm_topk_prob=true is not supported"),
+    ("deepseek_v2", {"n_group": None}, r"n_group=None must be a positive integer"),
+    ("deepseek_v2", {"n_group": 3}, r"n_group=3 must divide n_routed_experts=16"),
+    ("deepseek_v2", {"topk_group": 5}, r"topk_group=5 must be in \[1, n_group=4\]"),
+    ("deepseek_v2", {"topk_group": 0}, r"topk_group=0 must be a positive integer"),
+    ("deepseek_v2", {"num_experts_per_tok": 9}, r"num_experts_per_tok=9 exceeds the 8"),
+    ("deepseek_v2_lite", {"v_head_dim": None}, r"v_head_dim=None must be a positive integer"),
+    (
+        "deepseek_v2_lite",
+        {"rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_parameters": None},
+        r"rope_scaling.type='dynamic' is not supported",
     ),
     ("gpt_oss", {"layer_types": ["full_attention"]}, r"layer_types=\['full_attention'\] must"),
     (
