@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default="tiny",
         help="tiny (Mixtral, 4 layers, 8 experts), bench (Mixtral, 8 layers, 16 experts), "
-        "fast (dense Llama), glm4-moe, deepseek-v3, bench-deepseek-v3 or gpt-oss (small "
-        "checkpoints of those families); default tiny",
+        "fast (dense Llama), glm4-moe, deepseek-v2, deepseek-v3, bench-deepseek-v3 or gpt-oss "
+        "(small checkpoints of those families); default tiny",
     )
     demo.add_argument("--seed", type=int, default=0, help="weight seed (0)")
 

@@ -41,6 +41,7 @@ _CONFIG_CLASSES: dict[str, Callable[..., transformers.PretrainedConfig]] = {
     "mixtral": transformers.MixtralConfig,
     "llama": transformers.LlamaConfig,
     "glm4_moe": transformers.Glm4MoeConfig,
+    "deepseek_v2": transformers.DeepseekV2Config,
     "deepseek_v3": transformers.DeepseekV3Config,
     "gpt_oss": transformers.GptOssConfig,
 }
@@ -115,6 +116,22 @@ PRESETS: dict[str, DemoPreset] = {
          "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                              "original_max_position_embeddings": 1024, "beta_fast": 32,
                              "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}},
+    ),
+    "deepseek-v2": DemoPreset(
+        "DeepSeek-V2-style MoE, 4 layers (1 dense) x 16 experts in 8 groups (softmax gate, "
+        "top-4 of 3 groups) + 2 shared, latent attention (full-rank q as in V2-Lite, kv LoRA "
+        "64), YaRN x4, hidden 256",
+        "deepseek_v2",
+        {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 512,
+         "num_attention_heads": 8, "num_key_value_heads": 8,
+         "n_routed_experts": 16, "num_experts_per_tok": 4, "topk_method": "group_limited_greedy",
+         "n_group": 8, "topk_group": 3, "routed_scaling_factor": 2.0,
+         "moe_intermediate_size": 256, "n_shared_experts": 2, "first_k_dense_replace": 1,
+         "q_lora_rank": None, "kv_lora_rank": 64, "qk_nope_head_dim": 32,
+         "qk_rope_head_dim": 16, "v_head_dim": 32,
+         "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 1024, "beta_fast": 32,
+                             "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}},
     ),
     "bench-deepseek-v3": DemoPreset(
         "DeepSeek-V3-shaped MoE for benchmarks: 8 layers (1 dense) x 32 experts in 8 groups "

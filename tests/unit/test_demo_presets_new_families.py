@@ -1,4 +1,4 @@
-"""The demo builder's GLM-4.5, DeepSeek-V3 and gpt-oss presets: each builds, is served as its
+"""The demo builder's GLM-4.5, DeepSeek-V2/V3 and gpt-oss presets: each builds, is served as its
 family, and its prefill logits match transformers' (a prompt past gpt-oss's 128-token window)."""
 
 from __future__ import annotations
@@ -14,7 +14,12 @@ from experts.model import MoEModel
 from experts.sampling_params import SamplingParams
 from tests.reference import reference_model
 
-PRESETS = {"glm4-moe": "glm4_moe", "deepseek-v3": "deepseek_v3", "gpt-oss": "gpt_oss"}
+PRESETS = {
+    "glm4-moe": "glm4_moe",
+    "deepseek-v2": "deepseek_v2",
+    "deepseek-v3": "deepseek_v3",
+    "gpt-oss": "gpt_oss",
+}
 
 
 @pytest.mark.parametrize(("preset", "family"), PRESETS.items())
