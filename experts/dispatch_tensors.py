@@ -147,3 +147,13 @@ def combine(
         # (~100 us on a busy node): RemoteExperts runs its combine on one thread
         out.index_add_(0, rows, part.to(out.device))
     return out
+
+
+def rows_choosing(
+    expert_ids: torch.Tensor,  # [T, K]
+    experts: Sequence[int],
+) -> tuple[tuple[int, ...], int]:
+    """The token rows that route to one of ``experts`` (sorted), and the number of rows."""
+    wanted = torch.tensor(list(experts), dtype=expert_ids.dtype, device=expert_ids.device)
+    rows = torch.isin(expert_ids, wanted).any(dim=1).nonzero().flatten().tolist()
+    return tuple(rows), int(expert_ids.shape[0])

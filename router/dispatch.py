@@ -19,11 +19,24 @@ class ExpertUnavailableError(LookupError):
     """Some (layer, expert) the step routes to has no reachable replica: never guess one.
 
     ``missing`` lists those slots; the message names them (the tier maps it to UNAVAILABLE).
+    ``token_rows`` (of the step's ``num_tokens``) are the tokens that routed to them, set by
+    the layer that raised: the engine fails only their requests and runs the rest again.
     """
 
-    def __init__(self, message: str, missing: Sequence[Slot]) -> None:
+    def __init__(
+        self,
+        message: str,
+        missing: Sequence[Slot],
+        token_rows: Sequence[int] = (),
+        num_tokens: int = 0,
+    ) -> None:
         super().__init__(message)
         self.missing = tuple(missing)
+        self.token_rows = tuple(token_rows)
+        self.num_tokens = num_tokens
+
+    def __reduce__(self) -> tuple[type[ExpertUnavailableError], tuple[object, ...]]:
+        return (type(self), (str(self), self.missing, self.token_rows, self.num_tokens))
 
 
 def missing_experts(

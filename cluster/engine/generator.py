@@ -19,6 +19,10 @@ from experts.model import MoEModel
 from experts.sampling_params import SamplingParams
 
 
+class GenerationError(RuntimeError):
+    """A request of the batch failed in the engine (the message says which and why)."""
+
+
 @dataclass
 class GenerationResult:
     token_ids: list[int] = field(default_factory=list)  # generated ids only
@@ -40,7 +44,10 @@ def generate(
 ) -> list[GenerationResult]:
     """Generate for every prompt together; each gets exactly the tokens it would get alone.
 
-    Bad input raises ``ValueError`` before anything runs.
+    Bad input raises ``ValueError`` before anything runs. A request the engine fails on its
+    own (an expert with no live replica, a row that cannot be sampled) raises
+    ``GenerationError`` with its reason, and the batch stops: a result is never cut short
+    silently.
     """
     assert len(prompts) == len(params), f"{len(prompts)} prompts vs {len(params)} params"
     policies = list(kv_policies) if kv_policies is not None else [KVPolicy()] * len(prompts)
@@ -64,7 +71,12 @@ def generate(
         engine.add_request(request)
     results = [GenerationResult() for _ in prompts]
     while engine.has_unfinished():
-        for event in engine.step():
+        events = engine.step()
+        if engine.failures:
+            failure = engine.failures[0]
+            engine.abort_all()
+            raise GenerationError(f"request {failure.request_id} failed: {failure.reason}")
+        for event in events:
             index = int(event.request_id)
             res = results[index]
             res.token_ids.append(event.token_id)

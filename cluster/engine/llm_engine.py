@@ -28,6 +28,7 @@ from cluster.engine.admission import validate_request
 from cluster.engine.config import EngineConfig
 from cluster.engine.counters import EngineCounters
 from cluster.engine.engine_kv import EngineKV, pool_layout
+from cluster.engine.missing_experts import run_around_missing_experts
 from cluster.engine.model_runner import ModelRunner, StepInput
 from cluster.engine.requests import (
     AttentionStats,
@@ -206,8 +207,11 @@ class LLMEngine:
             if self.kv is not None:
                 self.kv.idle_wait()  # only fetches are pending
             return []
-        logits = self._run(plan)  # [B, V]
-        return self._postprocess(plan, logits)
+        # an expert with no live replica ends only the requests whose tokens chose it
+        plan, logits, lost = run_around_missing_experts(self._run, plan)  # [B, V]
+        events = self._postprocess(plan, logits) if logits is not None else []
+        self.failures += [self._fail(chunk, reason) for chunk, reason in lost]
+        return events
 
     def _run(self, plan: SchedulerOutput) -> torch.Tensor:  # [B, V]
         """The plan's slot copies, then one forward pass over its chunks."""

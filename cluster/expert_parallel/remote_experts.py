@@ -22,8 +22,10 @@ engine process is handed fresh pairs by its replica instead (``join_shards``), a
 table naming only shards it cannot reach while the running one has a reachable replica. When
 some expert a token needs has no live replica, the layer waits up to ``unavailable_wait_s``
 for its shard to come back (a restart; not where the pool says ``can_reconnect = False``),
-then raises ``ExpertUnavailableError`` naming the missing (layer, expert) slots: never a
-wrong token.
+then raises ``ExpertUnavailableError`` naming the missing (layer, expert) slots and the
+step's tokens that chose them (the engine ends only their requests,
+``cluster.engine.missing_experts``): never a wrong token. Where a token's shard is found:
+``layer_routes``.
 
 Legend: T tokens, K experts per token, H hidden, E experts placed in the layer, S shards of
 the layer, N tokens sent to one shard.
@@ -35,16 +37,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from cluster.expert_parallel.data_plane import DataPlaneError
+from cluster.expert_parallel.layer_routes import LayerRoutes
 from cluster.expert_parallel.transports import ShardCall, ShardCaller, ShardsFailed
 from cluster.telemetry.dispatch_spans import DispatchSpans
 from cluster.telemetry.setup import get_telemetry
-from experts.dispatch_tensors import ShardSplit, combine, gather_shard_inputs, split_by_shard
+from experts.dispatch_tensors import ShardSplit, combine, gather_shard_inputs, rows_choosing
 from experts.shard import PAD_EXPERT
 from router.dispatch import (
     ExpertUnavailableError,
@@ -56,24 +58,12 @@ from router.routing_table import RoutingTable, Slot
 
 log = logging.getLogger(__name__)
 
-MAX_ROUTES_CACHED = 1024  # (table version, dead shards, layer, device) routes kept
 UNAVAILABLE_WAIT_S = 30.0  # the config's experts.unavailable_wait_s default
 RETRY_S = 0.25  # between tries to reach a dead shard while an expert has no replica
 REJOIN_S = 1.0  # how long a send may try to rejoin a shard that a new table lists again
 
 # (shard id, rows [N] of the step, hidden [N, H], ids [N, K'], weights [N, K']): one call
 Call = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class LayerRoute:
-    """Where one layer's experts live under one routing table."""
-
-    shard_ids: list[str]  # [S] every shard holding an expert of the layer, sorted
-    # [E + 1] long: the shard index of each expert, then S for an id past the table's experts;
-    # None when some expert has several shards (or an expert id below E is not placed)
-    owner: torch.Tensor | None
-    shard_index: torch.Tensor  # [S + 1, 1, 1] long: 0..S, for split_by_shard
 
 
 class RemoteExperts:
@@ -101,7 +91,7 @@ class RemoteExperts:
         self._table = table
         self.tier = tier  # for metric attributes
         self._dispatch_spans = DispatchSpans()  # per traced request, recorded off this thread
-        self._routes: dict[tuple[int, frozenset[str], int, torch.device], LayerRoute] = {}
+        self._routes = LayerRoutes()  # per (table version, dead shards, layer, device)
         self._lock = threading.Lock()
         self.num_shard_calls = 0
         self._last_touched: torch.Tensor | None = None  # [S, T] of the last layer computed
@@ -210,13 +200,21 @@ class RemoteExperts:
         # An in-process pool's shards compute within send, so on one thread too, as a shard
         # actor does.
         threads = torch.get_num_threads() if hidden.device.type == "cpu" else 1
-        if threads == 1:
-            return self._forward(layer, hidden, expert_ids, weights)
-        torch.set_num_threads(1)
+        if threads != 1:
+            torch.set_num_threads(1)
         try:
             return self._forward(layer, hidden, expert_ids, weights)
+        except ExpertUnavailableError as err:
+            # name the tokens that chose the missing experts: the engine ends only their
+            # requests. Not where this backbone can never reach the shard again (an engine
+            # process): its engine stops, and the replica that replaces it connects afresh.
+            if not err.token_rows and getattr(self._pool, "can_reconnect", True):
+                experts = [e for lyr, e in err.missing if lyr == layer]
+                err.token_rows, err.num_tokens = rows_choosing(expert_ids, experts)
+            raise
         finally:
-            torch.set_num_threads(threads)
+            if threads != 1:
+                torch.set_num_threads(threads)
 
     def _forward(
         self,
@@ -388,54 +386,5 @@ class RemoteExperts:
         weights: torch.Tensor,  # [T, K]
         dead: frozenset[str] = frozenset(),  # shards ``table`` already excludes (cache key)
     ) -> tuple[list[str], ShardSplit]:
-        """The layer's shard ids [S] and its tokens split among them (shard index s is
-        ``shard_ids[s]``), gathered on the step's device (the transport moves them to the host).
-        """
-        route = self._route(table, layer, expert_ids.device, dead)
-        num_tokens, num_k = expert_ids.shape
-        num_shards = len(route.shard_ids)
-        if route.owner is not None:
-            placed = route.owner.shape[0] - 1
-            flat_ids = expert_ids.reshape(-1).clamp(max=placed)  # [T * K] unplaced -> E
-            shard_of_pair = route.owner.index_select(0, flat_ids).view(num_tokens, num_k)
-            # shard index S: an expert the table does not place; the plan names it below
-            split = split_by_shard(
-                shard_of_pair, num_shards + 1, hidden, expert_ids, weights, route.shard_index
-            )
-            if not split.counts[num_shards]:
-                return route.shard_ids, split
-        # raises for an unplaced expert; replicas least loaded first, then on this node
-        plan = plan_dispatch(layer, expert_ids.tolist(), table, self.near)
-        index = {sid: i for i, sid in enumerate(route.shard_ids)}
-        flat = [0] * (num_tokens * num_k)
-        for sid, work in plan.per_shard.items():
-            for t, row in zip(work.token_index, work.pairs, strict=True):
-                for k, _ in row:
-                    flat[t * num_k + k] = index[sid]
-        shard_of_pair = torch.tensor(flat, dtype=torch.long, device=expert_ids.device)
-        shard_of_pair = shard_of_pair.view(num_tokens, num_k)  # [T, K]
-        shard_index = route.shard_index[:num_shards]  # [S, 1, 1]
-        return route.shard_ids, split_by_shard(
-            shard_of_pair, num_shards, hidden, expert_ids, weights, shard_index
-        )
-
-    def _route(
-        self, table: RoutingTable, layer: int, device: torch.device, dead: frozenset[str]
-    ) -> LayerRoute:
-        """The layer's shards, and its [E + 1] owner table on ``device`` when unreplicated."""
-        key = (table.version, dead, layer, device)
-        route = self._routes.get(key)
-        if route is None:
-            placed = {e: shards for (lyr, e), shards in table.placement.items() if lyr == layer}
-            shard_ids = sorted({s for shards in placed.values() for s in shards})
-            owner = None
-            every = sorted(placed) == list(range(len(placed)))  # experts 0..E-1, none skipped
-            if placed and every and all(len(s) == 1 for s in placed.values()):
-                index = {sid: i for i, sid in enumerate(shard_ids)}
-                owners = [index[placed[e][0]] for e in range(len(placed))] + [len(shard_ids)]
-                owner = torch.tensor(owners, dtype=torch.long, device=device)  # [E + 1]
-            if len(self._routes) >= MAX_ROUTES_CACHED:
-                self._routes.clear()
-            shard_index = torch.arange(len(shard_ids) + 1, device=device).view(-1, 1, 1)
-            route = self._routes[key] = LayerRoute(shard_ids, owner, shard_index)
-        return route
+        """The layer's shard ids [S] and its tokens split among them (``LayerRoutes.split``)."""
+        return self._routes.split(table, layer, hidden, expert_ids, weights, dead, self.near)

@@ -190,6 +190,9 @@ def test_a_missing_expert_fails_within_the_bound_naming_it_and_the_field(path: P
         backend.forward(0, hidden, ids, weights)
     wanted = {e for e in ids.view(-1).tolist() if e % 4 == 3}
     assert set(err.value.missing) == {(0, e) for e in wanted}
+    # the tokens that chose them, for the engine to end only their requests
+    chose = tuple(i for i, row in enumerate(ids.tolist()) if wanted & set(row))
+    assert err.value.token_rows == chose and err.value.num_tokens == 24
     assert now[0] == pytest.approx(2.0)  # waited the bound, not the layer timeout
     # a step whose tokens need nothing from s3 still runs
     hidden, ids, weights = hidden[:2], torch.tensor([[0, 1], [2, 4]]), weights[:2]
