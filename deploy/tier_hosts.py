@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from ray import serve
@@ -33,6 +34,7 @@ from cluster.kv_store.relay import RayStoreFactory
 from cluster.kv_store.shard_actor import start_store_shards
 from cluster.serving.kv_event_pusher import KVEventPusher
 from cluster.serving.placement_reporter import PlacementReporter
+from cluster.serving.shard_rejoin_loop import ShardRejoinLoop
 from cluster.serving.tier_messages import (
     TierInfo,
     TierItem,
@@ -232,12 +234,25 @@ class TierHost:
                 pass
             else:
                 self._reporter.start()
+        self._rejoin_loop: ShardRejoinLoop | None = None
+        if self._rejoiner is not None and self._reporter is None:  # no reports to rejoin on
+            self._rejoin_loop = ShardRejoinLoop(
+                tier.name, _rejoin(self.replica, self._rejoiner), self.replica.engine.is_alive
+            )
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # no loop here: the first request starts it
+                pass
+            else:
+                self._rejoin_loop.start()
 
     async def generate(self, request: TierRequest) -> AsyncGenerator[TierItem, None]:
         if self._kv_pusher is not None:
             self._kv_pusher.start()  # on the replica's event loop, once
         if self._reporter is not None:
             self._reporter.start()  # on the replica's event loop, once
+        if self._rejoin_loop is not None:
+            self._rejoin_loop.start()
         async for item in self.replica.generate(request):
             if isinstance(item, TierRejected) and item.engine_stopped:
                 _exit_soon()  # before the yield: a caller may stop reading at a refusal
@@ -254,7 +269,8 @@ class TierHost:
         self.replica.request_kv_snapshot()
 
     def stats(self) -> TierStats:
-        return self.replica.stats()
+        rejoined = self._rejoiner.num_rejoined if self._rejoiner is not None else 0
+        return replace(self.replica.stats(), num_shards_rejoined=rejoined)
 
     def check_health(self) -> None:
         """Serve restarts a replica whose engine loop (or engine process) died."""
@@ -324,6 +340,18 @@ def _replica_id() -> str:
     return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
 
 
+def _rejoin(replica: TierReplica, rejoiner: EngineShardRejoiner) -> Callable[[], Awaitable[None]]:
+    """Have ``replica``'s engine process join the shards that restarted since it last did."""
+
+    async def rejoin() -> None:
+        arranged = await asyncio.to_thread(rejoiner.arrange)  # Ray calls: off the event loop
+        join = getattr(replica.engine, "join_shards", None)
+        if arranged is not None and join is not None:
+            join(*arranged)
+
+    return rejoin
+
+
 def _reporter(
     replica: TierReplica,
     interval_s: float,
@@ -342,13 +370,6 @@ def _reporter(
         reply: ReportReply = await controller.report.remote(tier, rid, counts, v)
         return reply
 
-    async def rejoin() -> None:
-        assert rejoiner is not None
-        arranged = await asyncio.to_thread(rejoiner.arrange)  # Ray calls: off the event loop
-        join = getattr(replica.engine, "join_shards", None)
-        if arranged is not None and join is not None:
-            join(*arranged)
-
     reporter = PlacementReporter(
         replica.name,
         _replica_id(),
@@ -357,7 +378,7 @@ def _reporter(
         interval_s,
         replica._flush_metrics,
         initial_version,
-        rejoin if rejoiner is not None else None,
+        _rejoin(replica, rejoiner) if rejoiner is not None else None,
     )
     replica.on_routed = reporter.add
     return reporter

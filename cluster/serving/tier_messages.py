@@ -97,6 +97,8 @@ class TierInfo:
 
 @dataclass(frozen=True)
 class TierStats(EngineCounters):
-    """The replica's engine counters, and the requests it saw aborted."""
+    """The replica's engine counters, the requests it saw aborted, and how many times its
+    engine process joined fresh pairs to restarted expert shards."""
 
     num_aborted: int
+    num_shards_rejoined: int = 0
