@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
-REJOIN_INTERVAL_S = 1.0  # between probes of the shards' starts (one cheap Ray call each)
+REJOIN_INTERVAL_S = 2.0  # between probes: one state call per shard (a restart takes seconds)
 
 
 class ShardRejoinLoop:
