@@ -14,8 +14,13 @@ tenant, whole prefix) matched and its size is the layout's.
 
 Publishing (``after_update``): each block the scheduler named this step is copied out of the
 pool (one gather, on the engine's thread: the pool block may be reused next step) and queued
-for the publisher thread, which sends it to its owners. The queue is bounded in blocks; past
-it, blocks are dropped (counted), never waited for.
+for the publisher thread (``kv_publisher``), which sends it to its owners. The queue is
+bounded in blocks; past it, blocks are dropped (counted), never waited for.
+
+A model with sliding KV groups (gpt-oss): each named block goes with every sliding group's
+block at its place, under that group's keys; a fetch asks for group 0's blocks of the prefix
+and the sliding groups' blocks of its window only, and the prefix is cut to one whose window
+the store (or the cache) holds (``window_fetch``).
 
 Events: every named, fetched or evicted block is recorded in a ``KVEventLog``; the loop hands
 its batches to the replica, for the router. Each request gets its cached tokens split into
@@ -27,26 +32,35 @@ size, Hkv kv heads, D head dim, n blocks moved.
 
 from __future__ import annotations
 
-import threading
 import time
 import warnings
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from cache.block_key import BlockKey, KeySpace, KVLayout
 from cache.block_manager import BlockManager
+from cache.kv_groups import group_key
 from cache.kv_pool import KVPool
 from cache.kv_store import MAX_KEYS_PER_CALL, BlockStore, FetchResult
 from cache.prefix_hash import hash_blocks
 from cluster.engine.kv_events import KVEventBatch, KVEventLog
+from cluster.engine.kv_publisher import Publisher
 from cluster.engine.scheduler import Scheduler, SchedulerOutput
 from cluster.engine.sequence import Sequence as Seq
-from cluster.kv_store.client import wait_puts
+from cluster.engine.window_fetch import (
+    WindowPlan,
+    WindowResult,
+    fetch_windows,
+    group_block_key,
+    group_spaces,
+    insert_windows,
+    plan_windows,
+)
 from cluster.kv_store.config import KVStoreConfig
 
 # why a request computed some of its prompt's full blocks (TokenEvent.kv_miss)
@@ -87,9 +101,10 @@ class _Fetch:
     seq: Seq
     first: int  # index of the first block asked of the store
     keys: list[BlockKey]
-    future: Future[FetchResult]
+    future: Future[FetchResult] | Future[WindowResult]
     deadline: float  # time.monotonic()
     prompt: _Prompt = field(repr=False, default_factory=lambda: _Prompt([]))
+    plan: WindowPlan | None = None  # a model with sliding KV groups (window_fetch)
 
 
 class EngineKV:
@@ -121,12 +136,12 @@ class EngineKV:
         self._prompts: dict[str, _Prompt] = {}
         self._fetches: dict[str, _Fetch] = {}
         self._fetcher: ThreadPoolExecutor | None = None
-        self._publisher: _Publisher | None = None
-        # a model with sliding KV groups (gpt-oss) neither fetches nor publishes: a prefix
-        # serves it only with its window's sliding blocks, which the store does not hold
-        if store is not None and blocks.num_groups == 1:
+        self._publisher: Publisher | None = None
+        # per KV group its keys (a model with sliding groups, gpt-oss: window_fetch)
+        self.spaces = group_spaces(keyspace, blocks.windows)
+        if store is not None:
             self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-fetch")
-            self._publisher = _Publisher(store, self.config)
+            self._publisher = Publisher(store, self.config)
         self.num_fetches = 0
         self.num_fetched_blocks = 0
         self.num_fetch_timeouts = 0
@@ -150,6 +165,8 @@ class EngineKV:
         self._prompts[seq.request_id] = prompt
         if self.store is None or self._fetcher is None:
             return False
+        if self.blocks.num_groups > 1:
+            return self._admit_windows(seq, prompt)
         local = len(self.blocks.lookup(prompt.hashes))
         prompt.local_blocks = local
         missing = prompt.hashes[local : local + MAX_KEYS_PER_CALL]
@@ -160,6 +177,20 @@ class EngineKV:
         future = self._fetcher.submit(self.store.get_many, keys, timeout)
         deadline = time.monotonic() + timeout + _FETCH_GRACE_S
         self._fetches[seq.request_id] = _Fetch(seq, local, keys, future, deadline, prompt)
+        self.num_fetches += 1
+        return True
+
+    def _admit_windows(self, seq: Seq, prompt: _Prompt) -> bool:
+        """A grouped model's admission: fetch every group's blocks of a longer prefix."""
+        assert self.store is not None and self._fetcher is not None
+        plan = plan_windows(self.blocks, self.spaces, seq.cache_salt, prompt.hashes)
+        prompt.local_blocks = plan.floor
+        if (plan.end - plan.floor) * self.block_size < self.config.min_fetch_tokens:
+            return False
+        timeout = self.config.fetch_timeout_s
+        future = self._fetcher.submit(fetch_windows, self.store, plan, self.block_bytes, timeout)
+        deadline = time.monotonic() + timeout + _FETCH_GRACE_S
+        self._fetches[seq.request_id] = _Fetch(seq, plan.local0, [], future, deadline, prompt, plan)
         self.num_fetches += 1
         return True
 
@@ -181,14 +212,17 @@ class EngineKV:
             else:
                 fetch.prompt.store_evicted = result.evicted
                 fetch.prompt.store_failed = bool(result.failed_shards)
-                self._insert(fetch, result)
+                if isinstance(result, WindowResult):
+                    self._insert_windows(fetch, result)
+                else:
+                    self._insert(fetch, result)
             out.append(fetch.seq)
         return out
 
     def idle_wait(self) -> None:
         """Nothing to run but fetches: wait a moment for one, rather than spin."""
         if self._fetches:
-            futures = [f.future for f in self._fetches.values()]
+            futures: list[Future[Any]] = [f.future for f in self._fetches.values()]
             wait(futures, timeout=_IDLE_WAIT_S, return_when=FIRST_COMPLETED)
 
     def drop(self, request_id: str) -> Seq | None:
@@ -229,6 +263,16 @@ class EngineKV:
         fetch.prompt.local_blocks = local
         fetch.prompt.fetched_blocks = count
         self.num_fetched_blocks += count
+
+    def _insert_windows(self, fetch: _Fetch, result: WindowResult) -> None:
+        assert fetch.plan is not None
+        floor, gained, written, named = insert_windows(self.blocks, fetch.plan, result, self._write)
+        now = self.clock()
+        ttls = [max(0.0, self.blocks.pinned_until(h) - now) for h in named]
+        self.events.stored(fetch.seq.cache_salt, named, ttls)
+        fetch.prompt.local_blocks = floor
+        fetch.prompt.fetched_blocks = gained
+        self.num_fetched_blocks += written
 
     @torch.inference_mode()
     def _write(self, targets: Sequence[int], arrays: Sequence[np.ndarray]) -> None:
@@ -271,22 +315,34 @@ class EngineKV:
     def after_update(self) -> None:
         """Record (and publish) the blocks named this step, then the evictions."""
         stored, self.scheduler.stored = self.scheduler.stored, []
-        by_salt: dict[str, tuple[list[int], list[int]]] = {}
-        for seq, block, block_hash in stored:
-            group = by_salt.setdefault(seq.cache_salt, ([], []))
-            group[0].append(block)
-            group[1].append(block_hash)
+        by_salt: dict[str, list[tuple[int, int, tuple[int, ...]]]] = {}
+        for seq, block, block_hash, window_blocks in stored:
+            by_salt.setdefault(seq.cache_salt, []).append((block, block_hash, window_blocks))
         now = self.clock()
-        for salt, (blocks, hashes) in by_salt.items():
+        for salt, named in by_salt.items():
             # pinned blocks are announced, and go to the store, pinned for what is left
+            hashes = [h for _, h, _ in named]
             ttls = [max(0.0, self.blocks.pinned_until(h) - now) for h in hashes]
             self.events.stored(salt, hashes, ttls)
             if self._publisher is None:
                 continue
-            for ttl in sorted(set(ttls)):
-                chosen = [i for i, t in enumerate(ttls) if t == ttl]
-                keys = self.keyspace.keys(salt, [hashes[i] for i in chosen])
-                self._publisher.offer(keys, self._gather([blocks[i] for i in chosen]), ttl)
+            # (key, pool block, pin ttl): group 0's, then each sliding group's at its place
+            sent = [
+                (k, b, t)
+                for k, (b, _, _), t in zip(
+                    self.keyspace.keys(salt, hashes), named, ttls, strict=True
+                )
+            ]
+            for _, block_hash, window_blocks in named:
+                for group, block in enumerate(window_blocks, 1):
+                    if block >= 0:
+                        name = group_block_key(self.spaces, salt, block_hash, group)
+                        pin = self.blocks.pinned_until(group_key(block_hash, group))
+                        sent.append((name, block, max(0.0, pin - now)))
+            for ttl in sorted({t for _, _, t in sent}):
+                keys = [k for k, _, t in sent if t == ttl]
+                pool_blocks = [b for _, b, t in sent if t == ttl]
+                self._publisher.offer(keys, self._gather(pool_blocks), ttl)
         evicted, self.blocks.evicted = self.blocks.evicted, []
         self.events.evicted(evicted)
 
@@ -312,7 +368,9 @@ class EngineKV:
             self._publisher.close()
 
 
-def _result(future: Future[FetchResult]) -> FetchResult | None:
+def _result(
+    future: Future[FetchResult] | Future[WindowResult],
+) -> FetchResult | WindowResult | None:
     """A finished fetch's result; None for one still running (given up) or one that raised."""
     if not future.done():
         future.cancel()
@@ -321,70 +379,3 @@ def _result(future: Future[FetchResult]) -> FetchResult | None:
         return future.result()
     except Exception:  # a store client bug or a broken relay: a miss, never a failed step
         return None
-
-
-class _Publisher:
-    """A thread that sends queued blocks to the store; the queue is bounded in blocks."""
-
-    def __init__(self, store: BlockStore, config: KVStoreConfig) -> None:
-        self.store = store
-        self.config = config
-        self._queue: deque[tuple[list[BlockKey], torch.Tensor, float]] = deque()
-        self._queued_blocks = 0
-        self._cond = threading.Condition()
-        self._closed = False
-        self._busy = False  # a batch is being sent
-        self.num_published = 0
-        self.num_dropped = 0
-        self.num_failed = 0
-        self._thread = threading.Thread(target=self._run, name="kv-publish", daemon=True)
-        self._thread.start()
-
-    def offer(self, keys: list[BlockKey], blocks: torch.Tensor, pin_ttl_s: float = 0.0) -> bool:
-        """Queue blocks for the store (pinned there for ``pin_ttl_s``); False (dropped,
-        counted) when the queue is full."""
-        with self._cond:
-            if self._queued_blocks + len(keys) > self.config.publish_queue_blocks:
-                self.num_dropped += len(keys)
-                return False
-            self._queue.append((keys, blocks, pin_ttl_s))
-            self._queued_blocks += len(keys)
-            self._cond.notify()
-        return True
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                keys, blocks, pin_ttl_s = self._queue.popleft()
-                self._queued_blocks -= len(keys)
-                self._busy = True
-            # [n, bytes]: each row one block's K/V, views of one buffer (no copy)
-            rows = blocks.view(torch.uint8).reshape(len(keys), -1).numpy()
-            try:
-                blocks_np = [rows[i] for i in range(len(keys))]
-                futures = self.store.put_many(keys, blocks_np, pin_ttl_s)
-                ok = wait_puts(futures, self.config.put_timeout_s)
-            except Exception:  # a broken store client must not end publishing for good
-                ok = False
-            with self._cond:
-                self._busy = False
-                if ok:
-                    self.num_published += len(keys)
-                else:
-                    self.num_failed += len(keys)
-                self._cond.notify_all()
-
-    def flush(self, timeout_s: float) -> bool:
-        """Wait until every queued block was sent (tests, benchmarks); False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout_s)
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join(timeout=5.0)

@@ -146,10 +146,11 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_prompt_tokens_computed = 0
-        # with track_stored, (sequence, block, hash) of each block named by ``update``, for
-        # whoever drains it (the KV store publisher, KV events); off, nothing is kept
+        # with track_stored, (sequence, block, hash, each sliding group's block at its place
+        # or -1) of each group 0 block named by ``update``, for whoever drains it (the KV
+        # store publisher, KV events); off, nothing is kept
         self.track_stored = False
-        self.stored: list[tuple[Sequence, int, int]] = []
+        self.stored: list[tuple[Sequence, int, int, tuple[int, ...]]] = []
 
     @property
     def block_size(self) -> int:
@@ -271,12 +272,15 @@ class Scheduler:
         for j in range(len(seq.block_hashes), seq.num_computed // size):
             parent = seq.block_hashes[-1] if seq.block_hashes else seq.root_hash
             block_hash = hash_block(parent, seq.ids_between(j * size, (j + 1) * size))
-            if self.blocks.register(seq.block_table[j], block_hash) and self.track_stored:
-                self.stored.append((seq, seq.block_table[j], block_hash))  # group 0's only
+            window_blocks = []  # a sliding group frees a block only after the step filling it
             for group, table in enumerate(seq.window_tables, 1):
                 index = j - seq.window_starts[group - 1]
-                if 0 <= index < len(table):
-                    self.blocks.register(table[index], block_hash, group)
+                block = table[index] if 0 <= index < len(table) else -1
+                if block >= 0:
+                    self.blocks.register(block, block_hash, group)
+                window_blocks.append(block)
+            if self.blocks.register(seq.block_table[j], block_hash) and self.track_stored:
+                self.stored.append((seq, seq.block_table[j], block_hash, tuple(window_blocks)))
             seq.block_hashes.append(block_hash)
 
     def _apply_kv_policy(self, seq: Sequence) -> None:

@@ -16,14 +16,11 @@ import pytest
 import torch
 
 from cache.block_allocator import blocks_for
-from cache.block_key import model_fingerprint
 from cache.kv_groups import first_kept_block, group_key
 from cache.prefix_hash import hash_blocks
 from cluster.engine.config import EngineConfig
 from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.requests import EngineRequest
-from cluster.kv_store.client import local_store
-from cluster.kv_store.config import KVStoreConfig
 from experts.model import MoEModel
 from experts.sampling_params import SamplingParams
 from tests.checkpoints import BuildCheckpoint
@@ -109,32 +106,3 @@ def test_a_prefix_hit_is_trimmed_to_cached_window_blocks(checkpoint: Path) -> No
     assert cached == 32
     assert got == reference_greedy(reference_model(checkpoint), longer, NEW)
     assert engine.blocks.num_held == 0
-
-
-def test_with_a_store_the_engine_neither_publishes_nor_fetches(checkpoint: Path) -> None:
-    """The store holds full-layer blocks only, and a prefix serves gpt-oss only with its
-    window's sliding blocks: another engine recomputes (same tokens), nothing is sent or
-    fetched; the engine that computed a prefix serves its next turn from both groups."""
-    model = MoEModel.from_checkpoint(checkpoint)
-    store, _ = local_store(2, capacity_bytes=1 << 24)
-    config = KVStoreConfig(enabled=True, min_fetch_tokens=8, fetch_timeout_s=2.0)
-    engines = []
-    for _ in range(2):
-        engine = LLMEngine(model, EngineConfig(block_size=BLOCK, num_blocks=96))
-        engine.attach_kv(model_fingerprint(checkpoint), store, config)
-        engines.append(engine)
-    a, b = engines
-    (history,) = _prompts((30,), seed=4)
-    first = _serve(a, [history], new=3)["0"]
-    prompt = [*history, *first, 5, 6, 7]
-    expected = reference_greedy(reference_model(checkpoint), prompt, NEW)
-    for engine, cached in ((b, 0), (a, 32)):
-        params = SamplingParams(max_tokens=NEW, ignore_eos=True)
-        engine.add_request(EngineRequest("t2", prompt, params))
-        events = [e for _ in iter(engine.has_unfinished, False) for e in engine.step()]
-        assert [e.token_id for e in events] == expected
-        assert events[-1].num_cached_prompt_tokens == cached
-        assert engine.blocks.num_held == 0
-        assert engine.kv is not None and engine.kv.flush()
-        assert engine.kv.num_published_blocks == engine.kv.num_fetches == 0
-    assert a.kv is not None and a.kv.take_events() is not None  # events still recorded
