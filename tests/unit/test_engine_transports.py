@@ -91,7 +91,7 @@ def test_batches_hold_every_token_that_arrived(engine: EngineClient) -> None:
         batches = []
         async for batch in engine.generate_batches(random_request("batched", n=30)):
             batches.append(batch)
-            await asyncio.sleep(0.05)  # busy elsewhere: tokens pile up meanwhile
+            await asyncio.sleep(0.2)  # busy elsewhere: tokens pile up meanwhile
         return batches
 
     batches = asyncio.run(main())
