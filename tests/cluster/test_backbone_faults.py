@@ -16,7 +16,6 @@ streams, and from a gateway kill to the first successful request.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +41,7 @@ from deploy.config import parse_config
 from deploy.demo_model import build_demo_model
 from deploy.proto import moecluster_v1_pb2 as pb
 from deploy.proto import moecluster_v1_pb2_grpc as pb_grpc
+from tests.listening_sockets import free_port
 
 APP = "faults"
 TIER_PREFIX = f"SERVE_REPLICA::{APP}#tier-strong"
@@ -79,12 +79,6 @@ class Outcome:
     ended_at: float = 0.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     model_dir = build_demo_model(tmp_path_factory.mktemp("faults") / "tiny", "tiny")
@@ -94,7 +88,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     cluster.add_node(num_cpus=1, resources={"node_b": 1})
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     cluster.wait_for_nodes()
-    port = _free_port()
+    port = free_port()
     config = parse_config(
         {
             "tiers": [{"name": "strong", "model": str(model_dir), "replicas": 2, "num_cpus": 0}],

@@ -6,7 +6,6 @@ which is only possible if the first one's restarted copy is in use again."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,10 @@ from deploy.proto import moecluster_v1_pb2 as pb
 from deploy.proto import moecluster_v1_pb2_grpc as pb_grpc
 from experts.model import MoEModel
 from experts.sampling_params import SamplingParams
+from tests.listening_sockets import free_port
 
 APP = "rejoin"
 PROMPT = [5, 17, 300, 42, 99, 1024, 7, 8, 9, 10, 11, 12, 13]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ def stub(model_dir: Path) -> Iterator[pb_grpc.MoEClusterStub]:
     cluster.add_node(num_cpus=1, resources={"expert_node_b": 1})
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     cluster.wait_for_nodes()
-    port = _free_port()
+    port = free_port()
     tier = {
         "name": "strong",
         "model": str(model_dir),

@@ -12,7 +12,6 @@ the tier replica's spans and the expert shards' work; ``traces report`` reads th
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,15 +36,10 @@ from deploy.proto import moecluster_v1_pb2 as pb
 from deploy.proto import moecluster_v1_pb2_grpc as pb_grpc
 from experts.model import MoEModel
 from experts.sampling_params import SamplingParams
+from tests.listening_sockets import free_port
 
 T = TypeVar("T")
 PROMPTS = ([5, 17, 300, 42, 99, 1024, 7, 8, 9, 10, 11, 12, 13], [1500, 3, 4], list(range(40, 80)))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +63,7 @@ def served(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     cluster.add_node(num_cpus=1, resources={"expert_node_b": 1})
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     cluster.wait_for_nodes()
-    port = _free_port()
+    port = free_port()
     config = parse_config(
         {
             "tiers": [
