@@ -48,9 +48,7 @@ def route_grouped_sigmoid(
     scores = F.linear(hidden.float(), router).sigmoid()  # [T, E]
     choice = scores + score_bias  # [T, E]
     grouped = choice.view(choice.shape[0], n_group, -1)  # [T, G, E/G]
-    group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
-    groups = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
-    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)  # [T, G]
+    keep = _top_groups(grouped.topk(2, dim=-1)[0].sum(dim=-1), topk_group)  # [T, G]
     choice = grouped.masked_fill(~keep[:, :, None], float("-inf")).view_as(choice)  # [T, E]
     ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]  # [T, K]
     weights = scores.gather(1, ids)  # [T, K]
@@ -76,12 +74,16 @@ def route_grouped_softmax(
     scores = F.linear(hidden.float(), router).softmax(dim=-1)  # [T, E]
     if topk_group < n_group:
         grouped = scores.view(scores.shape[0], n_group, -1)  # [T, G, E/G]
-        groups = torch.topk(grouped.amax(dim=-1), k=topk_group, dim=-1, sorted=False)[1]
-        keep = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=scores.device)
-        keep.scatter_(1, groups, True)  # [T, G]
+        keep = _top_groups(grouped.amax(dim=-1), topk_group)  # [T, G]
         scores = grouped.masked_fill(~keep[:, :, None], 0.0).view_as(scores)  # [T, E]
     weights, ids = torch.topk(scores, k=top_k, dim=-1, sorted=False)  # [T, K] each
     return ids, weights * scaling
+
+
+def _top_groups(group_scores: torch.Tensor, topk_group: int) -> torch.Tensor:  # [T, G] bool
+    """Per token, the ``topk_group`` best-scoring expert groups (``group_scores`` [T, G])."""
+    groups = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+    return torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
 
 
 def route_topk_softmax(

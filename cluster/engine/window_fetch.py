@@ -55,16 +55,11 @@ def group_block_key(spaces: Sequence[KeySpace], salt: str, block_hash: int, grou
 
 def servable(prefix: int, windows: Windows, block_size: int, has: Has) -> int:
     """The longest prefix of at most ``prefix`` blocks that ``has`` every group's blocks of:
-    group 0's all, each sliding group's window. A missing window block j bounds it to j."""
+    group 0's all, each sliding group's window (``kv_groups.servable_prefix``)."""
     p = 0
     while p < prefix and has(0, p):
         p += 1
-    while p > 0:
-        missing = [j for g, j in _window_items(p, windows, block_size) if not has(g, j)]
-        if not missing:
-            return p
-        p = min(missing)
-    return 0
+    return servable_prefix(p, windows, block_size, has)
 
 
 def _window_items(prefix: int, windows: Windows, block_size: int) -> list[Item]:
